@@ -1,0 +1,340 @@
+"""Length prefix + msgpack, and the shape checks that turn values into frames.
+
+A frame on the wire is a 4-byte big-endian unsigned length N followed by N
+bytes holding exactly one msgpack value. Decoding never trusts the peer:
+lengths are checked against a limit before any buffering, msgpack
+extension types are refused, and every field's type is checked. Anything
+wrong raises :class:`RemoteProtocolError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable, Final
+
+import msgpack
+
+from . import frames as F
+from .errors import ErrorCode, RemoteProtocolError
+from .subjects import validate_pattern, validate_subject
+
+HEADER: Final = struct.Struct(">I")
+HEADER_SIZE: Final = 4
+PRE_HELLO_MAX_FRAME: Final = 16 * 1024  # before HELLO only a small frame is accepted: no big allocation for strangers
+DEFAULT_MAX_FRAME: Final = 1024 * 1024  # after HELLO, unless negotiated otherwise
+MAX_FRAME_CEILING: Final = 64 * 1024 * 1024  # no side may announce more than this
+MAX_HEADERS: Final = 64  # headers per message
+MAX_NESTING: Final = 8  # nesting depth of CALL/CONSUME/HELLO argument maps
+MAX_NAME_LENGTH: Final = 255  # client names, queue/stream/group names, header keys
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def unpack(body: Any) -> Any:
+    """Decode one msgpack value from ``body`` (bytes or memoryview).
+
+    Raises RemoteProtocolError (non-fatal: framing is intact) when the
+    bytes are not exactly one well-formed value of the allowed types.
+    """
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext,
+                               use_list=True)
+    # The C unpacker reports bad input through these; nothing else escapes.
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
+
+
+class Encoder:
+    """Packs frames into length-prefixed bytes, reusing one Packer."""
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
+
+    def encode_value(self, value: Any) -> bytes:
+        body = self._pack(value)
+        return HEADER.pack(len(body)) + body
+
+    def encode_parts(self, value: Any, out: list[bytes]) -> int:
+        """Append header and body to ``out`` (for one join later); return the frame size."""
+        body = self._pack(value)
+        n = len(body)
+        out.append(HEADER.pack(n))
+        out.append(body)
+        return n + HEADER_SIZE
+
+
+# ---------------------------------------------------------------- validation
+
+def _fail(msg: str, rid: int = 0, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> RemoteProtocolError:
+    return RemoteProtocolError(msg, code, rid=rid)
+
+
+def _int(v: Any, what: str, rid: int = 0, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise _fail(f"{what} must be an integer in [{lo}, {hi}]", rid)
+    return v
+
+
+def _name(v: Any, what: str, rid: int = 0, optional: bool = False) -> Any:
+    if v is None and optional:
+        return None
+    if type(v) is not str or not 0 < len(v) <= MAX_NAME_LENGTH:
+        raise _fail(f"{what} must be a string of 1..{MAX_NAME_LENGTH} characters", rid)
+    return v
+
+
+def check_plain(v: Any, depth: int = 0) -> None:
+    """Accept only nil/bool/int/float/str/bytes/lists/str-keyed maps, nested
+    at most MAX_NESTING deep (msgpack Timestamp objects are refused here)."""
+    t = type(v)
+    if v is None or t is bool or t is int or t is float or t is str or t is bytes:
+        return
+    if depth >= MAX_NESTING:
+        raise _fail("arguments nested too deeply")
+    if t is list:
+        for x in v:
+            check_plain(x, depth + 1)
+        return
+    if t is dict:
+        for k, x in v.items():
+            if type(k) is not str:
+                raise _fail("map keys must be strings")
+            check_plain(x, depth + 1)
+        return
+    raise _fail(f"value of type {t.__name__} is not allowed")
+
+
+def _args(v: Any, what: str, rid: int) -> dict[str, Any]:
+    if type(v) is not dict:
+        raise _fail(f"{what} must be a map", rid)
+    try:
+        check_plain(v, 1)
+    except RemoteProtocolError as exc:
+        exc.rid = rid
+        raise
+    return v
+
+
+def check_headers(h: Any) -> None:
+    """Headers are a map of str -> str | int | bytes, at most MAX_HEADERS entries."""
+    if type(h) is not dict:
+        raise _fail("headers must be a map or nil")
+    if len(h) > MAX_HEADERS:
+        raise _fail(f"at most {MAX_HEADERS} headers are allowed")
+    for k, v in h.items():
+        if type(k) is not str or not 0 < len(k) <= MAX_NAME_LENGTH:
+            raise _fail("header names must be non-empty strings")
+        tv = type(v)
+        if tv is not str and tv is not int and tv is not bytes:
+            raise _fail(f"header {k!r} must be a string, integer or bytes")
+
+
+class SubjectCache:
+    """Remembers subjects already validated so a hot publisher pays the
+    token rules once per distinct subject. Bounded: cleared when full."""
+
+    __slots__ = ("_seen",)
+    LIMIT: Final = 4096
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def subject(self, s: Any) -> str:
+        if s in self._seen and type(s) is str:
+            return s  # type: ignore[no-any-return]
+        validate_subject(s)
+        if len(self._seen) >= self.LIMIT:
+            self._seen.clear()
+        self._seen.add(s)
+        return s  # type: ignore[no-any-return]
+
+
+def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None:
+    if type(m) is not list or len(m) != F.PUB_FIELDS:
+        raise _fail(f"a PUB message must be an array of {F.PUB_FIELDS}")
+    s, p, h, r, seq, o = m
+    subjects.subject(s)
+    if type(p) is not bytes:
+        raise _fail("payload must be binary")
+    if len(p) > max_payload:
+        raise _fail(f"payload of {len(p)} bytes exceeds max_payload {max_payload}")
+    if h is not None:
+        check_headers(h)
+    if r is not None:
+        subjects.subject(r)
+    if type(seq) is not int or seq < 0:
+        raise _fail("seq must be a non-negative integer")
+    if o is not None:
+        if type(o) is not dict:
+            raise _fail("PUB options must be a map or nil")
+        for k, v in o.items():
+            if k not in F.PUB_OPTIONS:
+                raise _fail(f"unknown PUB option {k!r}")
+            if k == F.OPT_MSG_ID or k == F.OPT_KEY:
+                if type(v) is not str or not 0 < len(v) <= MAX_NAME_LENGTH:
+                    raise _fail(f"option {k!r} must be a string of 1..{MAX_NAME_LENGTH} characters")
+            elif type(v) is not int or v < 0:
+                raise _fail(f"option {k!r} must be a non-negative integer")
+
+
+def _rid_of(v: list[Any]) -> int:
+    """Best-effort request id of a frame that failed validation."""
+    if len(v) > 1 and type(v[1]) is int and v[0] in _HAS_RID and 0 <= v[1] < 2**63:
+        return v[1]  # type: ignore[no-any-return]
+    return 0
+
+
+_HAS_RID: Final = frozenset({F.Op.PING, F.Op.PONG, F.Op.SUB, F.Op.UNSUB, F.Op.CALL,
+                             F.Op.CONSUME, F.Op.STOP, F.Op.ACK, F.Op.OK, F.Op.ERR})
+
+
+class Decoder:
+    """Turns decoded msgpack values into frames, for one role."""
+
+    __slots__ = ("accept", "subjects", "max_payload")
+
+    def __init__(self, accept: frozenset[F.Op], max_payload: int) -> None:
+        self.accept = accept
+        self.subjects = SubjectCache()
+        self.max_payload = max_payload
+
+    def frame(self, v: Any) -> F.Frame:
+        if type(v) is not list or not v or type(v[0]) is not int:
+            raise _fail("a frame must be a non-empty array starting with an operation code")
+        op = v[0]
+        if op not in self.accept:
+            raise _fail(f"unknown or unexpected operation {op}", _rid_of(v), ErrorCode.UNKNOWN_OPERATION)
+        rid = _rid_of(v)
+        try:
+            return self._build(op, v, rid)
+        except RemoteProtocolError as exc:
+            if not exc.rid:
+                exc.rid = rid
+            raise
+
+    def _build(self, op: int, v: list[Any], rid: int) -> F.Frame:
+        n = len(v)
+        if op == F.Op.PUB:
+            if n != 2 or type(v[1]) is not list:
+                raise _fail("PUB is [10, messages]")
+            subjects, maxp = self.subjects, self.max_payload
+            for m in v[1]:
+                _check_pub_message(m, subjects, maxp)
+            return F.Pub(v[1])
+        if op == F.Op.MSG:
+            if n != 3 or type(v[2]) is not list:
+                raise _fail("MSG is [67, sid, messages]")
+            _int(v[1], "sid")
+            for m in v[2]:
+                if type(m) is not list or len(m) != F.MSG_FIELDS or type(m[0]) is not str \
+                        or type(m[1]) is not bytes:
+                    raise _fail("a MSG message must be [subject, payload, headers, reply]")
+                if m[2] is not None:
+                    check_headers(m[2])
+                if m[3] is not None and type(m[3]) is not str:
+                    raise _fail("reply must be a string or nil")
+            return F.Msg(v[1], v[2])
+        if op == F.Op.ACK:
+            if n != 4 or type(v[3]) is not list:
+                raise _fail("ACK is [16, rid, cid, items]")
+            _int(v[1], "rid")
+            _int(v[2], "cid")
+            for it in v[3]:
+                if type(it) is not list or len(it) != F.ACK_FIELDS or type(it[0]) is not int \
+                        or type(it[1]) is not int or not 0 <= it[1] <= 3:
+                    raise _fail("an ACK item must be [delivery_id, action 0..3, arg]")
+                a = it[2]
+                if a is not None and type(a) is not int and type(a) is not str:
+                    raise _fail("an ACK argument must be nil, an integer or a string")
+            return F.Ack(v[1], v[2], v[3])
+        if op == F.Op.DELIVER:
+            if n != 3 or type(v[2]) is not list:
+                raise _fail("DELIVER is [69, cid, items]")
+            _int(v[1], "cid")
+            for it in v[2]:
+                if type(it) is not list or len(it) != F.DELIVER_FIELDS or type(it[0]) is not int \
+                        or type(it[1]) is not str or type(it[2]) is not bytes or type(it[4]) is not int:
+                    raise _fail("a DELIVER item has the wrong shape")
+                if it[3] is not None:
+                    check_headers(it[3])
+                if it[6] is not None:
+                    check_plain(it[6], 1)
+            return F.Deliver(v[1], v[2])
+        if op == F.Op.CONFIRM:
+            if n != 2 or type(v[1]) is not list:
+                raise _fail("CONFIRM is [68, items]")
+            for it in v[1]:
+                if type(it) is not list or len(it) != F.CONFIRM_FIELDS or type(it[0]) is not int \
+                        or type(it[1]) is not int:
+                    raise _fail("a CONFIRM item must be [seq, code, result]")
+                check_plain(it[2], 1)
+            return F.Confirm(v[1])
+        if op == F.Op.PING or op == F.Op.PONG:
+            if n != 2:
+                raise _fail("PING/PONG is [op, rid]")
+            _int(v[1], "rid")
+            return F.Ping(v[1]) if op == F.Op.PING else F.Pong(v[1])
+        if op == F.Op.SUB:
+            if n != 5:
+                raise _fail("SUB is [11, rid, sid, pattern, group]", rid)
+            _int(v[1], "rid")
+            _int(v[2], "sid", rid, 1)
+            validate_pattern(v[3])
+            if v[4] is not None:
+                _name(v[4], "group", rid)
+                if "." in v[4] or " " in v[4]:
+                    raise _fail("group names may not contain dots or spaces", rid)
+            return F.Sub(v[1], v[2], v[3], v[4])
+        if op == F.Op.UNSUB or op == F.Op.STOP:
+            if n != 3:
+                raise _fail("UNSUB/STOP is [op, rid, id]", rid)
+            _int(v[1], "rid")
+            _int(v[2], "id", rid, 1)
+            return F.Unsub(v[1], v[2]) if op == F.Op.UNSUB else F.Stop(v[1], v[2])
+        if op == F.Op.CALL:
+            if n != 4:
+                raise _fail("CALL is [13, rid, method, args]", rid)
+            _int(v[1], "rid", 0, 1)
+            _name(v[2], "method", rid)
+            return F.Call(v[1], v[2], _args(v[3], "args", rid))
+        if op == F.Op.CONSUME:
+            if n != 4:
+                raise _fail("CONSUME is [14, rid, cid, args]", rid)
+            _int(v[1], "rid", 0, 1)
+            _int(v[2], "cid", rid, 1)
+            return F.Consume(v[1], v[2], _args(v[3], "args", rid))
+        if op == F.Op.OK:
+            if n != 3:
+                raise _fail("OK is [65, rid, result]")
+            _int(v[1], "rid")
+            check_plain(v[2], 1)
+            return F.Ok(v[1], v[2])
+        if op == F.Op.ERR:
+            if n != 4 or type(v[3]) is not str:
+                raise _fail("ERR is [66, rid, code, message]")
+            _int(v[1], "rid")
+            _int(v[2], "code")
+            return F.Err(v[1], v[2], v[3])
+        if op == F.Op.NOTICE:
+            if n != 3 or type(v[1]) is not str:
+                raise _fail("NOTICE is [70, kind, info]")
+            return F.Notice(v[1], _args(v[2], "info", 0))
+        if op == F.Op.HELLO:
+            if n != 5:
+                raise _fail("HELLO is [1, version, client_name, auth, options]")
+            _int(v[1], "version")
+            if type(v[2]) is not str or len(v[2]) > MAX_NAME_LENGTH:
+                raise _fail("client_name must be a string")
+            if v[3] is not None:
+                _args(v[3], "auth", 0)
+            return F.Hello(v[1], v[2], v[3], _args(v[4], "options", 0))
+        if op == F.Op.WELCOME:
+            if n != 4 or type(v[2]) is not str:
+                raise _fail("WELCOME is [64, version, server_name, info]")
+            _int(v[1], "version")
+            return F.Welcome(v[1], v[2], _args(v[3], "info", 0))
+        raise _fail(f"unknown operation {op}", rid, ErrorCode.UNKNOWN_OPERATION)  # pragma: no cover
