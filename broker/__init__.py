@@ -1,0 +1,1 @@
+"""The tidings broker daemon. Start it with `tidings serve` or `python -m broker serve`."""

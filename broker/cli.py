@@ -1,0 +1,155 @@
+"""The `tidings` command: `serve` runs the broker; the others are tools for people.
+
+Every command that talks to a running broker uses the normal protocol
+through the client library, at ``--url`` (default: the local default
+port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import anyio
+
+from .config import DEFAULT_PORT, ConfigError, load
+
+DEFAULT_URL = f"tidings://127.0.0.1:{DEFAULT_PORT}"
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on uvloop through anyio (plain asyncio where uvloop is missing)."""
+    try:
+        import uvloop  # noqa: F401
+        opts = {"use_uvloop": True}
+    except ImportError:  # pragma: no cover - Windows
+        opts = {}
+    return anyio.run(fn, *args, backend="asyncio", backend_options=opts)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from . import logs
+    from .server import Broker
+
+    flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "durability": ns.durability,
+             "log_level": ns.log_level, "log_format": ns.log_format,
+             "allow_open": True if ns.allow_open else None}
+    try:
+        cfg = load(ns.config or os.environ.get("TIDINGS_CONFIG"), os.environ, flags)
+    except ConfigError as exc:
+        print(f"tidings: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(cfg.log_level, cfg.log_format)
+    try:
+        os.makedirs(cfg.data_dir, exist_ok=True)
+    except OSError as exc:
+        print(f"tidings: cannot create data directory {cfg.data_dir}: {exc}", file=sys.stderr)
+        return 2
+    broker = Broker(cfg)
+    try:
+        _run(broker.serve)
+    except OSError as exc:
+        print(f"tidings: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _pub(ns: argparse.Namespace) -> int:
+    from client import connect
+
+    headers = {}
+    for h in ns.header or []:
+        k, _, v = h.partition("=")
+        headers[k] = v
+
+    async def go() -> None:
+        async with connect(ns.url, name="tidings-cli") as tc:
+            data = ns.data.encode()
+            for _ in range(ns.count):
+                await tc.publish(ns.subject, data, headers=headers or None)
+            await tc.flush()
+
+    _run(go)
+    return 0
+
+
+def _sub(ns: argparse.Namespace) -> int:
+    from client import connect
+
+    async def go() -> None:
+        async with connect(ns.url, name="tidings-cli") as tc:
+            sub = await tc.subscribe(ns.pattern, group=ns.group)
+            n = 0
+            async for m in sub:
+                if ns.json:
+                    print(json.dumps({"subject": m.subject, "payload": m.payload.decode("utf-8", "replace"),
+                                      "headers": {k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+                                                  for k, v in (m.headers or {}).items()},
+                                      "reply": m.reply}), flush=True)
+                else:
+                    print(f"[{m.subject}] {m.payload.decode('utf-8', 'replace')}", flush=True)
+                n += 1
+                if ns.count and n >= ns.count:
+                    return
+
+    try:
+        _run(go)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tidings", description="tidings: a message broker with pub/sub, durable "
+                                "queues, ordered streams and dead-letter queues.")
+    sp = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sp.add_parser("serve", help="run the broker", description="Run the broker. Settings: defaults < TOML file "
+                      "(--config or TIDINGS_CONFIG) < TIDINGS_* environment variables < flags.")
+    s.add_argument("--config", help="TOML settings file")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
+    s.add_argument("--data-dir", help="where durable data lives (default ~/.local/share/tidings)")
+    s.add_argument("--durability", choices=["full", "normal"], help="full: confirms survive power loss (default); "
+                   "normal: confirms survive a process crash only")
+    s.add_argument("--allow-open", action="store_true", help="allow a non-loopback --host without authentication")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", choices=["text", "json"])
+    s.set_defaults(fn=_serve)
+
+    s = sp.add_parser("pub", help="publish a message", description="Publish DATA (UTF-8 text) to SUBJECT.")
+    s.add_argument("subject")
+    s.add_argument("data")
+    s.add_argument("--header", "-H", action="append", metavar="KEY=VALUE", help="add a header (repeatable)")
+    s.add_argument("--count", type=int, default=1, help="publish the message this many times")
+    s.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=f"broker URL (default {DEFAULT_URL})")
+    s.set_defaults(fn=_pub)
+
+    s = sp.add_parser("sub", help="print messages as they arrive",
+                      description="Subscribe to PATTERN (`*` matches one token, `>` the rest) and print each "
+                      "message as it arrives, until interrupted or --count messages.")
+    s.add_argument("pattern")
+    s.add_argument("--group", help="join a queue group (each message goes to one member)")
+    s.add_argument("--count", type=int, default=0, help="exit after this many messages")
+    s.add_argument("--json", action="store_true", help="print one JSON object per message")
+    s.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=f"broker URL (default {DEFAULT_URL})")
+    s.set_defaults(fn=_sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if not getattr(ns, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(ns.fn(ns))
+    except ConfigError as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,138 @@
+"""Broker settings: a frozen dataclass built from defaults < TOML < env < flags.
+
+Building a Config has no side effects: it reads the file it is given and
+the environment mapping it is given, validates everything, and returns.
+Unknown keys anywhere are an error (a typo must not silently fall back to
+a default). Every limit is a named setting with its reason in
+docs/OPERATIONS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+DEFAULT_PORT = 7421  # not used by NATS (4222), Redis (6379), AMQP (5672), Kafka (9092), MQTT (1883), NSQ (4150)
+ENV_PREFIX = "TIDINGS_"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "tidings")
+
+
+class ConfigError(Exception):
+    """The settings are invalid; the broker refuses to start and says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: str = dataclasses.field(default_factory=default_data_dir)
+    server_name: str = "tidings"
+    # durability: "full" (synchronous=FULL: a confirm survives power loss) or
+    # "normal" (synchronous=NORMAL: survives a process crash only).
+    durability: str = "full"
+    # limits
+    max_connections: int = 10_000
+    max_payload: int = 1024 * 1024
+    hello_timeout: float = 5.0
+    frame_timeout: float = 30.0
+    max_pending_bytes: int = 16 * 1024 * 1024  # per-connection outbound buffer
+    slow_consumer: str = "drop"  # "drop" (count + notice) or "disconnect"
+    heartbeat: float = 20.0  # server PINGs a silent client this often; 2 missed -> close
+    dedup_window: float = 300.0
+    allow_open: bool = False  # permit binding a non-loopback host without authentication
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def validate(self) -> "Config":
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if self.durability not in ("full", "normal"):
+            raise ConfigError("durability must be 'full' or 'normal'")
+        if self.slow_consumer not in ("drop", "disconnect"):
+            raise ConfigError("slow_consumer must be 'drop' or 'disconnect'")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("log_format must be 'text' or 'json'")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level must be debug, info, warning or error")
+        for name in ("max_connections", "max_payload", "max_pending_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_payload > 32 * 1024 * 1024:
+            raise ConfigError("max_payload may be at most 32 MiB")
+        for name in ("hello_timeout", "frame_timeout", "heartbeat", "dedup_window"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.host not in LOOPBACK_HOSTS and not self.allow_open:
+            raise ConfigError(
+                f"refusing to listen on {self.host!r} with no users configured: "
+                "set allow_open = true (TIDINGS_ALLOW_OPEN=1, --allow-open) to run an open broker on the network")
+        return self
+
+
+FIELD_TYPES: dict[str, type] = {f.name: type(f.default) if f.default is not dataclasses.MISSING else str
+                                for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    if name not in FIELD_TYPES:
+        raise ConfigError(f"unknown setting {name!r} in {source}")
+    want = FIELD_TYPES[name]
+    if isinstance(value, str) and want is not str:
+        text = value.strip()
+        try:
+            if want is bool:
+                low = text.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(text)
+            if want is int:
+                return int(text)
+            if want is float:
+                return float(text)
+        except ValueError:
+            raise ConfigError(f"setting {name!r} in {source}: {value!r} is not a valid {want.__name__}") from None
+    if want is float and type(value) is int:
+        return float(value)
+    if type(value) is not want:
+        raise ConfigError(f"setting {name!r} in {source} must be a {want.__name__}, not {type(value).__name__}")
+    return value
+
+
+def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
+         flags: Mapping[str, Any] | None = None) -> Config:
+    """Build a validated Config: defaults < TOML file < TIDINGS_* env < flags.
+
+    Raises ConfigError for unknown keys, bad types and invalid values.
+    """
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+        for k, v in data.items():
+            values[k] = _coerce(k, v, f"config file {config_file}")
+    for k, v in (env or {}).items():
+        if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG":
+            name = k[len(ENV_PREFIX):].lower()
+            values[name] = _coerce(name, v, f"environment variable {k}")
+    for k, v in (flags or {}).items():
+        if v is not None:
+            values[k] = _coerce(k, v, f"flag --{k.replace('_', '-')}")
+    if "data_dir" in values:
+        values["data_dir"] = str(Path(values["data_dir"]).expanduser())
+    return Config(**values).validate()

@@ -1,0 +1,371 @@
+"""One actor per client connection.
+
+The actor owns its socket, its sans-IO protocol state, its subscriptions
+and its outbound mailbox. It runs two tasks under its own task group:
+
+* the reader takes 64 KiB chunks, decodes every complete frame in them and
+  handles each (a PUB batch is routed in one synchronous pass);
+* the writer drains the whole mailbox per wake-up and sends it in one write.
+
+Other actors hand it work only through :meth:`push_msg` / :meth:`push_wire`,
+which never block: the mailbox is bounded in bytes (``max_pending_bytes``).
+Pub/sub messages beyond the bound are dropped for this subscriber and
+counted, then announced with a ``slow_consumer`` NOTICE (policy "drop"), or
+the connection is closed (policy "disconnect"). Replies to this client's
+own requests are never dropped: instead the reader stops reading the
+socket until the writer has drained below the bound, which is how a client
+that does not read slows down its own requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+from anyio.abc import ByteStream
+
+from protocol import CLOSED, NEED_DATA, Connection, ErrorCode, RemoteProtocolError, Role
+from protocol import frames as F
+from protocol.errors import LocalProtocolError
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK: Final = 65_536  # one receive() takes up to this much: per-read costs amortise over many frames
+SHUTDOWN_FLUSH: Final = 2.0  # seconds a closing connection gets to flush what it has queued
+MSG_OVERHEAD: Final = 24  # estimated envelope bytes per delivered message
+
+
+class Subscription:
+    __slots__ = ("conn", "sid", "pattern", "group", "delivered")
+
+    def __init__(self, conn: ConnectionActor, sid: int, pattern: str, group: str | None) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.pattern = pattern
+        self.group = group
+        self.delivered = 0
+
+
+def _headers_size(h: dict[str, Any]) -> int:
+    n = 0
+    for k, v in h.items():
+        n += len(k) + (len(v) if type(v) is not int else 8) + 4
+    return n
+
+
+class ConnectionActor:
+    """Serves one client. ``run()`` returns when the connection is over."""
+
+    def __init__(self, broker: Broker, stream: ByteStream, number: int, peer: str) -> None:
+        cfg = broker.config
+        self.broker = broker
+        self.stream = stream
+        self.number = number
+        self.peer = peer
+        self.name = ""
+        self.conn = Connection(Role.SERVER, max_frame=cfg.max_payload + 64 * 1024, max_payload=cfg.max_payload)
+        self.subs: dict[int, Subscription] = {}
+        self.opened = time.time()
+        self.msgs_in = 0
+        self.msgs_out = 0
+        self.dropped_total = 0
+        self._limit = cfg.max_pending_bytes
+        self._drop = cfg.slow_consumer == "drop"
+        self._msgs: dict[int, list[Any]] = {}
+        self._msg_bytes: dict[int, int] = {}
+        self._wire: list[Any] = []
+        self._dropped: dict[int, int] = {}
+        self._pending = 0  # bytes queued or being written
+        self._wake = anyio.Event()
+        self._writer_idle = False
+        self._space: anyio.Event | None = None
+        self._closing = False
+        self._writer_done = anyio.Event()
+        self._last_in = time.monotonic()
+
+    # ---------------------------------------------------------- mailbox
+
+    def push_msg(self, sid: int, item: list[Any], size: int) -> None:
+        """Queue one pub/sub message for subscription ``sid``; never blocks."""
+        if self._pending + size > self._limit:
+            if self._closing:
+                return
+            if self._drop:
+                self._dropped[sid] = self._dropped.get(sid, 0) + 1
+                self.dropped_total += 1
+                self.broker.stats.dropped += 1
+                return
+            self._slow_disconnect()
+            return
+        lst = self._msgs.get(sid)
+        if lst is None:
+            self._msgs[sid] = [item]
+            self._msg_bytes[sid] = size
+        else:
+            lst.append(item)
+            self._msg_bytes[sid] += size
+        self._pending += size
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+
+    def push_wire(self, value: list[Any], size: int = 64) -> None:
+        """Queue a control frame (OK, ERR, CONFIRM, NOTICE, PONG, DELIVER): never dropped."""
+        self._wire.append(value)
+        self._pending += size
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+
+    def send_err(self, rid: int, code: int, message: str) -> None:
+        self.broker.stats.count_error(code)
+        self.push_wire([F.Op.ERR, rid, int(code), message], 64 + len(message))
+
+    def _slow_disconnect(self) -> None:
+        log.warning("closing slow consumer %s (%s): outbound buffer over %d bytes",
+                    self.number, self.peer, self._limit)
+        self.broker.stats.slow_disconnects += 1
+        self._msgs.clear()
+        self._msg_bytes.clear()
+        self._pending = 0
+        self.send_err(0, ErrorCode.SLOW_CONSUMER, "outbound buffer limit exceeded: disconnected")
+        self.close()
+
+    def close(self) -> None:
+        """Ask the actor to stop reading, flush its mailbox and close."""
+        if not self._closing:
+            self._closing = True
+            self.broker.detach(self)
+            self._wake.set()
+            if self._space is not None:
+                self._space.set()
+
+    # ------------------------------------------------------------- run
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._writer)
+                try:
+                    await self._reader()
+                finally:
+                    self.close()
+                    with anyio.move_on_after(SHUTDOWN_FLUSH, shield=True):
+                        await self._writer_done.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            self.broker.detach(self)
+            with anyio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _reader(self) -> None:
+        conn = self.conn
+        cfg = self.broker.config
+        stream = self.stream
+        try:
+            with anyio.move_on_after(cfg.hello_timeout) as scope:
+                hello = await self._read_hello()
+            if scope.cancelled_caught:
+                self.send_err(0, ErrorCode.HELLO_TIMEOUT, f"no HELLO within {cfg.hello_timeout}s")
+                return
+            if hello is None or not await self._accept_hello(hello):
+                return
+            heartbeat = cfg.heartbeat
+            pinged = False
+            while not self._closing:
+                timeout = heartbeat
+                if conn.has_partial_frame:
+                    timeout = min(timeout, cfg.frame_timeout)
+                data = b""
+                with anyio.move_on_after(timeout):
+                    data = await stream.receive(READ_CHUNK)
+                if not data:
+                    if conn.has_partial_frame and time.monotonic() - self._last_in >= cfg.frame_timeout:
+                        self.send_err(0, ErrorCode.FRAME_TIMEOUT,
+                                      f"partial frame not completed within {cfg.frame_timeout}s")
+                        return
+                    if pinged:
+                        log.info("connection %s (%s): no answer to heartbeat, closing", self.number, self.peer)
+                        return
+                    pinged = True
+                    self.push_wire([F.Op.PING, 0])
+                    continue
+                pinged = False
+                self._last_in = time.monotonic()
+                conn.receive_data(data)
+                if not self._process():
+                    return
+                if self._pending > self._limit:
+                    await self._wait_space()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
+            return
+
+    async def _wait_space(self) -> None:
+        while self._pending > self._limit and not self._closing:
+            self._space = anyio.Event()
+            await self._space.wait()
+        self._space = None
+
+    async def _read_hello(self) -> F.Hello | None:
+        conn = self.conn
+        while True:
+            data = await self.stream.receive(READ_CHUNK)
+            conn.receive_data(data)
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                self.send_err(exc.rid, exc.code, exc.message)
+                return None
+            if ev is NEED_DATA:
+                continue
+            if ev is CLOSED:
+                return None
+            assert isinstance(ev, F.Hello)
+            return ev
+
+    async def _accept_hello(self, hello: F.Hello) -> bool:
+        self.name = hello.client_name
+        broker = self.broker
+        refusal = broker.admit(self)
+        if refusal is not None:
+            code, message = refusal
+            self.send_err(0, code, message)
+            return False
+        info = broker.welcome_info(self)
+        self.conn.send_parts(F.Welcome(F.PROTOCOL_VERSION, broker.config.server_name, info), [])
+        # send_parts moved the state to OPEN; now queue the real frame bytes.
+        self.push_wire([F.Op.WELCOME, F.PROTOCOL_VERSION, broker.config.server_name, info], 256)
+        log.debug("connection %s (%s) open: client %r", self.number, self.peer, self.name)
+        return self._process()
+
+    def _process(self) -> bool:
+        """Handle every complete frame buffered. False: the connection must close."""
+        conn = self.conn
+        while True:
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                self.send_err(exc.rid, exc.code, exc.message)
+                if exc.fatal:
+                    return False
+                continue
+            if ev is NEED_DATA:
+                return True
+            if ev is CLOSED:
+                return False
+            t = type(ev)
+            if t is F.Pub:
+                self._on_pub(ev.messages)  # type: ignore[union-attr]
+            elif t is F.Ping:
+                self.push_wire([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
+            elif t is F.Pong:
+                pass
+            else:
+                try:
+                    self.broker.handle_request(self, ev)  # type: ignore[arg-type]
+                except RemoteProtocolError as exc:
+                    self.send_err(exc.rid, exc.code, exc.message)
+
+    # ------------------------------------------------------------ publish
+
+    def _on_pub(self, msgs: list[list[Any]]) -> None:
+        broker = self.broker
+        self.msgs_in += len(msgs)
+        broker.stats.published += len(msgs)
+        match = broker.router.match
+        durable = broker.durable_match
+        confirms: list[Any] | None = None
+        for m in msgs:
+            subj = m[0]
+            plain, groups = match(subj)
+            targets = durable(subj) if durable is not None else None
+            if plain or groups:
+                payload = m[1]
+                h = m[2]
+                item = [subj, payload, h, m[3]]
+                size = len(payload) + len(subj) + MSG_OVERHEAD
+                if h:
+                    size += _headers_size(h)
+                for s in plain:
+                    s.conn.push_msg(s.sid, item, size)
+                for g in groups:
+                    s = g.pick()
+                    s.conn.push_msg(s.sid, item, size)
+            elif m[3] is not None and not targets:
+                # A request nobody can answer: tell the requester at once.
+                self._no_responders(m[3])
+            if targets:
+                broker.durable_publish(self, m, targets)
+            elif m[4]:
+                # A confirm was asked for, but no durable target holds this subject.
+                if confirms is None:
+                    confirms = []
+                confirms.append([m[4], 0, None])
+        if confirms:
+            self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
+
+    def _no_responders(self, reply: str) -> None:
+        plain, groups = self.broker.router.match(reply)
+        item = [reply, b"", {"status": "503"}, None]
+        for s in plain:
+            s.conn.push_msg(s.sid, item, 64)
+        for g in groups:
+            s = g.pick()
+            s.conn.push_msg(s.sid, item, 64)
+
+    # ------------------------------------------------------------- writer
+
+    async def _writer(self) -> None:
+        conn = self.conn
+        try:
+            while True:
+                if not (self._msgs or self._wire or self._dropped):
+                    if self._closing:
+                        return
+                    self._writer_idle = True
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                msgs, wire, dropped = self._msgs, self._wire, self._dropped
+                msg_bytes = self._msg_bytes
+                self._msgs, self._wire, self._msg_bytes = {}, [], {}
+                if dropped:
+                    self._dropped = {}
+                taken = self._pending
+                out: list[bytes] = []
+                for w in wire:
+                    conn.encode_wire(w, out)
+                for sid, items in msgs.items():
+                    self.msgs_out += len(items)
+                    self._encode_msgs(sid, items, msg_bytes[sid], out)
+                for sid, n in dropped.items():
+                    conn.encode_wire([F.Op.NOTICE, "slow_consumer", {"sid": sid, "dropped": n}], out)
+                await self.stream.send(b"".join(out))
+                self._pending -= taken
+                if self._space is not None and self._pending <= self._limit:
+                    self._space.set()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
+            self.close()
+        finally:
+            self._writer_done.set()
+
+    def _encode_msgs(self, sid: int, items: list[Any], est: int, out: list[bytes]) -> None:
+        conn = self.conn
+        budget = conn.peer_max_frame - 1024
+        if est <= budget:
+            try:
+                conn.encode_wire([F.Op.MSG, sid, items], out)
+                return
+            except LocalProtocolError:
+                pass  # the estimate was short; split below
+        if len(items) == 1:
+            log.warning("dropping a message for sid %s: larger than the client's max_frame", sid)
+            return
+        half = len(items) // 2
+        self._encode_msgs(sid, items[:half], est // 2, out)
+        self._encode_msgs(sid, items[half:], est // 2, out)

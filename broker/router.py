@@ -1,0 +1,153 @@
+"""Subject routing: a token trie of subscriptions with a match cache.
+
+A publish looks its subject up once; the answer (plain subscriptions and
+queue groups) is cached per subject until the subscription set changes,
+so the hot path is one dict lookup. Matching walks the trie, so its cost
+follows the subject's depth, not the number of subscriptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Generic, Iterable, TypeVar
+
+CACHE_LIMIT: Final = 65_536  # distinct subjects remembered; cleared whole when exceeded (bounded memory)
+
+T = TypeVar("T")
+
+
+class Group(Generic[T]):
+    """Members of one queue group on one pattern; each message goes to one."""
+
+    __slots__ = ("name", "members", "next")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: list[T] = []
+        self.next = 0
+
+    def pick(self) -> T:
+        members = self.members
+        i = self.next
+        if i >= len(members):
+            i = 0
+        self.next = i + 1
+        return members[i]
+
+
+class _Node(Generic[T]):
+    __slots__ = ("children", "plain", "groups")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node[T]] = {}
+        self.plain: list[T] = []
+        self.groups: dict[str, Group[T]] = {}
+
+
+Match = tuple[list[Any], list[Group[Any]]]
+EMPTY: Final[Match] = ([], [])
+
+
+class Router(Generic[T]):
+    """Maps subjects to the items (subscriptions, bindings) whose patterns match.
+
+    Items are registered with ``add(pattern, item, group=None)`` and removed
+    with ``remove``. ``match(subject)`` returns ``(plain, groups)``; callers
+    must treat both lists as read-only (they are shared by the cache).
+    """
+
+    def __init__(self) -> None:
+        self._root: _Node[T] = _Node()
+        self._cache: dict[str, Match] = {}
+        self.count = 0
+
+    def add(self, pattern: str, item: T, group: str | None = None) -> None:
+        node = self._root
+        for tok in pattern.split("."):
+            nxt = node.children.get(tok)
+            if nxt is None:
+                nxt = node.children[tok] = _Node()
+            node = nxt
+        if group is None:
+            node.plain.append(item)
+        else:
+            g = node.groups.get(group)
+            if g is None:
+                g = node.groups[group] = Group(group)
+            g.members.append(item)
+        self.count += 1
+        self._cache.clear()
+
+    def remove(self, pattern: str, item: T, group: str | None = None) -> bool:
+        """Remove one registration; prune empty nodes. Returns False if absent."""
+        path: list[tuple[_Node[T], str]] = []
+        node = self._root
+        for tok in pattern.split("."):
+            nxt = node.children.get(tok)
+            if nxt is None:
+                return False
+            path.append((node, tok))
+            node = nxt
+        try:
+            if group is None:
+                node.plain.remove(item)
+            else:
+                g = node.groups[group]
+                g.members.remove(item)
+                if not g.members:
+                    del node.groups[group]
+        except (ValueError, KeyError):
+            return False
+        self.count -= 1
+        self._cache.clear()
+        for parent, tok in reversed(path):
+            child = parent.children[tok]
+            if child.children or child.plain or child.groups:
+                break
+            del parent.children[tok]
+        return True
+
+    def match(self, subject: str) -> Match:
+        hit = self._cache.get(subject)
+        if hit is not None:
+            return hit
+        plain: list[T] = []
+        groups: list[Group[T]] = []
+        self._walk(self._root, subject.split("."), 0, plain, groups)
+        result: Match = (plain, groups) if (plain or groups) else EMPTY
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[subject] = result
+        return result
+
+    def _walk(self, node: _Node[T], toks: list[str], i: int, plain: list[T], groups: list[Group[T]]) -> None:
+        if i == len(toks):
+            if node.plain:
+                plain.extend(node.plain)
+            if node.groups:
+                groups.extend(node.groups.values())
+            return
+        children = node.children
+        full = children.get(">")
+        if full is not None:
+            plain.extend(full.plain)
+            groups.extend(full.groups.values())
+        nxt = children.get(toks[i])
+        if nxt is not None:
+            self._walk(nxt, toks, i + 1, plain, groups)
+        star = children.get("*")
+        if star is not None:
+            self._walk(star, toks, i + 1, plain, groups)
+
+    def items(self) -> Iterable[tuple[str, T, str | None]]:
+        """Every registration as (pattern, item, group)."""
+        stack: list[tuple[_Node[T], list[str]]] = [(self._root, [])]
+        while stack:
+            node, toks = stack.pop()
+            pat = ".".join(toks)
+            for it in node.plain:
+                yield pat, it, None
+            for g in node.groups.values():
+                for it in g.members:
+                    yield pat, it, g.name
+            for tok, child in node.children.items():
+                stack.append((child, toks + [tok]))

@@ -1,0 +1,237 @@
+"""The broker: listener, shared registries, request dispatch, ordered shutdown.
+
+``Broker.serve()`` binds the listener, prints the ready line
+``tidings listening on HOST:PORT`` (the real bound port, so ``--port 0``
+works), accepts connections into their own actors under one task group,
+and on SIGINT/SIGTERM shuts down in a fixed order: stop accepting, tell
+every client (NOTICE shutdown), let each connection flush for a bounded
+time, then cancel what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any, Callable, Final
+
+import anyio
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+
+from protocol import ErrorCode, RemoteProtocolError
+from protocol import frames as F
+
+from .config import Config
+from .connection import ConnectionActor, Subscription
+from .router import Router
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE: Final = 5.0  # seconds connections get to drain on SIGTERM before they are cancelled
+MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
+
+
+class Broker:
+    """Shared state of one broker process, owned by the event loop thread."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.router: Router[Subscription] = Router()
+        self.stats = Stats()
+        self.connections: dict[int, ConnectionActor] = {}
+        self._next_conn = 0
+        # Durable targets: set when the durable layer is attached.
+        self.durable_match: Callable[[str], Any] | None = None
+        self.bindings_epoch = 0
+        self.bound_address: tuple[str, int] | None = None
+        self._tg: TaskGroup | None = None
+        self._shutting_down = False
+        self.ready = anyio.Event()
+        self._live = 0  # connection actors still running (closing ones included)
+        self._all_closed = anyio.Event()
+
+    # ------------------------------------------------------ connections
+
+    def admit(self, actor: ConnectionActor) -> tuple[ErrorCode, str] | None:
+        """Decide whether a connection that said HELLO may stay; None = yes."""
+        if self._shutting_down:
+            return ErrorCode.SHUTTING_DOWN, "the broker is shutting down"
+        return None
+
+    def welcome_info(self, actor: ConnectionActor) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "max_frame": actor.conn.max_frame,
+            "max_payload": cfg.max_payload,
+            "features": ["pubsub", "queue-groups", "request-reply", "headers"],
+            "durability": cfg.durability,
+            "heartbeat_ms": int(cfg.heartbeat * 1000),
+            "connection_id": actor.number,
+            "bindings": {"epoch": self.bindings_epoch, "patterns": self.binding_patterns()},
+        }
+
+    def binding_patterns(self) -> list[str]:
+        return []
+
+    def detach(self, actor: ConnectionActor) -> None:
+        """Forget a closing connection: drop its subscriptions at once."""
+        if self.connections.pop(actor.number, None) is None:
+            return
+        for sub in actor.subs.values():
+            self.router.remove(sub.pattern, sub, sub.group)
+        actor.subs.clear()
+
+    async def _handle_connection(self, stream: SocketStream) -> None:
+        self._next_conn += 1
+        number = self._next_conn
+        try:
+            host, port = stream.extra(SocketAttribute.remote_address)[:2]
+            peer = f"{host}:{port}"
+        except (TypeError, ValueError, OSError):
+            peer = "?"
+        self.stats.connections_total += 1
+        actor = ConnectionActor(self, stream, number, peer)
+        if len(self.connections) >= self.config.max_connections:
+            self.stats.connections_refused += 1
+            log.warning("refusing connection from %s: max_connections %d reached", peer, self.config.max_connections)
+            await self._refuse(actor, ErrorCode.TOO_MANY_CONNECTIONS,
+                               f"the broker holds its maximum of {self.config.max_connections} connections")
+            return
+        self.connections[number] = actor
+        self._live += 1
+        log.debug("connection %d from %s", number, peer)
+        try:
+            await actor.run()
+        except Exception:  # actor boundary: one broken connection must not take the broker down
+            log.exception("connection %d (%s) failed", number, peer)
+        finally:
+            self.detach(actor)
+            self._live -= 1
+            if self._shutting_down and not self._live:
+                self._all_closed.set()
+            log.debug("connection %d (%s) closed", number, peer)
+
+    async def _refuse(self, actor: ConnectionActor, code: ErrorCode, message: str) -> None:
+        from protocol.codec import Encoder
+        with anyio.move_on_after(1.0):
+            try:
+                await actor.stream.send(Encoder().encode_value([F.Op.ERR, 0, int(code), message]))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+        with anyio.CancelScope(shield=True):
+            await actor.stream.aclose()
+
+    # ---------------------------------------------------------- requests
+
+    def handle_request(self, actor: ConnectionActor, ev: Any) -> None:
+        """Dispatch a non-PUB frame. Raises RemoteProtocolError for bad requests."""
+        t = type(ev)
+        if t is F.Sub:
+            self._subscribe(actor, ev)
+        elif t is F.Unsub:
+            sub = actor.subs.pop(ev.sid, None)
+            if sub is None:
+                raise RemoteProtocolError(f"no subscription {ev.sid}", ErrorCode.NOT_FOUND, rid=ev.rid)
+            self.router.remove(sub.pattern, sub, sub.group)
+            if ev.rid:
+                actor.push_wire([F.Op.OK, ev.rid, None])
+        elif t is F.Call:
+            result = self.call(actor, ev.method, ev.args, ev.rid)
+            actor.push_wire([F.Op.OK, ev.rid, result], 256)
+        elif t is F.Consume or t is F.Stop or t is F.Ack:
+            raise RemoteProtocolError("durable queues are not enabled on this broker",
+                                      ErrorCode.NOT_FOUND, rid=ev.rid)
+        else:
+            raise RemoteProtocolError(f"unexpected {t.__name__}", ErrorCode.BAD_STATE, rid=getattr(ev, "rid", 0))
+
+    def _subscribe(self, actor: ConnectionActor, ev: F.Sub) -> None:
+        if ev.sid in actor.subs:
+            raise RemoteProtocolError(f"subscription id {ev.sid} is already in use", ErrorCode.INVALID_ARGUMENT,
+                                      rid=ev.rid)
+        if len(actor.subs) >= MAX_SUBS_PER_CONNECTION:
+            raise RemoteProtocolError("too many subscriptions on one connection", ErrorCode.OVERLOADED, rid=ev.rid)
+        sub = Subscription(actor, ev.sid, ev.pattern, ev.group)
+        actor.subs[ev.sid] = sub
+        self.router.add(ev.pattern, sub, ev.group)
+        if ev.rid:
+            actor.push_wire([F.Op.OK, ev.rid, None])
+
+    def call(self, actor: ConnectionActor, method: str, args: dict[str, Any], rid: int) -> Any:
+        handler = self._calls().get(method)
+        if handler is None:
+            raise RemoteProtocolError(f"unknown method {method!r}", ErrorCode.UNKNOWN_OPERATION, rid=rid)
+        return handler(args)
+
+    def _calls(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {"stats": self._stats_call, "server.info": self._info_call}
+
+    def _stats_call(self, args: dict[str, Any]) -> dict[str, Any]:
+        snap = self.stats.snapshot()
+        snap["connections"] = len(self.connections)
+        snap["subscriptions"] = self.router.count
+        snap["pid"] = os.getpid()
+        return snap
+
+    def _info_call(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"server_name": self.config.server_name, "version": F.PROTOCOL_VERSION,
+                "durability": self.config.durability, "pid": os.getpid()}
+
+    def durable_publish(self, actor: ConnectionActor, m: list[Any], targets: Any) -> None:
+        raise RemoteProtocolError("durable targets are not available", ErrorCode.NOT_FOUND)
+
+    # ------------------------------------------------------------ serving
+
+    async def serve(self, *, install_signals: bool = True) -> None:
+        """Run until SIGINT/SIGTERM (or cancellation), then shut down in order."""
+        cfg = self.config
+        listener = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port, reuse_port=False)
+        addr = listener.extra(SocketAttribute.local_address)
+        self.bound_address = (str(addr[0]), int(addr[1]))
+        async with anyio.create_task_group() as ctg:
+            self._tg = ctg
+            accept_scope = anyio.CancelScope()
+            accept_done = anyio.Event()
+
+            async def accept_loop() -> None:
+                try:
+                    with accept_scope:
+                        await listener.serve(self._handle_connection, task_group=ctg)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await listener.aclose()
+                    accept_done.set()
+
+            ctg.start_soon(accept_loop)
+            host, port = self.bound_address
+            shown = f"[{host}]" if ":" in host else host
+            print(f"tidings listening on {shown}:{port}", flush=True)
+            log.info("listening on %s:%d (durability=%s)", host, port, cfg.durability)
+            self.ready.set()
+            try:
+                if install_signals:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            log.info("received %s: shutting down", signal.Signals(signum).name)
+                            break
+                else:
+                    await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    accept_scope.cancel()
+                    await accept_done.wait()
+                    await self._drain_connections()
+                ctg.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _drain_connections(self) -> None:
+        """Tell every client we are going, and give them SHUTDOWN_GRACE to flush."""
+        self._shutting_down = True
+        for actor in list(self.connections.values()):
+            actor.push_wire([F.Op.NOTICE, "shutdown", {}])
+            actor.close()
+        if self._live:
+            with anyio.move_on_after(SHUTDOWN_GRACE):
+                await self._all_closed.wait()
+        sys.stdout.flush()

@@ -1,0 +1,29 @@
+"""tidings client: ``from client import connect``.
+
+    async with connect("tidings://127.0.0.1:7421") as tc:
+        sub = await tc.subscribe("orders.>")
+        await tc.publish("orders.eu.created", b"{...}")
+        async for msg in sub:
+            ...
+
+Importing this package imports neither the broker, aiosqlite nor uvloop.
+"""
+
+from __future__ import annotations
+
+from .client import DEFAULT_URL, Client, connect
+from .errors import (
+    ConnectError,
+    ConnectionClosedError,
+    NoRespondersError,
+    TidingsError,
+    TimeoutError,
+    for_code,
+)
+from .message import Message
+from .subscription import Subscription
+
+__all__ = [
+    "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
+    "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code",
+]

@@ -1,0 +1,550 @@
+"""The tidings client: one connection, coalesced writes, requests matched by id.
+
+Hot-path design (see docs/CLIENT.md): ``publish`` appends the message to a
+pending batch and returns; one writer task turns everything pending into
+as few frames and one socket write per wake-up. A publisher that never
+yields is made to wait once the pending batch reaches ``FLUSH_BYTES``, so
+a plain loop of awaited publishes runs at full speed with bounded memory.
+The reader task decodes whole 64 KiB chunks and hands each MSG batch to
+its subscription in one step.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import logging
+import os
+import secrets
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import anyio
+from anyio.abc import ByteStream, TaskGroup
+
+from protocol import CLOSED, NEED_DATA, Connection, Role
+from protocol import frames as F
+from protocol.errors import ProtocolError, RemoteProtocolError
+from protocol.subjects import PatternSet, validate_pattern, validate_subject
+
+from .errors import (
+    ConnectError,
+    ConnectionClosedError,
+    InvalidSubjectError,
+    NoRespondersError,
+    ProtocolViolationError,
+    TidingsError,
+    TimeoutError,
+    for_code,
+)
+from .message import Message
+from .subscription import DEFAULT_MAX_PENDING, Subscription
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT: Final = 7421
+DEFAULT_URL: Final = f"tidings://127.0.0.1:{DEFAULT_PORT}"
+READ_CHUNK: Final = 65_536
+FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
+DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise
+MSG_OVERHEAD: Final = 16
+
+
+class _Waiter:
+    """A one-shot result slot a task can await (cheaper than a future per call)."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def set(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    async def wait(self) -> Any:
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """``tidings://host:port`` (or ``tidings+tls://``) -> (host, port, tls)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("tidings", "tidings+tls"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use tidings://HOST:PORT")
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, parts.scheme == "tidings+tls"
+
+
+class Client:
+    """A connection to a tidings broker. Create it with :func:`connect`."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url = url
+        self.name = name or f"python-client/{os.getpid()}"
+        self.timeout = timeout
+        self.server_info: dict[str, Any] = {}
+        self._conn = Connection(Role.CLIENT)
+        self._stream: ByteStream | None = None
+        self._tg: TaskGroup | None = None
+        self._closed = False
+        self._error: TidingsError | None = None
+        # outbound
+        self._pub: list[list[Any]] = []
+        self._pub_bytes = 0
+        self._out: list[list[Any]] = []
+        self._wake = anyio.Event()
+        self._writer_idle = False
+        self._drained: anyio.Event | None = None
+        self._writer_done = anyio.Event()
+        # correlation
+        self._rids = itertools.count(1)
+        self._seqs = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._requests: dict[int, _Waiter] = {}
+        self._confirms: dict[int, _Waiter] = {}
+        self._subs: dict[int, Subscription] = {}
+        self._subjects: set[str] = set()
+        self._bindings = PatternSet()
+        self._bindings_epoch = -1
+        # request/reply
+        self._inbox = f"_INBOX.{secrets.token_hex(8)}"
+        self._inbox_sid = 0
+        self._replies: dict[str, _Waiter] = {}
+        self._reply_ids = itertools.count(1)
+
+    # ----------------------------------------------------------- lifecycle
+
+    async def _start(self, tg: TaskGroup) -> None:
+        host, port, tls = parse_url(self.url)
+        if tls:
+            raise ConnectError("TLS is not supported by this client version yet")
+        try:
+            with anyio.fail_after(self.timeout):
+                self._stream = await anyio.connect_tcp(host, port)
+                hello = F.Hello(F.PROTOCOL_VERSION, self.name, None, {})
+                await self._stream.send(self._conn.send(hello))
+                welcome = await self._read_welcome()
+        except builtins.TimeoutError as exc:
+            await self._abort()
+            raise ConnectError(f"no answer from {host}:{port} within {self.timeout}s") from exc
+        except OSError as exc:
+            await self._abort()
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        except BaseException:
+            await self._abort()
+            raise
+        self.server_info = welcome.info
+        self._apply_bindings(welcome.info.get("bindings"))
+        self._tg = tg
+        tg.start_soon(self._reader)
+        tg.start_soon(self._writer)
+
+    async def _abort(self) -> None:
+        if self._stream is not None:
+            with anyio.CancelScope(shield=True):
+                await self._stream.aclose()
+
+    async def _read_welcome(self) -> F.Welcome:
+        assert self._stream is not None
+        while True:
+            try:
+                data = await self._stream.receive(READ_CHUNK)
+            except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                raise ConnectError("the broker closed the connection during the handshake") from exc
+            self._conn.receive_data(data)
+            try:
+                ev = self._conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ProtocolViolationError(f"bad handshake from the broker: {exc}") from exc
+            if ev is NEED_DATA:
+                continue
+            if isinstance(ev, F.Err):
+                raise for_code(ev.code, ev.message)
+            if isinstance(ev, F.Welcome):
+                return ev
+            raise ProtocolViolationError("the broker did not answer HELLO")  # pragma: no cover
+
+    async def close(self) -> None:
+        """Send what is pending, then close. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._error is None and (self._pub or self._out):
+                with anyio.move_on_after(self.timeout, shield=True):
+                    await self._wait_drained()
+        finally:
+            self._shutdown(ConnectionClosedError("the client was closed"))
+            if self._stream is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._stream.aclose()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+
+    def _shutdown(self, error: TidingsError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            self._error = error
+        for w in list(self._requests.values()) + list(self._confirms.values()) + list(self._replies.values()):
+            w.fail(error)
+        self._requests.clear()
+        self._confirms.clear()
+        self._replies.clear()
+        for sub in list(self._subs.values()):
+            sub._end(None if isinstance(error, ConnectionClosedError) and str(error) == "the client was closed"
+                     else error)
+        self._wake.set()
+        if self._drained is not None:
+            self._drained.set()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._error or ConnectionClosedError("the connection is closed")
+
+    # ------------------------------------------------------------- writer
+
+    def _wake_writer(self) -> None:
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                if not self._pub and not self._out:
+                    if self._drained is not None:
+                        self._drained.set()
+                        self._drained = None
+                    if self._closed:
+                        return
+                    self._writer_idle = True
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                pubs, est = self._pub, self._pub_bytes
+                out, self._out = self._out, []
+                self._pub, self._pub_bytes = [], 0
+                parts: list[bytes] = []
+                for w in out:
+                    conn.encode_wire(w, parts)
+                if pubs:
+                    self._encode_pubs(pubs, est, parts)
+                assert self._stream is not None
+                await self._stream.send(b"".join(parts))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._shutdown(ConnectionClosedError(f"connection lost: {exc}"))
+        finally:
+            self._writer_done.set()
+
+    def _encode_pubs(self, pubs: list[list[Any]], est: int, parts: list[bytes]) -> None:
+        budget = self._conn.peer_max_frame - 4096
+        if est <= budget:
+            self._conn.encode_wire([F.Op.PUB, pubs], parts)
+            return
+        batch: list[list[Any]] = []
+        size = 0
+        for m in pubs:
+            n = len(m[1]) + len(m[0]) + MSG_OVERHEAD
+            if batch and size + n > budget:
+                self._conn.encode_wire([F.Op.PUB, batch], parts)
+                batch, size = [], 0
+            batch.append(m)
+            size += n
+        if batch:
+            self._conn.encode_wire([F.Op.PUB, batch], parts)
+
+    async def _wait_drained(self) -> None:
+        """Wait until the writer has handed everything pending to the socket."""
+        while (self._pub or self._out) and not self._closed:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            ev = self._drained
+            self._wake_writer()
+            await ev.wait()
+
+    def _send(self, wire: list[Any]) -> None:
+        self._out.append(wire)
+        self._wake_writer()
+
+    # ------------------------------------------------------------- reader
+
+    async def _reader(self) -> None:
+        conn = self._conn
+        stream = self._stream
+        assert stream is not None
+        error: TidingsError
+        try:
+            while True:
+                data = await stream.receive(READ_CHUNK)
+                conn.receive_data(data)
+                while True:
+                    ev = conn.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        raise anyio.EndOfStream
+                    self._dispatch(ev)  # type: ignore[arg-type]
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            error = self._error or ConnectionClosedError(f"the broker closed the connection ({exc.__class__.__name__})")
+        except ProtocolError as exc:
+            log.error("protocol violation from the broker: %s", exc)
+            error = ProtocolViolationError(str(exc))
+        self._shutdown(error)
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+
+    def _dispatch(self, ev: F.Frame) -> None:
+        t = type(ev)
+        if t is F.Msg:
+            sid = ev.sid  # type: ignore[union-attr]
+            sub = self._subs.get(sid)
+            if sub is not None:
+                sub._push(ev.messages)  # type: ignore[union-attr]
+            elif sid == self._inbox_sid:
+                self._on_replies(ev.messages)  # type: ignore[union-attr]
+        elif t is F.Confirm:
+            confirms = self._confirms
+            for seq, code, result in ev.items:  # type: ignore[union-attr]
+                w = confirms.pop(seq, None)
+                if w is not None:
+                    if code:
+                        w.fail(for_code(code, result if isinstance(result, str) else "publish failed"))
+                    else:
+                        w.set(result)
+        elif t is F.Ok:
+            w = self._requests.pop(ev.rid, None)  # type: ignore[union-attr]
+            if w is not None:
+                w.set(ev.result)  # type: ignore[union-attr]
+        elif t is F.Err:
+            err = for_code(ev.code, ev.message)  # type: ignore[union-attr]
+            w = self._requests.pop(ev.rid, None) if ev.rid else None  # type: ignore[union-attr]
+            if w is not None:
+                w.fail(err)
+            else:
+                log.warning("broker error: %s (code %s)", ev.message, ev.code)  # type: ignore[union-attr]
+                self._error = err
+        elif t is F.Ping:
+            self._send([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
+        elif t is F.Pong:
+            w = self._requests.pop(ev.rid, None)  # type: ignore[union-attr]
+            if w is not None:
+                w.set(None)
+        elif t is F.Notice:
+            self._on_notice(ev.kind, ev.info)  # type: ignore[union-attr]
+
+    def _on_notice(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "bindings":
+            self._apply_bindings(info)
+        elif kind == "slow_consumer":
+            sub = self._subs.get(info.get("sid", -1))
+            n = info.get("dropped", 0)
+            if sub is not None and isinstance(n, int):
+                sub.dropped_by_broker += n
+            log.warning("the broker dropped %s messages for subscription %s: this client is too slow", n,
+                        info.get("sid"))
+        elif kind == "shutdown":
+            log.info("the broker is shutting down")
+
+    def _apply_bindings(self, info: Any) -> None:
+        if not isinstance(info, dict):
+            return
+        epoch, patterns = info.get("epoch"), info.get("patterns")
+        if isinstance(epoch, int) and isinstance(patterns, list) and epoch >= self._bindings_epoch:
+            self._bindings_epoch = epoch
+            self._bindings = PatternSet([p for p in patterns if isinstance(p, str)])
+
+    # ------------------------------------------------------------ publish
+
+    def _check_subject(self, subject: str) -> None:
+        if subject not in self._subjects:
+            try:
+                validate_subject(subject)
+            except RemoteProtocolError as exc:
+                raise InvalidSubjectError(exc.message) from None
+            if len(self._subjects) > 4096:
+                self._subjects.clear()
+            self._subjects.add(subject)
+
+    async def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+                      headers: dict[str, Any] | None = None, reply: str | None = None) -> Any:
+        """Publish ``payload`` to ``subject``.
+
+        When no durable queue or stream is bound to the subject this returns
+        as soon as the message is buffered (the writer sends it with others
+        in one frame); use :meth:`flush` to wait until the broker has it.
+        When the subject is bound to a durable target, it returns only after
+        the broker has committed the message and returns what the broker
+        confirmed. Raises ConnectionClosedError if the connection is gone,
+        InvalidSubjectError for a bad subject.
+        """
+        if self._closed:
+            self._check_open()
+        if type(payload) is not bytes:
+            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+        self._check_subject(subject)
+        if reply is not None:
+            self._check_subject(reply)
+        if self._bindings and self._bindings.match(subject):
+            seq = next(self._seqs)
+            w = _Waiter()
+            self._confirms[seq] = w
+            self._pub.append([subject, payload, headers, reply, seq, None])
+            self._pub_bytes += len(payload) + len(subject) + MSG_OVERHEAD
+            self._wake_writer()
+            return await w.wait()
+        self._pub.append([subject, payload, headers, reply, 0, None])
+        self._pub_bytes += len(payload) + len(subject) + MSG_OVERHEAD
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+        if self._pub_bytes >= FLUSH_BYTES:
+            await self._wait_drained()
+        return None
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker has received and processed everything sent so far
+        (a PING/PONG round trip behind all pending frames)."""
+        await self._request([F.Op.PING, 0], timeout, rid_index=1)
+
+    async def _request(self, wire: list[Any], timeout: float | None = None, rid_index: int = 1) -> Any:
+        self._check_open()
+        rid = next(self._rids)
+        wire[rid_index] = rid
+        w = _Waiter()
+        self._requests[rid] = w
+        self._send(wire)
+        t = self.timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(t):
+                return await w.wait()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TimeoutError(f"no answer from the broker within {t}s") from exc
+        finally:
+            self._requests.pop(rid, None)
+
+    async def call(self, method: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Invoke a named broker method (admin and introspection); returns its result."""
+        return await self._request([F.Op.CALL, 0, method, args or {}], timeout)
+
+    # ---------------------------------------------------------- subscribe
+
+    async def subscribe(self, pattern: str, group: str | None = None, *,
+                        max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        """Subscribe to ``pattern`` (``*`` one token, ``>`` the rest).
+
+        With ``group``, the subscription joins that queue group: each
+        message goes to one member of the group. Returns once the broker
+        has registered it, so messages published afterwards are received.
+        """
+        try:
+            validate_pattern(pattern)
+        except RemoteProtocolError as exc:
+            raise InvalidSubjectError(exc.message) from None
+        sid = next(self._sids)
+        sub = Subscription(self, sid, pattern, group, max_pending)
+        self._subs[sid] = sub
+        try:
+            await self._request([F.Op.SUB, 0, sid, pattern, group])
+        except BaseException:
+            self._subs.pop(sid, None)
+            raise
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.sid, None) is None or self._closed:
+            return
+        await self._request([F.Op.UNSUB, 0, sub.sid])
+
+    # ------------------------------------------------------ request/reply
+
+    async def _ensure_inbox(self) -> None:
+        if self._inbox_sid:
+            return
+        sid = next(self._sids)
+        self._inbox_sid = sid
+        try:
+            await self._request([F.Op.SUB, 0, sid, self._inbox + ".>", None])
+        except BaseException:
+            self._inbox_sid = 0
+            raise
+
+    def _on_replies(self, msgs: list[list[Any]]) -> None:
+        for m in msgs:
+            w = self._replies.pop(m[0], None)
+            if w is not None:
+                w.set(Message(m[0], m[1], m[2], m[3], self))
+
+    async def request(self, subject: str, payload: bytes | str = b"", *, headers: dict[str, Any] | None = None,
+                      timeout: float = 5.0) -> Message:
+        """Publish a request and return the first reply.
+
+        Raises NoRespondersError at once if no subscriber matches
+        ``subject``, and client TimeoutError if no reply comes in time."""
+        await self._ensure_inbox()
+        reply = f"{self._inbox}.{next(self._reply_ids)}"
+        w = _Waiter()
+        self._replies[reply] = w
+        try:
+            await self.publish(subject, payload, headers=headers, reply=reply)
+            with anyio.fail_after(timeout):
+                msg: Message = await w.wait()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TimeoutError(f"no reply on {subject!r} within {timeout}s") from exc
+        finally:
+            self._replies.pop(reply, None)
+        if not msg.payload and msg.headers and msg.headers.get("status") == "503":
+            raise NoRespondersError(f"no responders for {subject!r}")
+        return msg
+
+
+class connect:
+    """``async with connect(url) as tc:`` opens a :class:`Client` and closes it on exit.
+
+    ``url`` is ``tidings://HOST:PORT`` (default ``tidings://127.0.0.1:7421``).
+    Raises ConnectError if the broker cannot be reached or refuses us.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._client = Client(url, name=name, timeout=timeout)
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> Client:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await self._client._start(tg)
+        except BaseException as exc:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._tg = tg
+        return self._client
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool | None:
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._client.close()
+        finally:
+            result = await self._tg.__aexit__(et, ev, tb)
+        return result
