@@ -1,0 +1,21 @@
+"""Shared test configuration: the --soak flag and the real-broker fixture."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["tests.brokerproc"]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False,
+                     help="also run long soak/chaos tests (marked 'soak')")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="long soak/chaos run: use --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
