@@ -70,6 +70,7 @@ class ConnectionActor:
         self.name = ""
         self.conn = Connection(Role.SERVER, max_frame=cfg.max_payload + 64 * 1024, max_payload=cfg.max_payload)
         self.subs: dict[int, Subscription] = {}
+        self.consumers: dict[int, Any] = {}  # cid -> durable consumer (queue or stream)
         self.opened = time.time()
         self.msgs_in = 0
         self.msgs_out = 0
@@ -198,7 +199,7 @@ class ConnectionActor:
                 pinged = False
                 self._last_in = time.monotonic()
                 conn.receive_data(data)
-                if not self._process():
+                if not await self._process():
                     return
                 if self._pending > self._limit:
                     await self._wait_space()
@@ -241,45 +242,65 @@ class ConnectionActor:
         # send_parts moved the state to OPEN; now queue the real frame bytes.
         self.push_wire([F.Op.WELCOME, F.PROTOCOL_VERSION, broker.config.server_name, info], 256)
         log.debug("connection %s (%s) open: client %r", self.number, self.peer, self.name)
-        return self._process()
+        return await self._process()
 
-    def _process(self) -> bool:
-        """Handle every complete frame buffered. False: the connection must close."""
+    async def _process(self) -> bool:
+        """Handle every complete frame buffered. False: the connection must close.
+
+        Durable publishes from consecutive PUB frames are stored as one batch
+        (one store operation, one commit); any other frame first flushes the
+        batch, so this connection's requests keep their order."""
         conn = self.conn
-        while True:
-            try:
-                ev = conn.next_event()
-            except RemoteProtocolError as exc:
-                self.send_err(exc.rid, exc.code, exc.message)
-                if exc.fatal:
-                    return False
-                continue
-            if ev is NEED_DATA:
-                return True
-            if ev is CLOSED:
-                return False
-            t = type(ev)
-            if t is F.Pub:
-                self._on_pub(ev.messages)  # type: ignore[union-attr]
-            elif t is F.Ping:
-                self.push_wire([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
-            elif t is F.Pong:
-                pass
-            else:
+        durable: list[Any] = []
+        try:
+            while True:
                 try:
-                    self.broker.handle_request(self, ev)  # type: ignore[arg-type]
+                    ev = conn.next_event()
                 except RemoteProtocolError as exc:
                     self.send_err(exc.rid, exc.code, exc.message)
+                    if exc.fatal:
+                        return False
+                    continue
+                if ev is NEED_DATA:
+                    return True
+                if ev is CLOSED:
+                    return False
+                if type(ev) is F.Pub:
+                    entries = self._on_pub(ev.messages)  # type: ignore[union-attr]
+                    if entries:
+                        durable.extend(entries)
+                    continue
+                if durable:
+                    batch, durable = durable, []
+                    await self.broker.durable.publish(self, batch)
+                await self._handle(ev)  # type: ignore[arg-type]
+        finally:
+            if durable:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.durable.publish(self, durable)
+
+    async def _handle(self, ev: F.Frame) -> None:
+        t = type(ev)
+        if t is F.Ping:
+            self.push_wire([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
+        elif t is not F.Pong:
+            try:
+                await self.broker.handle_request(self, ev)
+            except RemoteProtocolError as exc:
+                self.send_err(exc.rid, exc.code, exc.message)
 
     # ------------------------------------------------------------ publish
 
-    def _on_pub(self, msgs: list[list[Any]]) -> None:
+    def _on_pub(self, msgs: list[list[Any]]) -> list[Any] | None:
+        """Route a PUB batch to subscribers now; return the messages that
+        durable targets must store (with their targets), if any."""
         broker = self.broker
         self.msgs_in += len(msgs)
         broker.stats.published += len(msgs)
         match = broker.router.match
         durable = broker.durable_match
         confirms: list[Any] | None = None
+        entries: list[Any] | None = None
         for m in msgs:
             subj = m[0]
             plain, groups = match(subj)
@@ -300,7 +321,9 @@ class ConnectionActor:
                 # A request nobody can answer: tell the requester at once.
                 self._no_responders(m[3])
             if targets:
-                broker.durable_publish(self, m, targets)
+                if entries is None:
+                    entries = []
+                entries.append((m, targets))
             elif m[4]:
                 # A confirm was asked for, but no durable target holds this subject.
                 if confirms is None:
@@ -308,6 +331,7 @@ class ConnectionActor:
                 confirms.append([m[4], 0, None])
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
+        return entries
 
     def _no_responders(self, reply: str) -> None:
         plain, groups = self.broker.router.match(reply)

@@ -24,6 +24,7 @@ from protocol import frames as F
 
 from .config import Config
 from .connection import ConnectionActor, Subscription
+from .durable import Durable
 from .router import Router
 from .stats import Stats
 
@@ -42,17 +43,24 @@ class Broker:
         self.stats = Stats()
         self.connections: dict[int, ConnectionActor] = {}
         self._next_conn = 0
-        # Durable targets: set when the durable layer is attached.
-        self.durable_match: Callable[[str], Any] | None = None
+        self.durable = Durable(self)
+        self.durable_match: Callable[[str], Any] | None = self.durable.match
         self.bindings_epoch = 0
         self.bound_address: tuple[str, int] | None = None
         self._tg: TaskGroup | None = None
         self._shutting_down = False
         self.ready = anyio.Event()
+        self._calls: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "stats": self._stats_call, "server.info": self._info_call}
+        self._durable_calls = self.durable.calls()
         self._live = 0  # connection actors still running (closing ones included)
         self._all_closed = anyio.Event()
 
     # ------------------------------------------------------ connections
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
 
     def admit(self, actor: ConnectionActor) -> tuple[ErrorCode, str] | None:
         """Decide whether a connection that said HELLO may stay; None = yes."""
@@ -65,7 +73,7 @@ class Broker:
         return {
             "max_frame": actor.conn.max_frame,
             "max_payload": cfg.max_payload,
-            "features": ["pubsub", "queue-groups", "request-reply", "headers"],
+            "features": ["pubsub", "queue-groups", "request-reply", "headers", "queues", "dlq"],
             "durability": cfg.durability,
             "heartbeat_ms": int(cfg.heartbeat * 1000),
             "connection_id": actor.number,
@@ -73,7 +81,15 @@ class Broker:
         }
 
     def binding_patterns(self) -> list[str]:
-        return []
+        return self.durable.binding_patterns()
+
+    def bindings_changed(self) -> None:
+        """Tell every client the new set of durably bound patterns (before the
+        declaring client's OK, which is queued after this)."""
+        self.bindings_epoch += 1
+        info = {"epoch": self.bindings_epoch, "patterns": self.binding_patterns()}
+        for actor in self.connections.values():
+            actor.push_wire([F.Op.NOTICE, "bindings", info], 256)
 
     def detach(self, actor: ConnectionActor) -> None:
         """Forget a closing connection: drop its subscriptions at once."""
@@ -82,6 +98,7 @@ class Broker:
         for sub in actor.subs.values():
             self.router.remove(sub.pattern, sub, sub.group)
         actor.subs.clear()
+        self.durable.detach_all(actor)
 
     async def _handle_connection(self, stream: SocketStream) -> None:
         self._next_conn += 1
@@ -125,10 +142,12 @@ class Broker:
 
     # ---------------------------------------------------------- requests
 
-    def handle_request(self, actor: ConnectionActor, ev: Any) -> None:
+    async def handle_request(self, actor: ConnectionActor, ev: Any) -> None:
         """Dispatch a non-PUB frame. Raises RemoteProtocolError for bad requests."""
         t = type(ev)
-        if t is F.Sub:
+        if t is F.Ack:
+            self.durable.settle(actor, ev)
+        elif t is F.Sub:
             self._subscribe(actor, ev)
         elif t is F.Unsub:
             sub = actor.subs.pop(ev.sid, None)
@@ -138,11 +157,17 @@ class Broker:
             if ev.rid:
                 actor.push_wire([F.Op.OK, ev.rid, None])
         elif t is F.Call:
-            result = self.call(actor, ev.method, ev.args, ev.rid)
+            result = await self.call(actor, ev.method, ev.args, ev.rid)
             actor.push_wire([F.Op.OK, ev.rid, result], 256)
-        elif t is F.Consume or t is F.Stop or t is F.Ack:
-            raise RemoteProtocolError("durable queues are not enabled on this broker",
-                                      ErrorCode.NOT_FOUND, rid=ev.rid)
+        elif t is F.Consume:
+            if "queue" in ev.args:
+                result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
+            else:
+                raise RemoteProtocolError("CONSUME needs a 'queue'", ErrorCode.INVALID_ARGUMENT, rid=ev.rid)
+            actor.push_wire([F.Op.OK, ev.rid, result], 128)
+        elif t is F.Stop:
+            self.durable.stop(actor, ev.cid, ev.rid)
+            actor.push_wire([F.Op.OK, ev.rid, None])
         else:
             raise RemoteProtocolError(f"unexpected {t.__name__}", ErrorCode.BAD_STATE, rid=getattr(ev, "rid", 0))
 
@@ -158,28 +183,35 @@ class Broker:
         if ev.rid:
             actor.push_wire([F.Op.OK, ev.rid, None])
 
-    def call(self, actor: ConnectionActor, method: str, args: dict[str, Any], rid: int) -> Any:
-        handler = self._calls().get(method)
-        if handler is None:
+    async def call(self, actor: ConnectionActor, method: str, args: dict[str, Any], rid: int) -> Any:
+        handler = self._calls.get(method)
+        if handler is not None:
+            return handler(args)
+        dhandler = self._durable_calls.get(method)
+        if dhandler is None:
             raise RemoteProtocolError(f"unknown method {method!r}", ErrorCode.UNKNOWN_OPERATION, rid=rid)
-        return handler(args)
-
-    def _calls(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        return {"stats": self._stats_call, "server.info": self._info_call}
+        result = dhandler(args, rid)
+        if hasattr(result, "__await__"):
+            result = await result
+        return result
 
     def _stats_call(self, args: dict[str, Any]) -> dict[str, Any]:
         snap = self.stats.snapshot()
         snap["connections"] = len(self.connections)
         snap["subscriptions"] = self.router.count
+        snap["queues"] = len(self.durable.queues)
+        snap["confirmed"] = self.durable.confirmed
+        snap["duplicates"] = self.durable.duplicates
+        st = self.durable.store
+        snap["store"] = {k: getattr(st, k) for k in ("commits", "committed_ops", "committed_messages",
+                                                      "last_commit_seconds", "last_batch_size")
+                         if hasattr(st, k)}
         snap["pid"] = os.getpid()
         return snap
 
     def _info_call(self, args: dict[str, Any]) -> dict[str, Any]:
         return {"server_name": self.config.server_name, "version": F.PROTOCOL_VERSION,
                 "durability": self.config.durability, "pid": os.getpid()}
-
-    def durable_publish(self, actor: ConnectionActor, m: list[Any], targets: Any) -> None:
-        raise RemoteProtocolError("durable targets are not available", ErrorCode.NOT_FOUND)
 
     # ------------------------------------------------------------ serving
 
@@ -189,6 +221,18 @@ class Broker:
         listener = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port, reuse_port=False)
         addr = listener.extra(SocketAttribute.local_address)
         self.bound_address = (str(addr[0]), int(addr[1]))
+        async with anyio.create_task_group() as root:
+            try:
+                await self.durable.start(root)
+                await self._serve_connections(listener, install_signals)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await self.durable.close()
+                root.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _serve_connections(self, listener: Any, install_signals: bool = True) -> None:
+        cfg = self.config
         async with anyio.create_task_group() as ctg:
             self._tg = ctg
             accept_scope = anyio.CancelScope()
@@ -206,24 +250,23 @@ class Broker:
             ctg.start_soon(accept_loop)
             host, port = self.bound_address
             shown = f"[{host}]" if ":" in host else host
-            print(f"tidings listening on {shown}:{port}", flush=True)
-            log.info("listening on %s:%d (durability=%s)", host, port, cfg.durability)
-            self.ready.set()
             try:
-                if install_signals:
-                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for signum in signals:
-                            log.info("received %s: shutting down", signal.Signals(signum).name)
-                            break
-                else:
-                    await anyio.sleep_forever()
+                # Signals are caught before the ready line, so a SIGTERM right after it is graceful.
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    print(f"tidings listening on {shown}:{port}", flush=True)
+                    log.info("listening on %s:%d (durability=%s)", host, port, cfg.durability)
+                    self.ready.set()
+                    if not install_signals:
+                        await anyio.sleep_forever()
+                    async for signum in signals:
+                        log.info("received %s: shutting down", signal.Signals(signum).name)
+                        break
             finally:
                 with anyio.CancelScope(shield=True):
                     accept_scope.cancel()
                     await accept_done.wait()
                     await self._drain_connections()
                 ctg.cancel_scope.cancel()
-        log.info("stopped")
 
     async def _drain_connections(self) -> None:
         """Tell every client we are going, and give them SHUTDOWN_GRACE to flush."""

@@ -24,7 +24,7 @@ from anyio.abc import ByteStream, TaskGroup
 
 from protocol import CLOSED, NEED_DATA, Connection, Role
 from protocol import frames as F
-from protocol.errors import ProtocolError, RemoteProtocolError
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.subjects import PatternSet, validate_pattern, validate_subject
 
 from .errors import (
@@ -38,6 +38,8 @@ from .errors import (
     for_code,
 )
 from .message import Message
+from .consumer import ConsumeContext, QueueConsumer
+from .errors import PublishBufferFullError
 from .subscription import DEFAULT_MAX_PENDING, Subscription
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ READ_CHUNK: Final = 65_536
 FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
 DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise
 MSG_OVERHEAD: Final = 16
+DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
 
 
 class _Waiter:
@@ -69,7 +72,11 @@ class _Waiter:
         self.event.set()
 
     async def wait(self) -> Any:
-        await self.event.wait()
+        # No checkpoint when already set: a producer draining finished confirms
+        # keeps publishing without a task switch per message, so the writer
+        # gets whole batches instead of one message per wake-up.
+        if not self.event.is_set():
+            await self.event.wait()
         if self.error is not None:
             raise self.error
         return self.value
@@ -98,9 +105,12 @@ class Client:
         self._closed = False
         self._error: TidingsError | None = None
         # outbound
-        self._pub: list[list[Any]] = []
-        self._pub_bytes = 0
+        # Outbound frames in the order the application issued them. Publishes
+        # (and acks) extend the trailing PUB (ACK) frame while it is the last one.
         self._out: list[list[Any]] = []
+        self._cur_pub: list[list[Any]] | None = None
+        self._cur_ack: tuple[int, list[list[Any]]] | None = None
+        self._pub_bytes = 0
         self._wake = anyio.Event()
         self._writer_idle = False
         self._drained: anyio.Event | None = None
@@ -112,6 +122,11 @@ class Client:
         self._requests: dict[int, _Waiter] = {}
         self._confirms: dict[int, _Waiter] = {}
         self._subs: dict[int, Subscription] = {}
+        self._consumers: dict[int, QueueConsumer] = {}
+        self._cids = itertools.count(1)
+        self._in_flight = 0
+        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self._in_flight_space: anyio.Event | None = None
         self._subjects: set[str] = set()
         self._bindings = PatternSet()
         self._bindings_epoch = -1
@@ -178,7 +193,7 @@ class Client:
         if self._closed:
             return
         try:
-            if self._error is None and (self._pub or self._out):
+            if self._error is None and self._out:
                 with anyio.move_on_after(self.timeout, shield=True):
                     await self._wait_drained()
         finally:
@@ -200,9 +215,13 @@ class Client:
         self._requests.clear()
         self._confirms.clear()
         self._replies.clear()
+        clean = isinstance(error, ConnectionClosedError) and str(error) == "the client was closed"
         for sub in list(self._subs.values()):
-            sub._end(None if isinstance(error, ConnectionClosedError) and str(error) == "the client was closed"
-                     else error)
+            sub._end(None if clean else error)
+        for cons in list(self._consumers.values()):
+            cons._end(None if clean else error)
+        if self._in_flight_space is not None:
+            self._in_flight_space.set()
         self._wake.set()
         if self._drained is not None:
             self._drained.set()
@@ -226,7 +245,7 @@ class Client:
         conn = self._conn
         try:
             while True:
-                if not self._pub and not self._out:
+                if not self._out:
                     if self._drained is not None:
                         self._drained.set()
                         self._drained = None
@@ -236,14 +255,16 @@ class Client:
                     await self._wake.wait()
                     self._wake = anyio.Event()
                     continue
-                pubs, est = self._pub, self._pub_bytes
                 out, self._out = self._out, []
-                self._pub, self._pub_bytes = [], 0
+                self._cur_pub = None
+                self._cur_ack = None
+                self._pub_bytes = 0
                 parts: list[bytes] = []
                 for w in out:
-                    conn.encode_wire(w, parts)
-                if pubs:
-                    self._encode_pubs(pubs, est, parts)
+                    if w[0] == F.Op.PUB:
+                        self._encode_pubs(w[1], parts)
+                    else:
+                        conn.encode_wire(w, parts)
                 assert self._stream is not None
                 await self._stream.send(b"".join(parts))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
@@ -251,26 +272,20 @@ class Client:
         finally:
             self._writer_done.set()
 
-    def _encode_pubs(self, pubs: list[list[Any]], est: int, parts: list[bytes]) -> None:
-        budget = self._conn.peer_max_frame - 4096
-        if est <= budget:
+    def _encode_pubs(self, pubs: list[list[Any]], parts: list[bytes]) -> None:
+        try:
             self._conn.encode_wire([F.Op.PUB, pubs], parts)
             return
-        batch: list[list[Any]] = []
-        size = 0
-        for m in pubs:
-            n = len(m[1]) + len(m[0]) + MSG_OVERHEAD
-            if batch and size + n > budget:
-                self._conn.encode_wire([F.Op.PUB, batch], parts)
-                batch, size = [], 0
-            batch.append(m)
-            size += n
-        if batch:
-            self._conn.encode_wire([F.Op.PUB, batch], parts)
+        except LocalProtocolError:
+            if len(pubs) == 1:
+                raise
+        half = len(pubs) // 2
+        self._encode_pubs(pubs[:half], parts)
+        self._encode_pubs(pubs[half:], parts)
 
     async def _wait_drained(self) -> None:
         """Wait until the writer has handed everything pending to the socket."""
-        while (self._pub or self._out) and not self._closed:
+        while self._out and not self._closed:
             if self._drained is None:
                 self._drained = anyio.Event()
             ev = self._drained
@@ -279,6 +294,30 @@ class Client:
 
     def _send(self, wire: list[Any]) -> None:
         self._out.append(wire)
+        self._cur_pub = None
+        self._cur_ack = None
+        self._wake_writer()
+
+    def _queue_pub(self, m: list[Any]) -> None:
+        cur = self._cur_pub
+        if cur is None:
+            cur = self._cur_pub = []
+            self._out.append([F.Op.PUB, cur])
+            self._cur_ack = None
+        cur.append(m)
+        self._pub_bytes += len(m[1]) + len(m[0]) + MSG_OVERHEAD
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+
+    def _queue_ack(self, cid: int, item: list[Any]) -> None:
+        cur = self._cur_ack
+        if cur is None or cur[0] != cid:
+            items: list[list[Any]] = []
+            self._out.append([F.Op.ACK, 0, cid, items])
+            cur = self._cur_ack = (cid, items)
+            self._cur_pub = None
+        cur[1].append(item)
         self._wake_writer()
 
     # ------------------------------------------------------------- reader
@@ -317,15 +356,27 @@ class Client:
                 sub._push(ev.messages)  # type: ignore[union-attr]
             elif sid == self._inbox_sid:
                 self._on_replies(ev.messages)  # type: ignore[union-attr]
+        elif t is F.Deliver:
+            cons = self._consumers.get(ev.cid)  # type: ignore[union-attr]
+            if cons is not None:
+                cons._push(ev.items)  # type: ignore[union-attr]
         elif t is F.Confirm:
             confirms = self._confirms
+            n = 0
             for seq, code, result in ev.items:  # type: ignore[union-attr]
                 w = confirms.pop(seq, None)
                 if w is not None:
+                    n += 1
                     if code:
                         w.fail(for_code(code, result if isinstance(result, str) else "publish failed"))
                     else:
-                        w.set(result)
+                        w.set(PublishAck.from_wire(result))
+            if n:
+                self._in_flight -= n
+                sp = self._in_flight_space
+                if sp is not None and self._in_flight < self.max_in_flight:
+                    self._in_flight_space = None
+                    sp.set()
         elif t is F.Ok:
             w = self._requests.pop(ev.rid, None)  # type: ignore[union-attr]
             if w is not None:
@@ -359,6 +410,10 @@ class Client:
                         info.get("sid"))
         elif kind == "shutdown":
             log.info("the broker is shutting down")
+        elif kind == "consumer_closed":
+            cons = self._consumers.pop(info.get("cid", -1), None)
+            if cons is not None:
+                cons._end(None)
 
     def _apply_bindings(self, info: Any) -> None:
         if not isinstance(info, dict):
@@ -380,38 +435,97 @@ class Client:
                 self._subjects.clear()
             self._subjects.add(subject)
 
-    async def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
-                      headers: dict[str, Any] | None = None, reply: str | None = None) -> Any:
-        """Publish ``payload`` to ``subject``.
-
-        When no durable queue or stream is bound to the subject this returns
-        as soon as the message is buffered (the writer sends it with others
-        in one frame); use :meth:`flush` to wait until the broker has it.
-        When the subject is bound to a durable target, it returns only after
-        the broker has committed the message and returns what the broker
-        confirmed. Raises ConnectionClosedError if the connection is gone,
-        InvalidSubjectError for a bad subject.
-        """
-        if self._closed:
-            self._check_open()
+    def _message(self, subject: str, payload: Any, headers: dict[str, Any] | None, reply: str | None,
+                 msg_id: str | None, key: str | None, delay: float | None, at: Any,
+                 ttl: float | None) -> list[Any]:
         if type(payload) is not bytes:
             payload = payload.encode() if isinstance(payload, str) else bytes(payload)
         self._check_subject(subject)
         if reply is not None:
             self._check_subject(reply)
-        if self._bindings and self._bindings.match(subject):
-            seq = next(self._seqs)
-            w = _Waiter()
-            self._confirms[seq] = w
-            self._pub.append([subject, payload, headers, reply, seq, None])
-            self._pub_bytes += len(payload) + len(subject) + MSG_OVERHEAD
-            self._wake_writer()
-            return await w.wait()
-        self._pub.append([subject, payload, headers, reply, 0, None])
-        self._pub_bytes += len(payload) + len(subject) + MSG_OVERHEAD
-        if self._writer_idle:
-            self._writer_idle = False
-            self._wake.set()
+        opts: dict[str, Any] | None = None
+        if msg_id is not None or key is not None or delay is not None or at is not None or ttl is not None:
+            opts = {}
+            if msg_id is not None:
+                opts[F.OPT_MSG_ID] = str(msg_id)
+            if key is not None:
+                opts[F.OPT_KEY] = str(key)
+            if delay is not None:
+                opts[F.OPT_DELAY] = max(0, int(delay * 1000))
+            if at is not None:
+                ts = at.timestamp() if hasattr(at, "timestamp") else float(at)
+                opts[F.OPT_AT] = max(0, int(ts * 1000))
+            if ttl is not None:
+                opts[F.OPT_TTL] = max(1, int(ttl * 1000))
+        return [subject, payload, headers, reply, 0, opts]
+
+    def _wants_confirm(self, m: list[Any], confirm: bool | None) -> bool:
+        if confirm is not None:
+            return confirm
+        return m[5] is not None or bool(self._bindings and self._bindings.match(m[0]))
+
+    def publish_nowait(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+                       headers: dict[str, Any] | None = None, reply: str | None = None,
+                       msg_id: str | None = None, key: str | None = None, delay: float | None = None,
+                       at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> Confirmation:
+        """Queue a publish without waiting and return a :class:`Confirmation`
+        to await later, so one task can keep many confirms in flight.
+
+        Raises PublishBufferFullError when ``max_in_flight`` publishes are
+        already unconfirmed (await some confirmations first), and
+        ConnectionClosedError when the connection is gone.
+        """
+        if self._closed:
+            self._check_open()
+        m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if not self._wants_confirm(m, confirm):
+            self._queue_pub(m)
+            return Confirmation(None)
+        if self._in_flight >= self.max_in_flight:
+            raise PublishBufferFullError(f"{self._in_flight} publishes are waiting for confirms")
+        return Confirmation(self._queue_confirmed(m))
+
+    def _queue_confirmed(self, m: list[Any]) -> _Waiter:
+        seq = next(self._seqs)
+        m[4] = seq
+        w = _Waiter()
+        self._confirms[seq] = w
+        self._in_flight += 1
+        self._queue_pub(m)
+        return w
+
+    async def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+                      headers: dict[str, Any] | None = None, reply: str | None = None,
+                      msg_id: str | None = None, key: str | None = None, delay: float | None = None,
+                      at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> PublishAck | None:
+        """Publish ``payload`` to ``subject``.
+
+        When no durable queue or stream is bound to the subject this returns
+        None as soon as the message is buffered (the writer sends it with
+        others in one frame); :meth:`flush` waits until the broker has it.
+        When the subject is bound to a durable target (the broker tells the
+        client which patterns are bound), or ``confirm=True``, or a durable
+        option is given, it returns only after the broker committed the
+        message to storage, with a :class:`PublishAck`; it raises the mapped
+        error (e.g. QueueFullError, StorageFullError) if it was not stored.
+
+        ``msg_id`` de-duplicates within the broker's window; ``delay``
+        (seconds) or ``at`` (datetime or epoch seconds) defer delivery;
+        ``ttl`` (seconds) expires the message if not delivered in time;
+        ``key`` picks a stream partition.
+        """
+        if self._closed:
+            self._check_open()
+        m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if self._wants_confirm(m, confirm):
+            while self._in_flight >= self.max_in_flight and not self._closed:
+                if self._in_flight_space is None:
+                    self._in_flight_space = anyio.Event()
+                await self._in_flight_space.wait()
+            self._check_open()
+            result: PublishAck = await self._queue_confirmed(m).wait()
+            return result
+        self._queue_pub(m)
         if self._pub_bytes >= FLUSH_BYTES:
             await self._wait_drained()
         return None
@@ -472,6 +586,78 @@ class Client:
             return
         await self._request([F.Op.UNSUB, 0, sub.sid])
 
+    # ------------------------------------------------------------ queues
+
+    async def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (),
+                            **settings: Any) -> dict[str, Any]:
+        """Create a durable queue (or confirm an identical one exists).
+
+        ``bind``: subject patterns whose publishes are stored in the queue.
+        Settings (all optional): ack_deadline (s), max_deliveries (0 =
+        unlimited; default 5), backoff_initial, backoff_multiplier,
+        backoff_max, backoff_jitter, backoff_schedule (list of s),
+        dead_letter (default "<name>.dlq"), message_ttl (s),
+        dead_letter_expired, max_length, overflow ("reject" or
+        "dead_letter_oldest"). Raises ConflictError if the queue exists with
+        different settings. Returns the queue's info.
+        """
+        args = {"name": name, "bind": list(bind), **settings}
+        return await self.call("queue.declare", args)  # type: ignore[no-any-return]
+
+    async def delete_queue(self, name: str) -> dict[str, Any]:
+        return await self.call("queue.delete", {"name": name})  # type: ignore[no-any-return]
+
+    async def purge_queue(self, name: str) -> int:
+        return (await self.call("queue.purge", {"name": name}))["purged"]  # type: ignore[no-any-return]
+
+    async def queue_info(self, name: str) -> dict[str, Any]:
+        return await self.call("queue.info", {"name": name})  # type: ignore[no-any-return]
+
+    async def list_queues(self) -> list[dict[str, Any]]:
+        return await self.call("queue.list")  # type: ignore[no-any-return]
+
+    async def dlq_list(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Peek at a dead-letter queue's messages (they stay where they are)."""
+        return await self.call("dlq.list", {"name": queue, "limit": limit, "offset": offset})  # type: ignore
+
+    async def dlq_redrive(self, queue: str, *, count: int | None = None, to: str | None = None) -> int:
+        """Move up to ``count`` (default all) messages from dead-letter queue
+        ``queue`` back to their source queue (or to queue ``to``)."""
+        args: dict[str, Any] = {"name": queue}
+        if count is not None:
+            args["count"] = count
+        if to is not None:
+            args["to"] = to
+        return (await self.call("dlq.redrive", args))["redriven"]  # type: ignore[no-any-return]
+
+    async def dlq_purge(self, queue: str) -> int:
+        return (await self.call("dlq.purge", {"name": queue}))["purged"]  # type: ignore[no-any-return]
+
+    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext:
+        """``async with tc.consume(queue, prefetch=N) as deliveries:`` then
+        ``async for d in deliveries:``; settle each with ack/nack/reject."""
+        return ConsumeContext(self, queue, prefetch)
+
+    async def _start_consumer(self, queue: str, prefetch: int) -> QueueConsumer:
+        cid = next(self._cids)
+        cons = QueueConsumer(self, cid, queue, prefetch)
+        self._consumers[cid] = cons
+        try:
+            await self._request([F.Op.CONSUME, 0, cid, {"queue": queue, "prefetch": prefetch}])
+        except BaseException:
+            self._consumers.pop(cid, None)
+            raise
+        return cons
+
+    async def _stop_consumer(self, cons: QueueConsumer) -> None:
+        cons._end(None)
+        if self._consumers.pop(cons.cid, None) is None or self._closed:
+            return
+        try:
+            await self._request([F.Op.STOP, 0, cons.cid])
+        except (ConnectionClosedError, TimeoutError):
+            pass
+
     # ------------------------------------------------------ request/reply
 
     async def _ensure_inbox(self) -> None:
@@ -514,6 +700,48 @@ class Client:
         if not msg.payload and msg.headers and msg.headers.get("status") == "503":
             raise NoRespondersError(f"no responders for {subject!r}")
         return msg
+
+
+class PublishAck:
+    """What the broker confirmed for a durable publish: the stored message's
+    ``id``, how many ``queues`` stored it, and ``duplicate`` if the msg_id
+    had been seen within the de-duplication window (stored once)."""
+
+    __slots__ = ("id", "queues", "duplicate", "raw")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self.id: int | None = raw.get("id")
+        self.queues: int = raw.get("queues", 0)
+        self.duplicate: bool = bool(raw.get("duplicate", False))
+
+    @classmethod
+    def from_wire(cls, result: Any) -> PublishAck | None:
+        return cls(result) if isinstance(result, dict) else None
+
+    def __repr__(self) -> str:
+        return f"PublishAck(id={self.id}, queues={self.queues}, duplicate={self.duplicate})"
+
+
+class Confirmation:
+    """An awaitable for one publish's confirm (see :meth:`Client.publish_nowait`)."""
+
+    __slots__ = ("_w",)
+
+    def __init__(self, waiter: _Waiter | None) -> None:
+        self._w = waiter
+
+    def __await__(self) -> Any:
+        return self._wait().__await__()
+
+    async def _wait(self) -> PublishAck | None:
+        if self._w is None:
+            return None
+        result: PublishAck | None = await self._w.wait()
+        return result
+
+    def done(self) -> bool:
+        return self._w is None or self._w.event.is_set()
 
 
 class connect:

@@ -1,0 +1,139 @@
+"""Durable queue throughput: publish with confirms -> commit -> deliver -> ack.
+
+    python -m benchmarks.durable [--messages 100000] [--in-flight 1000] [--durability full]
+
+One producer process keeps up to ``--in-flight`` confirms outstanding
+(``publish_nowait`` + awaiting the oldest confirmation: the idiom from
+docs/CLIENT.md), one consumer process acks every delivery, 128-byte
+payloads, against a broker subprocess at the chosen durability. Prints
+end-to-end messages/s, confirm latency p50/p99 and store commits/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from ._common import broker, emit, percentile, spawn
+
+
+async def _consumer(url: str, queue: str, expect: int, prefetch: int) -> None:
+    from client import connect
+
+    async with connect(url, name="bench-consumer") as tc:
+        async with tc.consume(queue, prefetch=prefetch) as deliveries:
+            print("ready", flush=True)
+            n = 0
+            first = 0
+            async for d in deliveries:
+                if not n:
+                    first = time.monotonic_ns()
+                await d.ack()
+                n += 1
+                if n >= expect:
+                    break
+            last = time.monotonic_ns()
+            await tc.flush()
+    print(json.dumps({"received": n, "first": first, "last": last}), flush=True)
+
+
+async def _producer(url: str, subject: str, count: int, size: int, in_flight: int) -> None:
+    from client import connect
+
+    payload = b"x" * size
+    async with connect(url, name="bench-producer") as tc:
+        print("ready", flush=True)
+        sys.stdin.readline()
+        pending: deque[tuple[int, Any]] = deque()
+        lat: list[int] = []
+        start = time.monotonic_ns()
+        pub = tc.publish_nowait
+        mono = time.monotonic_ns
+        for i in range(count):
+            if len(pending) >= in_flight:
+                t0, c = pending.popleft()
+                await c
+                if i % 16 == 0:
+                    lat.append(mono() - t0)
+            pending.append((mono(), pub(subject, payload, confirm=True)))
+        while pending:
+            t0, c = pending.popleft()
+            await c
+            lat.append(mono() - t0)
+        done = mono()
+        stats = await tc.call("stats")
+    print(json.dumps({"start": start, "done": done, "lat": lat, "store": stats.get("store", {})}), flush=True)
+
+
+def run(url: str, count: int, size: int, in_flight: int, prefetch: int) -> dict[str, Any]:
+    import anyio
+
+    from client import connect
+
+    async def setup() -> dict[str, Any]:
+        async with connect(url) as tc:
+            await tc.declare_queue("bench.durable", bind=["bench.durable.>"])
+            return (await tc.call("stats")).get("store", {})  # type: ignore[no-any-return]
+
+    before = anyio.run(setup)
+    cons = spawn("benchmarks.durable", "--role", "consumer", "--url", url, "--messages", str(count),
+                 "--prefetch", str(prefetch))
+    assert cons.stdout is not None
+    assert cons.stdout.readline().strip() == b"ready"
+    prod = spawn("benchmarks.durable", "--role", "producer", "--url", url, "--messages", str(count),
+                 "--payload", str(size), "--in-flight", str(in_flight))
+    assert prod.stdout is not None and prod.stdin is not None
+    assert prod.stdout.readline().strip() == b"ready"
+    prod.stdin.write(b"go\n")
+    prod.stdin.flush()
+    p = json.loads(prod.stdout.readline())
+    c = json.loads(cons.stdout.readline())
+    prod.wait(60)
+    cons.wait(60)
+    elapsed = (c["last"] - p["start"]) / 1e9
+    pub_s = (p["done"] - p["start"]) / 1e9
+    lat = sorted(x / 1e6 for x in p["lat"])
+    commits = p["store"].get("commits", 0) - before.get("commits", 0)
+    return {
+        "scenario": f"durable in_flight={in_flight}",
+        "messages": count,
+        "consumed": c["received"],
+        "seconds": round(elapsed, 3),
+        "end_to_end_per_s": round(c["received"] / elapsed),
+        "confirmed_per_s": round(count / pub_s),
+        "confirm_p50_ms": round(percentile(lat, 50), 2),
+        "confirm_p99_ms": round(percentile(lat, 99), 2),
+        "commits_per_s": round(commits / pub_s),
+        "msgs_per_commit": round(count / commits, 1) if commits else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--payload", type=int, default=128)
+    ap.add_argument("--in-flight", type=int, default=1000)
+    ap.add_argument("--prefetch", type=int, default=1000)
+    ap.add_argument("--durability", choices=["full", "normal"], default="full")
+    ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ns = ap.parse_args()
+    from broker.cli import _run
+    if ns.role == "consumer":
+        _run(_consumer, ns.url, "bench.durable", ns.messages, ns.prefetch)
+        return
+    if ns.role == "producer":
+        _run(_producer, ns.url, "bench.durable.x", ns.messages, ns.payload, ns.in_flight)
+        return
+    with broker("--durability", ns.durability) as url:
+        row = run(url, ns.messages, ns.payload, ns.in_flight, ns.prefetch)
+    row["durability"] = ns.durability
+    emit([row], list(row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""The durable layer: queues, their bindings, confirms, dead-lettering, DLQ tools.
+
+``Durable`` owns the storage actor and one ``QueueActor`` per queue. A
+publish whose subject matches bound queues is admitted here (de-duplicated,
+checked against max-length), written as one store operation covering every
+target queue, and confirmed to the publisher only from the store's
+commit callback, which also hands the committed rows to the queue actors.
+Message ids are assigned at the moment an operation enters the store's
+mailbox, so commit order equals id order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Final
+
+import anyio
+import msgpack
+from anyio.abc import TaskGroup
+
+from protocol import frames as F
+from protocol.errors import ErrorCode, RemoteProtocolError
+
+from .queue import Consumer, QueueActor
+from .queueconfig import DLQ_SUFFIX, QueueConfig, dlq_config, validate_name
+from .router import Router
+from .store.base import (
+    DeleteMessages,
+    DeleteQueue,
+    ExpireDedup,
+    MoveMessages,
+    PurgeQueue,
+    PutMessages,
+    PutQueue,
+    StorageError,
+    StorageFull,
+    StoredMessage,
+    UpdateMessages,
+)
+from .store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from .connection import ConnectionActor
+    from .server import Broker
+
+log = logging.getLogger(__name__)
+
+MAX_PREFETCH: Final = 10_000  # deliveries one consumer may hold unacked
+DEDUP_SWEEP: Final = 30.0  # seconds between sweeps of expired de-duplication entries
+REDRIVE_CHUNK: Final = 5_000  # messages moved per transaction by a redrive
+RECENT_LIMIT: Final = 100_000  # in-memory de-dup entries for publishes not yet swept (bounded)
+HDR_PREFIX: Final = "tidings-"
+
+
+def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
+    return RemoteProtocolError(msg, code, rid=rid)
+
+
+class Durable:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        cfg = broker.config
+        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability)
+        self.queues: dict[str, QueueActor] = {}
+        self.bindings: Router[QueueActor] = Router()
+        self.last_id = 0
+        self._last_ms = 0
+        self._tg: TaskGroup | None = None
+        self._recent: dict[str, tuple[int, bytes]] = {}  # msg_id -> (expires_ms, result) awaiting sweep
+        self.dedup_window_ms = int(cfg.dedup_window * 1000)
+        self.confirmed = 0
+        self.duplicates = 0
+
+    # ------------------------------------------------------------ clock/ids
+
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds, never going backwards within this process."""
+        now = int(time.time() * 1000)
+        if now < self._last_ms:
+            return self._last_ms
+        self._last_ms = now
+        return now
+
+    def next_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, tg: TaskGroup) -> None:
+        """Open the store, recover every queue, start the actors."""
+        self._tg = tg
+        await self.store.open()
+        await tg.start(self.store.run)
+        self.last_id = await self.store.max_message_id()
+        for name, conf, _created in await self.store.load_queues():
+            qc = QueueConfig.from_args(conf)
+            count = await self.store.count(name)
+            await self._start_queue(qc, count)
+        tg.start_soon(self._sweeper)
+        log.info("recovered %d queues, %d messages", len(self.queues), sum(q.count for q in self.queues.values()))
+
+    async def close(self) -> None:
+        for q in self.queues.values():
+            q.stop()
+        await self.store.close()
+
+    async def _start_queue(self, qc: QueueConfig, count: int) -> QueueActor:
+        q = QueueActor(self, qc, count)
+        self.queues[qc.name] = q
+        for p in qc.bind:
+            self.bindings.add(p, q)
+        assert self._tg is not None
+        await self._tg.start(q.run)
+        return q
+
+    async def _sweeper(self) -> None:
+        while True:
+            await anyio.sleep(DEDUP_SWEEP)
+            now = self.now_ms()
+            self._recent = {k: v for k, v in self._recent.items() if v[0] > now}
+            await self.store.submit(ExpireDedup(now))
+
+    # ------------------------------------------------------------- publish
+
+    def match(self, subject: str) -> list[QueueActor]:
+        return self.bindings.match(subject)[0]
+
+    def binding_patterns(self) -> list[str]:
+        return sorted({p for q in self.queues.values() for p in q.cfg.bind})
+
+    async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[QueueActor]]]) -> None:
+        """Store each (PUB message, target queues) entry and confirm it after commit."""
+        confirms: list[Any] = []
+        with_ids = [m[F.P_OPTS][F.OPT_MSG_ID] for m, _ in entries
+                    if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS]]
+        known: dict[str, bytes] = {}
+        if with_ids:
+            now = self.now_ms()
+            missing = []
+            for i in with_ids:
+                hit = self._recent.get(i)
+                if hit is not None and hit[0] > now:
+                    known[i] = hit[1]
+                else:
+                    missing.append(i)
+            if missing:
+                try:
+                    known.update(await self.store.check_dedup(missing, now))
+                except StorageError as exc:
+                    for m, _ in entries:
+                        if m[F.P_SEQ]:
+                            confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
+                    self._confirm(conn, confirms)
+                    return
+        now = self.now_ms()
+        rows: list[StoredMessage] = []
+        dedup: list[tuple[str, int, bytes]] = []
+        accepted: list[tuple[int, int, list[QueueActor], list[StoredMessage]]] = []
+        reserved: dict[QueueActor, int] = {}
+        seen_now: set[str] = set()
+        for m, targets in entries:
+            seq = m[F.P_SEQ]
+            opts = m[F.P_OPTS] or {}
+            msg_id = opts.get(F.OPT_MSG_ID)
+            if msg_id is not None and (msg_id in known or msg_id in seen_now):
+                self.duplicates += 1
+                if seq:
+                    prior = known.get(msg_id)
+                    res = msgpack.unpackb(prior) if prior else {}
+                    res = dict(res) if isinstance(res, dict) else {}
+                    res["duplicate"] = True
+                    confirms.append([seq, 0, res])
+                continue
+            full = None
+            for q in targets:
+                ml = q.cfg.max_length
+                if ml is not None and q.cfg.overflow == "reject" and q.count + reserved.get(q, 0) >= ml:
+                    full = q
+                    break
+            if full is not None:
+                if seq:
+                    confirms.append([seq, int(ErrorCode.QUEUE_FULL),
+                                     f"queue {full.name!r} is at its max_length {full.cfg.max_length}"])
+                continue
+            mid = self.next_id()
+            avail = now
+            if F.OPT_DELAY in opts:
+                avail = now + opts[F.OPT_DELAY]
+            if F.OPT_AT in opts:
+                avail = max(avail, opts[F.OPT_AT])
+            mine = []
+            for q in targets:
+                ttl = opts.get(F.OPT_TTL)
+                if ttl is None and q.cfg.message_ttl is not None:
+                    ttl = int(q.cfg.message_ttl * 1000)
+                row = StoredMessage(q.name, mid, m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS], msg_id,
+                                    now, avail, (now + ttl) if ttl is not None else None, 0, None)
+                mine.append(row)
+                reserved[q] = reserved.get(q, 0) + 1
+            rows.extend(mine)
+            result = {"id": mid, "queues": len(targets)}
+            if msg_id is not None:
+                seen_now.add(msg_id)
+                packed = msgpack.packb(result)
+                dedup.append((msg_id, now + self.dedup_window_ms, packed))
+                if len(self._recent) < RECENT_LIMIT:
+                    self._recent[msg_id] = (now + self.dedup_window_ms, packed)
+            accepted.append((seq, mid, targets, mine))
+        if confirms and not accepted:
+            self._confirm(conn, confirms)
+            return
+        early = confirms
+
+        def done(error: Exception | None) -> None:
+            out = list(early)
+            if error is not None:
+                code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
+                for seq, _mid, _t, _rows in accepted:
+                    if seq:
+                        out.append([seq, int(code), f"not stored: {error}"])
+                for mid_entry in dedup:
+                    self._recent.pop(mid_entry[0], None)
+                self._confirm(conn, out)
+                return
+            by_queue: dict[QueueActor, list[StoredMessage]] = {}
+            for seq, mid, targets, mine in accepted:
+                if seq:
+                    out.append([seq, 0, {"id": mid, "queues": len(targets)}])
+                for q, row in zip(targets, mine):
+                    lst = by_queue.get(q)
+                    if lst is None:
+                        by_queue[q] = [row]
+                    else:
+                        lst.append(row)
+            self.confirmed += len(accepted)
+            self._confirm(conn, out)
+            for q, qrows in by_queue.items():
+                q.on_committed(qrows)
+
+        try:
+            await self.store.submit(PutMessages(rows, dedup, done))
+        except StorageError as exc:  # the store is closing: nothing was stored
+            code = ErrorCode.SHUTTING_DOWN if self.broker.shutting_down else ErrorCode.STORAGE_ERROR
+            out = list(early) + [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
+            self._confirm(conn, out)
+
+    @staticmethod
+    def _confirm(conn: ConnectionActor, items: list[Any]) -> None:
+        if items:
+            conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
+
+    # ----------------------------------------------------- queue-side ops
+
+    async def delete_messages(self, queue: str, ids: list[int]) -> None:
+        await self.store.submit(DeleteMessages(queue, ids))
+
+    async def update_messages(self, queue: str, updates: list[tuple[int, int, int, str | None]]) -> None:
+        await self.store.submit(UpdateMessages(queue, updates))
+
+    def dead_letter(self, src: QueueActor, msgs: list[StoredMessage], reason: str) -> None:
+        """Move messages to src's dead-letter queue in one transaction, adding
+        the reason headers. Called from the source queue's actor (non-blocking)."""
+        target = self.queues.get(src.cfg.dead_letter or "")
+        if target is None:
+            log.error("queue %s has no dead-letter queue; deleting %d messages (%s)", src.name, len(msgs), reason)
+            src._deletes.extend(m.id for m in msgs)
+            return
+        now = self.now_ms()
+        moves = []
+        for m in msgs:
+            h = dict(m.headers or {})
+            h[HDR_PREFIX + "dlq-source"] = src.name
+            h[HDR_PREFIX + "dlq-reason"] = reason
+            h[HDR_PREFIX + "delivery-count"] = m.deliveries
+            h[HDR_PREFIX + "last-error"] = (m.last_error or "")[:1000]
+            h[HDR_PREFIX + "dead-lettered-at"] = now
+            h[HDR_PREFIX + "published-at"] = m.published_ms
+            h[HDR_PREFIX + "original-id"] = m.id
+            row = StoredMessage(target.name, self.next_id(), m.subject, m.payload, h, m.msg_id, m.published_ms,
+                                now, None, 0, None)
+            moves.append((m.id, row))
+        src.ops.append(self._move_op(src.name, moves, target))
+        src.wake()
+
+    def _move_op(self, src_name: str, moves: list[tuple[int, StoredMessage]], target: QueueActor) -> MoveMessages:
+        rows = [r for _, r in moves]
+
+        def done(error: Exception | None) -> None:
+            if error is None:
+                target.on_committed(rows)
+            else:
+                log.error("moving %d messages from %s to %s failed: %s", len(rows), src_name, target.name, error)
+
+        return MoveMessages(src_name, moves, done)
+
+    # ------------------------------------------------------------- admin
+
+    async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        qc = QueueConfig.from_args(args)
+        existing = self.queues.get(qc.name)
+        if existing is not None:
+            if existing.cfg != qc:
+                diff = [k for k, v in qc.to_dict().items() if existing.cfg.to_dict().get(k) != v]
+                raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
+                           "delete it first to change them", ErrorCode.CONFLICT, rid)
+            return {"created": False, **existing.info()}
+        if qc.dead_letter and qc.dead_letter not in self.queues:
+            if qc.dead_letter.endswith(DLQ_SUFFIX) or qc.dead_letter == qc.name + DLQ_SUFFIX:
+                dq = dlq_config(qc.dead_letter)
+                await self.store.write(PutQueue(dq.name, dq.to_dict(), self.now_ms()))
+                await self._start_queue(dq, 0)
+            else:
+                raise _err(f"dead-letter queue {qc.dead_letter!r} does not exist; declare it first",
+                           ErrorCode.NOT_FOUND, rid)
+        await self.store.write(PutQueue(qc.name, qc.to_dict(), self.now_ms()))
+        q = await self._start_queue(qc, 0)
+        self.broker.bindings_changed()
+        return {"created": True, **q.info()}
+
+    def _queue(self, args: dict[str, Any], rid: int, key: str = "name") -> QueueActor:
+        name = args.get(key)
+        q = self.queues.get(name) if isinstance(name, str) else None
+        if q is None:
+            raise _err(f"no queue named {name!r}", ErrorCode.NOT_FOUND, rid)
+        return q
+
+    async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        q = self._queue(args, rid)
+        users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
+        if users:
+            raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
+        for c in list(q.consumers):
+            c.conn.consumers.pop(c.cid, None)
+            c.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": c.cid, "reason": "queue deleted"}])
+            q.detach(c)
+        q.stop()
+        for p in q.cfg.bind:
+            self.bindings.remove(p, q)
+        del self.queues[q.name]
+        await self.store.write(DeleteQueue(q.name))
+        self.broker.bindings_changed()
+        return {"deleted": q.name, "messages": q.count}
+
+    async def purge(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        q = self._queue(args, rid)
+        n = q.purge()
+        await self.store.write(PurgeQueue(q.name))
+        return {"purged": n}
+
+    def list_queues(self) -> list[dict[str, Any]]:
+        out = []
+        for q in sorted(self.queues.values(), key=lambda x: x.name):
+            info = q.info()
+            dl = self.queues.get(q.cfg.dead_letter or "")
+            info["dlq_depth"] = dl.count if dl is not None else None
+            del info["config"]
+            out.append(info)
+        return out
+
+    async def dlq_list(self, args: dict[str, Any], rid: int) -> list[dict[str, Any]]:
+        q = self._queue(args, rid)
+        limit = args.get("limit", 100)
+        offset = args.get("offset", 0)
+        if type(limit) is not int or type(offset) is not int or not 0 < limit <= 10_000 or offset < 0:
+            raise _err("limit must be 1..10000 and offset >= 0", ErrorCode.INVALID_ARGUMENT, rid)
+        rows = await self.store.list_messages(q.name, limit, offset)
+        return [{"id": r.id, "subject": r.subject, "payload": r.payload, "headers": r.headers,
+                 "msg_id": r.msg_id, "published_ms": r.published_ms, "deliveries": r.deliveries} for r in rows]
+
+    async def redrive(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Move up to ``count`` (default all) ready messages of a DLQ back to
+        their source queue, or to ``to``; delivery counts start again."""
+        q = self._queue(args, rid)
+        count = args.get("count")
+        if count is not None and (type(count) is not int or count < 1):
+            raise _err("count must be a positive integer", ErrorCode.INVALID_ARGUMENT, rid)
+        dest_name = args.get("to")
+        if dest_name is not None:
+            validate_name(dest_name)
+            if dest_name not in self.queues:
+                raise _err(f"no queue named {dest_name!r}", ErrorCode.NOT_FOUND, rid)
+        want = count if count is not None else q.count
+        moved = 0
+        skipped = 0
+        while moved + skipped < want:
+            taken = await q.take(min(want - moved - skipped, REDRIVE_CHUNK))
+            if not taken:
+                break
+            groups: dict[str, list[tuple[int, StoredMessage]]] = {}
+            back: list[StoredMessage] = []
+            now = self.now_ms()
+            for m in taken:
+                h = dict(m.headers or {})
+                target = dest_name or h.get(HDR_PREFIX + "dlq-source")
+                if not isinstance(target, str) or target not in self.queues or target == q.name:
+                    back.append(m)
+                    continue
+                for k in [k for k in h if k.startswith(HDR_PREFIX)]:
+                    del h[k]
+                h[HDR_PREFIX + "redriven-from"] = q.name
+                row = StoredMessage(target, self.next_id(), m.subject, m.payload, h or None, m.msg_id,
+                                    m.published_ms, now, None, 0, None)
+                groups.setdefault(target, []).append((m.id, row))
+            for target, moves in groups.items():
+                q.count -= len(moves)
+                moved += len(moves)
+                await self.store.write(self._move_op(q.name, moves, self.queues[target]))
+            if back:
+                # messages whose source queue is gone stay in the DLQ; stop so we do not loop on them
+                skipped += len(back)
+                q.give_back(back)
+                break
+        return {"redriven": moved, "skipped": skipped}
+
+    # ---------------------------------------------------------- consuming
+
+    def consume(self, conn: ConnectionActor, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        q = self._queue(args, rid, "queue")
+        prefetch = args.get("prefetch", 100)
+        if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
+            raise _err(f"prefetch must be 1..{MAX_PREFETCH}", ErrorCode.INVALID_ARGUMENT, rid)
+        if cid in conn.consumers:
+            raise _err(f"consumer id {cid} is already in use", ErrorCode.INVALID_ARGUMENT, rid)
+        c = Consumer(conn, cid, q, prefetch)
+        conn.consumers[cid] = c
+        q.attach(c)
+        return {"queue": q.name, "prefetch": prefetch, "ack_deadline": q.cfg.ack_deadline}
+
+    def stop(self, conn: ConnectionActor, cid: int, rid: int) -> None:
+        c = conn.consumers.pop(cid, None)
+        if c is None:
+            raise _err(f"no consumer {cid}", ErrorCode.NOT_FOUND, rid)
+        c.queue.detach(c)
+
+    def settle(self, conn: ConnectionActor, ev: F.Ack) -> None:
+        c = conn.consumers.get(ev.cid)
+        if c is None:
+            if ev.rid:
+                raise _err(f"no consumer {ev.cid}", ErrorCode.NOT_FOUND, ev.rid)
+            return
+        codes = c.queue.settle(c, ev.items)
+        if ev.rid:
+            conn.push_wire([F.Op.OK, ev.rid, codes], 16 + len(codes))
+
+    def detach_all(self, conn: ConnectionActor) -> None:
+        for c in conn.consumers.values():
+            c.queue.detach(c)
+        conn.consumers.clear()
+
+    # ------------------------------------------------------------- calls
+
+    def calls(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "queue.declare": self.declare,
+            "queue.delete": self.delete,
+            "queue.purge": self.purge,
+            "queue.list": lambda args, rid: self.list_queues(),
+            "queue.info": lambda args, rid: self._queue(args, rid).info(),
+            "dlq.list": self.dlq_list,
+            "dlq.count": lambda args, rid: {"count": self._queue(args, rid).count},
+            "dlq.redrive": self.redrive,
+            "dlq.purge": self.purge,
+        }

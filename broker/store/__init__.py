@@ -1,0 +1,22 @@
+"""Durable storage: the Store contract (base) and its SQLite implementation.
+
+    from broker.store import SqliteStore, PutMessages, StoredMessage
+"""
+
+from __future__ import annotations
+
+from broker.store.base import (
+    DURABILITIES, DedupEntry, DeleteMessages, DeleteQueue, DoneCallback, Durability, ExpireDedup,
+    MoveMessages, PageKey, PurgeQueue, PutMessages, PutQueue, SchemaTooNew, Store, StorageClosed,
+    StorageError, StorageFull, StoredMessage, UpdateMessages, WriteOp,
+)
+from broker.store.sqlite import (
+    BATCH_MAX_MESSAGES, DB_FILENAME, MAILBOX_MAX_BYTES, MAILBOX_MAX_MESSAGES, SqliteStore,
+)
+
+__all__ = [
+    "BATCH_MAX_MESSAGES", "DB_FILENAME", "DURABILITIES", "MAILBOX_MAX_BYTES", "MAILBOX_MAX_MESSAGES",
+    "DedupEntry", "DeleteMessages", "DeleteQueue", "DoneCallback", "Durability", "ExpireDedup",
+    "MoveMessages", "PageKey", "PurgeQueue", "PutMessages", "PutQueue", "SchemaTooNew", "SqliteStore",
+    "Store", "StorageClosed", "StorageError", "StorageFull", "StoredMessage", "UpdateMessages", "WriteOp",
+]

@@ -1,0 +1,179 @@
+"""Queue consumers: deliveries with ack/nack/reject/in_progress, batched acks."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from protocol import frames as F
+
+from .errors import ConnectionClosedError, TidingsError, for_code
+
+if TYPE_CHECKING:
+    from .client import Client
+
+log = logging.getLogger(__name__)
+
+
+class Delivery:
+    """One delivery of a durable message to this consumer.
+
+    ``delivery_id`` identifies this delivery (not the message);
+    ``message_id`` is the broker's id of the stored message; ``msg_id`` the
+    publisher's de-duplication id, if any. ``delivery_count`` counts every
+    delivery of the message so far, this one included.
+    """
+
+    __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
+                 "message_id", "msg_id", "_consumer", "settled")
+
+    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+        self.delivery_id: int = item[0]
+        self.subject: str = item[1]
+        self.payload: bytes = item[2]
+        self.headers: dict[str, Any] | None = item[3]
+        self.delivery_count: int = item[4]
+        self.published_ms: int = item[5]
+        meta = item[6] or {}
+        self.message_id: int | None = meta.get("id")
+        self.msg_id: str | None = meta.get("msg_id")
+        self._consumer = consumer
+        self.settled = False
+
+    def __repr__(self) -> str:
+        return (f"Delivery(subject={self.subject!r}, delivery_id={self.delivery_id}, "
+                f"delivery_count={self.delivery_count}, payload={self.payload[:32]!r})")
+
+    @property
+    def redelivered(self) -> bool:
+        return self.delivery_count > 1
+
+    async def ack(self, *, wait: bool = False) -> None:
+        """Acknowledge: the broker deletes the message. Returns once buffered
+        (acks travel in batches); with ``wait=True`` returns once the broker
+        accepted it and raises StaleDeliveryError if this delivery is no
+        longer ours (its ack deadline passed and it went to another consumer)."""
+        await self._settle(F.AckAction.ACK, None, wait)
+
+    async def nack(self, delay: float | None = None, *, wait: bool = False) -> None:
+        """Return the message for another attempt after ``delay`` seconds, or
+        after the queue's backoff for this attempt when ``delay`` is None. After
+        max_deliveries the broker moves it to the dead-letter queue instead."""
+        arg = None if delay is None else max(0, int(delay * 1000))
+        await self._settle(F.AckAction.NACK, arg, wait)
+
+    async def reject(self, reason: str | None = None, *, wait: bool = False) -> None:
+        """Send the message straight to the dead-letter queue with ``reason``."""
+        await self._settle(F.AckAction.REJECT, reason[:1000] if reason else None, wait)
+
+    async def in_progress(self, *, wait: bool = False) -> None:
+        """Extend the ack deadline: the handler is still working on it."""
+        await self._consumer._settle(self, F.AckAction.IN_PROGRESS, None, wait)
+
+    async def _settle(self, action: int, arg: Any, wait: bool) -> None:
+        if self.settled:
+            raise TidingsError("this delivery was already settled")
+        self.settled = True
+        await self._consumer._settle(self, action, arg, wait)
+
+
+class QueueConsumer:
+    """Async iterator of :class:`Delivery`; use via ``async with tc.consume(queue)``.
+
+    The broker never has more than ``prefetch`` unsettled deliveries out to
+    this consumer, so the local buffer is bounded by it. Leaving the
+    ``async with`` block stops the consumer; the broker returns its
+    unsettled messages to the queue at once.
+    """
+
+    def __init__(self, client: Client, cid: int, queue: str, prefetch: int) -> None:
+        self._client = client
+        self.cid = cid
+        self.queue = queue
+        self.prefetch = prefetch
+        self.stale_acks = 0
+        self._q: deque[list[Any]] = deque()
+        self._event: anyio.Event | None = None
+        self._closed = False
+        self._error: TidingsError | None = None
+
+    def _push(self, items: list[list[Any]]) -> None:
+        self._q.extend(items)
+        ev = self._event
+        if ev is not None:
+            self._event = None
+            ev.set()
+
+    def _end(self, error: TidingsError | None) -> None:
+        self._closed = True
+        if error is not None and self._error is None:
+            self._error = error
+        ev = self._event
+        if ev is not None:
+            self._event = None
+            ev.set()
+
+    def __aiter__(self) -> QueueConsumer:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        q = self._q
+        while not q:
+            if self._closed:
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            ev = self._event = anyio.Event()
+            await ev.wait()
+        return Delivery(q.popleft(), self)
+
+    async def next(self, timeout: float | None = None) -> Delivery:
+        """The next delivery; client TimeoutError after ``timeout`` seconds."""
+        import builtins
+
+        from .errors import TimeoutError as TidingsTimeout
+        try:
+            with anyio.fail_after(timeout):
+                return await self.__anext__()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TidingsTimeout(f"no delivery from {self.queue!r} within {timeout}s") from exc
+
+    async def _settle(self, d: Delivery, action: int, arg: Any, wait: bool) -> None:
+        c = self._client
+        if c.is_closed:
+            raise c._error or ConnectionClosedError("the connection is closed")
+        item = [d.delivery_id, int(action), arg]
+        if not wait:
+            c._queue_ack(self.cid, item)
+            return
+        codes = await c._request([F.Op.ACK, 0, self.cid, [item]])
+        if codes and codes[0]:
+            raise for_code(codes[0], f"delivery {d.delivery_id} of {self.queue!r} was not settled")
+
+    def _stale(self, n: int) -> None:
+        self.stale_acks += n
+        log.warning("%d acks on %r were refused as stale (ack deadline passed?)", n, self.queue)
+
+
+class ConsumeContext:
+    """``async with tc.consume(queue, prefetch=N) as deliveries:``."""
+
+    def __init__(self, client: Client, queue: str, prefetch: int) -> None:
+        self._client = client
+        self._queue = queue
+        self._prefetch = prefetch
+        self._consumer: QueueConsumer | None = None
+
+    async def __aenter__(self) -> QueueConsumer:
+        self._consumer = await self._client._start_consumer(self._queue, self._prefetch)
+        return self._consumer
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._consumer is not None:
+            with anyio.CancelScope(shield=True):
+                await self._client._stop_consumer(self._consumer)
