@@ -50,6 +50,7 @@ READ_CHUNK: Final = 65_536
 FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
 DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise
 MSG_OVERHEAD: Final = 16
+CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024
 DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
 
 
@@ -99,7 +100,9 @@ class Client:
         self.name = name or f"python-client/{os.getpid()}"
         self.timeout = timeout
         self.server_info: dict[str, Any] = {}
-        self._conn = Connection(Role.CLIENT)
+        # Accept any frame a broker may legitimately send (max_payload is capped
+        # at 32 MiB broker-side), so large messages are never cut off here.
+        self._conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self._stream: ByteStream | None = None
         self._tg: TaskGroup | None = None
         self._closed = False

@@ -144,7 +144,8 @@ class SubjectCache:
         self._seen: set[str] = set()
 
     def subject(self, s: Any) -> str:
-        if s in self._seen and type(s) is str:
+        # type first: an unhashable peer value (list, map) must not reach the set lookup
+        if type(s) is str and s in self._seen:
             return s  # type: ignore[no-any-return]
         validate_subject(s)
         if len(self._seen) >= self.LIMIT:
@@ -257,7 +258,8 @@ class Decoder:
             _int(v[1], "cid")
             for it in v[2]:
                 if type(it) is not list or len(it) != F.DELIVER_FIELDS or type(it[0]) is not int \
-                        or type(it[1]) is not str or type(it[2]) is not bytes or type(it[4]) is not int:
+                        or type(it[1]) is not str or type(it[2]) is not bytes or type(it[4]) is not int \
+                        or type(it[5]) is not int:
                     raise _fail("a DELIVER item has the wrong shape")
                 if it[3] is not None:
                     check_headers(it[3])

@@ -175,8 +175,9 @@ class Connection:
         if n == 0:
             self._handshake_guard(None)
             raise RemoteProtocolError("empty frame")
-        value = unpack(memoryview(self._buf)[start:start + n]) if n < len(self._buf) else unpack(self._buf)
         try:
+            # undecodable bytes go through the handshake guard too: before HELLO they are fatal
+            value = unpack(memoryview(self._buf)[start:start + n])
             frame = self._dec.frame(value)
         except RemoteProtocolError:
             self._handshake_guard(None)
@@ -197,6 +198,10 @@ class Connection:
         """Enforce the handshake order on an incoming frame (None: a bad one)."""
         st = self.state
         if st is State.OPEN:
+            if type(frame) is F.Hello or type(frame) is F.Welcome:
+                # non-fatal: the stream is in sync, the peer is merely confused
+                raise RemoteProtocolError(f"{frame.OP.name} is only valid to open the connection",
+                                          ErrorCode.BAD_STATE)
             return
         if self.role is Role.SERVER:
             if st is State.START:
@@ -260,6 +265,8 @@ class Connection:
         st = self.state
         if st is not State.OPEN:
             self._before_open(frame)
+        elif op is F.Op.HELLO or op is F.Op.WELCOME:
+            raise LocalProtocolError(f"{op.name} was already sent; it only opens the connection")
         return self.encode_wire(frame.to_wire(), out)
 
     def encode_wire(self, value: list[Any], out: list[bytes]) -> int:
@@ -273,12 +280,16 @@ class Connection:
 
     def _before_open(self, frame: F.Frame) -> None:
         st = self.state
+        if type(frame) is F.Err:
+            # an error may always be reported, also after a fatal one closed the
+            # connection: "ERR, then close" is how fatal errors are answered
+            return
         if st is State.CLOSED:
             raise LocalProtocolError("connection is closed")
-        if type(frame) is F.Err:
-            return  # an error may always be reported
         if self.role is Role.CLIENT:
             if st is State.START and type(frame) is F.Hello:
+                # announce our inbound limit; unannounced, the server would assume its own
+                frame.options.setdefault("max_frame", self.max_frame)
                 self.state = State.HELLO_SENT
                 return
             raise LocalProtocolError("the client sends HELLO first and waits for WELCOME")
