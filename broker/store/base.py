@@ -13,8 +13,9 @@ Time values are integer milliseconds since the Unix epoch throughout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias
 
 Durability: TypeAlias = Literal["full", "normal"]
 DURABILITIES: tuple[Durability, ...] = ("full", "normal")
@@ -84,6 +85,9 @@ class PutMessages:
     rows: list[StoredMessage]
     dedup: list[DedupEntry] = field(default_factory=list)
     on_done: DoneCallback | None = None
+    #: Stream appends (broker.store.streams.StreamRow) committed in the same
+    #: transaction, so a publish bound to queues and streams is atomic.
+    stream_rows: list[Any] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -20,14 +20,27 @@ a stage of their own, at their place in the order.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Final
+from collections.abc import Callable
+from typing import Any, Final
 
 import aiosqlite
 import msgpack
 
+from broker.store.streams import (
+    INSERT_STREAM_ROW, UPSERT_OFFSET, CommitOffsets, DeleteStream, PutStream, TrimStream, encode_stream_row,
+)
 from broker.store.base import (
-    DedupEntry, DeleteMessages, DeleteQueue, ExpireDedup, MoveMessages, PurgeQueue, PutMessages, PutQueue,
-    StoredMessage, UpdateMessages, WriteOp,
+    DedupEntry,
+    DeleteMessages,
+    DeleteQueue,
+    ExpireDedup,
+    MoveMessages,
+    PurgeQueue,
+    PutMessages,
+    PutQueue,
+    StoredMessage,
+    UpdateMessages,
+    WriteOp,
 )
 
 INSERT_MESSAGE: Final = (
@@ -64,12 +77,13 @@ class Item:
     """One submitted operation in SQL-parameter form, plus its mailbox weight."""
 
     __slots__ = ("op", "messages", "nbytes", "grows", "inserts", "dedup", "updates", "deletes",
-                 "statements", "max_id")
+                 "statements", "max_id", "stream_inserts", "offsets")
 
     def __init__(self, op: WriteOp, messages: int, *, nbytes: int = 0, grows: bool = False,
                  inserts: list[Row] | tuple[()] = _NONE, dedup: list[DedupEntry] | tuple[()] = _NONE,
                  updates: list[Row] | tuple[()] = _NONE, deletes: list[Key] | tuple[()] = _NONE,
-                 statements: list[tuple[str, tuple[Any, ...]]] | None = None, max_id: int = 0) -> None:
+                 statements: list[tuple[str, tuple[Any, ...]]] | None = None, max_id: int = 0,
+                 stream_inserts: list[Row] | tuple[()] = _NONE, offsets: list[Row] | tuple[()] = _NONE) -> None:
         self.op = op
         self.messages = messages  # rows it touches: its weight against the mailbox bound
         self.nbytes = nbytes      # payload bytes it holds in memory
@@ -80,6 +94,8 @@ class Item:
         self.deletes = deletes
         self.statements = statements  # set for whole-table operations: they run in a stage alone
         self.max_id = max_id
+        self.stream_inserts = stream_inserts  # stream rows: append-only, never conflict with queue rows
+        self.offsets = offsets  # committed group offsets (upserts)
 
 
 def prepare(op: WriteOp) -> Item:
@@ -97,10 +113,15 @@ def _put(op: PutMessages) -> Item:  # the hot path: one call per publish batch
     for m in op.rows:
         inserts.append(encode_row(m))
         nbytes += len(m.payload)
-        if m.id > max_id:
+        if m.id > max_id:  # noqa: PLR1730 (cheaper than max() per row)
             max_id = m.id
     dedup = [(str(d[0]), int(d[1]), bytes(d[2])) for d in op.dedup] if op.dedup else _NONE
-    return Item(op, len(inserts) or 1, nbytes=nbytes, grows=True, inserts=inserts, dedup=dedup, max_id=max_id)
+    sins: list[Row] | tuple[()] = _NONE
+    if op.stream_rows:
+        sins = [encode_stream_row(r) for r in op.stream_rows]
+        nbytes += sum(len(r.payload) for r in op.stream_rows)
+    return Item(op, (len(inserts) + len(sins)) or 1, nbytes=nbytes, grows=True, inserts=inserts, dedup=dedup,
+                max_id=max_id, stream_inserts=sins)
 
 
 def _delete(op: DeleteMessages) -> Item:
@@ -141,18 +162,30 @@ def _expire_dedup(op: ExpireDedup) -> Item:
     return Item(op, 1, statements=[(EXPIRE_DEDUP, (op.before_ms,))])
 
 
+def _commit_offsets(op: CommitOffsets) -> Item:
+    return Item(op, len(op.offsets) or 1, offsets=[tuple(o) for o in op.offsets])
+
+
+def _statements(op: Any) -> Item:
+    """Whole-stream operations (declare, delete, trim) run in a stage of their own."""
+    return Item(op, 1, grows=isinstance(op, PutStream), statements=op.statements())
+
+
 _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
     PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
+    CommitOffsets: _commit_offsets, PutStream: _statements, DeleteStream: _statements, TrimStream: _statements,
 }
 
 
 class Stage:
     """Statements that run back to back; see the module docstring for why this order is safe."""
 
-    __slots__ = ("inserts", "dedup", "updates", "deletes", "touched", "statements")
+    __slots__ = ("inserts", "dedup", "updates", "deletes", "touched", "statements", "stream_inserts", "offsets")
 
     def __init__(self, statements: list[tuple[str, tuple[Any, ...]]] | None = None) -> None:
+        self.stream_inserts: list[Row] = []
+        self.offsets: list[Row] = []
         self.inserts: list[Row] = []
         self.dedup: list[DedupEntry] = []
         self.updates: list[Row] = []
@@ -165,6 +198,10 @@ class Stage:
         return bool(touched) and any((r[0], r[1]) in touched for r in it.inserts)
 
     def add(self, it: Item) -> None:
+        if it.stream_inserts:
+            self.stream_inserts += it.stream_inserts
+        if it.offsets:
+            self.offsets += it.offsets
         if it.inserts:
             self.inserts += it.inserts
         if it.dedup:
@@ -182,14 +219,24 @@ class Stage:
             for sql, params in self.statements:
                 await conn.execute(sql, params)
             return
+        if self.stream_inserts:
+            await conn.executemany(INSERT_STREAM_ROW, self.stream_inserts)
         if self.inserts:
             await conn.executemany(INSERT_MESSAGE, self.inserts)
         if self.dedup:
             await conn.executemany(UPSERT_DEDUP, self.dedup)
-        if self.updates:
-            await conn.executemany(UPDATE_MESSAGE, self.updates)
+        updates = self.updates
+        if updates and self.deletes:
+            # An update of a row this stage deletes anyway is wasted work (the
+            # common case: a delivery's count, then its ack, in one commit).
+            gone = set(self.deletes)
+            updates = [u for u in updates if (u[0], u[1]) not in gone]
+        if updates:
+            await conn.executemany(UPDATE_MESSAGE, updates)
         if self.deletes:
             await conn.executemany(DELETE_MESSAGE, self.deletes)
+        if self.offsets:
+            await conn.executemany(UPSERT_OFFSET, self.offsets)
 
 
 def plan(items: list[Item]) -> list[Stage]:

@@ -11,7 +11,9 @@ import json
 import os
 import sqlite3
 import time
-from typing import Any, Final, Iterable
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Final
 
 import aiosqlite
 import anyio
@@ -145,7 +147,7 @@ class Reads:
         dest = os.fspath(path)
         tmp = f"{dest}.tmp-{os.getpid()}"
         try:
-            src = await aiosqlite.connect(f"file:{self.path}?mode=ro", uri=True)
+            src = await aiosqlite.connect(Path(self.path).absolute().as_uri() + "?mode=ro", uri=True)
             try:
                 dst = await aiosqlite.connect(tmp)
                 try:

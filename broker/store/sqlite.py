@@ -3,10 +3,12 @@
 Writes: callers put operations in a bounded mailbox; the actor (`run`) wakes,
 takes everything pending (up to BATCH_MAX_MESSAGES), runs it as ONE
 transaction (group commit), commits, and only then calls every covered
-operation's `on_done`. A failed transaction is rolled back and its operations
-are retried in smaller groups so that one bad operation fails alone; on a full
-disk, operations that need new pages fail with StorageFull at once while the
-ones that free space (acks, purges) still commit.
+operation's `on_done`. A failed transaction is rolled back. If some operation's
+data caused it (a duplicate key, say), the operations are retried in smaller
+groups so that the bad one fails alone; on a full disk, operations that need new
+pages fail with StorageFull at once while those that free space (acks, purges)
+still commit; any other error (I/O, busy, corrupt) fails the whole batch.
+Each operation is atomic either way: it is wholly stored or not at all.
 
 Reads run on the same connection, serialised with transactions by a lock, so
 a read never sees a half-done transaction and sees everything committed.
@@ -23,15 +25,22 @@ from typing import Any, Final
 
 import aiosqlite
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from broker.store import migrations
 from broker.store.base import (
-    DURABILITIES, Durability, StorageClosed, StorageError, StorageFull, WriteOp,
+    DURABILITIES,
+    Durability,
+    StorageClosed,
+    StorageError,
+    StorageFull,
+    WriteOp,
 )
 from broker.store.batch import RAISE_MAX_ID, Item, plan, prepare
 from broker.store.lockfile import LockFile
 from broker.store.reads import Reads, translate
+from broker.store.streams import StreamReads
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +65,16 @@ BUSY_TIMEOUT_MS: Final = 5_000
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 
 
-class SqliteStore(Reads):
+def _op_specific(error: StorageError) -> bool:
+    """Whether `error` comes from the data of some op (a duplicate key, a value SQLite
+    cannot bind or store, a bug tripped by one op) rather than from the database as a whole."""
+    cause = error.__cause__
+    return (isinstance(cause, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError,
+                               sqlite3.InterfaceError))
+            or not isinstance(cause, sqlite3.Error))
+
+
+class SqliteStore(Reads, StreamReads):
     """The durable store of one data directory. Lifecycle:
 
         store = SqliteStore(path)           # or SqliteStore.in_dir(data_dir)
@@ -71,8 +89,9 @@ class SqliteStore(Reads):
     `max_page_count` caps the database size in pages (used to test a full disk).
 
     Metrics (plain attributes, for the metrics exporter): commits, committed_ops,
-    committed_messages, failed_ops, last_commit_seconds, commit_seconds_total, last_batch_ops,
-    last_batch_messages; and the pending_* properties.
+    committed_messages, failed_ops, failed_transactions, last_commit_seconds,
+    commit_seconds_total, last_batch_ops, last_batch_messages; and the pending_*
+    properties.
     """
 
     def __init__(self, path: str | os.PathLike[str], durability: Durability = "full", *,
@@ -105,6 +124,7 @@ class SqliteStore(Reads):
         self.committed_ops = 0
         self.committed_messages = 0
         self.failed_ops = 0
+        self.failed_transactions = 0
         self.last_commit_seconds = 0.0
         self.commit_seconds_total = 0.0
         self.last_batch_ops = 0
@@ -127,8 +147,10 @@ class SqliteStore(Reads):
         """
         if self._conn is not None or self._closing:
             raise StorageError("open() may be called once per SqliteStore")
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the directory of {self.path}: {exc}") from exc
         self._lockfile.acquire()
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -155,6 +177,10 @@ class SqliteStore(Reads):
         if not rows or str(rows[0][0]).lower() != "wal":
             raise StorageError(f"{self.path}: SQLite refused WAL mode (got {rows[0][0] if rows else None!r})")
         await conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[self.durability]}")
+        if self.durability == "full":
+            # macOS: a plain fsync does not reach the platter; F_FULLFSYNC does. No-op elsewhere.
+            await conn.execute("PRAGMA fullfsync = ON")
+            await conn.execute("PRAGMA checkpoint_fullfsync = ON")
         await conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
         await conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -189,10 +215,13 @@ class SqliteStore(Reads):
                         return
                     self._idle = True
                     await self._wakeup.wait()
+                    self._idle = False
                     self._wakeup = anyio.Event()
                     continue
                 with anyio.CancelScope(shield=True):
                     await self._commit_next()
+                # Under sustained load the mailbox never empties: be cancellable between batches.
+                await anyio.lowlevel.checkpoint_if_cancelled()
         finally:
             self._running = False
             self._stopped.set()
@@ -277,6 +306,18 @@ class SqliteStore(Reads):
                 self._space = anyio.Event()
             await self._space.wait()
 
+    async def wait_for_space(self) -> None:
+        """Return once the mailbox has room, so that a following submit_nowait
+        (with no await in between) succeeds. Raises StorageClosed."""
+        while True:
+            if self._closing or self._conn is None:
+                raise StorageClosed(f"store {self.path} is closed")
+            if not self._full():
+                return
+            if self._space is None:
+                self._space = anyio.Event()
+            await self._space.wait()
+
     async def write(self, op: WriteOp) -> None:
         """Submit `op` and wait until it is committed. Raises the StorageError it
         failed with. If the caller is cancelled after submitting, the operation
@@ -331,8 +372,10 @@ class SqliteStore(Reads):
             await self._execute(batch)
 
     async def _execute(self, items: list[Item]) -> None:
-        """Commit `items`, or fail them, isolating failures: a failed group is
-        retried in halves until each failing operation stands alone."""
+        """Commit `items`, or fail them. A group that failed because of some op's data
+        is retried in halves until each failing op stands alone, so one bad op never
+        fails the others; on a full disk, ops that need pages fail at once and the
+        others are retried together."""
         error = await self._transaction(items)
         if error is None:
             self._resolve(items, None)
@@ -353,6 +396,12 @@ class SqliteStore(Reads):
                 self.failed_ops += len(items)
                 self._resolve(items, error)
                 return
+        if not _op_specific(error):
+            # A busy, read-only, corrupt or failing disk fails every op alike: retrying
+            # them one by one would only multiply the wait.
+            self.failed_ops += len(items)
+            self._resolve(items, error)
+            return
         mid = len(items) // 2
         await self._execute(items[:mid])
         await self._execute(items[mid:])
@@ -374,11 +423,13 @@ class SqliteStore(Reads):
                 await conn.execute(RAISE_MAX_ID, (max_id,))
             await conn.execute("COMMIT")
         except sqlite3.Error as exc:
+            self.failed_transactions += 1
             await self._rollback()
             log.debug("transaction of %d ops failed: %s", len(items), exc)
             return translate(exc)
         except Exception as exc:  # actor boundary: a bug must fail these ops, not the store
             log.exception("store transaction failed unexpectedly")
+            self.failed_transactions += 1
             await self._rollback()
             err = StorageError(f"internal store error: {exc!r}")
             err.__cause__ = exc
