@@ -18,6 +18,9 @@ from typing import Any, Mapping
 
 DEFAULT_PORT = 7421  # not used by NATS (4222), Redis (6379), AMQP (5672), Kafka (9092), MQTT (1883), NSQ (4150)
 ENV_PREFIX = "TIDINGS_"
+# TIDINGS_* variables that belong to the client-side commands, not to the server.
+CLIENT_ENV = frozenset({"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_USER", "TIDINGS_PASSWORD", "TIDINGS_TOKEN",
+                        "TIDINGS_CA_FILE"})
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -48,6 +51,7 @@ class Config:
     slow_consumer: str = "drop"  # "drop" (count + notice) or "disconnect"
     heartbeat: float = 20.0  # server PINGs a silent client this often; 2 missed -> close
     dedup_window: float = 300.0
+    max_db_pages: int = 0  # cap the store's size in SQLite pages (4 KiB); 0 = no cap beyond the disk
     allow_open: bool = False  # permit binding a non-loopback host without authentication
     log_level: str = "info"
     log_format: str = "text"
@@ -63,6 +67,8 @@ class Config:
             raise ConfigError("log_format must be 'text' or 'json'")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+        if self.max_db_pages < 0:
+            raise ConfigError("max_db_pages must be >= 0")
         for name in ("max_connections", "max_payload", "max_pending_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
@@ -127,7 +133,7 @@ def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
         for k, v in data.items():
             values[k] = _coerce(k, v, f"config file {config_file}")
     for k, v in (env or {}).items():
-        if k.startswith(ENV_PREFIX) and k != ENV_PREFIX + "CONFIG":
+        if k.startswith(ENV_PREFIX) and k not in CLIENT_ENV:
             name = k[len(ENV_PREFIX):].lower()
             values[name] = _coerce(name, v, f"environment variable {k}")
     for k, v in (flags or {}).items():

@@ -85,6 +85,8 @@ class ConnectionActor:
         self._wake = anyio.Event()
         self._writer_idle = False
         self._space: anyio.Event | None = None
+        self._below: list[tuple[int, anyio.Event]] = []
+        self._reader_scope = anyio.CancelScope()
         self._closing = False
         self._writer_done = anyio.Event()
         self._last_in = time.monotonic()
@@ -145,6 +147,12 @@ class ConnectionActor:
             self._wake.set()
             if self._space is not None:
                 self._space.set()
+            for _n, ev in self._below:
+                ev.set()
+            self._below = []
+            # Stop reading now (a reader blocked in receive() would otherwise
+            # wait for the peer or the heartbeat).
+            self._reader_scope.cancel()
 
     # ------------------------------------------------------------- run
 
@@ -153,7 +161,8 @@ class ConnectionActor:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._writer)
                 try:
-                    await self._reader()
+                    with self._reader_scope:
+                        await self._reader()
                 finally:
                     self.close()
                     with anyio.move_on_after(SHUTDOWN_FLUSH, shield=True):
@@ -205,6 +214,14 @@ class ConnectionActor:
                     await self._wait_space()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
             return
+
+    async def wait_pending_below(self, n: int) -> None:
+        """Wait until this connection's outbound mailbox holds at most ``n``
+        bytes (or it is closing): producers that must not drop use this."""
+        while self._pending > n and not self._closing:
+            ev = anyio.Event()
+            self._below.append((n, ev))
+            await ev.wait()
 
     async def _wait_space(self) -> None:
         while self._pending > self._limit and not self._closing:
@@ -287,7 +304,8 @@ class ConnectionActor:
             try:
                 await self.broker.handle_request(self, ev)
             except RemoteProtocolError as exc:
-                self.send_err(exc.rid, exc.code, exc.message)
+                # Errors raised deep in a handler may not know the request id: it is this frame's.
+                self.send_err(exc.rid or getattr(ev, "rid", 0), exc.code, exc.message)
 
     # ------------------------------------------------------------ publish
 
@@ -373,6 +391,15 @@ class ConnectionActor:
                 self._pending -= taken
                 if self._space is not None and self._pending <= self._limit:
                     self._space.set()
+                if self._below:
+                    pending = self._pending
+                    keep = []
+                    for n, ev in self._below:
+                        if pending <= n:
+                            ev.set()
+                        else:
+                            keep.append((n, ev))
+                    self._below = keep
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
             self.close()
         finally:

@@ -40,6 +40,9 @@ from .store.base import (
     UpdateMessages,
 )
 from .store.sqlite import SqliteStore
+from .store.streams import StreamRow
+from .stream import StreamActor
+from .streams import Streams
 
 if TYPE_CHECKING:
     from .connection import ConnectionActor
@@ -62,9 +65,11 @@ class Durable:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         cfg = broker.config
-        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability)
+        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
+                                 max_page_count=cfg.max_db_pages or None)
         self.queues: dict[str, QueueActor] = {}
-        self.bindings: Router[QueueActor] = Router()
+        self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
+        self.streams = Streams(self)
         self.last_id = 0
         self._last_ms = 0
         self._tg: TaskGroup | None = None
@@ -99,10 +104,13 @@ class Durable:
             qc = QueueConfig.from_args(conf)
             count = await self.store.count(name)
             await self._start_queue(qc, count)
+        await self.streams.start(tg)
         tg.start_soon(self._sweeper)
-        log.info("recovered %d queues, %d messages", len(self.queues), sum(q.count for q in self.queues.values()))
+        log.info("recovered %d queues (%d messages) and %d streams", len(self.queues),
+                 sum(q.count for q in self.queues.values()), len(self.streams.streams))
 
     async def close(self) -> None:
+        self.streams.stop()
         for q in self.queues.values():
             q.stop()
         await self.store.close()
@@ -125,14 +133,15 @@ class Durable:
 
     # ------------------------------------------------------------- publish
 
-    def match(self, subject: str) -> list[QueueActor]:
+    def match(self, subject: str) -> list[Any]:
         return self.bindings.match(subject)[0]
 
     def binding_patterns(self) -> list[str]:
-        return sorted({p for q in self.queues.values() for p in q.cfg.bind})
+        return sorted({p for q in self.queues.values() for p in q.cfg.bind} | self.streams.patterns())
 
-    async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[QueueActor]]]) -> None:
-        """Store each (PUB message, target queues) entry and confirm it after commit."""
+    async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]]) -> None:
+        """Store each (PUB message, targets) entry -- queues and streams -- in
+        one store operation, and confirm each after the commit."""
         confirms: list[Any] = []
         with_ids = [m[F.P_OPTS][F.OPT_MSG_ID] for m, _ in entries
                     if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS]]
@@ -155,12 +164,19 @@ class Durable:
                             confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
                     self._confirm(conn, confirms)
                     return
+        # Ids and offsets are assigned only once the store has room, with no
+        # await until the operation is queued: queue order == id order ==
+        # commit order, which keeps stream offsets dense and in order.
+        await self.store.wait_for_space()
         now = self.now_ms()
         rows: list[StoredMessage] = []
+        srows: list[StreamRow] = []
         dedup: list[tuple[str, int, bytes]] = []
-        accepted: list[tuple[int, int, list[QueueActor], list[StoredMessage]]] = []
+        accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
+                             list[tuple[StreamActor, StreamRow]]]] = []
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
+        streams = self.streams
         for m, targets in entries:
             seq = m[F.P_SEQ]
             opts = m[F.P_OPTS] or {}
@@ -168,7 +184,7 @@ class Durable:
             if msg_id is not None and (msg_id in known or msg_id in seen_now):
                 self.duplicates += 1
                 if seq:
-                    prior = known.get(msg_id)
+                    prior = known.get(msg_id) or self._recent.get(msg_id, (0, b""))[1]
                     res = msgpack.unpackb(prior) if prior else {}
                     res = dict(res) if isinstance(res, dict) else {}
                     res["duplicate"] = True
@@ -176,6 +192,8 @@ class Durable:
                 continue
             full = None
             for q in targets:
+                if type(q) is not QueueActor:
+                    continue
                 ml = q.cfg.max_length
                 if ml is not None and q.cfg.overflow == "reject" and q.count + reserved.get(q, 0) >= ml:
                     full = q
@@ -191,25 +209,38 @@ class Durable:
                 avail = now + opts[F.OPT_DELAY]
             if F.OPT_AT in opts:
                 avail = max(avail, opts[F.OPT_AT])
-            mine = []
-            for q in targets:
-                ttl = opts.get(F.OPT_TTL)
-                if ttl is None and q.cfg.message_ttl is not None:
-                    ttl = int(q.cfg.message_ttl * 1000)
-                row = StoredMessage(q.name, mid, m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS], msg_id,
-                                    now, avail, (now + ttl) if ttl is not None else None, 0, None)
-                mine.append(row)
-                reserved[q] = reserved.get(q, 0) + 1
-            rows.extend(mine)
-            result = {"id": mid, "queues": len(targets)}
+            qrows: list[tuple[QueueActor, StoredMessage]] = []
+            stream_rows: list[tuple[StreamActor, StreamRow]] = []
+            result: dict[str, Any] = {"id": mid, "queues": 0}
+            for t in targets:
+                if type(t) is QueueActor:
+                    ttl = opts.get(F.OPT_TTL)
+                    if ttl is None and t.cfg.message_ttl is not None:
+                        ttl = int(t.cfg.message_ttl * 1000)
+                    row = StoredMessage(t.name, mid, m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS], msg_id,
+                                        now, avail, (now + ttl) if ttl is not None else None, 0, None)
+                    qrows.append((t, row))
+                    rows.append(row)
+                    reserved[t] = reserved.get(t, 0) + 1
+                    result["queues"] += 1
+                else:
+                    srow = streams.row(t, m, opts.get(F.OPT_KEY), msg_id, now)
+                    stream_rows.append((t, srow))
+                    srows.append(srow)
+                    if "stream" not in result:
+                        result["stream"] = t.name
+                        result["partition"] = srow.partition
+                        result["offset"] = srow.offset
+                    else:
+                        result.setdefault("streams", []).append([t.name, srow.partition, srow.offset])
             if msg_id is not None:
                 seen_now.add(msg_id)
                 packed = msgpack.packb(result)
                 dedup.append((msg_id, now + self.dedup_window_ms, packed))
                 if len(self._recent) < RECENT_LIMIT:
                     self._recent[msg_id] = (now + self.dedup_window_ms, packed)
-            accepted.append((seq, mid, targets, mine))
-        if confirms and not accepted:
+            accepted.append((seq, result, qrows, stream_rows))
+        if not accepted:
             self._confirm(conn, confirms)
             return
         early = confirms
@@ -218,34 +249,48 @@ class Durable:
             out = list(early)
             if error is not None:
                 code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
-                for seq, _mid, _t, _rows in accepted:
+                for seq, _res, _q, _s in accepted:
                     if seq:
                         out.append([seq, int(code), f"not stored: {error}"])
                 for mid_entry in dedup:
                     self._recent.pop(mid_entry[0], None)
                 self._confirm(conn, out)
+                # Offsets assigned to this batch were never stored: the streams'
+                # partitions must not wait for them.
+                for _seq, _res, _q, srs in accepted:
+                    for st, sr in srs:
+                        st.partitions[sr.partition].skip(sr.offset)
+                        st.on_committed({})
                 return
             by_queue: dict[QueueActor, list[StoredMessage]] = {}
-            for seq, mid, targets, mine in accepted:
+            by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
+            for seq, res, qrs, srs in accepted:
                 if seq:
-                    out.append([seq, 0, {"id": mid, "queues": len(targets)}])
-                for q, row in zip(targets, mine):
+                    out.append([seq, 0, res])
+                for q, row in qrs:
                     lst = by_queue.get(q)
                     if lst is None:
                         by_queue[q] = [row]
                     else:
                         lst.append(row)
+                for st, sr in srs:
+                    by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
             self.confirmed += len(accepted)
             self._confirm(conn, out)
-            for q, qrows in by_queue.items():
-                q.on_committed(qrows)
+            for q, qrows_ in by_queue.items():
+                q.on_committed(qrows_)
+            for st, parts in by_stream.items():
+                st.on_committed(parts)
 
         try:
-            await self.store.submit(PutMessages(rows, dedup, done))
-        except StorageError as exc:  # the store is closing: nothing was stored
+            self.store.submit_nowait(PutMessages(rows, dedup, done, stream_rows=srows))
+        except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
             code = ErrorCode.SHUTTING_DOWN if self.broker.shutting_down else ErrorCode.STORAGE_ERROR
-            out = list(early) + [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
-            self._confirm(conn, out)
+            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
+            self._confirm(conn, list(early) + done_err)
+            for _seq, _res, _q, srs in accepted:
+                for st, sr in srs:
+                    st.partitions[sr.partition].skip(sr.offset)
 
     @staticmethod
     def _confirm(conn: ConnectionActor, items: list[Any]) -> None:
@@ -433,7 +478,7 @@ class Durable:
         c = conn.consumers.pop(cid, None)
         if c is None:
             raise _err(f"no consumer {cid}", ErrorCode.NOT_FOUND, rid)
-        c.queue.detach(c)
+        c.close()
 
     def settle(self, conn: ConnectionActor, ev: F.Ack) -> None:
         c = conn.consumers.get(ev.cid)
@@ -441,13 +486,17 @@ class Durable:
             if ev.rid:
                 raise _err(f"no consumer {ev.cid}", ErrorCode.NOT_FOUND, ev.rid)
             return
-        codes = c.queue.settle(c, ev.items)
+        codes = c.settle(ev.items)
         if ev.rid:
             conn.push_wire([F.Op.OK, ev.rid, codes], 16 + len(codes))
+        else:
+            stale = sum(1 for x in codes if x)
+            if stale:
+                conn.push_wire([F.Op.NOTICE, "stale_acks", {"cid": ev.cid, "count": stale}])
 
     def detach_all(self, conn: ConnectionActor) -> None:
-        for c in conn.consumers.values():
-            c.queue.detach(c)
+        for c in list(conn.consumers.values()):
+            c.close()
         conn.consumers.clear()
 
     # ------------------------------------------------------------- calls
@@ -463,4 +512,5 @@ class Durable:
             "dlq.count": lambda args, rid: {"count": self._queue(args, rid).count},
             "dlq.redrive": self.redrive,
             "dlq.purge": self.purge,
+            **self.streams.calls(),
         }

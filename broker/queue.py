@@ -53,6 +53,12 @@ class Consumer:
         self.prefetch = prefetch
         self.inflight: set[int] = set()
 
+    def settle(self, items: list[list[Any]]) -> list[int]:
+        return self.queue.settle(self, items)
+
+    def close(self) -> None:
+        self.queue.detach(self)
+
 
 class Inflight:
     __slots__ = ("msg", "consumer", "deadline")
@@ -302,6 +308,7 @@ class QueueActor:
         deadline = mono + self.cfg.ack_deadline
         heap = self._deadlines
         inflight = self.inflight
+        updates = self._updates
         out: dict[Consumer, list[Any]] = {}
         n = len(cons)
         i = self._rr % n
@@ -316,6 +323,9 @@ class QueueActor:
             self._did += 1
             did = self._did
             msg.deliveries += 1
+            # Counted on disk too (batched with the next commit), so a crash
+            # cannot reset a poison message's count below max_deliveries.
+            updates.append((msg.id, msg.available_ms, msg.deliveries, msg.last_error))
             inflight[did] = Inflight(msg, c, deadline)
             heapq.heappush(heap, (deadline, did))
             c.inflight.add(did)

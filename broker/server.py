@@ -73,7 +73,7 @@ class Broker:
         return {
             "max_frame": actor.conn.max_frame,
             "max_payload": cfg.max_payload,
-            "features": ["pubsub", "queue-groups", "request-reply", "headers", "queues", "dlq"],
+            "features": ["pubsub", "queue-groups", "request-reply", "headers", "queues", "dlq", "streams"],
             "durability": cfg.durability,
             "heartbeat_ms": int(cfg.heartbeat * 1000),
             "connection_id": actor.number,
@@ -162,8 +162,11 @@ class Broker:
         elif t is F.Consume:
             if "queue" in ev.args:
                 result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
+            elif "stream" in ev.args:
+                result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
             else:
-                raise RemoteProtocolError("CONSUME needs a 'queue'", ErrorCode.INVALID_ARGUMENT, rid=ev.rid)
+                raise RemoteProtocolError("CONSUME needs a 'queue' or a 'stream'", ErrorCode.INVALID_ARGUMENT,
+                                          rid=ev.rid)
             actor.push_wire([F.Op.OK, ev.rid, result], 128)
         elif t is F.Stop:
             self.durable.stop(actor, ev.cid, ev.rid)

@@ -30,6 +30,7 @@ from protocol.subjects import PatternSet, validate_pattern, validate_subject
 from .errors import (
     ConnectError,
     ConnectionClosedError,
+    InvalidArgumentError,
     InvalidSubjectError,
     NoRespondersError,
     ProtocolViolationError,
@@ -38,7 +39,7 @@ from .errors import (
     for_code,
 )
 from .message import Message
-from .consumer import ConsumeContext, QueueConsumer
+from .consumer import ConsumeContext, Delivery, QueueConsumer, StreamMessage
 from .errors import PublishBufferFullError
 from .subscription import DEFAULT_MAX_PENDING, Subscription
 
@@ -100,6 +101,7 @@ class Client:
         self.name = name or f"python-client/{os.getpid()}"
         self.timeout = timeout
         self.server_info: dict[str, Any] = {}
+        self.last_server_error: TidingsError | None = None
         # Accept any frame a broker may legitimately send (max_payload is capped
         # at 32 MiB broker-side), so large messages are never cut off here.
         self._conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
@@ -342,7 +344,9 @@ class Client:
                         raise anyio.EndOfStream
                     self._dispatch(ev)  # type: ignore[arg-type]
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            error = self._error or ConnectionClosedError(f"the broker closed the connection ({exc.__class__.__name__})")
+            last = self.last_server_error
+            error = self._error or last or ConnectionClosedError(
+                f"the broker closed the connection ({exc.__class__.__name__})")
         except ProtocolError as exc:
             log.error("protocol violation from the broker: %s", exc)
             error = ProtocolViolationError(str(exc))
@@ -390,8 +394,10 @@ class Client:
             if w is not None:
                 w.fail(err)
             else:
+                # A connection-level error: the broker closes the connection after
+                # fatal ones (then this becomes the reason); others are notices.
                 log.warning("broker error: %s (code %s)", ev.message, ev.code)  # type: ignore[union-attr]
-                self._error = err
+                self.last_server_error = err
         elif t is F.Ping:
             self._send([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
         elif t is F.Pong:
@@ -417,6 +423,14 @@ class Client:
             cons = self._consumers.pop(info.get("cid", -1), None)
             if cons is not None:
                 cons._end(None)
+        elif kind == "assignment":
+            cons = self._consumers.get(info.get("cid", -1))
+            if cons is not None:
+                cons.assignment = (info.get("generation", 0), list(info.get("partitions", [])))
+        elif kind == "stale_acks":
+            cons = self._consumers.get(info.get("cid", -1))
+            if cons is not None:
+                cons._stale(int(info.get("count", 0)))
 
     def _apply_bindings(self, info: Any) -> None:
         if not isinstance(info, dict):
@@ -443,6 +457,9 @@ class Client:
                  ttl: float | None) -> list[Any]:
         if type(payload) is not bytes:
             payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+        if len(payload) > self._conn.max_payload:
+            raise InvalidArgumentError(
+                f"payload of {len(payload)} bytes exceeds the broker's max_payload of {self._conn.max_payload}")
         self._check_subject(subject)
         if reply is not None:
             self._check_subject(reply)
@@ -639,18 +656,69 @@ class Client:
     def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext:
         """``async with tc.consume(queue, prefetch=N) as deliveries:`` then
         ``async for d in deliveries:``; settle each with ack/nack/reject."""
-        return ConsumeContext(self, queue, prefetch)
+        return ConsumeContext(self, queue, {"queue": queue, "prefetch": prefetch})
 
-    async def _start_consumer(self, queue: str, prefetch: int) -> QueueConsumer:
+    async def _start_consumer(self, name: str, args: dict[str, Any],
+                              kind: type[Delivery] = Delivery) -> QueueConsumer:
         cid = next(self._cids)
-        cons = QueueConsumer(self, cid, queue, prefetch)
+        cons = QueueConsumer(self, cid, name, args.get("prefetch") or args.get("window") or 0, kind)
         self._consumers[cid] = cons
         try:
-            await self._request([F.Op.CONSUME, 0, cid, {"queue": queue, "prefetch": prefetch}])
+            cons.info = await self._request([F.Op.CONSUME, 0, cid, args])
         except BaseException:
             self._consumers.pop(cid, None)
             raise
         return cons
+
+    # ----------------------------------------------------------- streams
+
+    async def declare_stream(self, name: str, *, partitions: int = 1, bind: list[str] | tuple[str, ...] = (),
+                             **settings: Any) -> dict[str, Any]:
+        """Create a stream of ``partitions`` ordered partitions bound to ``bind``
+        patterns (or confirm an identical one exists; ConflictError if it
+        differs). Settings: max_age (s), max_messages and max_bytes (per
+        partition), max_deliveries (default 5, then the stream's DLQ),
+        ack_deadline (s), backoff_initial/multiplier/max (s), dead_letter."""
+        args = {"name": name, "partitions": partitions, "bind": list(bind), **settings}
+        return await self.call("stream.declare", args)  # type: ignore[no-any-return]
+
+    async def delete_stream(self, name: str) -> dict[str, Any]:
+        return await self.call("stream.delete", {"name": name})  # type: ignore[no-any-return]
+
+    async def stream_info(self, name: str) -> dict[str, Any]:
+        return await self.call("stream.info", {"name": name})  # type: ignore[no-any-return]
+
+    async def list_streams(self) -> list[dict[str, Any]]:
+        return await self.call("stream.list")  # type: ignore[no-any-return]
+
+    def stream_consume(self, stream: str, group: str, *, window: int = 100,
+                       start: str = "earliest") -> ConsumeContext:
+        """``async with tc.stream_consume(stream, group=...) as msgs:`` joins a
+        consumer group. Partitions are shared among the group's members and
+        each is delivered in order, at most ``window`` unacked at a time;
+        ``await m.ack()`` commits. ``start`` applies to a new group."""
+        return ConsumeContext(self, stream, {"stream": stream, "group": group, "window": window,
+                                             "start": start}, StreamMessage)
+
+    async def read_stream(self, stream: str, partition: int = 0, start: Any = "earliest", *,
+                          follow: bool = False, out_of_range: str = "error") -> Any:
+        """Replay one partition outside any group: an async iterator of
+        StreamMessage from ``start`` ("earliest", "latest", an offset, or a
+        datetime / {"time_ms": ...}), ending at the end of the partition
+        unless ``follow``. An offset outside what is retained raises
+        OffsetOutOfRangeError, or starts at the earliest with
+        ``out_of_range="earliest"``."""
+        if hasattr(start, "timestamp"):
+            start = {"time_ms": int(start.timestamp() * 1000)}
+        args = {"stream": stream, "partition": partition, "start": start, "follow": follow,
+                "out_of_range": out_of_range}
+        cons = await self._start_consumer(stream, args, StreamMessage)
+        try:
+            async for m in cons:
+                yield m
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stop_consumer(cons)
 
     async def _stop_consumer(self, cons: QueueConsumer) -> None:
         cons._end(None)
@@ -710,20 +778,28 @@ class PublishAck:
     ``id``, how many ``queues`` stored it, and ``duplicate`` if the msg_id
     had been seen within the de-duplication window (stored once)."""
 
-    __slots__ = ("id", "queues", "duplicate", "raw")
+    __slots__ = ("id", "queues", "duplicate", "stream", "partition", "offset", "raw")
 
     def __init__(self, raw: dict[str, Any]) -> None:
         self.raw = raw
         self.id: int | None = raw.get("id")
         self.queues: int = raw.get("queues", 0)
         self.duplicate: bool = bool(raw.get("duplicate", False))
+        self.stream: str | None = raw.get("stream")
+        self.partition: int | None = raw.get("partition")
+        self.offset: int | None = raw.get("offset")
+
+    def __iter__(self) -> Any:
+        """``partition, offset = await tc.publish(...)`` when a stream stored it."""
+        return iter((self.partition, self.offset))
 
     @classmethod
     def from_wire(cls, result: Any) -> PublishAck | None:
         return cls(result) if isinstance(result, dict) else None
 
     def __repr__(self) -> str:
-        return f"PublishAck(id={self.id}, queues={self.queues}, duplicate={self.duplicate})"
+        where = f", stream={self.stream!r}, partition={self.partition}, offset={self.offset}" if self.stream else ""
+        return f"PublishAck(id={self.id}, queues={self.queues}, duplicate={self.duplicate}{where})"
 
 
 class Confirmation:
@@ -764,9 +840,11 @@ class connect:
         await tg.__aenter__()
         try:
             await self._client._start(tg)
-        except BaseException as exc:
+        except BaseException:
+            # Close the (still empty) task group without handing it the error,
+            # so the caller sees ConnectError itself, not an ExceptionGroup.
             tg.cancel_scope.cancel()
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await tg.__aexit__(None, None, None)
             raise
         self._tg = tg
         return self._client

@@ -80,6 +80,36 @@ class Delivery:
         await self._consumer._settle(self, action, arg, wait)
 
 
+class StreamMessage(Delivery):
+    """A message from a stream: ``partition``, ``offset`` and ``key`` say
+    where it sits; ``generation`` is the group generation it was delivered
+    under (0 for readers outside a group). In a group, ``ack()`` lets the
+    committed offset advance past it; readers need no acks."""
+
+    __slots__ = ("partition", "offset", "key", "generation", "timestamp_ms")
+
+    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+        self.delivery_id = item[0]
+        self.subject = item[1]
+        self.payload = item[2]
+        self.headers = item[3]
+        self.delivery_count = item[4]
+        self.published_ms = self.timestamp_ms = item[5]
+        meta = item[6] or [0, 0, None, 0]
+        self.partition: int = meta[0]
+        self.offset: int = meta[1]
+        self.key: str | None = meta[2]
+        self.generation: int = meta[3]
+        self.message_id = None
+        self.msg_id = None
+        self._consumer = consumer
+        self.settled = False
+
+    def __repr__(self) -> str:
+        return (f"StreamMessage(subject={self.subject!r}, partition={self.partition}, offset={self.offset}, "
+                f"key={self.key!r}, delivery_count={self.delivery_count})")
+
+
 class QueueConsumer:
     """Async iterator of :class:`Delivery`; use via ``async with tc.consume(queue)``.
 
@@ -89,8 +119,12 @@ class QueueConsumer:
     unsettled messages to the queue at once.
     """
 
-    def __init__(self, client: Client, cid: int, queue: str, prefetch: int) -> None:
+    def __init__(self, client: Client, cid: int, queue: str, prefetch: int,
+                 kind: type[Delivery] = Delivery) -> None:
         self._client = client
+        self._kind = kind
+        self.assignment: tuple[int, list[int]] = (0, [])  # (generation, partitions) in a stream group
+        self.info: Any = None  # what the broker answered to CONSUME
         self.cid = cid
         self.queue = queue
         self.prefetch = prefetch
@@ -128,9 +162,9 @@ class QueueConsumer:
                 raise StopAsyncIteration
             ev = self._event = anyio.Event()
             await ev.wait()
-        return Delivery(q.popleft(), self)
+        return self._kind(q.popleft(), self)
 
-    async def next(self, timeout: float | None = None) -> Delivery:
+    async def next(self, timeout: float | None = None) -> Any:
         """The next delivery; client TimeoutError after ``timeout`` seconds."""
         import builtins
 
@@ -161,16 +195,18 @@ class QueueConsumer:
 
 
 class ConsumeContext:
-    """``async with tc.consume(queue, prefetch=N) as deliveries:``."""
+    """``async with tc.consume(queue, prefetch=N) as deliveries:`` (and the
+    stream forms): starts the consumer on entry, stops it on exit."""
 
-    def __init__(self, client: Client, queue: str, prefetch: int) -> None:
+    def __init__(self, client: Client, name: str, args: dict[str, Any], kind: type[Delivery] = Delivery) -> None:
         self._client = client
-        self._queue = queue
-        self._prefetch = prefetch
+        self._name = name
+        self._args = args
+        self._kind = kind
         self._consumer: QueueConsumer | None = None
 
     async def __aenter__(self) -> QueueConsumer:
-        self._consumer = await self._client._start_consumer(self._queue, self._prefetch)
+        self._consumer = await self._client._start_consumer(self._name, self._args, self._kind)
         return self._consumer
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,0 +1,549 @@
+"""Ordered partitioned streams: partitions, consumer groups, readers, retention.
+
+A stream is P append-only partitions. A publish's key picks its partition
+(protocol.partition.partition_for); keyless publishes go round-robin.
+Offsets are assigned when the store operation is submitted (in submission
+order, which is commit order), so they are dense and increasing; a
+partition's ``hwm`` is one past the last committed offset and only
+committed messages are ever delivered.
+
+Consumer groups (one :class:`GroupActor` each) assign partitions to
+members and rebalance with a new generation when members come and go. A
+partition is delivered in offset order to its owner with a window of
+in-flight messages; acks advance the committed offset contiguously
+(batched to the store). A failed delivery (nack or ack deadline) rewinds
+the partition to that offset, in order; after max_deliveries the message
+goes to the stream's dead-letter queue and the partition moves on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+
+from protocol import frames as F
+from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.partition import partition_for
+
+from .store.streams import StreamRow
+from .streamconfig import DEFAULT_WINDOW, StreamConfig
+
+if TYPE_CHECKING:
+    from .connection import ConnectionActor
+    from .durable import Durable
+
+log = logging.getLogger(__name__)
+
+TAIL_MESSAGES: Final = 20_000  # newest messages per partition kept in memory for live consumers
+TAIL_BYTES: Final = 8 * 1024 * 1024
+READ_PAGE: Final = 1_000  # rows per disk read when replaying
+READER_HIGH_WATER: Final = 1024 * 1024  # a reader pauses while its connection has this much queued
+GAP: Final = ""  # subject of a placeholder for an offset whose write failed (never a valid subject)
+
+
+class Partition:
+    __slots__ = ("stream", "index", "first", "next", "hwm", "tail", "tail_bytes", "bytes", "changed")
+
+    def __init__(self, stream: str, index: int, first: int, next_offset: int, nbytes: int) -> None:
+        self.stream = stream
+        self.index = index
+        self.first = first  # lowest retained offset
+        self.next = next_offset  # next offset to assign
+        self.hwm = next_offset  # every offset below is committed
+        self.tail: deque[StreamRow] = deque()
+        self.tail_bytes = 0
+        self.bytes = nbytes
+        self.changed = anyio.Event()
+
+    def committed(self, rows: list[StreamRow]) -> None:
+        tail = self.tail
+        for r in rows:
+            tail.append(r)
+            n = len(r.payload) + 64
+            self.tail_bytes += n
+            self.bytes += n
+            self.hwm = r.offset + 1
+        while len(tail) > TAIL_MESSAGES or self.tail_bytes > TAIL_BYTES:
+            self.tail_bytes -= len(tail.popleft().payload) + 64
+        ev, self.changed = self.changed, anyio.Event()
+        ev.set()
+
+    def skip(self, offset: int) -> None:
+        """An assigned offset whose write failed (e.g. disk full): it becomes a
+        gap that no consumer ever sees. Called in commit order, like committed()."""
+        self.committed([StreamRow(self.stream, self.index, offset, GAP, None, b"", None, None, 0)])
+
+    def get(self, offset: int, limit: int) -> list[StreamRow] | None:
+        """Rows from ``offset`` (below hwm) out of memory, or None if not cached."""
+        tail = self.tail
+        if not tail or offset < tail[0].offset or offset < self.first:
+            return None
+        start = offset - tail[0].offset
+        if start >= len(tail):
+            return []
+        end = min(len(tail), start + limit)
+        return [tail[i] for i in range(start, end)]
+
+    def trimmed(self, before: int) -> None:
+        self.first = max(self.first, before)
+        tail = self.tail
+        while tail and tail[0].offset < self.first:
+            self.tail_bytes -= len(tail.popleft().payload) + 64
+
+
+class StreamActor:
+    def __init__(self, durable: Durable, cfg: StreamConfig, parts: list[Partition]) -> None:
+        self.durable = durable
+        self.cfg = cfg
+        self.name = cfg.name
+        self.partitions = parts
+        self.groups: dict[str, GroupActor] = {}
+        self.readers: set[Reader] = set()
+        self._rr = 0
+        self.published = 0
+        self.dead_lettered = 0
+        self.trimmed = 0
+
+    def pick(self, key: str | None) -> Partition:
+        if key is None:
+            self._rr += 1
+            return self.partitions[self._rr % len(self.partitions)]
+        return self.partitions[partition_for(key, len(self.partitions))]
+
+    def on_committed(self, rows_by_part: dict[int, list[StreamRow]]) -> None:
+        for idx, rows in rows_by_part.items():
+            self.partitions[idx].committed(rows)
+            self.published += len(rows)
+        for g in self.groups.values():
+            g.wake()
+
+    def info(self) -> dict[str, Any]:
+        parts = [{"partition": p.index, "first": p.first, "next": p.hwm, "messages": p.hwm - p.first}
+                 for p in self.partitions]
+        groups = {}
+        for name, g in self.groups.items():
+            groups[name] = g.info()
+        return {"name": self.name, "partitions": parts, "groups": groups, "bind": list(self.cfg.bind),
+                "published": self.published, "dead_lettered": self.dead_lettered, "trimmed": self.trimmed,
+                "readers": len(self.readers), "config": self.cfg.to_dict()}
+
+
+# ---------------------------------------------------------------- groups
+
+class Member:
+    """A connection's membership in a consumer group (one consumer id)."""
+
+    __slots__ = ("conn", "cid", "group", "window", "seq")
+
+    def __init__(self, conn: ConnectionActor, cid: int, group: GroupActor, window: int, seq: int) -> None:
+        self.conn = conn
+        self.cid = cid
+        self.group = group
+        self.window = window
+        self.seq = seq
+
+    def settle(self, items: list[list[Any]]) -> list[int]:
+        return self.group.settle(self, items)
+
+    def close(self) -> None:
+        self.group.leave(self)
+
+
+class PState:
+    __slots__ = ("index", "owner", "gen", "committed", "cursor", "inflight", "acked", "attempts",
+                 "paused_until", "buffer", "dirty", "reading")
+
+    def __init__(self, index: int, committed: int) -> None:
+        self.index = index
+        self.owner: Member | None = None
+        self.gen = 0
+        self.committed = committed
+        self.cursor = committed
+        self.inflight: dict[int, tuple[int, StreamRow]] = {}  # offset -> (delivery id, row)
+        self.acked: set[int] = set()
+        self.attempts: dict[int, int] = {}
+        self.paused_until = 0.0
+        self.buffer: deque[StreamRow] = deque()
+        self.dirty = False
+        self.reading = False
+
+    def reset(self) -> None:
+        self.inflight.clear()
+        self.acked.clear()
+        self.buffer.clear()
+        self.cursor = self.committed
+        self.paused_until = 0.0
+
+
+class GroupActor:
+    def __init__(self, stream: StreamActor, name: str, committed: dict[int, int]) -> None:
+        self.stream = stream
+        self.name = name
+        self.generation = 0
+        self.members: list[Member] = []
+        self._seq = 0
+        self.parts = [PState(p.index, max(committed.get(p.index, p.first), p.first)) for p in stream.partitions]
+        self._dids: dict[int, tuple[PState, int, int, Member, float]] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._did = 0
+        self._wake = anyio.Event()
+        self._idle = False
+        self._stopped = False
+        self.delivered = 0
+        self.redelivered = 0
+        self.ops: list[Any] = []  # dead-letter writes, submitted before the offsets they let pass
+
+    def wake(self) -> None:
+        if self._idle:
+            self._idle = False
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    # ------------------------------------------------------------ members
+
+    def join(self, conn: ConnectionActor, cid: int, window: int) -> Member:
+        self._seq += 1
+        m = Member(conn, cid, self, window, self._seq)
+        self.members.append(m)
+        self._rebalance()
+        return m
+
+    def leave(self, m: Member) -> None:
+        if m in self.members:
+            self.members.remove(m)
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        self.generation += 1
+        gen = self.generation
+        ms = self.members
+        for ps in self.parts:
+            owner = ms[ps.index % len(ms)] if ms else None
+            if owner is not ps.owner:
+                for did, _row in ps.inflight.values():
+                    self._dids.pop(did, None)
+                ps.owner = owner
+                ps.gen = gen
+                ps.reset()
+        for m in ms:
+            mine = [ps.index for ps in self.parts if ps.owner is m]
+            m.conn.push_wire([F.Op.NOTICE, "assignment", {"cid": m.cid, "group": self.name,
+                                                          "generation": gen, "partitions": mine}], 128)
+        self.wake()
+
+    # ---------------------------------------------------------- settling
+
+    def settle(self, member: Member, items: list[list[Any]]) -> list[int]:
+        codes = []
+        mono = time.monotonic()
+        cfg = self.stream.cfg
+        for did, action, arg in items:
+            entry = self._dids.get(did)
+            if entry is None or entry[3] is not member:
+                codes.append(int(ErrorCode.STALE_DELIVERY))
+                continue
+            ps, offset, gen, _m, _dl = entry
+            if ps.owner is not member or gen < ps.gen:
+                self._dids.pop(did, None)
+                codes.append(int(ErrorCode.STALE_GENERATION))
+                continue
+            if action == F.AckAction.IN_PROGRESS:
+                deadline = mono + cfg.ack_deadline
+                self._dids[did] = (ps, offset, gen, member, deadline)
+                heapq.heappush(self._deadlines, (deadline, did))
+                codes.append(0)
+                continue
+            del self._dids[did]
+            row = ps.inflight.pop(offset)[1]
+            if action == F.AckAction.ACK:
+                self._acked(ps, offset)
+            elif action == F.AckAction.NACK:
+                delay = None if arg is None else max(0, int(arg)) / 1000.0
+                self._failed(ps, offset, row, delay, "nacked")
+            else:
+                self._dead_letter(ps, row, "rejected", str(arg) if arg is not None else "rejected")
+            codes.append(0)
+        self.wake()
+        return codes
+
+    def _acked(self, ps: PState, offset: int) -> None:
+        ps.attempts.pop(offset, None)
+        if offset == ps.committed:
+            ps.committed += 1
+            acked = ps.acked
+            while ps.committed in acked:
+                acked.remove(ps.committed)
+                ps.committed += 1
+            ps.dirty = True
+        elif offset > ps.committed:
+            ps.acked.add(offset)
+
+    def _failed(self, ps: PState, offset: int, row: StreamRow, delay: float | None, error: str) -> None:
+        cfg = self.stream.cfg
+        n = ps.attempts.get(offset, 1)
+        if cfg.max_deliveries and n >= cfg.max_deliveries:
+            self._dead_letter(ps, row, "max_deliveries", error)
+            return
+        # Redeliver from this offset, in order: later in-flight deliveries are void.
+        for o in [o for o in ps.inflight if o >= offset]:
+            self._dids.pop(ps.inflight.pop(o)[0], None)
+        ps.acked = {o for o in ps.acked if o < offset}
+        ps.buffer.clear()
+        ps.cursor = offset
+        d = cfg.backoff(n) if delay is None else delay
+        ps.paused_until = time.monotonic() + d
+
+    def _dead_letter(self, ps: PState, row: StreamRow, reason: str, error: str) -> None:
+        self.stream.dead_lettered += 1
+        self.ops.append(self.stream.durable.streams.dead_letter(self.stream, row, reason,
+                                                                ps.attempts.get(row.offset, 1), error))
+        self._acked(ps, row.offset)
+
+    # --------------------------------------------------------------- actor
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        store = self.stream.durable.store
+        while not self._stopped:
+            self._expire()
+            need = self._pump()
+            for ps in need:
+                if ps.buffer:
+                    continue  # a rewind raced the read
+                hwm = self.stream.partitions[ps.index].hwm
+                rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE)
+                ps.buffer.extend(r for r in rows if r.offset < hwm)
+            if need:
+                continue
+            await self._flush_commits()
+            timeout = self._next_timer()
+            self._idle = True
+            with anyio.move_on_after(timeout):
+                await self._wake.wait()
+            self._idle = False
+            self._wake = anyio.Event()
+
+    def _next_timer(self) -> float:
+        t = 3600.0
+        mono = time.monotonic()
+        if self._deadlines:
+            t = min(t, self._deadlines[0][0] - mono)
+        for ps in self.parts:
+            if ps.paused_until > mono:
+                t = min(t, ps.paused_until - mono)
+        return max(t, 0.0)
+
+    def _expire(self) -> None:
+        heap = self._deadlines
+        mono = time.monotonic()
+        while heap and heap[0][0] <= mono:
+            deadline, did = heapq.heappop(heap)
+            entry = self._dids.get(did)
+            if entry is None or entry[4] != deadline:
+                continue
+            ps, offset = entry[0], entry[1]
+            del self._dids[did]
+            got = ps.inflight.pop(offset, None)
+            if got is not None:
+                self._failed(ps, offset, got[1], None, "ack deadline exceeded")
+
+    def _pump(self) -> list[PState]:
+        """Deliver what is available from memory; return partitions needing a disk read."""
+        need = []
+        mono = time.monotonic()
+        cfg = self.stream.cfg
+        deadline = mono + cfg.ack_deadline
+        out: dict[Member, list[Any]] = {}
+        for ps in self.parts:
+            m = ps.owner
+            if m is None or ps.paused_until > mono:
+                continue
+            part = self.stream.partitions[ps.index]
+            if ps.cursor < part.first:
+                ps.cursor = part.first
+                if ps.committed < part.first:
+                    ps.committed = part.first
+                    ps.dirty = True
+            room = m.window - len(ps.inflight)
+            while room > 0 and ps.cursor < part.hwm:
+                if ps.buffer and ps.buffer[0].offset < ps.cursor:
+                    ps.buffer.popleft()
+                    continue
+                if ps.buffer:
+                    rows = []
+                    while ps.buffer and len(rows) < room:
+                        rows.append(ps.buffer.popleft())
+                else:
+                    got = part.get(ps.cursor, room)
+                    if got is None:
+                        need.append(ps)
+                        break
+                    rows = got
+                if not rows:
+                    break
+                items = out.get(m)
+                if items is None:
+                    items = out[m] = []
+                for r in rows:
+                    if r.offset > ps.cursor:
+                        self._skip_to(ps, r.offset)  # missing offsets: failed writes or retention
+                    elif r.offset < ps.cursor:
+                        continue
+                    if r.subject == GAP:
+                        self._acked(ps, r.offset)
+                        ps.cursor += 1
+                        continue
+                    self._did += 1
+                    did = self._did
+                    n = ps.attempts.get(r.offset, 0) + 1
+                    ps.attempts[r.offset] = n
+                    if n > 1:
+                        self.redelivered += 1
+                    ps.inflight[r.offset] = (did, r)
+                    self._dids[did] = (ps, r.offset, ps.gen, m, deadline)
+                    heapq.heappush(self._deadlines, (deadline, did))
+                    items.append([did, r.subject, r.payload, r.headers, n, r.timestamp_ms,
+                                  [ps.index, r.offset, r.key, ps.gen]])
+                    ps.cursor += 1
+                    room -= 1
+        for m, items in out.items():
+            self.delivered += len(items)
+            _push(m.conn, m.cid, items)
+        return need
+
+    def _skip_to(self, ps: PState, offset: int) -> None:
+        for o in range(ps.cursor, offset):
+            self._acked(ps, o)
+        ps.cursor = offset
+
+    async def _flush_commits(self) -> None:
+        if self.ops:
+            ops, self.ops = self.ops, []
+            for op in ops:
+                await self.stream.durable.store.submit(op)
+        dirty = [(self.stream.name, self.name, ps.index, ps.committed) for ps in self.parts if ps.dirty]
+        if dirty:
+            for ps in self.parts:
+                ps.dirty = False
+            await self.stream.durable.streams.commit_offsets(dirty)
+
+    def info(self) -> dict[str, Any]:
+        parts = []
+        for ps in self.parts:
+            part = self.stream.partitions[ps.index]
+            parts.append({"partition": ps.index, "owner": (ps.owner.cid if ps.owner else None),
+                          "owner_connection": (ps.owner.conn.number if ps.owner else None),
+                          "committed": ps.committed, "lag": part.hwm - ps.committed,
+                          "in_flight": len(ps.inflight)})
+        return {"generation": self.generation, "members": [
+            {"connection": m.conn.number, "client": m.conn.name, "cid": m.cid,
+             "partitions": [ps.index for ps in self.parts if ps.owner is m]} for m in self.members],
+            "partitions": parts, "delivered": self.delivered, "redelivered": self.redelivered}
+
+
+def _push(conn: ConnectionActor, cid: int, items: list[Any]) -> None:
+    batch: list[Any] = []
+    size = 0
+    for it in items:
+        batch.append(it)
+        size += len(it[2]) + len(it[1]) + 48
+        if size >= 512 * 1024:
+            conn.push_wire([F.Op.DELIVER, cid, batch], size)
+            batch, size = [], 0
+    if batch:
+        conn.push_wire([F.Op.DELIVER, cid, batch], size)
+
+
+# --------------------------------------------------------------- readers
+
+class Reader:
+    """A replay/follow reader of one partition, outside any group. No acks:
+    flow control is the connection's outbound buffer."""
+
+    __slots__ = ("conn", "cid", "stream", "partition", "offset", "follow", "scope")
+
+    def __init__(self, conn: ConnectionActor, cid: int, stream: StreamActor, partition: int, offset: int,
+                 follow: bool) -> None:
+        self.conn = conn
+        self.cid = cid
+        self.stream = stream
+        self.partition = partition
+        self.offset = offset
+        self.follow = follow
+        self.scope = anyio.CancelScope()
+
+    def settle(self, items: list[list[Any]]) -> list[int]:
+        return [0] * len(items)  # readers need no acks; accepted and ignored
+
+    def close(self) -> None:
+        self.scope.cancel()
+        self.stream.readers.discard(self)
+
+    async def run(self) -> None:
+        with self.scope:
+            try:
+                await self._run()
+            finally:
+                self.stream.readers.discard(self)
+
+    async def _run(self) -> None:
+        part = self.stream.partitions[self.partition]
+        store = self.stream.durable.store
+        conn = self.conn
+        while True:
+            if self.offset < part.first:
+                self.offset = part.first
+            if self.offset >= part.hwm:
+                if not self.follow:
+                    conn.consumers.pop(self.cid, None)
+                    conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": self.cid, "reason": "end",
+                                                                    "next_offset": self.offset}])
+                    return
+                ev = part.changed
+                if self.offset >= part.hwm:
+                    await ev.wait()
+                continue
+            rows = part.get(self.offset, READ_PAGE)
+            if rows is None:
+                rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE)
+                rows = [r for r in rows if r.offset < part.hwm]
+                if not rows:  # only gaps (or retention) between here and hwm
+                    self.offset = max(self.offset + 1, part.first)
+                    continue
+            items = [[r.offset, r.subject, r.payload, r.headers, 1, r.timestamp_ms,
+                      [self.partition, r.offset, r.key, 0]] for r in rows if r.subject != GAP]
+            self.offset = rows[-1].offset + 1
+            if items:
+                _push(conn, self.cid, items)
+            await conn.wait_pending_below(READER_HIGH_WATER)
+
+
+def resolve_start(part: Partition, start: Any, offset_for_time: int | None, out_of_range: str) -> int:
+    """Turn a reader's start ("earliest", "latest", an offset) into an offset."""
+    if start == "earliest":
+        return part.first
+    if start == "latest":
+        return part.hwm
+    if offset_for_time is not None:
+        return offset_for_time
+    if type(start) is not int or start < 0:
+        raise RemoteProtocolError("start must be 'earliest', 'latest', an offset or {'time_ms': ...}",
+                                  ErrorCode.INVALID_ARGUMENT)
+    if start < part.first or start > part.hwm:
+        if out_of_range == "earliest":
+            return part.first
+        raise RemoteProtocolError(
+            f"offset {start} is outside partition {part.index}'s range [{part.first}, {part.hwm}]",
+            ErrorCode.OFFSET_OUT_OF_RANGE)
+    return start
+
+
+__all__ = ["StreamActor", "Partition", "GroupActor", "Member", "Reader", "resolve_start", "DEFAULT_WINDOW"]
