@@ -79,7 +79,7 @@ class ConnectionActor:
         self._drop = cfg.slow_consumer == "drop"
         self._msgs: dict[int, list[Any]] = {}
         self._msg_bytes: dict[int, int] = {}
-        self._wire: list[Any] = []
+        self._wire: list[Any] = []  # control frames and sealed message segments, in order
         self._dropped: dict[int, int] = {}
         self._pending = 0  # bytes queued or being written
         self._wake = anyio.Event()
@@ -118,7 +118,15 @@ class ConnectionActor:
             self._wake.set()
 
     def push_wire(self, value: list[Any], size: int = 64) -> None:
-        """Queue a control frame (OK, ERR, CONFIRM, NOTICE, PONG, DELIVER): never dropped."""
+        """Queue a control frame (OK, ERR, CONFIRM, NOTICE, PONG, DELIVER): never dropped.
+
+        It goes out after every message queued before it (a PONG never
+        overtakes earlier messages, so flush() on a subscriber means what it
+        says); messages queued between two control frames are grouped per
+        subscription into batch frames."""
+        if self._msgs:
+            self._wire.append((self._msgs, self._msg_bytes))
+            self._msgs, self._msg_bytes = {}, {}
         self._wire.append(value)
         self._pending += size
         if self._writer_idle:
@@ -135,6 +143,7 @@ class ConnectionActor:
         self.broker.stats.slow_disconnects += 1
         self._msgs.clear()
         self._msg_bytes.clear()
+        self._wire = [w for w in self._wire if type(w) is not tuple]
         self._pending = 0
         self.send_err(0, ErrorCode.SLOW_CONSUMER, "outbound buffer limit exceeded: disconnected")
         self.close()
@@ -373,18 +382,22 @@ class ConnectionActor:
                     await self._wake.wait()
                     self._wake = anyio.Event()
                     continue
-                msgs, wire, dropped = self._msgs, self._wire, self._dropped
-                msg_bytes = self._msg_bytes
+                wire, dropped = self._wire, self._dropped
+                if self._msgs:
+                    wire.append((self._msgs, self._msg_bytes))
                 self._msgs, self._wire, self._msg_bytes = {}, [], {}
                 if dropped:
                     self._dropped = {}
                 taken = self._pending
                 out: list[bytes] = []
                 for w in wire:
-                    conn.encode_wire(w, out)
-                for sid, items in msgs.items():
-                    self.msgs_out += len(items)
-                    self._encode_msgs(sid, items, msg_bytes[sid], out)
+                    if type(w) is tuple:
+                        msgs, msg_bytes = w
+                        for sid, items in msgs.items():
+                            self.msgs_out += len(items)
+                            self._encode_msgs(sid, items, msg_bytes[sid], out)
+                    else:
+                        conn.encode_wire(w, out)
                 for sid, n in dropped.items():
                     conn.encode_wire([F.Op.NOTICE, "slow_consumer", {"sid": sid, "dropped": n}], out)
                 await self.stream.send(b"".join(out))

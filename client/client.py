@@ -1,12 +1,20 @@
-"""The tidings client: one connection, coalesced writes, requests matched by id.
+"""The tidings client: one connection, coalesced writes, requests matched by id,
+and a supervisor that rides through broker restarts.
 
-Hot-path design (see docs/CLIENT.md): ``publish`` appends the message to a
-pending batch and returns; one writer task turns everything pending into
-as few frames and one socket write per wake-up. A publisher that never
-yields is made to wait once the pending batch reaches ``FLUSH_BYTES``, so
-a plain loop of awaited publishes runs at full speed with bounded memory.
-The reader task decodes whole 64 KiB chunks and hands each MSG batch to
-its subscription in one step.
+Hot path (see docs/CLIENT.md): ``publish`` appends the message to a pending
+batch and returns; one writer task turns everything pending into as few
+frames and one socket write per wake-up. A publisher that never yields is
+made to wait once the pending batch reaches ``FLUSH_BYTES``, so a plain
+loop of awaited publishes runs at full speed with bounded memory. The
+reader task decodes whole 64 KiB chunks and hands each MSG batch to its
+subscription in one step.
+
+Resilience: a heartbeat task PINGs an idle broker and declares it dead
+after ``dead_after`` seconds of silence; a lost connection is re-dialled
+with exponential backoff and jitter, every subscription and consumer is
+restored, and unconfirmed durable publishes are resent with their message
+ids (generated when the application gave none), so the broker's
+de-duplication makes the resend invisible.
 """
 
 from __future__ import annotations
@@ -15,11 +23,15 @@ import builtins
 import itertools
 import logging
 import os
+import random
 import secrets
-from typing import Any, Final
+import ssl
+import time
+from typing import Any, Callable, Final
 from urllib.parse import urlsplit
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import ByteStream, TaskGroup
 
 from protocol import CLOSED, NEED_DATA, Connection, Role
@@ -27,6 +39,8 @@ from protocol import frames as F
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.subjects import PatternSet, validate_pattern, validate_subject
 
+from .admin import AdminMixin
+from .consumer import QueueConsumer
 from .errors import (
     ConnectError,
     ConnectionClosedError,
@@ -34,13 +48,13 @@ from .errors import (
     InvalidSubjectError,
     NoRespondersError,
     ProtocolViolationError,
+    PublishBufferFullError,
     TidingsError,
     TimeoutError,
     for_code,
 )
 from .message import Message
-from .consumer import ConsumeContext, Delivery, QueueConsumer, StreamMessage
-from .errors import PublishBufferFullError
+from .results import Confirmation, PublishAck, _Waiter
 from .subscription import DEFAULT_MAX_PENDING, Subscription
 
 log = logging.getLogger(__name__)
@@ -51,37 +65,9 @@ READ_CHUNK: Final = 65_536
 FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
 DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise
 MSG_OVERHEAD: Final = 16
-CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024
+CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024  # any frame a broker may send (max_payload <= 32 MiB)
 DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
-
-
-class _Waiter:
-    """A one-shot result slot a task can await (cheaper than a future per call)."""
-
-    __slots__ = ("event", "value", "error")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-
-    def set(self, value: Any) -> None:
-        self.value = value
-        self.event.set()
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.event.set()
-
-    async def wait(self) -> Any:
-        # No checkpoint when already set: a producer draining finished confirms
-        # keeps publishing without a task switch per message, so the writer
-        # gets whole batches instead of one message per wake-up.
-        if not self.event.is_set():
-            await self.event.wait()
-        if self.error is not None:
-            raise self.error
-        return self.value
+DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -92,24 +78,55 @@ def parse_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, parts.scheme == "tidings+tls"
 
 
-class Client:
-    """A connection to a tidings broker. Create it with :func:`connect`."""
+class Client(AdminMixin):
+    """A connection to a tidings broker. Create it with :func:`connect`.
+
+    ``state`` is "connected", "disconnected" (reconnecting) or "closed";
+    ``on_state_change(state)`` is called on each change with "connected",
+    "disconnected", "reconnected" or "closed".
+    """
 
     def __init__(self, url: str = DEFAULT_URL, *, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, reconnect: bool = True,
+                 reconnect_wait: tuple[float, float] = (0.05, 2.0), max_reconnects: int | None = None,
+                 heartbeat: float = 1.0, dead_after: float = 4.0,
+                 outage_buffer: int = DEFAULT_OUTAGE_BUFFER, auto_msg_id: bool = True,
+                 on_state_change: Callable[[str], Any] | None = None,
+                 user: str | None = None, password: str | None = None, token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None) -> None:
+        if dead_after <= heartbeat:
+            raise ValueError("dead_after must be longer than heartbeat")
         self.url = url
         self.name = name or f"python-client/{os.getpid()}"
         self.timeout = timeout
+        self.reconnect = reconnect
+        self.reconnect_wait = reconnect_wait
+        self.max_reconnects = max_reconnects
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self.outage_buffer = outage_buffer
+        self.auto_msg_id = auto_msg_id
+        self.on_state_change = on_state_change
+        self._auth: dict[str, Any] | None = None
+        if token is not None:
+            self._auth = {"token": token}
+        elif user is not None:
+            self._auth = {"user": user, "password": password or ""}
+        self._ssl_context = ssl_context
+        self._ca_file = ca_file
+        self.state = "connecting"
+        self.reconnects = 0
         self.server_info: dict[str, Any] = {}
         self.last_server_error: TidingsError | None = None
-        # Accept any frame a broker may legitimately send (max_payload is capped
-        # at 32 MiB broker-side), so large messages are never cut off here.
         self._conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self._stream: ByteStream | None = None
         self._tg: TaskGroup | None = None
+        self._conn_scope: anyio.CancelScope | None = None
+        self._loss: TidingsError | None = None
         self._closed = False
         self._error: TidingsError | None = None
-        # outbound
+        self._last_rx = time.monotonic()
+        self._connected = anyio.Event()
         # Outbound frames in the order the application issued them. Publishes
         # (and acks) extend the trailing PUB (ACK) frame while it is the last one.
         self._out: list[list[Any]] = []
@@ -119,13 +136,14 @@ class Client:
         self._wake = anyio.Event()
         self._writer_idle = False
         self._drained: anyio.Event | None = None
-        self._writer_done = anyio.Event()
         # correlation
         self._rids = itertools.count(1)
         self._seqs = itertools.count(1)
         self._sids = itertools.count(1)
         self._requests: dict[int, _Waiter] = {}
         self._confirms: dict[int, _Waiter] = {}
+        self._unconfirmed: dict[int, list[Any]] = {}
+        self._id_prefix = f"{secrets.token_hex(6)}-"
         self._subs: dict[int, Subscription] = {}
         self._consumers: dict[int, QueueConsumer] = {}
         self._cids = itertools.count(1)
@@ -143,46 +161,75 @@ class Client:
 
     # ----------------------------------------------------------- lifecycle
 
+    def _set_state(self, state: str) -> None:
+        self.state = "connected" if state == "reconnected" else state
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change(state)
+            except Exception:  # a user callback must not break the connection
+                log.exception("on_state_change callback failed")
+
     async def _start(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        stream, conn, welcome = await self._dial()
+        self._attach(stream, conn, welcome)
+        self._set_state("connected")
+        tg.start_soon(self._supervise)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is not None:
+            return self._ssl_context
+        ctx = ssl.create_default_context(cafile=self._ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome]:
+        """Connect and handshake; raises ConnectError (or the broker's refusal)."""
         host, port, tls = parse_url(self.url)
-        if tls:
-            raise ConnectError("TLS is not supported by this client version yet")
+        conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        stream: ByteStream | None = None
         try:
             with anyio.fail_after(self.timeout):
-                self._stream = await anyio.connect_tcp(host, port)
-                hello = F.Hello(F.PROTOCOL_VERSION, self.name, None, {})
-                await self._stream.send(self._conn.send(hello))
-                welcome = await self._read_welcome()
+                if tls:
+                    stream = await anyio.connect_tcp(host, port, tls=True, ssl_context=self._tls_context(),
+                                                     tls_hostname=host)
+                else:
+                    stream = await anyio.connect_tcp(host, port)
+                hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
+                await stream.send(conn.send(hello))
+                welcome = await self._read_welcome(stream, conn)
         except builtins.TimeoutError as exc:
-            await self._abort()
+            await _aclose(stream)
+            if isinstance(exc, TidingsError):
+                raise
             raise ConnectError(f"no answer from {host}:{port} within {self.timeout}s") from exc
-        except OSError as exc:
-            await self._abort()
+        except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
+            await _aclose(stream)
             raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         except BaseException:
-            await self._abort()
+            await _aclose(stream)
             raise
+        assert stream is not None
+        return stream, conn, welcome
+
+    def _attach(self, stream: ByteStream, conn: Connection, welcome: F.Welcome) -> None:
+        self._stream = stream
+        self._conn = conn
         self.server_info = welcome.info
         self._apply_bindings(welcome.info.get("bindings"))
-        self._tg = tg
-        tg.start_soon(self._reader)
-        tg.start_soon(self._writer)
+        self._last_rx = time.monotonic()
+        self._connected.set()
 
-    async def _abort(self) -> None:
-        if self._stream is not None:
-            with anyio.CancelScope(shield=True):
-                await self._stream.aclose()
-
-    async def _read_welcome(self) -> F.Welcome:
-        assert self._stream is not None
+    @staticmethod
+    async def _read_welcome(stream: ByteStream, conn: Connection) -> F.Welcome:
         while True:
             try:
-                data = await self._stream.receive(READ_CHUNK)
+                data = await stream.receive(READ_CHUNK)
             except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 raise ConnectError("the broker closed the connection during the handshake") from exc
-            self._conn.receive_data(data)
+            conn.receive_data(data)
             try:
-                ev = self._conn.next_event()
+                ev = conn.next_event()
             except RemoteProtocolError as exc:
                 raise ProtocolViolationError(f"bad handshake from the broker: {exc}") from exc
             if ev is NEED_DATA:
@@ -193,19 +240,167 @@ class Client:
                 return ev
             raise ProtocolViolationError("the broker did not answer HELLO")  # pragma: no cover
 
+    async def _supervise(self) -> None:
+        """Serve the connection; on loss, reconnect and restore, or give up."""
+        while True:
+            reason = await self._serve_connection()
+            if self._closed:
+                return
+            if not self.reconnect:
+                self._shutdown(reason)
+                return
+            log.warning("connection to %s lost (%s); reconnecting", self.url, reason)
+            self._connected = anyio.Event()
+            self._set_state("disconnected")
+            self._lost(reason)
+            if not await self._redial():
+                return
+            try:
+                await self._restore()
+            except (TidingsError, OSError, builtins.TimeoutError) as exc:
+                log.warning("restoring the session after reconnect failed: %s", exc)
+                continue  # the new connection broke too: serving it notices and redials
+            self.reconnects += 1
+            self._set_state("reconnected")
+
+    async def _serve_connection(self) -> TidingsError:
+        self._loss = None
+        scope = self._conn_scope = anyio.CancelScope()
+        with scope:
+            async with anyio.create_task_group() as ctg:
+                ctg.start_soon(self._reader)
+                ctg.start_soon(self._writer)
+                ctg.start_soon(self._heartbeat)
+        await _aclose(self._stream)
+        return self._loss or ConnectionClosedError("the connection ended")
+
+    def _lose(self, error: TidingsError) -> None:
+        """The current connection is unusable: stop its tasks (the supervisor decides what next)."""
+        if self._loss is None:
+            self._loss = error
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+
+    def _lost(self, reason: TidingsError) -> None:
+        """Forget what died with the connection; keep what a reconnect restores."""
+        err = ConnectionClosedError(f"connection lost ({reason}); the request may or may not have run")
+        for w in list(self._requests.values()):
+            w.fail(err)
+        self._requests.clear()
+        # Keep only plain publishes (durable ones are resent from _unconfirmed);
+        # acks and requests of the old connection are void.
+        plain = [m for w in self._out if w[0] == F.Op.PUB for m in w[1] if not m[4]]
+        self._out = []
+        self._cur_pub = None
+        self._cur_ack = None
+        self._pub_bytes = 0
+        for m in plain:
+            self._queue_pub(m)
+        for cons in self._consumers.values():
+            cons._connection_lost()
+
+    async def _redial(self) -> bool:
+        lo, hi = self.reconnect_wait
+        attempt = 0
+        while not self._closed:
+            attempt += 1
+            if self.max_reconnects is not None and attempt > self.max_reconnects:
+                self._shutdown(ConnectionClosedError(f"gave up reconnecting to {self.url} after "
+                                                     f"{self.max_reconnects} attempts"))
+                return False
+            delay = min(hi, lo * 2 ** (attempt - 1))
+            await anyio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads reconnect storms
+            try:
+                stream, conn, welcome = await self._dial()
+            except ConnectError as exc:
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self.url, exc)
+                continue
+            except TidingsError as exc:
+                if exc.retriable:
+                    log.info("reconnect attempt %d refused: %s", attempt, exc)
+                    continue
+                self._shutdown(exc)
+                return False
+            self._attach(stream, conn, welcome)
+            return True
+        return False
+
+    async def _restore(self) -> None:
+        """Re-register subscriptions and consumers, then resend unconfirmed publishes."""
+        pending = self._out
+        self._out = []
+        self._cur_pub = None
+        self._cur_ack = None
+        self._pub_bytes = 0
+        waits: list[tuple[Any, _Waiter]] = []
+
+        def request(wire: list[Any], what: Any) -> None:
+            rid = next(self._rids)
+            wire[1] = rid
+            w = _Waiter()
+            self._requests[rid] = w
+            self._out.append(wire)
+            waits.append((what, w))
+
+        if self._inbox_sid:
+            request([F.Op.SUB, 0, self._inbox_sid, self._inbox + ".>", None], None)
+        for sub in self._subs.values():
+            request([F.Op.SUB, 0, sub.sid, sub.pattern, sub.group], sub)
+        for cons in list(self._consumers.values()):
+            self._consumers.pop(cons.cid, None)
+            cons.cid = next(self._cids)  # deliveries of the old registration must never ack new ones
+            self._consumers[cons.cid] = cons
+            request([F.Op.CONSUME, 0, cons.cid, cons._resume_args()], cons)
+        for _seq, m in sorted(self._unconfirmed.items()):
+            self._queue_pub(m)
+        self._cur_pub = None
+        self._out.extend(pending)
+        self._wake_writer()
+        with anyio.fail_after(self.timeout):
+            for what, w in waits:
+                try:
+                    await w.wait()
+                except ConnectionClosedError:
+                    raise
+                except TidingsError as exc:
+                    log.warning("could not restore %r after reconnect: %s", what, exc)
+                    if isinstance(what, (Subscription, QueueConsumer)):
+                        what._end(exc)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat)
+            idle = time.monotonic() - self._last_rx
+            if idle >= self.dead_after:
+                self._lose(ConnectionClosedError(f"no data from the broker for {idle:.1f}s: dead or frozen"))
+                return
+            if idle >= self.heartbeat:
+                self._send([F.Op.PING, 0])
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the client is connected (e.g. after a reconnect); raises
+        client TimeoutError, or the error the client closed with."""
+        try:
+            with anyio.fail_after(timeout):
+                while not self._connected.is_set():
+                    await self._connected.wait()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TimeoutError(f"not connected within {timeout}s") from exc
+        self._check_open()
+
     async def close(self) -> None:
         """Send what is pending, then close. Idempotent."""
         if self._closed:
             return
         try:
-            if self._error is None and self._out:
+            if self._error is None and self._out and self.state == "connected":
                 with anyio.move_on_after(self.timeout, shield=True):
                     await self._wait_drained()
         finally:
             self._shutdown(ConnectionClosedError("the client was closed"))
-            if self._stream is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._stream.aclose()
+            await _aclose(self._stream)
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
 
@@ -215,10 +410,12 @@ class Client:
         self._closed = True
         if self._error is None:
             self._error = error
-        for w in list(self._requests.values()) + list(self._confirms.values()) + list(self._replies.values()):
+        waiters = list(self._requests.values()) + list(self._confirms.values()) + list(self._replies.values())
+        for w in waiters:
             w.fail(error)
         self._requests.clear()
         self._confirms.clear()
+        self._unconfirmed.clear()
         self._replies.clear()
         clean = isinstance(error, ConnectionClosedError) and str(error) == "the client was closed"
         for sub in list(self._subs.values()):
@@ -230,6 +427,10 @@ class Client:
         self._wake.set()
         if self._drained is not None:
             self._drained.set()
+        self._connected.set()
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+        self._set_state("closed")
 
     @property
     def is_closed(self) -> bool:
@@ -248,14 +449,14 @@ class Client:
 
     async def _writer(self) -> None:
         conn = self._conn
+        stream = self._stream
+        assert stream is not None
         try:
             while True:
                 if not self._out:
                     if self._drained is not None:
                         self._drained.set()
                         self._drained = None
-                    if self._closed:
-                        return
                     self._writer_idle = True
                     await self._wake.wait()
                     self._wake = anyio.Event()
@@ -270,12 +471,18 @@ class Client:
                         self._encode_pubs(w[1], parts)
                     else:
                         conn.encode_wire(w, parts)
-                assert self._stream is not None
-                await self._stream.send(b"".join(parts))
+                await stream.send(b"".join(parts))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._shutdown(ConnectionClosedError(f"connection lost: {exc}"))
-        finally:
-            self._writer_done.set()
+            self._lose(ConnectionClosedError(f"connection lost: {exc}"))
+
+    async def _wait_drained(self) -> None:
+        """Wait until the writer has handed everything pending to the socket."""
+        while self._out and not self._closed:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            ev = self._drained
+            self._wake_writer()
+            await ev.wait()
 
     def _encode_pubs(self, pubs: list[list[Any]], parts: list[bytes]) -> None:
         try:
@@ -287,15 +494,6 @@ class Client:
         half = len(pubs) // 2
         self._encode_pubs(pubs[:half], parts)
         self._encode_pubs(pubs[half:], parts)
-
-    async def _wait_drained(self) -> None:
-        """Wait until the writer has handed everything pending to the socket."""
-        while self._out and not self._closed:
-            if self._drained is None:
-                self._drained = anyio.Event()
-            ev = self._drained
-            self._wake_writer()
-            await ev.wait()
 
     def _send(self, wire: list[Any]) -> None:
         self._out.append(wire)
@@ -335,6 +533,7 @@ class Client:
         try:
             while True:
                 data = await stream.receive(READ_CHUNK)
+                self._last_rx = time.monotonic()
                 conn.receive_data(data)
                 while True:
                     ev = conn.next_event()
@@ -345,14 +544,11 @@ class Client:
                     self._dispatch(ev)  # type: ignore[arg-type]
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             last = self.last_server_error
-            error = self._error or last or ConnectionClosedError(
-                f"the broker closed the connection ({exc.__class__.__name__})")
+            error = last or ConnectionClosedError(f"the broker closed the connection ({exc.__class__.__name__})")
         except ProtocolError as exc:
             log.error("protocol violation from the broker: %s", exc)
             error = ProtocolViolationError(str(exc))
-        self._shutdown(error)
-        with anyio.CancelScope(shield=True):
-            await stream.aclose()
+        self._lose(error)
 
     def _dispatch(self, ev: F.Frame) -> None:
         t = type(ev)
@@ -374,6 +570,7 @@ class Client:
                 w = confirms.pop(seq, None)
                 if w is not None:
                     n += 1
+                    self._unconfirmed.pop(seq, None)
                     if code:
                         w.fail(for_code(code, result if isinstance(result, str) else "publish failed"))
                     else:
@@ -457,6 +654,8 @@ class Client:
                  ttl: float | None) -> list[Any]:
         if type(payload) is not bytes:
             payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+        if headers is not None:
+            _check_headers(headers)
         if len(payload) > self._conn.max_payload:
             raise InvalidArgumentError(
                 f"payload of {len(payload)} bytes exceeds the broker's max_payload of {self._conn.max_payload}")
@@ -498,6 +697,8 @@ class Client:
         if self._closed:
             self._check_open()
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if self._outage_bytes_full():
+            raise PublishBufferFullError(f"{self._pub_bytes} bytes are buffered while disconnected")
         if not self._wants_confirm(m, confirm):
             self._queue_pub(m)
             return Confirmation(None)
@@ -508,8 +709,15 @@ class Client:
     def _queue_confirmed(self, m: list[Any]) -> _Waiter:
         seq = next(self._seqs)
         m[4] = seq
+        if self.auto_msg_id:
+            opts = m[5]
+            if opts is None:
+                m[5] = {F.OPT_MSG_ID: f"{self._id_prefix}{seq}"}
+            elif F.OPT_MSG_ID not in opts:
+                opts[F.OPT_MSG_ID] = f"{self._id_prefix}{seq}"
         w = _Waiter()
         self._confirms[seq] = w
+        self._unconfirmed[seq] = m  # resent after a reconnect until confirmed
         self._in_flight += 1
         self._queue_pub(m)
         return w
@@ -537,6 +745,8 @@ class Client:
         if self._closed:
             self._check_open()
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if self._outage_bytes_full():
+            await self._wait_buffer_room()
         if self._wants_confirm(m, confirm):
             while self._in_flight >= self.max_in_flight and not self._closed:
                 if self._in_flight_space is None:
@@ -549,6 +759,16 @@ class Client:
         if self._pub_bytes >= FLUSH_BYTES:
             await self._wait_drained()
         return None
+
+    def _outage_bytes_full(self) -> bool:
+        return self.state != "connected" and self._pub_bytes >= self.outage_buffer
+
+    async def _wait_buffer_room(self) -> None:
+        """While disconnected with a full outage buffer, wait for the reconnect."""
+        while self._outage_bytes_full() and not self._closed:
+            await self._connected.wait()
+            await anyio.lowlevel.checkpoint()
+        self._check_open()
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until the broker has received and processed everything sent so far
@@ -606,141 +826,14 @@ class Client:
             return
         await self._request([F.Op.UNSUB, 0, sub.sid])
 
-    # ------------------------------------------------------------ queues
-
-    async def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (),
-                            **settings: Any) -> dict[str, Any]:
-        """Create a durable queue (or confirm an identical one exists).
-
-        ``bind``: subject patterns whose publishes are stored in the queue.
-        Settings (all optional): ack_deadline (s), max_deliveries (0 =
-        unlimited; default 5), backoff_initial, backoff_multiplier,
-        backoff_max, backoff_jitter, backoff_schedule (list of s),
-        dead_letter (default "<name>.dlq"), message_ttl (s),
-        dead_letter_expired, max_length, overflow ("reject" or
-        "dead_letter_oldest"). Raises ConflictError if the queue exists with
-        different settings. Returns the queue's info.
-        """
-        args = {"name": name, "bind": list(bind), **settings}
-        return await self.call("queue.declare", args)  # type: ignore[no-any-return]
-
-    async def delete_queue(self, name: str) -> dict[str, Any]:
-        return await self.call("queue.delete", {"name": name})  # type: ignore[no-any-return]
-
-    async def purge_queue(self, name: str) -> int:
-        return (await self.call("queue.purge", {"name": name}))["purged"]  # type: ignore[no-any-return]
-
-    async def queue_info(self, name: str) -> dict[str, Any]:
-        return await self.call("queue.info", {"name": name})  # type: ignore[no-any-return]
-
-    async def list_queues(self) -> list[dict[str, Any]]:
-        return await self.call("queue.list")  # type: ignore[no-any-return]
-
-    async def dlq_list(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Peek at a dead-letter queue's messages (they stay where they are)."""
-        return await self.call("dlq.list", {"name": queue, "limit": limit, "offset": offset})  # type: ignore
-
-    async def dlq_redrive(self, queue: str, *, count: int | None = None, to: str | None = None) -> int:
-        """Move up to ``count`` (default all) messages from dead-letter queue
-        ``queue`` back to their source queue (or to queue ``to``)."""
-        args: dict[str, Any] = {"name": queue}
-        if count is not None:
-            args["count"] = count
-        if to is not None:
-            args["to"] = to
-        return (await self.call("dlq.redrive", args))["redriven"]  # type: ignore[no-any-return]
-
-    async def dlq_purge(self, queue: str) -> int:
-        return (await self.call("dlq.purge", {"name": queue}))["purged"]  # type: ignore[no-any-return]
-
-    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext:
-        """``async with tc.consume(queue, prefetch=N) as deliveries:`` then
-        ``async for d in deliveries:``; settle each with ack/nack/reject."""
-        return ConsumeContext(self, queue, {"queue": queue, "prefetch": prefetch})
-
-    async def _start_consumer(self, name: str, args: dict[str, Any],
-                              kind: type[Delivery] = Delivery) -> QueueConsumer:
-        cid = next(self._cids)
-        cons = QueueConsumer(self, cid, name, args.get("prefetch") or args.get("window") or 0, kind)
-        self._consumers[cid] = cons
-        try:
-            cons.info = await self._request([F.Op.CONSUME, 0, cid, args])
-        except BaseException:
-            self._consumers.pop(cid, None)
-            raise
-        return cons
-
-    # ----------------------------------------------------------- streams
-
-    async def declare_stream(self, name: str, *, partitions: int = 1, bind: list[str] | tuple[str, ...] = (),
-                             **settings: Any) -> dict[str, Any]:
-        """Create a stream of ``partitions`` ordered partitions bound to ``bind``
-        patterns (or confirm an identical one exists; ConflictError if it
-        differs). Settings: max_age (s), max_messages and max_bytes (per
-        partition), max_deliveries (default 5, then the stream's DLQ),
-        ack_deadline (s), backoff_initial/multiplier/max (s), dead_letter."""
-        args = {"name": name, "partitions": partitions, "bind": list(bind), **settings}
-        return await self.call("stream.declare", args)  # type: ignore[no-any-return]
-
-    async def delete_stream(self, name: str) -> dict[str, Any]:
-        return await self.call("stream.delete", {"name": name})  # type: ignore[no-any-return]
-
-    async def stream_info(self, name: str) -> dict[str, Any]:
-        return await self.call("stream.info", {"name": name})  # type: ignore[no-any-return]
-
-    async def list_streams(self) -> list[dict[str, Any]]:
-        return await self.call("stream.list")  # type: ignore[no-any-return]
-
-    def stream_consume(self, stream: str, group: str, *, window: int = 100,
-                       start: str = "earliest") -> ConsumeContext:
-        """``async with tc.stream_consume(stream, group=...) as msgs:`` joins a
-        consumer group. Partitions are shared among the group's members and
-        each is delivered in order, at most ``window`` unacked at a time;
-        ``await m.ack()`` commits. ``start`` applies to a new group."""
-        return ConsumeContext(self, stream, {"stream": stream, "group": group, "window": window,
-                                             "start": start}, StreamMessage)
-
-    async def read_stream(self, stream: str, partition: int = 0, start: Any = "earliest", *,
-                          follow: bool = False, out_of_range: str = "error") -> Any:
-        """Replay one partition outside any group: an async iterator of
-        StreamMessage from ``start`` ("earliest", "latest", an offset, or a
-        datetime / {"time_ms": ...}), ending at the end of the partition
-        unless ``follow``. An offset outside what is retained raises
-        OffsetOutOfRangeError, or starts at the earliest with
-        ``out_of_range="earliest"``."""
-        if hasattr(start, "timestamp"):
-            start = {"time_ms": int(start.timestamp() * 1000)}
-        args = {"stream": stream, "partition": partition, "start": start, "follow": follow,
-                "out_of_range": out_of_range}
-        cons = await self._start_consumer(stream, args, StreamMessage)
-        try:
-            async for m in cons:
-                yield m
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._stop_consumer(cons)
-
-    async def _stop_consumer(self, cons: QueueConsumer) -> None:
-        cons._end(None)
-        if self._consumers.pop(cons.cid, None) is None or self._closed:
-            return
-        try:
-            await self._request([F.Op.STOP, 0, cons.cid])
-        except (ConnectionClosedError, TimeoutError):
-            pass
-
     # ------------------------------------------------------ request/reply
 
     async def _ensure_inbox(self) -> None:
         if self._inbox_sid:
             return
         sid = next(self._sids)
+        await self._request([F.Op.SUB, 0, sid, self._inbox + ".>", None])
         self._inbox_sid = sid
-        try:
-            await self._request([F.Op.SUB, 0, sid, self._inbox + ".>", None])
-        except BaseException:
-            self._inbox_sid = 0
-            raise
 
     def _on_replies(self, msgs: list[list[Any]]) -> None:
         for m in msgs:
@@ -773,66 +866,39 @@ class Client:
         return msg
 
 
-class PublishAck:
-    """What the broker confirmed for a durable publish: the stored message's
-    ``id``, how many ``queues`` stored it, and ``duplicate`` if the msg_id
-    had been seen within the de-duplication window (stored once)."""
-
-    __slots__ = ("id", "queues", "duplicate", "stream", "partition", "offset", "raw")
-
-    def __init__(self, raw: dict[str, Any]) -> None:
-        self.raw = raw
-        self.id: int | None = raw.get("id")
-        self.queues: int = raw.get("queues", 0)
-        self.duplicate: bool = bool(raw.get("duplicate", False))
-        self.stream: str | None = raw.get("stream")
-        self.partition: int | None = raw.get("partition")
-        self.offset: int | None = raw.get("offset")
-
-    def __iter__(self) -> Any:
-        """``partition, offset = await tc.publish(...)`` when a stream stored it."""
-        return iter((self.partition, self.offset))
-
-    @classmethod
-    def from_wire(cls, result: Any) -> PublishAck | None:
-        return cls(result) if isinstance(result, dict) else None
-
-    def __repr__(self) -> str:
-        where = f", stream={self.stream!r}, partition={self.partition}, offset={self.offset}" if self.stream else ""
-        return f"PublishAck(id={self.id}, queues={self.queues}, duplicate={self.duplicate}{where})"
+def _check_headers(headers: Any) -> None:
+    """The broker refuses a whole PUB frame with a bad header; refuse it here,
+    for this publish alone."""
+    if not isinstance(headers, dict):
+        raise InvalidArgumentError("headers must be a dict of str -> str | int | bytes")
+    for k, v in headers.items():
+        if type(k) is not str or not k:
+            raise InvalidArgumentError("header names must be non-empty strings")
+        if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):
+            raise InvalidArgumentError(f"header {k!r} must be a str, an int or bytes, not {type(v).__name__}")
 
 
-class Confirmation:
-    """An awaitable for one publish's confirm (see :meth:`Client.publish_nowait`)."""
-
-    __slots__ = ("_w",)
-
-    def __init__(self, waiter: _Waiter | None) -> None:
-        self._w = waiter
-
-    def __await__(self) -> Any:
-        return self._wait().__await__()
-
-    async def _wait(self) -> PublishAck | None:
-        if self._w is None:
-            return None
-        result: PublishAck | None = await self._w.wait()
-        return result
-
-    def done(self) -> bool:
-        return self._w is None or self._w.event.is_set()
+async def _aclose(stream: ByteStream | None) -> None:
+    if stream is not None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await stream.aclose()
+            except (OSError, anyio.BrokenResourceError):
+                pass
 
 
 class connect:
     """``async with connect(url) as tc:`` opens a :class:`Client` and closes it on exit.
 
-    ``url`` is ``tidings://HOST:PORT`` (default ``tidings://127.0.0.1:7421``).
-    Raises ConnectError if the broker cannot be reached or refuses us.
+    ``url`` is ``tidings://HOST:PORT`` (default ``tidings://127.0.0.1:7421``)
+    or ``tidings+tls://HOST:PORT``. Keyword arguments go to :class:`Client`
+    (reconnect policy, heartbeat, credentials, TLS). Raises ConnectError if
+    the broker cannot be reached, or the broker's refusal (e.g.
+    AuthenticationError).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, name: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._client = Client(url, name=name, timeout=timeout)
+    def __init__(self, url: str = DEFAULT_URL, **kwargs: Any) -> None:
+        self._client = Client(url, **kwargs)
         self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> Client:

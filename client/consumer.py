@@ -10,7 +10,7 @@ import anyio
 
 from protocol import frames as F
 
-from .errors import ConnectionClosedError, TidingsError, for_code
+from .errors import ConnectionClosedError, StaleDeliveryError, TidingsError, for_code
 
 if TYPE_CHECKING:
     from .client import Client
@@ -28,9 +28,10 @@ class Delivery:
     """
 
     __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
-                 "message_id", "msg_id", "_consumer", "settled")
+                 "message_id", "msg_id", "_consumer", "settled", "_cid")
 
     def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+        self._cid = consumer.cid  # the registration it came through: acks go there (stale after a reconnect)
         self.delivery_id: int = item[0]
         self.subject: str = item[1]
         self.payload: bytes = item[2]
@@ -89,6 +90,7 @@ class StreamMessage(Delivery):
     __slots__ = ("partition", "offset", "key", "generation", "timestamp_ms")
 
     def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+        self._cid = consumer.cid
         self.delivery_id = item[0]
         self.subject = item[1]
         self.payload = item[2]
@@ -124,6 +126,8 @@ class QueueConsumer:
         self._client = client
         self._kind = kind
         self.assignment: tuple[int, list[int]] = (0, [])  # (generation, partitions) in a stream group
+        self.args: dict[str, Any] = {}  # the CONSUME arguments, re-sent after a reconnect
+        self._next_offset: int | None = None
         self.info: Any = None  # what the broker answered to CONSUME
         self.cid = cid
         self.queue = queue
@@ -135,11 +139,29 @@ class QueueConsumer:
         self._error: TidingsError | None = None
 
     def _push(self, items: list[list[Any]]) -> None:
+        if self._kind is StreamMessage and items:
+            self._next_offset = items[-1][6][1] + 1  # readers resume after what they received
         self._q.extend(items)
         ev = self._event
         if ev is not None:
             self._event = None
             ev.set()
+
+    def _connection_lost(self) -> None:
+        """Unsettled deliveries are void (the broker redelivers them); a reader
+        keeps what it has and resumes after it."""
+        if not self._is_reader():
+            self._q.clear()
+
+    def _is_reader(self) -> bool:
+        return "stream" in self.args and self.args.get("group") is None
+
+    def _resume_args(self) -> dict[str, Any]:
+        args = dict(self.args)
+        if self._is_reader() and self._next_offset is not None:
+            args["start"] = self._next_offset
+            args["out_of_range"] = "earliest"
+        return args
 
     def _end(self, error: TidingsError | None) -> None:
         self._closed = True
@@ -182,6 +204,11 @@ class QueueConsumer:
         if c.is_closed:
             raise c._error or ConnectionClosedError("the connection is closed")
         item = [d.delivery_id, int(action), arg]
+        if d._cid != self.cid:
+            # Delivered before a reconnect: the broker already returned it for redelivery.
+            if wait:
+                raise StaleDeliveryError(f"delivery {d.delivery_id} was made on a connection that was lost")
+            return
         if not wait:
             c._queue_ack(self.cid, item)
             return
