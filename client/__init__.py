@@ -22,8 +22,9 @@ from .errors import (
 )
 from .message import Message
 from .subscription import Subscription
+from .worker import Worker
 
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
-    "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code",
+    "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code", "Worker",
 ]
