@@ -12,7 +12,7 @@ from .consumer import ConsumeContext, Delivery, QueueConsumer, StreamMessage
 from .errors import ConnectionClosedError, TimeoutError
 
 if TYPE_CHECKING:
-    from .client import Client
+    pass
 
 
 class AdminMixin:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -11,6 +10,7 @@ import anyio
 from protocol import frames as F
 
 from .errors import ConnectionClosedError, StaleDeliveryError, TidingsError, for_code
+from .inbox import Inbox
 
 if TYPE_CHECKING:
     from .client import Client
@@ -112,7 +112,7 @@ class StreamMessage(Delivery):
                 f"key={self.key!r}, delivery_count={self.delivery_count})")
 
 
-class QueueConsumer:
+class QueueConsumer(Inbox):
     """Async iterator of :class:`Delivery`; use via ``async with tc.consume(queue)``.
 
     The broker never has more than ``prefetch`` unsettled deliveries out to
@@ -123,6 +123,8 @@ class QueueConsumer:
 
     def __init__(self, client: Client, cid: int, queue: str, prefetch: int,
                  kind: type[Delivery] = Delivery) -> None:
+        super().__init__()
+        self._what = f"delivery from {queue!r}"
         self._client = client
         self._kind = kind
         self.assignment: tuple[int, list[int]] = (0, [])  # (generation, partitions) in a stream group
@@ -133,19 +135,12 @@ class QueueConsumer:
         self.queue = queue
         self.prefetch = prefetch
         self.stale_acks = 0
-        self._q: deque[list[Any]] = deque()
-        self._event: anyio.Event | None = None
-        self._closed = False
-        self._error: TidingsError | None = None
 
     def _push(self, items: list[list[Any]]) -> None:
         if self._kind is StreamMessage and items:
             self._next_offset = items[-1][6][1] + 1  # readers resume after what they received
         self._q.extend(items)
-        ev = self._event
-        if ev is not None:
-            self._event = None
-            ev.set()
+        self._wake()
 
     def _connection_lost(self) -> None:
         """Unsettled deliveries are void (the broker redelivers them); a reader
@@ -163,41 +158,8 @@ class QueueConsumer:
             args["out_of_range"] = "earliest"
         return args
 
-    def _end(self, error: TidingsError | None) -> None:
-        self._closed = True
-        if error is not None and self._error is None:
-            self._error = error
-        ev = self._event
-        if ev is not None:
-            self._event = None
-            ev.set()
-
-    def __aiter__(self) -> QueueConsumer:
-        return self
-
-    async def __anext__(self) -> Delivery:
-        q = self._q
-        while not q:
-            if self._closed:
-                if self._error is not None:
-                    raise self._error
-                raise StopAsyncIteration
-            ev = self._event = anyio.Event()
-            await ev.wait()
-        return self._kind(q.popleft(), self)
-
-    async def next(self, timeout: float | None = None) -> Any:
-        """The next delivery; client TimeoutError after ``timeout`` seconds."""
-        import builtins
-
-        from .errors import TimeoutError as TidingsTimeout
-        try:
-            with anyio.fail_after(timeout):
-                return await self.__anext__()
-        except builtins.TimeoutError as exc:
-            if isinstance(exc, TidingsError):
-                raise
-            raise TidingsTimeout(f"no delivery from {self.queue!r} within {timeout}s") from exc
+    def _wrap(self, raw: list[Any]) -> Delivery:
+        return self._kind(raw, self)
 
     async def _settle(self, d: Delivery, action: int, arg: Any, wait: bool) -> None:
         c = self._client
