@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -15,9 +16,19 @@ from typing import Any, Iterator
 READY = re.compile(rb"tidings listening on (\S+):(\d+)")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunningBroker:
+    """A broker started by :func:`broker_process`: where to connect, its pid
+    (for /proc/PID/status) and its data directory."""
+
+    url: str
+    pid: int
+    data_dir: str
+
+
 @contextlib.contextmanager
-def broker(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `python -m broker serve --port 0` in a temp data dir; yield its URL."""
+def broker_process(*extra: str, env: dict[str, str] | None = None) -> Iterator[RunningBroker]:
+    """Start `python -m broker serve --port 0` in a temp data dir; yield it; SIGTERM it after."""
     with tempfile.TemporaryDirectory(prefix="tidings-bench-") as data:
         cmd = [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir", data,
                "--log-level", "warning", *extra]
@@ -29,7 +40,7 @@ def broker(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
             m = READY.search(line)
             if not m:
                 raise RuntimeError(f"broker did not start: {line!r}")
-            yield f"tidings://{m.group(1).decode()}:{m.group(2).decode()}"
+            yield RunningBroker(f"tidings://{m.group(1).decode()}:{m.group(2).decode()}", proc.pid, data)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -37,6 +48,22 @@ def broker(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@contextlib.contextmanager
+def broker(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start `python -m broker serve --port 0` in a temp data dir; yield its URL."""
+    with broker_process(*extra, env=env) as b:
+        yield b.url
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of /proc/PID/status (e.g. VmRSS, VmHWM), in KiB (Linux only)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
 def spawn(module: str, *args: str) -> subprocess.Popen[bytes]:

@@ -77,6 +77,8 @@ class Durable:
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
+        # Metrics hook: called once per committed publish batch with its admission-to-confirm seconds.
+        self.on_confirm_latency: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------ clock/ids
 
@@ -142,9 +144,12 @@ class Durable:
     async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]]) -> None:
         """Store each (PUB message, targets) entry -- queues and streams -- in
         one store operation, and confirm each after the commit."""
+        admitted = time.perf_counter()
         confirms: list[Any] = []
+        # Ids the publisher vouches are new (client-generated, first send) are
+        # recorded for later resends but need no look-up now.
         with_ids = [m[F.P_OPTS][F.OPT_MSG_ID] for m, _ in entries
-                    if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS]]
+                    if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS] and not m[F.P_OPTS].get(F.OPT_NEW)]
         known: dict[str, bytes] = {}
         if with_ids:
             now = self.now_ms()
@@ -281,6 +286,8 @@ class Durable:
                 q.on_committed(qrows_)
             for st, parts in by_stream.items():
                 st.on_committed(parts)
+            if self.on_confirm_latency is not None:
+                self.on_confirm_latency(time.perf_counter() - admitted)
 
         try:
             self.store.submit_nowait(PutMessages(rows, dedup, done, stream_rows=srows))
@@ -488,7 +495,13 @@ class Durable:
             return
         codes = c.settle(ev.items)
         if ev.rid:
-            conn.push_wire([F.Op.OK, ev.rid, codes], 16 + len(codes))
+            reply = [F.Op.OK, ev.rid, codes]
+            group = getattr(c, "group", None)
+            if group is not None:
+                # A stream group answers once the offsets are committed to disk.
+                group.on_persisted(lambda: conn.push_wire(reply, 16 + len(codes)))
+            else:
+                conn.push_wire(reply, 16 + len(codes))
         else:
             stale = sum(1 for x in codes if x)
             if stale:

@@ -29,7 +29,7 @@ from protocol import frames as F
 from protocol.errors import ErrorCode
 
 from .queueconfig import QueueConfig
-from .store.base import StoredMessage
+from .store.base import StoredMessage, UpdateMessages
 
 if TYPE_CHECKING:
     from .connection import ConnectionActor
@@ -85,6 +85,7 @@ class QueueActor:
         self.next_due: int | None = None
         self._due_known = count == 0
         self._loading = False
+        self._load_due: int | None = None  # earliest due time sent beyond the cursor during a refill
         self._arrived: list[StoredMessage] = []
         self._deletes: list[int] = []
         self._updates: list[tuple[int, int, int, str | None]] = []
@@ -135,6 +136,8 @@ class QueueActor:
         self.wake()
 
     def _to_beyond(self, available_ms: int) -> None:
+        if self._loading and (self._load_due is None or available_ms < self._load_due):
+            self._load_due = available_ms
         if self.beyond == 0:
             self.next_due = available_ms
             self._due_known = True
@@ -286,6 +289,12 @@ class QueueActor:
         heap = self._deadlines
         if not heap:
             return
+        if len(heap) > 2 * len(self.inflight) + 1024:
+            # Settled deliveries leave their entries behind; drop them before
+            # they add up to rate x ack_deadline of dead weight.
+            inflight = self.inflight
+            self._deadlines = heap = [(inf.deadline, did) for did, inf in inflight.items()]
+            heapq.heapify(heap)
         mono = time.monotonic()
         while heap and heap[0][0] <= mono:
             deadline, did = heapq.heappop(heap)
@@ -392,7 +401,11 @@ class QueueActor:
         limit = WINDOW - len(self.ready)
         self._loading = True
         self._arrived = []
+        self._load_due = None
         try:
+            # Barrier: every operation this actor submitted so far (nack delays
+            # above all) is committed, so the queries below see it.
+            await store.write(UpdateMessages(self.name, []))
             rows = await store.load_messages(self.name, after=self.cursor, due_before_ms=now, limit=limit)
             loaded = {r.id for r in rows}
             if rows:
@@ -413,12 +426,15 @@ class QueueActor:
             self._loading = False
             arrived, self._arrived = self._arrived, []
         for r in arrived:
-            if (r.available_ms, r.id) <= self.cursor:
-                if r.id not in loaded:
-                    self.ready.append(r)
-                    self.beyond -= 1
-            elif self._due_known and (self.next_due is None or r.available_ms < self.next_due):
-                self.next_due = r.available_ms
+            if (r.available_ms, r.id) <= self.cursor and r.id not in loaded:
+                self.ready.append(r)
+                self.beyond -= 1
+        # Anything sent beyond the cursor while the queries ran (arrivals,
+        # nacks with a delay) may be missing from what they saw.
+        if self._load_due is not None and self._due_known:
+            if self.next_due is None or self._load_due < self.next_due:
+                self.next_due = self._load_due
+        self._load_due = None
         if self.beyond <= 0:
             self.beyond = 0
             self.next_due = None

@@ -156,13 +156,18 @@ class Member:
 
 class PState:
     __slots__ = ("index", "owner", "gen", "committed", "cursor", "inflight", "acked", "attempts",
-                 "paused_until", "buffer", "dirty", "reading")
+                 "paused_until", "buffer", "dirty", "reading", "persisted", "delivered", "delivered_saved",
+                 "seen_below")
 
-    def __init__(self, index: int, committed: int) -> None:
+    def __init__(self, index: int, committed: int, delivered: int = 0) -> None:
         self.index = index
         self.owner: Member | None = None
         self.gen = 0
-        self.committed = committed
+        self.committed = committed  # every offset below is acked (in memory)
+        self.persisted = committed  # ... and this much of it is committed to the store
+        self.delivered = max(delivered, committed)  # every offset below was delivered at least once
+        self.delivered_saved = self.delivered
+        self.seen_below = self.delivered  # from before a restart: a delivery below this is a redelivery
         self.cursor = committed
         self.inflight: dict[int, tuple[int, StreamRow]] = {}  # offset -> (delivery id, row)
         self.acked: set[int] = set()
@@ -181,21 +186,26 @@ class PState:
 
 
 class GroupActor:
-    def __init__(self, stream: StreamActor, name: str, committed: dict[int, int]) -> None:
+    def __init__(self, stream: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> None:
         self.stream = stream
         self.name = name
         self.generation = 0
         self.members: list[Member] = []
         self._seq = 0
-        self.parts = [PState(p.index, max(committed.get(p.index, p.first), p.first)) for p in stream.partitions]
+        self.parts = []
+        for p in stream.partitions:
+            c, d = offsets.get(p.index, (p.first, p.first))
+            self.parts.append(PState(p.index, max(c, p.first), d))
         self._dids: dict[int, tuple[PState, int, int, Member, float]] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._did = 0
         self._wake = anyio.Event()
         self._idle = False
         self._stopped = False
-        self.delivered = 0
+        self.delivered_count = 0
         self.redelivered = 0
+        self._out: dict[Member, list[Any]] = {}
+        self._persist_waiters: list[Any] = []
         self.ops: list[Any] = []  # dead-letter writes, submitted before the offsets they let pass
 
     def wake(self) -> None:
@@ -228,8 +238,8 @@ class GroupActor:
         for ps in self.parts:
             owner = ms[ps.index % len(ms)] if ms else None
             if owner is not ps.owner:
-                for did, _row in ps.inflight.values():
-                    self._dids.pop(did, None)
+                # The old owner's delivery ids stay known until settled or expired,
+                # so its acks are refused as STALE_GENERATION.
                 ps.owner = owner
                 ps.gen = gen
                 ps.reset()
@@ -262,7 +272,12 @@ class GroupActor:
                 codes.append(0)
                 continue
             del self._dids[did]
-            row = ps.inflight.pop(offset)[1]
+            got = ps.inflight.get(offset)
+            if got is None or got[0] != did:  # voided by a rewind since it was sent
+                codes.append(int(ErrorCode.STALE_DELIVERY))
+                continue
+            del ps.inflight[offset]
+            row = got[1]
             if action == F.AckAction.ACK:
                 self._acked(ps, offset)
             elif action == F.AckAction.NACK:
@@ -273,6 +288,13 @@ class GroupActor:
             codes.append(0)
         self.wake()
         return codes
+
+    def on_persisted(self, fn: Any) -> None:
+        """Call ``fn()`` once the offsets acked so far are committed to the store
+        (an ACK that asked for an answer is answered then: a synchronous commit)."""
+        self._persist_waiters.append(fn)
+        self._idle = False
+        self._wake.set()
 
     def _acked(self, ps: PState, offset: int) -> None:
         ps.attempts.pop(offset, None)
@@ -315,6 +337,7 @@ class GroupActor:
         while not self._stopped:
             self._expire()
             need = self._pump()
+            await self._send()
             for ps in need:
                 if ps.buffer:
                     continue  # a rewind raced the read
@@ -343,6 +366,9 @@ class GroupActor:
 
     def _expire(self) -> None:
         heap = self._deadlines
+        if len(heap) > 2 * len(self._dids) + 1024:  # drop entries of settled deliveries
+            self._deadlines = heap = [(e[4], did) for did, e in self._dids.items()]
+            heapq.heapify(heap)
         mono = time.monotonic()
         while heap and heap[0][0] <= mono:
             deadline, did = heapq.heappop(heap)
@@ -351,8 +377,9 @@ class GroupActor:
                 continue
             ps, offset = entry[0], entry[1]
             del self._dids[did]
-            got = ps.inflight.pop(offset, None)
-            if got is not None:
+            got = ps.inflight.get(offset)
+            if got is not None and got[0] == did:  # not a copy since given to another member
+                del ps.inflight[offset]
                 self._failed(ps, offset, got[1], None, "ack deadline exceeded")
 
     def _pump(self) -> list[PState]:
@@ -403,7 +430,7 @@ class GroupActor:
                         continue
                     self._did += 1
                     did = self._did
-                    n = ps.attempts.get(r.offset, 0) + 1
+                    n = ps.attempts.get(r.offset, 1 if r.offset < ps.seen_below else 0) + 1
                     ps.attempts[r.offset] = n
                     if n > 1:
                         self.redelivered += 1
@@ -414,10 +441,28 @@ class GroupActor:
                                   [ps.index, r.offset, r.key, ps.gen]])
                     ps.cursor += 1
                     room -= 1
-        for m, items in out.items():
-            self.delivered += len(items)
-            _push(m.conn, m.cid, items)
+                    if ps.cursor > ps.delivered:
+                        ps.delivered = ps.cursor
+        self._out = out
         return need
+
+    async def _send(self) -> None:
+        """Record how far each partition has been delivered, then send: after a
+        crash, a message delivered before counts as a redelivery."""
+        out, self._out = self._out, {}
+        if not out:
+            return
+        moved = [ps for ps in self.parts if ps.delivered > ps.delivered_saved]
+        if moved:
+            name = self.stream.name
+            await self.stream.durable.streams.commit_offsets(
+                [(name, self.name, ps.index, ps.persisted, ps.delivered) for ps in moved], wait=True)
+            for ps in moved:
+                ps.delivered_saved = max(ps.delivered_saved, ps.delivered)
+        for m, items in out.items():
+            if m.group is self and m in self.members:
+                self.delivered_count += len(items)
+                _push(m.conn, m.cid, items)
 
     def _skip_to(self, ps: PState, offset: int) -> None:
         for o in range(ps.cursor, offset):
@@ -429,11 +474,25 @@ class GroupActor:
             ops, self.ops = self.ops, []
             for op in ops:
                 await self.stream.durable.store.submit(op)
-        dirty = [(self.stream.name, self.name, ps.index, ps.committed) for ps in self.parts if ps.dirty]
+        dirty = [ps for ps in self.parts if ps.dirty]
+        waiters, self._persist_waiters = self._persist_waiters, []
+        if not dirty:
+            for fn in waiters:
+                fn()
         if dirty:
-            for ps in self.parts:
+            rows = [(self.stream.name, self.name, ps.index, ps.committed, ps.delivered) for ps in dirty]
+            values = [(ps, ps.committed) for ps in dirty]
+            for ps in dirty:
                 ps.dirty = False
-            await self.stream.durable.streams.commit_offsets(dirty)
+
+            def done(error: Exception | None) -> None:
+                if error is None:
+                    for ps, c in values:
+                        ps.persisted = max(ps.persisted, c)
+                for fn in waiters:
+                    fn()
+
+            await self.stream.durable.streams.commit_offsets(rows, done)
 
     def info(self) -> dict[str, Any]:
         parts = []
@@ -441,12 +500,12 @@ class GroupActor:
             part = self.stream.partitions[ps.index]
             parts.append({"partition": ps.index, "owner": (ps.owner.cid if ps.owner else None),
                           "owner_connection": (ps.owner.conn.number if ps.owner else None),
-                          "committed": ps.committed, "lag": part.hwm - ps.committed,
+                          "committed": ps.committed, "persisted": ps.persisted, "lag": part.hwm - ps.committed,
                           "in_flight": len(ps.inflight)})
         return {"generation": self.generation, "members": [
             {"connection": m.conn.number, "client": m.conn.name, "cid": m.cid,
              "partitions": [ps.index for ps in self.parts if ps.owner is m]} for m in self.members],
-            "partitions": parts, "delivered": self.delivered, "redelivered": self.redelivered}
+            "partitions": parts, "delivered": self.delivered_count, "redelivered": self.redelivered}
 
 
 def _push(conn: ConnectionActor, cid: int, items: list[Any]) -> None:

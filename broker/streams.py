@@ -69,8 +69,8 @@ class Streams:
         for p in st.cfg.bind:
             self.durable.bindings.add(p, st)
 
-    async def _start_group(self, st: StreamActor, name: str, committed: dict[int, int]) -> GroupActor:
-        g = GroupActor(st, name, committed)
+    async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
+        g = GroupActor(st, name, offsets)
         st.groups[name] = g
         assert self._tg is not None
         await self._tg.start(g.run)
@@ -118,8 +118,13 @@ class Streams:
 
         return PutMessages([msg], [], done)
 
-    async def commit_offsets(self, offsets: list[tuple[str, str, int, int]]) -> None:
-        await self.store.submit(CommitOffsets(offsets))
+    async def commit_offsets(self, offsets: list[tuple[str, str, int, int, int]], on_done: Any = None,
+                             wait: bool = False) -> None:
+        op = CommitOffsets(offsets, on_done)
+        if wait:
+            await self.store.write(op)
+        else:
+            await self.store.submit(op)
 
     # ---------------------------------------------------------------- admin
 
@@ -232,8 +237,8 @@ class Streams:
                     raise _err("a new group's start must be 'earliest' or 'latest'", ErrorCode.INVALID_ARGUMENT,
                                rid)
                 committed = {p.index: (p.first if start == "earliest" else p.hwm) for p in st.partitions}
-                g = await self._start_group(st, group, committed)
-                await self.commit_offsets([(st.name, group, i, c) for i, c in committed.items()])
+                g = await self._start_group(st, group, {i: (c, c) for i, c in committed.items()})
+                await self.commit_offsets([(st.name, group, i, c, c) for i, c in committed.items()], wait=True)
             m = g.join(conn, cid, window)
             conn.consumers[cid] = m
             return {"stream": st.name, "group": group, "generation": g.generation,

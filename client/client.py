@@ -89,7 +89,7 @@ class Client(AdminMixin):
     def __init__(self, url: str = DEFAULT_URL, *, name: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, reconnect: bool = True,
                  reconnect_wait: tuple[float, float] = (0.05, 2.0), max_reconnects: int | None = None,
-                 heartbeat: float = 1.0, dead_after: float = 4.0,
+                 heartbeat: float = 1.5, dead_after: float = 6.0,
                  outage_buffer: int = DEFAULT_OUTAGE_BUFFER, auto_msg_id: bool = True,
                  on_state_change: Callable[[str], Any] | None = None,
                  user: str | None = None, password: str | None = None, token: str | None = None,
@@ -122,6 +122,7 @@ class Client(AdminMixin):
         self._stream: ByteStream | None = None
         self._tg: TaskGroup | None = None
         self._conn_scope: anyio.CancelScope | None = None
+        self._restoring: list[tuple[Any, _Waiter]] | None = None
         self._loss: TidingsError | None = None
         self._closed = False
         self._error: TidingsError | None = None
@@ -255,13 +256,7 @@ class Client(AdminMixin):
             self._lost(reason)
             if not await self._redial():
                 return
-            try:
-                await self._restore()
-            except (TidingsError, OSError, builtins.TimeoutError) as exc:
-                log.warning("restoring the session after reconnect failed: %s", exc)
-                continue  # the new connection broke too: serving it notices and redials
-            self.reconnects += 1
-            self._set_state("reconnected")
+            self._restoring = self._restore()
 
     async def _serve_connection(self) -> TidingsError:
         self._loss = None
@@ -271,8 +266,30 @@ class Client(AdminMixin):
                 ctg.start_soon(self._reader)
                 ctg.start_soon(self._writer)
                 ctg.start_soon(self._heartbeat)
+                if self._restoring is not None:
+                    waits, self._restoring = self._restoring, None
+                    ctg.start_soon(self._finish_restore, waits)
         await _aclose(self._stream)
         return self._loss or ConnectionClosedError("the connection ended")
+
+    async def _finish_restore(self, waits: list[tuple[Any, _Waiter]]) -> None:
+        """Wait for the broker to accept the re-registrations, then say "reconnected"."""
+        try:
+            with anyio.fail_after(self.timeout):
+                for what, w in waits:
+                    try:
+                        await w.wait()
+                    except ConnectionClosedError:
+                        return  # this connection broke too: the supervisor redials
+                    except TidingsError as exc:
+                        log.warning("could not restore %r after reconnect: %s", what, exc)
+                        if isinstance(what, (Subscription, QueueConsumer)):
+                            what._end(exc)
+        except builtins.TimeoutError:
+            self._lose(ConnectionClosedError("the broker did not accept the restored session in time"))
+            return
+        self.reconnects += 1
+        self._set_state("reconnected")
 
     def _lose(self, error: TidingsError) -> None:
         """The current connection is unusable: stop its tasks (the supervisor decides what next)."""
@@ -325,9 +342,14 @@ class Client(AdminMixin):
             return True
         return False
 
-    async def _restore(self) -> None:
-        """Re-register subscriptions and consumers, then resend unconfirmed publishes."""
-        pending = self._out
+    def _restore(self) -> list[tuple[Any, _Waiter]]:
+        """Queue the re-registration of subscriptions and consumers, then the
+        unconfirmed durable publishes, then what was published meanwhile;
+        returns the answers to wait for (the reader is not running yet)."""
+        # Durable publishes made while disconnected are both queued and in
+        # _unconfirmed: send them once, from _unconfirmed.
+        pending = [[F.Op.PUB, [m for m in w[1] if not m[4]]] if w[0] == F.Op.PUB else w for w in self._out]
+        pending = [w for w in pending if w[0] != F.Op.PUB or w[1]]
         self._out = []
         self._cur_pub = None
         self._cur_ack = None
@@ -352,20 +374,13 @@ class Client(AdminMixin):
             self._consumers[cons.cid] = cons
             request([F.Op.CONSUME, 0, cons.cid, cons._resume_args()], cons)
         for _seq, m in sorted(self._unconfirmed.items()):
+            if m[5]:
+                m[5].pop(F.OPT_NEW, None)  # it may have been stored: let the broker look
             self._queue_pub(m)
         self._cur_pub = None
         self._out.extend(pending)
         self._wake_writer()
-        with anyio.fail_after(self.timeout):
-            for what, w in waits:
-                try:
-                    await w.wait()
-                except ConnectionClosedError:
-                    raise
-                except TidingsError as exc:
-                    log.warning("could not restore %r after reconnect: %s", what, exc)
-                    if isinstance(what, (Subscription, QueueConsumer)):
-                        what._end(exc)
+        return waits
 
     async def _heartbeat(self) -> None:
         while True:
@@ -710,11 +725,14 @@ class Client(AdminMixin):
         seq = next(self._seqs)
         m[4] = seq
         if self.auto_msg_id:
+            # A fresh id per durable publish makes a resend after a reconnect
+            # harmless; "new" spares the broker the look-up on the first send.
             opts = m[5]
             if opts is None:
-                m[5] = {F.OPT_MSG_ID: f"{self._id_prefix}{seq}"}
+                m[5] = {F.OPT_MSG_ID: f"{self._id_prefix}{seq}", F.OPT_NEW: 1}
             elif F.OPT_MSG_ID not in opts:
                 opts[F.OPT_MSG_ID] = f"{self._id_prefix}{seq}"
+                opts[F.OPT_NEW] = 1
         w = _Waiter()
         self._confirms[seq] = w
         self._unconfirmed[seq] = m  # resent after a reconnect until confirmed
@@ -915,11 +933,14 @@ class connect:
         self._tg = tg
         return self._client
 
-    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool | None:
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool:
         assert self._tg is not None
         try:
             with anyio.CancelScope(shield=True):
                 await self._client.close()
         finally:
-            result = await self._tg.__aexit__(et, ev, tb)
-        return result
+            # The client's own tasks are done; the block's exception (if any)
+            # propagates as itself, not wrapped in an ExceptionGroup.
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+        return False

@@ -21,6 +21,7 @@ one partition are handled one at a time, in order.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import anyio
@@ -67,7 +68,10 @@ class Worker:
         self.consecutive_failures = 0
         self.breaker_opened = 0
         self._trip = anyio.Event()
-        self._partition_locks: dict[int, anyio.Lock] = {}
+        self._slots = anyio.CapacityLimiter(concurrency)
+        self._loop_scope = anyio.CancelScope()
+        self._partitions: dict[int, Any] = {}
+        self._void: dict[int, int] = {}
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -89,23 +93,24 @@ class Worker:
         """Consume until cancelled (or until the client closes)."""
         while True:
             self._trip = anyio.Event()
-            limit = 1 if self.state == "half-open" else self.concurrency
-            slots = anyio.Semaphore(limit)
+            self._loop_scope = anyio.CancelScope()
+            # One probe at a time while half-open; the limit grows back when it closes.
+            self._slots = anyio.CapacityLimiter(1 if self.state == "half-open" else self.concurrency)
+            self._partitions = {}
+            self._void = {}
             async with self._consume() as deliveries:
                 extend = self.extend_every or _default_extend(deliveries)
                 async with anyio.create_task_group() as tg:
-                    async for d in deliveries:
-                        await slots.acquire()
-                        if self._trip.is_set():
-                            slots.release()
-                            break
-                        tg.start_soon(self._handle, d, slots, extend)
-                        if self.state == "half-open":
-                            # one probe at a time: wait for its verdict before taking more
-                            async with slots:
-                                pass
-                            if self._trip.is_set():
-                                break
+                    # Tripping the breaker cancels this loop (not the running handlers,
+                    # which finish and settle), even while no delivery is arriving.
+                    with self._loop_scope:
+                        async for d in deliveries:
+                            if self.stream is not None:
+                                await self._dispatch_partition(tg, d, extend)
+                                continue
+                            token = object()
+                            await self._slots.acquire_on_behalf_of(token)
+                            tg.start_soon(self._handle_one, d, token, extend)
             # Leaving the consume block stopped the consumer: unsettled deliveries went back.
             if not self._trip.is_set():
                 return  # the consumer ended (closed client, deleted queue)
@@ -114,28 +119,54 @@ class Worker:
             await anyio.sleep(self.cooldown)
             self._set_state("half-open")
 
-    async def _handle(self, d: Delivery, slots: anyio.Semaphore, extend: float) -> None:
+    async def _handle_one(self, d: Delivery, token: object, extend: float) -> None:
         try:
-            lock = None
-            partition = getattr(d, "partition", None)
-            if self.stream is not None and partition is not None:
-                lock = self._partition_locks.setdefault(partition, anyio.Lock())
-                await lock.acquire()
-            try:
-                error = await self._run_handler(d, extend)
-            finally:
-                if lock is not None:
-                    lock.release()
-            try:
-                if error is None:
-                    await d.ack()
-                else:
-                    await d.nack()  # None: the queue's backoff schedule decides the delay
-            except TidingsError as exc:
-                log.warning("settling %r failed: %s", d, exc)
-            self._verdict(error)
+            await self._process(d, extend)
         finally:
-            slots.release()
+            self._slots.release_on_behalf_of(token)
+
+    async def _process(self, d: Delivery, extend: float) -> BaseException | None:
+        error = await self._run_handler(d, extend)
+        try:
+            if error is None:
+                await d.ack()
+            else:
+                await d.nack()  # None: the queue's backoff schedule decides the delay
+        except TidingsError as exc:
+            log.warning("settling %r failed: %s", d, exc)
+        self._verdict(error)
+        return error
+
+    async def _dispatch_partition(self, tg: Any, d: Any, extend: float) -> None:
+        """Streams: one runner per partition handles its messages in order;
+        runners, not messages, take the concurrency slots."""
+        p = d.partition
+        void = self._void.get(p)
+        if void is not None:
+            if d.offset > void:
+                return  # voided by the broker after a failure at `void`: it comes again, in order
+            del self._void[p]
+        queue = self._partitions.get(p)
+        if queue is not None:
+            queue.append(d)
+            return
+        self._partitions[p] = queue = deque([d])
+        token = object()
+        await self._slots.acquire_on_behalf_of(token)
+        tg.start_soon(self._run_partition, p, queue, token, extend)
+
+    async def _run_partition(self, p: int, queue: Any, token: object, extend: float) -> None:
+        try:
+            while queue and not self._trip.is_set():
+                d = queue.popleft()
+                if await self._process(d, extend) is not None:
+                    # The broker redelivers the partition from this offset: later
+                    # ones already here are void (running them would break order).
+                    queue.clear()
+                    self._void[p] = d.offset
+        finally:
+            self._partitions.pop(p, None)
+            self._slots.release_on_behalf_of(token)
 
     async def _run_handler(self, d: Delivery, extend: float) -> BaseException | None:
         error: BaseException | None = None
@@ -156,12 +187,14 @@ class Worker:
             self.consecutive_failures = 0
             if self.state == "half-open":
                 self._set_state("closed")
+                self._slots.total_tokens = self.concurrency
             return
         self.failed += 1
         self.consecutive_failures += 1
         if self.state == "half-open" or self.consecutive_failures >= self.failure_threshold:
             self.consecutive_failures = 0
             self._trip.set()
+            self._loop_scope.cancel()
 
 
 async def _keep_extending(d: Delivery, every: float) -> None:

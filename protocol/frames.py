@@ -71,7 +71,8 @@ OPT_KEY: Final = "key"  # str: partition key for streams
 OPT_DELAY: Final = "delay"  # int ms: deliver no earlier than now + delay
 OPT_AT: Final = "at"  # int ms since the epoch: deliver no earlier than this
 OPT_TTL: Final = "ttl"  # int ms: expire if not delivered in time
-PUB_OPTIONS: Final = frozenset({OPT_MSG_ID, OPT_KEY, OPT_DELAY, OPT_AT, OPT_TTL})
+OPT_NEW: Final = "new"  # int 1: the publisher vouches this msg_id was never sent before (skip the look-up)
+PUB_OPTIONS: Final = frozenset({OPT_MSG_ID, OPT_KEY, OPT_DELAY, OPT_AT, OPT_TTL, OPT_NEW})
 
 Headers = dict[str, Union[str, int, bytes]]
 

@@ -54,6 +54,7 @@ CREATE TABLE stream_offsets (
     grp       TEXT NOT NULL,
     partition INTEGER NOT NULL,
     committed INTEGER NOT NULL,
+    delivered INTEGER NOT NULL DEFAULT 0,  -- offsets below were delivered at least once
     PRIMARY KEY (stream, grp, partition)
 ) WITHOUT ROWID;
 """
@@ -65,8 +66,9 @@ UPSERT_STREAM: Final = (
     "INSERT INTO streams (name, config, created_ms) VALUES (?,?,?)"
     " ON CONFLICT (name) DO UPDATE SET config = excluded.config")
 UPSERT_OFFSET: Final = (
-    "INSERT INTO stream_offsets (stream, grp, partition, committed) VALUES (?,?,?,?)"
-    " ON CONFLICT (stream, grp, partition) DO UPDATE SET committed = excluded.committed")
+    "INSERT INTO stream_offsets (stream, grp, partition, committed, delivered) VALUES (?,?,?,?,?)"
+    " ON CONFLICT (stream, grp, partition) DO UPDATE SET committed = excluded.committed,"
+    " delivered = MAX(delivered, excluded.delivered)")
 TRIM: Final = "DELETE FROM stream_messages WHERE stream = ? AND partition = ? AND offset < ?"
 UPSERT_FLOOR: Final = (
     "INSERT INTO stream_floors (stream, partition, first) VALUES (?,?,?)"
@@ -129,9 +131,9 @@ class DeleteStream:
 
 @dataclass(slots=True)
 class CommitOffsets:
-    """Upsert committed offsets: (stream, group, partition, committed)."""
+    """Upsert group offsets: (stream, group, partition, committed, delivered)."""
 
-    offsets: list[tuple[str, str, int, int]]
+    offsets: list[tuple[str, str, int, int, int]]
     on_done: DoneCallback | None = None
 
     def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
@@ -184,12 +186,13 @@ class StreamReads:
             (stream, partition, ts_ms))
         return rows[0][0] if rows and rows[0][0] is not None else None
 
-    async def load_offsets(self: Reads, stream: str) -> dict[str, dict[int, int]]:  # type: ignore[misc]
-        rows = await self._fetch("SELECT grp, partition, committed FROM stream_offsets WHERE stream = ?",
-                                 (stream,))
-        out: dict[str, dict[int, int]] = {}
-        for g, p, c in rows:
-            out.setdefault(g, {})[p] = c
+    async def load_offsets(self: Reads, stream: str) -> dict[str, dict[int, tuple[int, int]]]:  # type: ignore[misc]
+        """group -> partition -> (committed, delivered)."""
+        rows = await self._fetch(
+            "SELECT grp, partition, committed, delivered FROM stream_offsets WHERE stream = ?", (stream,))
+        out: dict[str, dict[int, tuple[int, int]]] = {}
+        for g, p, c, d in rows:
+            out.setdefault(g, {})[p] = (c, d)
         return out
 
     async def cutoff_by_age(self: Reads, stream: str, partition: int, before_ms: int) -> int | None:  # type: ignore[misc]
