@@ -1,5 +1,9 @@
 """The `tidings` command: `serve` runs the broker; the others are tools for people.
 
+`pub` and `sub` live here; the queue and dead-letter admin commands
+(`queues`, `dlq`) live in admin_cli.py and are registered from
+build_parser.
+
 Every command that talks to a running broker uses the normal protocol
 through the client library, at ``--url`` (default: the local default
 port).
@@ -15,6 +19,7 @@ from typing import Any, Sequence
 
 import anyio
 
+from . import admin_cli
 from .config import DEFAULT_PORT, ConfigError, load
 
 DEFAULT_URL = f"tidings://127.0.0.1:{DEFAULT_PORT}"
@@ -74,7 +79,20 @@ def _pub(ns: argparse.Namespace) -> int:
                 await tc.publish(ns.subject, data, headers=headers or None)
             await tc.flush()
 
-    _run(go)
+    return _run_client(go, ns.url)
+
+
+def _run_client(go: Any, url: str) -> int:
+    """Run a client coroutine; a broker or connection error is one line on stderr, exit 1."""
+    from client import TidingsError
+
+    try:
+        _run(go)
+    except TidingsError as exc:
+        print(f"tidings: {url}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -97,11 +115,7 @@ def _sub(ns: argparse.Namespace) -> int:
                 if ns.count and n >= ns.count:
                     return
 
-    try:
-        _run(go)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return _run_client(go, ns.url)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object per message")
     s.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=f"broker URL (default {DEFAULT_URL})")
     s.set_defaults(fn=_sub)
+
+    admin_cli.register(sp)
     return p
 
 

@@ -115,8 +115,6 @@ async def test_cli_sub_group_shares_with_another_member(broker) -> None:
     assert {printed[-1:].encode(), got_here} == {b"0", b"1"}
 
 
-@pytest.mark.xfail(reason="BUG: `tidings pub/sub` with no broker at --url dies with a ConnectError "
-                          "traceback instead of a one-line error", strict=True)
 def test_cli_pub_without_broker_gives_a_clear_error() -> None:
     r = run_cli("pub", "a", "b", "--url", "tidings://127.0.0.1:1")
     assert r.returncode != 0
