@@ -28,7 +28,7 @@ async def test_sigterm_with_no_clients_exits_zero_promptly(broker) -> None:
 
 async def test_sigterm_delivers_flushed_messages_notifies_and_closes(broker) -> None:
     n = 1000
-    async with connect(broker.url) as sc, connect(broker.url) as pub, \
+    async with connect(broker.url, reconnect=False) as sc, connect(broker.url, reconnect=False) as pub, \
             RawClient.open(broker.host, broker.port) as raw:
         await raw.hello()
         await raw.subscribe("sd.>", sid=1)
@@ -68,7 +68,7 @@ async def test_sigterm_delivers_flushed_messages_notifies_and_closes(broker) -> 
 
 
 async def test_sigterm_with_idle_clients_exits_promptly(broker) -> None:
-    async with connect(broker.url) as tc, RawClient.open(broker.host, broker.port) as raw:
+    async with connect(broker.url, reconnect=False) as tc, RawClient.open(broker.host, broker.port) as raw:
         await raw.hello()
         await tc.subscribe("idle")
         await tc.flush()
