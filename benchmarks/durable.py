@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any
 
 from ._common import broker, emit, percentile, spawn
+from ._progress import Progress
 
 
 async def _consumer(url: str, queue: str, expect: int, prefetch: int) -> None:
@@ -53,6 +54,7 @@ async def _producer(url: str, subject: str, count: int, size: int, in_flight: in
         start = time.monotonic_ns()
         pub = tc.publish_nowait
         mono = time.monotonic_ns
+        progress = Progress("durable publish (confirmed)", count)
         for i in range(count):
             if len(pending) >= in_flight:
                 t0, c = pending.popleft()
@@ -60,11 +62,14 @@ async def _producer(url: str, subject: str, count: int, size: int, in_flight: in
                 if i % 16 == 0:
                     lat.append(mono() - t0)
             pending.append((mono(), pub(subject, payload, confirm=True)))
+            if not i & 1023:
+                progress.update(i - len(pending))
         while pending:
             t0, c = pending.popleft()
             await c
             lat.append(mono() - t0)
         done = mono()
+        progress.finish(count)
         stats = await tc.call("stats")
     print(json.dumps({"start": start, "done": done, "lat": lat, "store": stats.get("store", {})}), flush=True)
 

@@ -17,17 +17,19 @@ import json
 import struct
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._common import broker, emit, percentile, spawn
+from ._progress import Progress
 
 STAMP = struct.Struct(">q")
 
 
-async def _subscriber(url: str, subject: str, expect: int) -> None:
+async def _subscriber(url: str, subject: str, expect: int, **creds: Any) -> None:
     from client import connect
 
-    async with connect(url, name="bench-sub") as tc:
+    async with connect(url, name="bench-sub", **creds) as tc:
         sub = await tc.subscribe(subject, max_pending=1_000_000)
         end = await tc.subscribe(subject + ".end")
         print("ready", flush=True)
@@ -58,37 +60,48 @@ async def _subscriber(url: str, subject: str, expect: int) -> None:
                           "dropped_by_broker": sub.dropped_by_broker, "dropped": sub.dropped}), flush=True)
 
 
-async def _publisher(url: str, subject: str, count: int, size: int) -> None:
+async def _publisher(url: str, subject: str, count: int, size: int, **creds: Any) -> None:
     from client import connect
 
     pad = b"x" * (size - STAMP.size)
-    async with connect(url, name="bench-pub") as tc:
+    async with connect(url, name="bench-pub", **creds) as tc:
         print("ready", flush=True)
         sys.stdin.readline()
         start = time.monotonic_ns()
         publish = tc.publish
         pack = STAMP.pack
         mono = time.monotonic_ns
-        for _ in range(count):
+        progress = Progress(f"publish {subject}", count)
+        for i in range(count):
             await publish(subject, pack(mono()) + pad)
+            if not i & 4095:
+                progress.update(i)
         await tc.flush(timeout=60)
+        progress.finish(count)
         done = time.monotonic_ns()
         await tc.publish(subject + ".end", b"")
         await tc.flush()
         print(json.dumps({"start": start, "done": done}), flush=True)
 
 
-def run_scenario(url: str, fanout: int, count: int, size: int) -> dict[str, Any]:
+def run_scenario(url: str, fanout: int, count: int, size: int, worker_args: Sequence[str] = (),
+                 on_go: Callable[[], None] | None = None, on_done: Callable[[], None] | None = None,
+                 ) -> dict[str, Any]:
+    """One scenario; ``worker_args`` (e.g. ``--user U --password P --ca-file F``) go to every
+    worker; ``on_go``/``on_done`` are called as the publisher starts (everyone connected and
+    logged in) and once every subscriber has reported (benchmarks/secure.py reads CPU times there)."""
     subject = f"bench.fan{fanout}"
     subs = [spawn("benchmarks.pubsub", "--role", "sub", "--url", url, "--subject", subject,
-                  "--messages", str(count)) for _ in range(fanout)]
+                  "--messages", str(count), *worker_args) for _ in range(fanout)]
     for p in subs:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == b"ready"
     pub = spawn("benchmarks.pubsub", "--role", "pub", "--url", url, "--subject", subject,
-                "--messages", str(count), "--payload", str(size))
+                "--messages", str(count), "--payload", str(size), *worker_args)
     assert pub.stdout is not None and pub.stdin is not None
     assert pub.stdout.readline().strip() == b"ready"
+    if on_go is not None:
+        on_go()
     pub.stdin.write(b"go\n")
     pub.stdin.flush()
     pres = json.loads(pub.stdout.readline())
@@ -96,6 +109,9 @@ def run_scenario(url: str, fanout: int, count: int, size: int) -> dict[str, Any]
     for p in subs:
         assert p.stdout is not None
         results.append(json.loads(p.stdout.readline()))
+    if on_done is not None:
+        on_done()
+    for p in subs:
         p.wait(30)
     pub.wait(30)
     received = sum(r["received"] for r in results)
@@ -115,6 +131,23 @@ def run_scenario(url: str, fanout: int, count: int, size: int) -> dict[str, Any]
     }
 
 
+def _tls_without_close_notify() -> None:
+    """Work around a client bug: with anyio's default tls_standard_compatible=True,
+    Client.close() and the client's supervisor both wait to read the broker's
+    close_notify and one fails with BusyResourceError (a traceback at exit, after
+    the results are out). The broker does not use close_notify; neither do these workers."""
+    import anyio
+
+    real = anyio.connect_tcp
+
+    async def connect_tcp(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("tls"):
+            kwargs.setdefault("tls_standard_compatible", False)
+        return await real(*args, **kwargs)
+
+    anyio.connect_tcp = connect_tcp  # type: ignore[assignment]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=500_000)
@@ -123,13 +156,23 @@ def main() -> None:
     ap.add_argument("--role", choices=["pub", "sub"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--subject", help=argparse.SUPPRESS)
+    # worker credentials (benchmarks/secure.py runs these scenarios against a secured broker)
+    ap.add_argument("--user", help=argparse.SUPPRESS)
+    ap.add_argument("--password", help=argparse.SUPPRESS)
+    ap.add_argument("--ca-file", help=argparse.SUPPRESS)
     ns = ap.parse_args()
     if ns.role:
+        import functools
+
         from broker.cli import _run
+        creds = {k: v for k, v in (("user", ns.user), ("password", ns.password), ("ca_file", ns.ca_file))
+                 if v is not None}
+        if ns.ca_file:
+            _tls_without_close_notify()
         if ns.role == "sub":
-            _run(_subscriber, ns.url, ns.subject, ns.messages)
+            _run(functools.partial(_subscriber, **creds), ns.url, ns.subject, ns.messages)
         else:
-            _run(_publisher, ns.url, ns.subject, ns.messages, ns.payload)
+            _run(functools.partial(_publisher, **creds), ns.url, ns.subject, ns.messages, ns.payload)
         return
     rows = []
     with broker() as url:

@@ -5,16 +5,25 @@ the environment mapping it is given, validates everything, and returns.
 Unknown keys anywhere are an error (a typo must not silently fall back to
 a default). Every limit is a named setting with its reason in
 docs/OPERATIONS.md.
+
+The security sections of the TOML file (``auth``, ``[users.*]``, ``[tls]``;
+see broker/auth.py) are validated by :func:`auth.load_security` and kept
+as ``Config.security``; they have no environment variables or flags
+(secrets and certificate paths belong in a file). Without users the broker
+only listens on a loopback address unless ``allow_open`` says otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+from .auth import Security, SecurityConfigError, load_security, split_security
 
 DEFAULT_PORT = 7421  # not used by NATS (4222), Redis (6379), AMQP (5672), Kafka (9092), MQTT (1883), NSQ (4150)
 ENV_PREFIX = "TIDINGS_"
@@ -22,6 +31,9 @@ ENV_PREFIX = "TIDINGS_"
 CLIENT_ENV = frozenset({"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_USER", "TIDINGS_PASSWORD", "TIDINGS_TOKEN",
                         "TIDINGS_CA_FILE"})
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+GIB = 1024 * 1024 * 1024
+MIB = 1024 * 1024
+NOT_SETTINGS = frozenset({"security"})  # Config fields that only come from their own TOML sections
 
 
 def default_data_dir() -> str:
@@ -44,6 +56,9 @@ class Config:
     durability: str = "full"
     # limits
     max_connections: int = 10_000
+    # per authenticated user, unless [users.NAME] sets its own max_connections (one leaked
+    # client loop must not take every slot of the global max_connections)
+    max_connections_per_user: int = 1000
     max_payload: int = 1024 * 1024
     hello_timeout: float = 5.0
     frame_timeout: float = 30.0
@@ -52,9 +67,28 @@ class Config:
     heartbeat: float = 20.0  # server PINGs a silent client this often; 2 missed -> close
     dedup_window: float = 300.0
     max_db_pages: int = 0  # cap the store's size in SQLite pages (4 KiB); 0 = no cap beyond the disk
+    # Above this resident set size (bytes) the broker stops reading from connections that
+    # publish, until it is below again; consumers, acks and admin calls keep flowing. 0 = off.
+    memory_high_water: int = GIB
+    # Below this much free space on the data directory's disk (bytes), durable publishes are
+    # refused with STORAGE_FULL (pub/sub still works), so SQLite never hits ENOSPC mid-commit. 0 = off.
+    min_free_disk: int = 256 * MIB
+    resource_check_interval: float = 0.5  # seconds between RSS / free-disk checks (cheap: one /proc read, one statvfs)
+    # Audit log (JSON lines: logins, denials, admin operations, limit refusals): a file path,
+    # "" for <data_dir>/audit.log, or "-" for the "tidings.audit" logger (stderr with the rest).
+    audit_log: str = ""
     allow_open: bool = False  # permit binding a non-loopback host without authentication
     log_level: str = "info"
     log_format: str = "text"
+    # users, permissions and TLS from the config file's auth/[users]/[tls] sections (see broker/auth.py)
+    security: Security = dataclasses.field(default_factory=Security)
+
+    @property
+    def audit_path(self) -> str | None:
+        """The audit log file, or None when audit lines go to the logger."""
+        if self.audit_log == "-":
+            return None
+        return self.audit_log or os.path.join(self.data_dir, "audit.log")
 
     def validate(self) -> "Config":
         if not 0 <= self.port <= 65535:
@@ -69,23 +103,37 @@ class Config:
             raise ConfigError("log_level must be debug, info, warning or error")
         if self.max_db_pages < 0:
             raise ConfigError("max_db_pages must be >= 0")
-        for name in ("max_connections", "max_payload", "max_pending_bytes"):
+        for name in ("memory_high_water", "min_free_disk"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")
+        for name in ("max_connections", "max_connections_per_user", "max_payload", "max_pending_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:
             raise ConfigError("max_payload may be at most 32 MiB")
-        for name in ("hello_timeout", "frame_timeout", "heartbeat", "dedup_window"):
+        for name in ("hello_timeout", "frame_timeout", "heartbeat", "dedup_window", "resource_check_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.host not in LOOPBACK_HOSTS and not self.allow_open:
+        if not is_loopback(self.host) and not self.allow_open and not self.security.auth_enabled:
             raise ConfigError(
-                f"refusing to listen on {self.host!r} with no users configured: "
-                "set allow_open = true (TIDINGS_ALLOW_OPEN=1, --allow-open) to run an open broker on the network")
+                f"refusing to listen on {self.host!r} with no users configured: add [users] to the config "
+                "file, or set allow_open = true (TIDINGS_ALLOW_OPEN=1, --allow-open) to run an open broker "
+                "on the network")
         return self
 
 
+def is_loopback(host: str) -> bool:
+    """True for a host that only this machine can reach ("localhost", 127/8, ::1)."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 FIELD_TYPES: dict[str, type] = {f.name: type(f.default) if f.default is not dataclasses.MISSING else str
-                                for f in fields(Config)}
+                                for f in fields(Config) if f.name not in NOT_SETTINGS}
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -119,9 +167,12 @@ def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
          flags: Mapping[str, Any] | None = None) -> Config:
     """Build a validated Config: defaults < TOML file < TIDINGS_* env < flags.
 
-    Raises ConfigError for unknown keys, bad types and invalid values.
+    Raises ConfigError for unknown keys, bad types and invalid values,
+    including every security-section error (fail closed: the broker must
+    not start with users, permissions or TLS it did not understand).
     """
     values: dict[str, Any] = {}
+    security = Security()
     if config_file:
         try:
             with open(config_file, "rb") as fh:
@@ -130,6 +181,11 @@ def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+        data, sections = split_security(data)
+        try:
+            security = load_security(sections, base_dir=os.path.dirname(os.path.abspath(config_file)))
+        except SecurityConfigError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from None
         for k, v in data.items():
             values[k] = _coerce(k, v, f"config file {config_file}")
     for k, v in (env or {}).items():
@@ -141,4 +197,4 @@ def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
             values[k] = _coerce(k, v, f"flag --{k.replace('_', '-')}")
     if "data_dir" in values:
         values["data_dir"] = str(Path(values["data_dir"]).expanduser())
-    return Config(**values).validate()
+    return Config(**values, security=security).validate()

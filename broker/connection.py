@@ -15,6 +15,17 @@ the connection is closed (policy "disconnect"). Replies to this client's
 own requests are never dropped: instead the reader stops reading the
 socket until the writer has drained below the bound, which is how a client
 that does not read slows down its own requests.
+
+Security: after HELLO the actor holds its ``user`` and that user's
+``perms``. ``restricted`` is False in no-users mode (ALLOW_ALL), and then
+the publish path costs one attribute check per PUB frame; otherwise each
+published subject is checked (a cached lookup) and denied messages are
+neither routed nor stored.
+
+Resource limits (broker/limits.py): while the broker is above its memory
+high-water mark the reader pauses before each PUB frame, so publishers
+stop being read while consumers keep draining; below the free-disk mark
+durable publishes are refused with STORAGE_FULL.
 """
 
 from __future__ import annotations
@@ -30,6 +41,8 @@ from protocol import CLOSED, NEED_DATA, Connection, ErrorCode, RemoteProtocolErr
 from protocol import frames as F
 from protocol.errors import LocalProtocolError
 
+from .auth import ANONYMOUS, User
+
 if TYPE_CHECKING:
     from .server import Broker
 
@@ -38,6 +51,10 @@ log = logging.getLogger(__name__)
 READ_CHUNK: Final = 65_536  # one receive() takes up to this much: per-read costs amortise over many frames
 SHUTDOWN_FLUSH: Final = 2.0  # seconds a closing connection gets to flush what it has queued
 MSG_OVERHEAD: Final = 24  # estimated envelope bytes per delivered message
+# While paused for memory, a publisher is PINGed this often so its client sees a live broker
+# (the Python client declares a silent broker dead after a few seconds).
+PAUSE_KEEPALIVE: Final = 1.0
+PUB_MEMO: Final = 1024  # publish answers a restricted connection remembers (one dict lookup per message)
 
 
 class Subscription:
@@ -61,13 +78,19 @@ def _headers_size(h: dict[str, Any]) -> int:
 class ConnectionActor:
     """Serves one client. ``run()`` returns when the connection is over."""
 
-    def __init__(self, broker: Broker, stream: ByteStream, number: int, peer: str) -> None:
+    def __init__(self, broker: Broker, stream: ByteStream, number: int, peer: str, peer_ip: str = "?") -> None:
         cfg = broker.config
         self.broker = broker
         self.stream = stream
         self.number = number
         self.peer = peer
+        self.peer_ip = peer_ip
         self.name = ""
+        self.user: User = ANONYMOUS
+        self.perms = ANONYMOUS.permissions
+        self.restricted = False  # True: check permissions (a configured user); False: ALLOW_ALL
+        self.counted = False  # counted against the user's max_connections (released on detach)
+        self._pub_ok: dict[str, bool] = {}  # subject -> may publish (restricted users only)
         self.conn = Connection(Role.SERVER, max_frame=cfg.max_payload + 64 * 1024, max_payload=cfg.max_payload)
         self.subs: dict[int, Subscription] = {}
         self.consumers: dict[int, Any] = {}  # cid -> durable consumer (queue or stream)
@@ -89,7 +112,13 @@ class ConnectionActor:
         self._reader_scope = anyio.CancelScope()
         self._closing = False
         self._writer_done = anyio.Event()
-        self._last_in = time.monotonic()
+
+    def set_user(self, user: User, *, counted: bool) -> None:
+        """Adopt the authenticated ``user`` (called once, during HELLO)."""
+        self.user = user
+        self.perms = user.permissions
+        self.restricted = not user.permissions.unrestricted
+        self.counted = counted
 
     # ---------------------------------------------------------- mailbox
 
@@ -141,6 +170,8 @@ class ConnectionActor:
         log.warning("closing slow consumer %s (%s): outbound buffer over %d bytes",
                     self.number, self.peer, self._limit)
         self.broker.stats.slow_disconnects += 1
+        self.broker.audit.limit_refused(self.user.name, self.peer, "max_pending_bytes",
+                                        max_pending_bytes=self._limit)
         self._msgs.clear()
         self._msg_bytes.clear()
         self._wire = [w for w in self._wire if type(w) is not tuple]
@@ -191,23 +222,34 @@ class ConnectionActor:
                 hello = await self._read_hello()
             if scope.cancelled_caught:
                 self.send_err(0, ErrorCode.HELLO_TIMEOUT, f"no HELLO within {cfg.hello_timeout}s")
+                self.broker.audit.limit_refused("", self.peer, "hello_timeout", seconds=cfg.hello_timeout)
                 return
             if hello is None or not await self._accept_hello(hello):
                 return
             heartbeat = cfg.heartbeat
             pinged = False
+            # When the frame now partly buffered began to arrive (0.0: none). The frame timeout
+            # runs from there, not from the last byte: a peer dripping a byte at a time must not
+            # keep a frame open forever (slow-loris). Completing any frame restarts it.
+            partial_since = 0.0
+            frames_seen = conn.frames_in
             while not self._closing:
                 timeout = heartbeat
-                if conn.has_partial_frame:
-                    timeout = min(timeout, cfg.frame_timeout)
+                if partial_since:
+                    left = partial_since + cfg.frame_timeout - time.monotonic()
+                    if left <= 0:
+                        self.send_err(0, ErrorCode.FRAME_TIMEOUT,
+                                      f"partial frame not completed within {cfg.frame_timeout}s")
+                        self.broker.audit.limit_refused(self.user.name, self.peer, "frame_timeout",
+                                                        seconds=cfg.frame_timeout)
+                        return
+                    timeout = min(timeout, left)
                 data = b""
                 with anyio.move_on_after(timeout):
                     data = await stream.receive(READ_CHUNK)
                 if not data:
-                    if conn.has_partial_frame and time.monotonic() - self._last_in >= cfg.frame_timeout:
-                        self.send_err(0, ErrorCode.FRAME_TIMEOUT,
-                                      f"partial frame not completed within {cfg.frame_timeout}s")
-                        return
+                    if partial_since and time.monotonic() - partial_since >= cfg.frame_timeout:
+                        continue  # answered at the top of the loop
                     if pinged:
                         log.info("connection %s (%s): no answer to heartbeat, closing", self.number, self.peer)
                         return
@@ -215,12 +257,18 @@ class ConnectionActor:
                     self.push_wire([F.Op.PING, 0])
                     continue
                 pinged = False
-                self._last_in = time.monotonic()
                 conn.receive_data(data)
                 if not await self._process():
                     return
+                if not conn.has_partial_frame:
+                    partial_since = 0.0
+                elif not partial_since or conn.frames_in != frames_seen:
+                    partial_since = time.monotonic()
+                frames_seen = conn.frames_in
                 if self._pending > self._limit:
                     await self._wait_space()
+                    if partial_since:
+                        partial_since = time.monotonic()  # we were not reading: not the peer's delay
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
             return
 
@@ -246,7 +294,7 @@ class ConnectionActor:
             try:
                 ev = conn.next_event()
             except RemoteProtocolError as exc:
-                self.send_err(exc.rid, exc.code, exc.message)
+                self._protocol_error(exc)
                 return None
             if ev is NEED_DATA:
                 continue
@@ -258,7 +306,7 @@ class ConnectionActor:
     async def _accept_hello(self, hello: F.Hello) -> bool:
         self.name = hello.client_name
         broker = self.broker
-        refusal = broker.admit(self)
+        refusal = await broker.admit(self, hello)
         if refusal is not None:
             code, message = refusal
             self.send_err(0, code, message)
@@ -277,13 +325,14 @@ class ConnectionActor:
         (one store operation, one commit); any other frame first flushes the
         batch, so this connection's requests keep their order."""
         conn = self.conn
+        monitor = self.broker.monitor
         durable: list[Any] = []
         try:
             while True:
                 try:
                     ev = conn.next_event()
                 except RemoteProtocolError as exc:
-                    self.send_err(exc.rid, exc.code, exc.message)
+                    self._protocol_error(exc)
                     if exc.fatal:
                         return False
                     continue
@@ -292,18 +341,55 @@ class ConnectionActor:
                 if ev is CLOSED:
                     return False
                 if type(ev) is F.Pub:
+                    if monitor.memory_high:
+                        if durable:
+                            batch, durable = durable, []
+                            await self._store(batch)
+                        await self._pause_for_memory()
                     entries = self._on_pub(ev.messages)  # type: ignore[union-attr]
                     if entries:
                         durable.extend(entries)
                     continue
                 if durable:
                     batch, durable = durable, []
-                    await self.broker.durable.publish(self, batch)
+                    await self._store(batch)
                 await self._handle(ev)  # type: ignore[arg-type]
         finally:
             if durable:
                 with anyio.CancelScope(shield=True):
-                    await self.broker.durable.publish(self, durable)
+                    await self._store(durable)
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        self.send_err(exc.rid, exc.code, exc.message)
+        if exc.code == ErrorCode.FRAME_TOO_LARGE:
+            self.broker.audit.limit_refused(self.user.name, self.peer, "max_frame", inbound_limit=self.conn.inbound_limit)
+
+    async def _pause_for_memory(self) -> None:
+        """Wait (not reading this socket) until the broker is below its memory high-water mark."""
+        monitor = self.broker.monitor
+        monitor.paused_readers += 1
+        monitor.pauses += 1
+        try:
+            while monitor.memory_high and not self._closing:
+                with anyio.move_on_after(PAUSE_KEEPALIVE):
+                    await monitor.wait_memory_ok()
+                if monitor.memory_high:
+                    self.push_wire([F.Op.PING, 0])
+        finally:
+            monitor.paused_readers -= 1
+
+    async def _store(self, batch: list[Any]) -> None:
+        """Hand durable publishes to the store, unless the disk is nearly full."""
+        if not self.broker.monitor.disk_low:
+            await self.broker.durable.publish(self, batch)
+            return
+        msg = "not stored: free disk space below min_free_disk"
+        confirms = [[m[F.P_SEQ], int(ErrorCode.STORAGE_FULL), msg] for m, _targets in batch if m[F.P_SEQ]]
+        if confirms:
+            self.push_wire([F.Op.CONFIRM, confirms], 64 * len(confirms))
+        if len(confirms) < len(batch):
+            self.send_err(0, ErrorCode.STORAGE_FULL, f"{len(batch) - len(confirms)} messages {msg}")
+        self.broker.audit.limit_refused(self.user.name, self.peer, "min_free_disk", refused=len(batch))
 
     async def _handle(self, ev: F.Frame) -> None:
         t = type(ev)
@@ -322,6 +408,8 @@ class ConnectionActor:
         """Route a PUB batch to subscribers now; return the messages that
         durable targets must store (with their targets), if any."""
         broker = self.broker
+        if self.restricted:
+            msgs = self._permitted(msgs)
         self.msgs_in += len(msgs)
         broker.stats.published += len(msgs)
         match = broker.router.match
@@ -359,6 +447,50 @@ class ConnectionActor:
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
         return entries
+
+    def _permitted(self, msgs: list[list[Any]]) -> list[list[Any]]:
+        """The messages of a PUB batch this user may publish. Each denied one
+        is answered: in its CONFIRM if it asked for one (seq > 0), otherwise
+        by one ERR for the whole frame; the frame's first denial is audited.
+
+        Hot path for restricted users: one dict lookup per message in this
+        connection's own memo of answers (the user's permissions never change
+        while it is connected), and no new list when everything is allowed."""
+        get = self._pub_ok.get
+        for m in msgs:
+            if not get(m[0]) and not self._learn_publish(m[0]):
+                break
+        else:
+            return msgs
+        ok: list[list[Any]] = []
+        confirms: list[Any] = []
+        silent: list[str] = []
+        first = ""
+        for m in msgs:
+            if self._learn_publish(m[0]):
+                ok.append(m)
+                continue
+            first = first or m[0]
+            if m[F.P_SEQ]:
+                confirms.append([m[F.P_SEQ], int(ErrorCode.PERMISSION_DENIED), f"permission denied: publish on {m[0]!r}"])
+            else:
+                silent.append(m[0])
+        self.broker.audit.permission_denied(self.user.name, self.peer, "publish", first)
+        if confirms:
+            self.push_wire([F.Op.CONFIRM, confirms], 64 * len(confirms))
+        if silent:
+            more = f" (and {len(silent) - 1} more messages in this frame)" if len(silent) > 1 else ""
+            self.send_err(0, ErrorCode.PERMISSION_DENIED, f"permission denied: publish on {silent[0]!r}{more}")
+        return ok
+
+    def _learn_publish(self, subject: str) -> bool:
+        memo = self._pub_ok
+        answer = memo.get(subject)
+        if answer is None:
+            if len(memo) >= PUB_MEMO:
+                memo.clear()  # a flood of distinct subjects just recomputes (Permissions caches too)
+            answer = memo[subject] = self.perms.allows("publish", subject)
+        return answer
 
     def _no_responders(self, reply: str) -> None:
         plain, groups = self.broker.router.match(reply)

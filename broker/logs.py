@@ -6,6 +6,12 @@ import json
 import logging
 import sys
 import time
+from typing import Final
+
+#: Libraries whose DEBUG lines are not for operators, kept at INFO even with --log-level debug:
+#: aiosqlite logs every SQL call with its parameters, i.e. message payloads (never log
+#: payloads), and one line per call is also a heavy cost on the storage path.
+QUIET_LIBRARIES: Final = ("aiosqlite",)
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,3 +37,5 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

@@ -1,10 +1,10 @@
-"""Shared test configuration: the --soak flag and the real-broker fixture."""
+"""Shared test configuration: the --soak flag, the real-broker fixture and the TLS `certs` fixture."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.brokerproc"]
+pytest_plugins = ["tests.brokerproc", "tests.certs"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,4 +1,8 @@
-"""Throwaway certificates for the TLS and security-config tests, made with the openssl CLI."""
+"""Throwaway certificates for the TLS and security tests, made with the openssl CLI.
+
+The session-scoped ``certs`` fixture (a plugin of tests/conftest.py, so
+tests/broker and tests/integration share it) skips with a reason when the
+openssl command is missing."""
 
 from __future__ import annotations
 
