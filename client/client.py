@@ -193,7 +193,7 @@ class Client(AdminMixin):
             with anyio.fail_after(self.timeout):
                 if tls:
                     stream = await anyio.connect_tcp(host, port, tls=True, ssl_context=self._tls_context(),
-                                                     tls_hostname=host)
+                                                     tls_hostname=host, tls_standard_compatible=False)
                 else:
                     stream = await anyio.connect_tcp(host, port)
                 hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
@@ -261,15 +261,17 @@ class Client(AdminMixin):
     async def _serve_connection(self) -> TidingsError:
         self._loss = None
         scope = self._conn_scope = anyio.CancelScope()
-        with scope:
-            async with anyio.create_task_group() as ctg:
-                ctg.start_soon(self._reader)
-                ctg.start_soon(self._writer)
-                ctg.start_soon(self._heartbeat)
-                if self._restoring is not None:
-                    waits, self._restoring = self._restoring, None
-                    ctg.start_soon(self._finish_restore, waits)
-        await _aclose(self._stream)
+        try:
+            with scope:
+                async with anyio.create_task_group() as ctg:
+                    ctg.start_soon(self._reader)
+                    ctg.start_soon(self._writer)
+                    ctg.start_soon(self._heartbeat)
+                    if self._restoring is not None:
+                        waits, self._restoring = self._restoring, None
+                        ctg.start_soon(self._finish_restore, waits)
+        finally:
+            await _aclose(self._stream)  # shielded; also when close() cancels us
         return self._loss or ConnectionClosedError("the connection ended")
 
     async def _finish_restore(self, waits: list[tuple[Any, _Waiter]]) -> None:
@@ -414,8 +416,9 @@ class Client(AdminMixin):
                 with anyio.move_on_after(self.timeout, shield=True):
                     await self._wait_drained()
         finally:
+            # Stops the connection's tasks; the supervisor closes the socket
+            # (once: a TLS stream must not be closed from two tasks).
             self._shutdown(ConnectionClosedError("the client was closed"))
-            await _aclose(self._stream)
             if self._tg is not None:
                 self._tg.cancel_scope.cancel()
 
@@ -546,10 +549,10 @@ class Client(AdminMixin):
         assert stream is not None
         error: TidingsError
         try:
+            data = b""  # first, frames that arrived together with WELCOME
             while True:
-                data = await stream.receive(READ_CHUNK)
-                self._last_rx = time.monotonic()
-                conn.receive_data(data)
+                if data:
+                    conn.receive_data(data)
                 while True:
                     ev = conn.next_event()
                     if ev is NEED_DATA:
@@ -557,6 +560,8 @@ class Client(AdminMixin):
                     if ev is CLOSED:
                         raise anyio.EndOfStream
                     self._dispatch(ev)  # type: ignore[arg-type]
+                data = await stream.receive(READ_CHUNK)
+                self._last_rx = time.monotonic()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             last = self.last_server_error
             error = last or ConnectionClosedError(f"the broker closed the connection ({exc.__class__.__name__})")
