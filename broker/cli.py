@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import anyio
 
-from . import admin_cli, security_cli
+from . import admin_cli, security_cli, stream_cli
 from .config import DEFAULT_PORT, ConfigError, load
 
 DEFAULT_URL = f"tidings://127.0.0.1:{DEFAULT_PORT}"
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin_cli.register(sp)
     security_cli.register(sp)
+    stream_cli.register(sp)
     return p
 
 

@@ -94,6 +94,7 @@ class QueueActor:
         self._did = 0
         self._wake = anyio.Event()
         self._idle = False
+        self._dirty = False
         self._stopped = False
         # counters
         self.published = 0
@@ -108,6 +109,7 @@ class QueueActor:
     # ------------------------------------------------------------ inputs
 
     def wake(self) -> None:
+        self._dirty = True  # seen by the loop even if it is busy awaiting the store right now
         if self._idle:
             self._idle = False
             self._wake.set()
@@ -262,12 +264,14 @@ class QueueActor:
                 continue
             self._trim()
             timeout = self._next_timer()
-            if self._deletes or self._updates or self.ops:
+            if self._deletes or self._updates or self.ops or self._dirty:
+                self._dirty = False
                 continue
             self._idle = True
             with anyio.move_on_after(timeout):
                 await self._wake.wait()
             self._idle = False
+            self._dirty = False
             self._wake = anyio.Event()
 
     def stop(self) -> None:

@@ -43,6 +43,7 @@ TAIL_MESSAGES: Final = 20_000  # newest messages per partition kept in memory fo
 TAIL_BYTES: Final = 8 * 1024 * 1024
 READ_PAGE: Final = 1_000  # rows per disk read when replaying
 READER_HIGH_WATER: Final = 1024 * 1024  # a reader pauses while its connection has this much queued
+KEY_CACHE: Final = 65_536  # keys whose partition is remembered per stream
 GAP: Final = ""  # subject of a placeholder for an offset whose write failed (never a valid subject)
 
 
@@ -105,6 +106,7 @@ class StreamActor:
         self.groups: dict[str, GroupActor] = {}
         self.readers: set[Reader] = set()
         self._rr = 0
+        self._key_cache: dict[str, int] = {}
         self.published = 0
         self.dead_lettered = 0
         self.trimmed = 0
@@ -113,7 +115,12 @@ class StreamActor:
         if key is None:
             self._rr += 1
             return self.partitions[self._rr % len(self.partitions)]
-        return self.partitions[partition_for(key, len(self.partitions))]
+        idx = self._key_cache.get(key)
+        if idx is None:  # the hash is pure Python: remember it per key (bounded)
+            if len(self._key_cache) >= KEY_CACHE:
+                self._key_cache.clear()
+            idx = self._key_cache[key] = partition_for(key, len(self.partitions))
+        return self.partitions[idx]
 
     def on_committed(self, rows_by_part: dict[int, list[StreamRow]]) -> None:
         for idx, rows in rows_by_part.items():
@@ -201,6 +208,7 @@ class GroupActor:
         self._did = 0
         self._wake = anyio.Event()
         self._idle = False
+        self._dirty = False
         self._stopped = False
         self.delivered_count = 0
         self.redelivered = 0
@@ -209,6 +217,7 @@ class GroupActor:
         self.ops: list[Any] = []  # dead-letter writes, submitted before the offsets they let pass
 
     def wake(self) -> None:
+        self._dirty = True  # seen by the loop even if it is busy awaiting the store right now
         if self._idle:
             self._idle = False
             self._wake.set()
@@ -293,8 +302,7 @@ class GroupActor:
         """Call ``fn()`` once the offsets acked so far are committed to the store
         (an ACK that asked for an answer is answered then: a synchronous commit)."""
         self._persist_waiters.append(fn)
-        self._idle = False
-        self._wake.set()
+        self.wake()
 
     def _acked(self, ps: PState, offset: int) -> None:
         ps.attempts.pop(offset, None)
@@ -347,11 +355,15 @@ class GroupActor:
             if need:
                 continue
             await self._flush_commits()
+            if self._dirty:
+                self._dirty = False
+                continue
             timeout = self._next_timer()
             self._idle = True
             with anyio.move_on_after(timeout):
                 await self._wake.wait()
             self._idle = False
+            self._dirty = False
             self._wake = anyio.Event()
 
     def _next_timer(self) -> float:
@@ -453,12 +465,22 @@ class GroupActor:
         if not out:
             return
         moved = [ps for ps in self.parts if ps.delivered > ps.delivered_saved]
-        if moved:
-            name = self.stream.name
-            await self.stream.durable.streams.commit_offsets(
-                [(name, self.name, ps.index, ps.persisted, ps.delivered) for ps in moved], wait=True)
-            for ps in moved:
-                ps.delivered_saved = max(ps.delivered_saved, ps.delivered)
+        if not moved:
+            self._push_out(out)
+            return
+        name = self.stream.name
+        rows = [(name, self.name, ps.index, ps.persisted, ps.delivered) for ps in moved]
+        for ps in moved:
+            ps.delivered_saved = ps.delivered
+
+        def sent(error: Exception | None) -> None:
+            # The store commits in order, so batches still go out in order; on a
+            # failed write they go anyway (at-least-once matters more than the count).
+            self._push_out(out)
+
+        await self.stream.durable.streams.commit_offsets(rows, sent)
+
+    def _push_out(self, out: dict[Member, list[Any]]) -> None:
         for m, items in out.items():
             if m.group is self and m in self.members:
                 self.delivered_count += len(items)

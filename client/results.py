@@ -8,28 +8,36 @@ import anyio
 
 
 class _Waiter:
-    """A one-shot result slot a task can await (cheaper than a future per call)."""
+    """A one-shot result slot a task can await. The Event is made only if
+    someone has to wait: most confirms arrive before they are awaited."""
 
-    __slots__ = ("event", "value", "error")
+    __slots__ = ("event", "done", "value", "error")
 
     def __init__(self) -> None:
-        self.event = anyio.Event()
+        self.event: anyio.Event | None = None
+        self.done = False
         self.value: Any = None
         self.error: BaseException | None = None
 
     def set(self, value: Any) -> None:
         self.value = value
-        self.event.set()
+        self.done = True
+        if self.event is not None:
+            self.event.set()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
-        self.event.set()
+        self.done = True
+        if self.event is not None:
+            self.event.set()
 
     async def wait(self) -> Any:
-        # No checkpoint when already set: a producer draining finished confirms
-        # keeps publishing without a task switch per message, so the writer
-        # gets whole batches instead of one message per wake-up.
-        if not self.event.is_set():
+        # No checkpoint when already done: a producer draining finished
+        # confirms keeps publishing without a task switch per message, so the
+        # writer gets whole batches instead of one message per wake-up.
+        if not self.done:
+            if self.event is None:
+                self.event = anyio.Event()
             await self.event.wait()
         if self.error is not None:
             raise self.error
@@ -83,4 +91,4 @@ class Confirmation:
         return result
 
     def done(self) -> bool:
-        return self._w is None or self._w.event.is_set()
+        return self._w is None or self._w.done

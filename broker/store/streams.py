@@ -67,7 +67,7 @@ UPSERT_STREAM: Final = (
     " ON CONFLICT (name) DO UPDATE SET config = excluded.config")
 UPSERT_OFFSET: Final = (
     "INSERT INTO stream_offsets (stream, grp, partition, committed, delivered) VALUES (?,?,?,?,?)"
-    " ON CONFLICT (stream, grp, partition) DO UPDATE SET committed = excluded.committed,"
+    " ON CONFLICT (stream, grp, partition) DO UPDATE SET committed = MAX(committed, excluded.committed),"
     " delivered = MAX(delivered, excluded.delivered)")
 TRIM: Final = "DELETE FROM stream_messages WHERE stream = ? AND partition = ? AND offset < ?"
 UPSERT_FLOOR: Final = (
