@@ -73,7 +73,8 @@ class Durable:
         self.last_id = 0
         self._last_ms = 0
         self._tg: TaskGroup | None = None
-        self._recent: dict[str, tuple[int, bytes]] = {}  # msg_id -> (expires_ms, result) awaiting sweep
+        self._recent: dict[str, tuple[int, bytes]] = {}  # msg_id -> (expires_ms, result), until swept
+        self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # msg_id being stored -> waiting copies
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
@@ -146,6 +147,46 @@ class Durable:
         one store operation, and confirm each after the commit."""
         admitted = time.perf_counter()
         confirms: list[Any] = []
+        # A msg_id already being stored by another publish (its commit not done
+        # yet) is not raced: this copy is answered with that publish's outcome.
+        mine: list[str] = []
+        outcome: dict[str, tuple[int, Any]] = {}
+        kept = []
+        for e in entries:
+            o = e[0][F.P_OPTS]
+            mid = o.get(F.OPT_MSG_ID) if o else None
+            if mid is not None:
+                waiting = self._pending_ids.get(mid)
+                if waiting is not None:
+                    waiting.append((conn, e[0][F.P_SEQ]))
+                    continue
+                self._pending_ids[mid] = []
+                mine.append(mid)
+            kept.append(e)
+        entries = kept
+        deferred: set[str] = set()  # ids whose waiters the commit callback answers
+        try:
+            await self._publish(conn, entries, admitted, confirms, outcome, deferred)
+        finally:
+            for mid in mine:
+                if mid not in deferred:
+                    self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+
+    def _release(self, mid: str, code: int, result: Any) -> None:
+        """Answer the publishes that waited for ``mid``'s first publish."""
+        for fconn, fseq in self._pending_ids.pop(mid, ()):
+            if code == 0:
+                self.duplicates += 1
+                r = dict(result) if isinstance(result, dict) else {}
+                r["duplicate"] = True
+                item = [fseq, 0, r]
+            else:
+                item = [fseq, code, result]
+            if fseq:
+                fconn.push_wire([F.Op.CONFIRM, [item]], 64)
+
+    async def _publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]], admitted: float,
+                       confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str]) -> None:
         # Ids the publisher vouches are new (client-generated, first send) are
         # recorded for later resends but need no look-up now.
         with_ids = [m[F.P_OPTS][F.OPT_MSG_ID] for m, _ in entries
@@ -188,10 +229,11 @@ class Durable:
             msg_id = opts.get(F.OPT_MSG_ID)
             if msg_id is not None and (msg_id in known or msg_id in seen_now):
                 self.duplicates += 1
+                prior = known.get(msg_id) or self._recent.get(msg_id, (0, b""))[1]
+                res = msgpack.unpackb(prior) if prior else {}
+                res = dict(res) if isinstance(res, dict) else {}
+                outcome.setdefault(msg_id, (0, dict(res)))
                 if seq:
-                    prior = known.get(msg_id) or self._recent.get(msg_id, (0, b""))[1]
-                    res = msgpack.unpackb(prior) if prior else {}
-                    res = dict(res) if isinstance(res, dict) else {}
                     res["duplicate"] = True
                     confirms.append([seq, 0, res])
                 continue
@@ -204,9 +246,11 @@ class Durable:
                     full = q
                     break
             if full is not None:
+                why = f"queue {full.name!r} is at its max_length {full.cfg.max_length}"
                 if seq:
-                    confirms.append([seq, int(ErrorCode.QUEUE_FULL),
-                                     f"queue {full.name!r} is at its max_length {full.cfg.max_length}"])
+                    confirms.append([seq, int(ErrorCode.QUEUE_FULL), why])
+                if msg_id is not None:
+                    outcome.setdefault(msg_id, (int(ErrorCode.QUEUE_FULL), why))
                 continue
             mid = self.next_id()
             avail = now
@@ -245,13 +289,23 @@ class Durable:
                 if len(self._recent) < RECENT_LIMIT:
                     self._recent[msg_id] = (now + self.dedup_window_ms, packed)
             accepted.append((seq, result, qrows, stream_rows))
+            if msg_id is not None:
+                deferred.add(msg_id)
+                outcome[msg_id] = (0, result)
         if not accepted:
             self._confirm(conn, confirms)
             return
         early = confirms
 
+        mine = list(deferred)
+
         def done(error: Exception | None) -> None:
             out = list(early)
+            for mid in mine:
+                if error is None:
+                    self._release(mid, *outcome[mid])
+                else:
+                    self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
             if error is not None:
                 code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
                 for seq, _res, _q, _s in accepted:
@@ -293,6 +347,9 @@ class Durable:
             self.store.submit_nowait(PutMessages(rows, dedup, done, stream_rows=srows))
         except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
             code = ErrorCode.SHUTTING_DOWN if self.broker.shutting_down else ErrorCode.STORAGE_ERROR
+            for mid in mine:
+                deferred.discard(mid)
+                outcome[mid] = (int(code), f"not stored: {exc}")
             done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
             self._confirm(conn, list(early) + done_err)
             for _seq, _res, _q, srs in accepted:

@@ -9,7 +9,7 @@ import anyio
 from protocol import frames as F
 
 from .consumer import ConsumeContext, Delivery, QueueConsumer, StreamMessage
-from .errors import ConnectionClosedError, TimeoutError
+from .errors import ConnectionClosedError, NotFoundError, TimeoutError
 
 if TYPE_CHECKING:
     pass
@@ -135,7 +135,9 @@ class AdminMixin:
         cons._end(None)
         if self._consumers.pop(cons.cid, None) is None or self._closed:
             return
+        if self.state != "connected":
+            return  # not restored after the reconnect: the broker will never know it
         try:
             await self._request([F.Op.STOP, 0, cons.cid])
-        except (ConnectionClosedError, TimeoutError):
-            pass
+        except (ConnectionClosedError, TimeoutError, NotFoundError):
+            pass  # the connection went (taking the consumer with it), or it is already gone

@@ -47,6 +47,7 @@ from .errors import (
     InvalidArgumentError,
     InvalidSubjectError,
     NoRespondersError,
+    NotFoundError,
     ProtocolViolationError,
     PublishBufferFullError,
     TidingsError,
@@ -845,9 +846,12 @@ class Client(AdminMixin):
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.sid, None) is None or self._closed:
-            return
-        await self._request([F.Op.UNSUB, 0, sub.sid])
+        if self._subs.pop(sub.sid, None) is None or self._closed or self.state != "connected":
+            return  # while disconnected it is simply not restored
+        try:
+            await self._request([F.Op.UNSUB, 0, sub.sid])
+        except (ConnectionClosedError, NotFoundError):
+            pass  # the connection went (taking the subscription with it)
 
     # ------------------------------------------------------ request/reply
 
