@@ -91,7 +91,7 @@ class Client(AdminMixin):
                  timeout: float = DEFAULT_TIMEOUT, reconnect: bool = True,
                  reconnect_wait: tuple[float, float] = (0.05, 2.0), max_reconnects: int | None = None,
                  heartbeat: float = 1.5, dead_after: float = 6.0,
-                 outage_buffer: int = DEFAULT_OUTAGE_BUFFER, auto_msg_id: bool = True,
+                 outage_buffer: int = DEFAULT_OUTAGE_BUFFER, auto_msg_id: bool = False,
                  on_state_change: Callable[[str], Any] | None = None,
                  user: str | None = None, password: str | None = None, token: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None) -> None:

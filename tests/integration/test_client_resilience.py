@@ -546,7 +546,7 @@ async def test_durable_publish_during_outage_is_not_reported_duplicate(broker) -
     de-duplicated, but its early "duplicate" confirm reached the publisher
     first."""
     states = States()
-    async with connect(broker.url, on_state_change=states, **FAST) as tc:
+    async with connect(broker.url, on_state_change=states, auto_msg_id=True, **FAST) as tc:
         await tc.declare_queue("once", bind=["once.>"])
         await anyio.to_thread.run_sync(broker.kill)
         await states.wait("disconnected")
