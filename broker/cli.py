@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import anyio
 
-from . import admin_cli, security_cli, stream_cli
+from . import admin_cli, ops_cli, security_cli, stream_cli
 from .config import DEFAULT_PORT, ConfigError, load
 
 DEFAULT_URL = f"tidings://127.0.0.1:{DEFAULT_PORT}"
@@ -41,7 +41,8 @@ def _serve(ns: argparse.Namespace) -> int:
 
     flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "durability": ns.durability,
              "log_level": ns.log_level, "log_format": ns.log_format,
-             "allow_open": True if ns.allow_open else None}
+             "allow_open": True if ns.allow_open else None,
+             "metrics_host": ns.metrics_host, "metrics_port": ns.metrics_port}
     try:
         cfg = load(ns.config or os.environ.get("TIDINGS_CONFIG"), os.environ, flags)
     except ConfigError as exc:
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-open", action="store_true", help="allow a non-loopback --host without authentication")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["text", "json"])
+    s.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port "
+                   "(0 picks a free one; default off)")
+    s.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
     s.set_defaults(fn=_serve)
 
     s = sp.add_parser("pub", help="publish a message", description="Publish DATA (UTF-8 text) to SUBJECT.")
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     admin_cli.register(sp)
     security_cli.register(sp)
     stream_cli.register(sp)
+    ops_cli.register(sp)
     return p
 
 

@@ -80,6 +80,10 @@ class Config:
     allow_open: bool = False  # permit binding a non-loopback host without authentication
     log_level: str = "info"
     log_format: str = "text"
+    # Prometheus metrics and health endpoints (/metrics, /healthz, /readyz) on
+    # their own port: -1 = off, 0 = a free port (printed), e.g. 7422.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = -1
     # users, permissions and TLS from the config file's auth/[users]/[tls] sections (see broker/auth.py)
     security: Security = dataclasses.field(default_factory=Security)
 
@@ -93,6 +97,8 @@ class Config:
     def validate(self) -> "Config":
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be -1 (off) or 0..65535, not {self.metrics_port}")
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
         if self.slow_consumer not in ("drop", "disconnect"):

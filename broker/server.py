@@ -37,6 +37,7 @@ from .audit import AuditFile, AuditLog, logger_sink
 from .auth import AuthError, AuthThrottled, Users, auth_method
 from .config import Config, ConfigError, is_loopback
 from .connection import ConnectionActor, Subscription
+from .backup import backup_handler
 from .durable import Durable
 from .limits import ResourceMonitor
 from .router import Router
@@ -71,6 +72,7 @@ class Broker:
         self._calls: dict[str, Callable[[dict[str, Any]], Any]] = {
             "stats": self._stats_call, "server.info": self._info_call}
         self._durable_calls = self.durable.calls()
+        self._durable_calls["backup"] = backup_handler(self)
         self._live = 0  # connection actors still running (closing ones included)
         self._all_closed = anyio.Event()
         sec = config.security
@@ -357,6 +359,10 @@ class Broker:
                 try:
                     await root.start(self.audit.run_flusher)
                     await root.start(self.monitor.run)
+                    if cfg.metrics_port >= 0:
+                        # Before recovery: liveness answers while readiness says 503.
+                        from .metrics import serve_metrics
+                        await root.start(serve_metrics, self, cfg.metrics_host, cfg.metrics_port)
                     await self.durable.start(root)
                     await self._serve_connections(listener, install_signals)
                 finally:

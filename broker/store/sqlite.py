@@ -21,7 +21,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from typing import Any, Final
+from typing import Any, Callable, Final
 
 import aiosqlite
 import anyio
@@ -91,7 +91,8 @@ class SqliteStore(Reads, StreamReads):
     Metrics (plain attributes, for the metrics exporter): commits, committed_ops,
     committed_messages, failed_ops, failed_transactions, last_commit_seconds,
     commit_seconds_total, last_batch_ops, last_batch_messages; and the pending_*
-    properties.
+    properties. `on_commit(seconds, messages)`, if set, is called after each
+    commit (in the actor, before the confirms go out): it must be quick and not raise.
     """
 
     def __init__(self, path: str | os.PathLike[str], durability: Durability = "full", *,
@@ -129,6 +130,7 @@ class SqliteStore(Reads, StreamReads):
         self.commit_seconds_total = 0.0
         self.last_batch_ops = 0
         self.last_batch_messages = 0
+        self.on_commit: Callable[[float, int], None] | None = None  # the metrics exporter's hook
 
     @classmethod
     def in_dir(cls, data_dir: str | os.PathLike[str], durability: Durability = "full",
@@ -258,6 +260,11 @@ class SqliteStore(Reads, StreamReads):
         return self._max_id
 
     # --- the mailbox ------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """Open, and not closing: what the readiness endpoint asks of storage."""
+        return self._conn is not None and not self._closing
 
     @property
     def pending_ops(self) -> int:
@@ -442,6 +449,8 @@ class SqliteStore(Reads, StreamReads):
         self.commits += 1
         self.committed_ops += len(items)
         self.committed_messages += self.last_batch_messages
+        if self.on_commit is not None:
+            self.on_commit(self.last_commit_seconds, self.last_batch_messages)
         return None
 
     async def _rollback(self) -> None:

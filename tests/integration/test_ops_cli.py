@@ -1,0 +1,156 @@
+"""`tidings stats` and `tidings backup` against a live broker, in both output formats.
+
+They run as `python -m broker.ops_cli ...` (the module on its own) and, once
+the lead registers them in broker/cli.py, as `python -m broker stats|backup`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from broker.auth import hash_password
+from client import connect
+
+OPS = ("-m", "broker.ops_cli")
+TIDINGS = ("-m", "broker")
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=full_env,
+                          check=False)
+
+
+async def workload(url: str, **auth: str) -> None:
+    async with connect(url, reconnect=False, **auth) as tc:
+        await tc.declare_queue("mail", bind=["mail.>"])
+        await tc.declare_stream("audit", partitions=2, bind=["audit.>"])
+        for i in range(7):
+            await tc.publish("mail.send", f"m{i}".encode())
+        for i in range(5):
+            await tc.publish("audit.x", f"a{i}".encode(), key=f"k{i}")
+        async with tc.stream_consume("audit", "indexer") as msgs:
+            with anyio.fail_after(10):
+                n = 0
+                async for m in msgs:
+                    await m.ack(wait=True)
+                    n += 1
+                    if n == 3:
+                        break
+
+
+def check_json_frame(frame: dict) -> None:
+    assert frame["connections"] >= 1  # the stats command's own connection at least
+    assert set(frame["rates"]) >= {"published", "confirmed", "delivered", "acked", "nacked", "redelivered",
+                                   "dead_lettered", "expired", "dropped", "errors"}
+    assert frame["totals"]["published"] >= 12 and frame["totals"]["confirmed"] == 12
+    queues = {q["name"]: q for q in frame["queues"]}
+    assert queues["mail"]["depth"] == 7 and queues["mail"]["in_flight"] == 0 and queues["mail"]["dlq_depth"] == 0
+    streams = {s["name"]: s for s in frame["streams"]}
+    assert streams["audit"]["partitions"] == 2 and streams["audit"]["messages"] == 5
+    assert streams["audit"]["groups"]["indexer"]["lag"] == 2
+
+
+@pytest.mark.parametrize("entry", [OPS, TIDINGS], ids=["ops_cli", "tidings"])
+async def test_stats_once_json_and_text(broker, entry: tuple[str, ...]) -> None:
+    await workload(broker.url)
+    p = await anyio.to_thread.run_sync(lambda: run(*entry, "stats", "--once", "--json", "--interval", "0.2",
+                                                   "--url", broker.url))
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 1
+    check_json_frame(json.loads(lines[0]))
+
+    p = await anyio.to_thread.run_sync(lambda: run(*entry, "stats", "--once", "--interval", "0.2",
+                                                   "--url", broker.url))
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "\x1b[" not in out  # not a terminal: no screen clearing
+    assert f"tidings stats  {broker.url}" in out
+    assert "PUBLISHED" in out and "CONFIRMED" in out and "ACKED" in out
+    mail = next(line for line in out.splitlines() if line.startswith("mail "))
+    assert mail.split()[1] == "7"  # DEPTH
+    audit = next(line for line in out.splitlines() if line.startswith("audit "))
+    assert audit.split()[1:3] == ["2", "5"]  # PARTITIONS, MESSAGES
+    assert audit.split()[5] == "2"  # MAX GROUP LAG
+
+
+def test_stats_refreshes_and_reports_rates(broker) -> None:
+    """Frames keep coming (--count), and a rate reflects what happened between samples."""
+    proc = subprocess.Popen([sys.executable, *OPS, "stats", "--json", "--count", "3", "--interval", "0.5",
+                             "--url", broker.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+
+    async def publish() -> None:
+        async with connect(broker.url, reconnect=False) as tc:
+            for i in range(200):
+                await tc.publish("plain.rate", b"x")
+            await tc.flush()
+
+    first = json.loads(proc.stdout.readline())
+    anyio.run(publish)
+    rest = [json.loads(proc.stdout.readline()) for _ in range(2)]
+    assert proc.wait(30) == 0, proc.stderr.read() if proc.stderr else ""
+    frames = [first, *rest]
+    assert sum(f["rates"]["published"] * f["interval"] for f in frames) == pytest.approx(200, rel=0.05)
+    assert frames[-1]["totals"]["published"] == 200
+    proc.stderr.close() if proc.stderr else None
+    proc.stdout.close()
+
+
+def test_stats_without_a_broker_fails_cleanly(tmp_path: Path) -> None:
+    p = run(*OPS, "stats", "--once", "--url", "tidings://127.0.0.1:1", "--timeout", "2")
+    assert p.returncode == 1
+    assert "tidings: cannot connect" in p.stderr and "Traceback" not in p.stderr
+    p = run(*OPS, "stats", "--once", "--url", "http://nope")
+    assert p.returncode == 2
+
+
+@pytest.mark.parametrize("entry", [OPS,
+                                   TIDINGS], ids=["ops_cli", "tidings"])
+def test_backup_command_both_formats(broker, tmp_path: Path, entry: tuple[str, ...]) -> None:
+    anyio.run(workload, broker.url)
+    target = tmp_path / "copy.db"
+    p = run(*entry, "backup", str(target), "--url", broker.url)
+    assert p.returncode == 0, p.stderr
+    assert f"backed up to {target} on the broker's machine" in p.stdout
+    size = target.stat().st_size
+    assert f"{size:,} bytes" in p.stdout
+
+    p = run(*entry, "backup", str(target), "--url", broker.url)  # exists: refused, left alone
+    assert p.returncode == 1 and "already exists" in p.stderr
+
+    p = run(*entry, "backup", str(target), "--overwrite", "--json", "--url", broker.url)
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["path"] == str(target) and result["bytes"] == target.stat().st_size
+    assert set(result) == {"path", "bytes", "seconds"}
+
+    p = run(*entry, "backup", "relative.db", "--url", broker.url)
+    assert p.returncode == 1 and "absolute" in p.stderr
+
+
+def test_ops_commands_pass_credentials(start_broker, tmp_path: Path) -> None:
+    """With users configured, the commands authenticate from flags or TIDINGS_USER/TIDINGS_PASSWORD."""
+    conf = tmp_path / "tidings.toml"
+    conf.write_text(f'[users.ops]\npassword = "{hash_password("s3cret")}"\n'
+                    '[users.ops.permissions]\nadmin = [">"]\npublish = [">"]\nsubscribe = [">"]\n'
+                    'consume = [">"]\n')
+    b = start_broker("--config", str(conf))
+    anyio.run(lambda: workload(b.url, user="ops", password="s3cret"))
+    p = run(*OPS, "stats", "--once", "--json", "--interval", "0.2", "--url", b.url)
+    assert p.returncode == 1 and "tidings: " in p.stderr  # no credentials: refused
+    p = run(*OPS, "stats", "--once", "--json", "--interval", "0.2", "--url", b.url,
+            env={"TIDINGS_USER": "ops", "TIDINGS_PASSWORD": "s3cret"})
+    assert p.returncode == 0, p.stderr
+    check_json_frame(json.loads(p.stdout))
+    p = run(*OPS, "stats", "--once", "--interval", "0.2", "--url", b.url, "--user", "ops", "--password", "wrong")
+    assert p.returncode == 1
