@@ -68,6 +68,7 @@ DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake u
 MSG_OVERHEAD: Final = 16
 CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024  # any frame a broker may send (max_payload <= 32 MiB)
 DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
+DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
 DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
 
 
@@ -151,6 +152,8 @@ class Client(AdminMixin):
         self._cids = itertools.count(1)
         self._in_flight = 0
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self.max_in_flight_bytes = DEFAULT_MAX_IN_FLIGHT_BYTES
+        self._unconfirmed_bytes = 0  # payload bytes kept for a resend until confirmed
         self._in_flight_space: anyio.Event | None = None
         self._subjects: set[str] = set()
         self._bindings = PatternSet()
@@ -435,6 +438,7 @@ class Client(AdminMixin):
         self._requests.clear()
         self._confirms.clear()
         self._unconfirmed.clear()
+        self._unconfirmed_bytes = 0
         self._replies.clear()
         clean = isinstance(error, ConnectionClosedError) and str(error) == "the client was closed"
         for sub in list(self._subs.values()):
@@ -591,7 +595,9 @@ class Client(AdminMixin):
                 w = confirms.pop(seq, None)
                 if w is not None:
                     n += 1
-                    self._unconfirmed.pop(seq, None)
+                    um = self._unconfirmed.pop(seq, None)
+                    if um is not None:
+                        self._unconfirmed_bytes -= len(um[1])
                     if code:
                         w.fail(for_code(code, result if isinstance(result, str) else "publish failed"))
                     else:
@@ -599,7 +605,7 @@ class Client(AdminMixin):
             if n:
                 self._in_flight -= n
                 sp = self._in_flight_space
-                if sp is not None and self._in_flight < self.max_in_flight:
+                if sp is not None and not self._in_flight_full():
                     self._in_flight_space = None
                     sp.set()
         elif t is F.Ok:
@@ -723,8 +729,9 @@ class Client(AdminMixin):
         if not self._wants_confirm(m, confirm):
             self._queue_pub(m)
             return Confirmation(None)
-        if self._in_flight >= self.max_in_flight:
-            raise PublishBufferFullError(f"{self._in_flight} publishes are waiting for confirms")
+        if self._in_flight_full():
+            raise PublishBufferFullError(f"{self._in_flight} publishes ({self._unconfirmed_bytes} bytes) are "
+                                         "waiting for confirms")
         return Confirmation(self._queue_confirmed(m))
 
     def _queue_confirmed(self, m: list[Any]) -> _Waiter:
@@ -743,6 +750,7 @@ class Client(AdminMixin):
         self._confirms[seq] = w
         self._unconfirmed[seq] = m  # resent after a reconnect until confirmed
         self._in_flight += 1
+        self._unconfirmed_bytes += len(m[1])
         self._queue_pub(m)
         return w
 
@@ -772,7 +780,7 @@ class Client(AdminMixin):
         if self._outage_bytes_full():
             await self._wait_buffer_room()
         if self._wants_confirm(m, confirm):
-            while self._in_flight >= self.max_in_flight and not self._closed:
+            while self._in_flight_full() and not self._closed:
                 if self._in_flight_space is None:
                     self._in_flight_space = anyio.Event()
                 await self._in_flight_space.wait()
@@ -783,6 +791,10 @@ class Client(AdminMixin):
         if self._pub_bytes >= FLUSH_BYTES:
             await self._wait_drained()
         return None
+
+    def _in_flight_full(self) -> bool:
+        """Unconfirmed durable publishes are kept for a resend: bounded in count and bytes."""
+        return self._in_flight >= self.max_in_flight or self._unconfirmed_bytes >= self.max_in_flight_bytes
 
     def _outage_bytes_full(self) -> bool:
         return self.state != "connected" and self._pub_bytes >= self.outage_buffer
