@@ -81,7 +81,7 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"
     # Prometheus metrics and health endpoints (/metrics, /healthz, /readyz) on
-    # their own port: -1 = off, 0 = a free port (printed), e.g. 7422.
+    # their own port: -1 = off, 0 = a free port (printed), e.g. 9421.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = -1
     # users, permissions and TLS from the config file's auth/[users]/[tls] sections (see broker/auth.py)

@@ -324,7 +324,7 @@ class Broker:
         snap["duplicates"] = self.durable.duplicates
         st = self.durable.store
         snap["store"] = {k: getattr(st, k) for k in ("commits", "committed_ops", "committed_messages",
-                                                      "last_commit_seconds", "last_batch_size")
+                                                      "last_commit_seconds", "last_batch_messages")
                          if hasattr(st, k)}
         snap["pid"] = os.getpid()
         snap["limits"] = self.monitor.snapshot()
