@@ -324,7 +324,9 @@ class Broker:
         snap["duplicates"] = self.durable.duplicates
         st = self.durable.store
         snap["store"] = {k: getattr(st, k) for k in ("commits", "committed_ops", "committed_messages",
-                                                      "last_commit_seconds", "last_batch_messages")
+                                                      "last_commit_seconds", "last_batch_messages",
+                                                      "pending_ops", "pending_messages", "pending_bytes",
+                                                      "failed_ops")
                          if hasattr(st, k)}
         snap["pid"] = os.getpid()
         snap["limits"] = self.monitor.snapshot()

@@ -32,7 +32,7 @@ PREFETCH = 200
 CHECKPOINT_EVERY = 100  # acks between consumer checkpoints
 ROUND_TIMEOUT = 30.0
 CRASH_JITTER = 0.05  # seconds: how far past its progress targets a round's kill may land
-KILLS = 20
+KILLS = 10  # the issue asks for at least 10; the soak runs 50
 SOAK_KILLS = 50
 #: The clients here see each crash (ConnectionClosedError) and the test reconnects
 #: and resends itself, so what survives is the broker's doing, not the client's.
@@ -170,6 +170,11 @@ async def queue_state(url: str) -> dict[str, Any]:
     return {}
 
 
+async def broker_stats(url: str) -> Any:
+    async with connect(url, reconnect=False) as tc:
+        return await tc.call("stats")
+
+
 async def run_chaos(broker: Any, kills: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     led = Ledger()
@@ -189,7 +194,7 @@ async def run_chaos(broker: Any, kills: int, seed: int) -> dict[str, int]:
                 if not progress.reached.is_set():
                     pytest.fail(f"round {rnd}: stuck at {progress!r} (ledger: {len(led.confirmed)} confirmed, "
                                 f"{len(led.unconfirmed)} unconfirmed, {len(led.deliveries)} delivered); "
-                                f"broker: {await queue_state(broker.url)}")
+                                f"broker: {await queue_state(broker.url)}; stats: {await broker_stats(broker.url)}")
                 # Confirms and deliveries arrive in batches, so the targets alone would always
                 # kill at a batch boundary; a random extra moment spreads the crash points over
                 # commits, confirms and acks. (It waits for nothing: any moment is a valid crash.)
