@@ -43,10 +43,25 @@ def _common(p: argparse.ArgumentParser, *, leaf: bool) -> None:
                    help="print the broker's full answer as JSON (for scripts)")
     p.add_argument("--timeout", type=float, default=argparse.SUPPRESS if leaf else 10.0,
                    help="seconds to wait for the broker (default 10)")
+    credentials(p, leaf=leaf)
 
 
-def _execute(ns: argparse.Namespace, command: Command) -> int:
-    """Connect, run ``command(client, ns)``, print its outcome; map errors to exit codes."""
+def credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
+    """--user/--password/--token, defaulting to $TIDINGS_USER/_PASSWORD/_TOKEN."""
+    env = os.environ
+
+    def default(name: str) -> Any:
+        return argparse.SUPPRESS if leaf else env.get(name)
+
+    p.add_argument("--user", default=default("TIDINGS_USER"), help="user name (default: $TIDINGS_USER)")
+    p.add_argument("--password", default=default("TIDINGS_PASSWORD"),
+                   help="password (default: $TIDINGS_PASSWORD; the environment keeps it out of `ps`)")
+    p.add_argument("--token", default=default("TIDINGS_TOKEN"), help="access token (default: $TIDINGS_TOKEN)")
+
+
+def _execute(ns: argparse.Namespace, command: Command, *, interrupted: int = 130) -> int:
+    """Connect with ns's URL and credentials, run ``command(client, ns)``; map
+    errors to exit codes (``interrupted`` is the one for Ctrl-C)."""
     from client import connect
     from client.errors import TidingsError
 
@@ -54,7 +69,9 @@ def _execute(ns: argparse.Namespace, command: Command) -> int:
 
     async def go() -> Any:
         # An admin command fails fast: it does not ride through a broker restart.
-        async with connect(ns.url, name="tidings-cli", timeout=ns.timeout, reconnect=False) as tc:
+        async with connect(ns.url, name="tidings-cli", timeout=ns.timeout, reconnect=False,
+                           user=getattr(ns, "user", None), password=getattr(ns, "password", None),
+                           token=getattr(ns, "token", None)) as tc:
             return await command(tc, ns)
 
     try:
@@ -71,7 +88,7 @@ def _execute(ns: argparse.Namespace, command: Command) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         if isinstance(err, KeyboardInterrupt):
-            return 130
+            return interrupted
         raise
     return 0
 

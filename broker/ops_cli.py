@@ -33,7 +33,8 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
-from .admin_cli import _table, _unwrap
+from .admin_cli import _execute as admin_execute
+from .admin_cli import _table, credentials
 
 DEFAULT_URL: Final = "tidings://127.0.0.1:7421"
 CLEAR: Final = "\x1b[H\x1b[2J"  # cursor home + clear screen, for the live view on a terminal
@@ -60,47 +61,17 @@ _TOTALS: Final[tuple[tuple[str, Callable[[dict[str, Any]], float]], ...]] = (
 # --------------------------------------------------------------- plumbing
 
 def _connection_args(p: argparse.ArgumentParser, timeout: float) -> None:
-    env = os.environ
-    p.add_argument("--url", default=env.get("TIDINGS_URL", DEFAULT_URL),
+    p.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL),
                    help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
-    p.add_argument("--user", default=env.get("TIDINGS_USER"), help="user name (default: $TIDINGS_USER)")
-    p.add_argument("--password", default=env.get("TIDINGS_PASSWORD"),
-                   help="password (default: $TIDINGS_PASSWORD; the environment keeps it out of `ps`)")
-    p.add_argument("--token", default=env.get("TIDINGS_TOKEN"), help="access token (default: $TIDINGS_TOKEN)")
+    credentials(p)
     p.add_argument("--timeout", type=float, default=timeout,
                    help=f"seconds to wait for the broker's answer (default {timeout:g})")
     p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
 
 
 def _execute(ns: argparse.Namespace, command: Callable[[Any, argparse.Namespace], Awaitable[None]]) -> int:
-    """Connect with ns's URL and credentials, run ``command(client, ns)``; map errors to exit codes."""
-    from client import connect
-    from client.errors import TidingsError
-
-    from .cli import _run
-
-    async def go() -> None:
-        async with connect(ns.url, name="tidings-cli", timeout=ns.timeout, reconnect=False,
-                           user=ns.user, password=ns.password, token=ns.token) as tc:
-            await command(tc, ns)
-
-    try:
-        _run(go)
-    except BaseException as exc:
-        err = _unwrap(exc)
-        if isinstance(err, TidingsError):
-            print(f"tidings: {err}", file=sys.stderr)
-            return 1
-        if isinstance(err, ValueError):  # a malformed --url
-            print(f"tidings: {err}", file=sys.stderr)
-            return 2
-        if isinstance(err, BrokenPipeError):  # `tidings stats --json | head -1`
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C is how the live view ends
-            return 0
-        raise
-    return 0
+    """admin_cli's runner; Ctrl-C (how the live view ends) exits 0."""
+    return admin_execute(ns, command, interrupted=0)
 
 
 # ------------------------------------------------------------------ stats
