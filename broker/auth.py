@@ -271,6 +271,10 @@ class Throttle:
     """Refuses peers that failed ``max_failures`` times within ``window``
     seconds, for ``backoff`` seconds, doubling per block up to ``max_backoff``.
 
+    This class counts finished attempts; :meth:`Users.authenticate` also
+    bounds the attempts of one peer *running* at once to :meth:`remaining`,
+    so concurrent guesses cannot all be checked before the block begins.
+
     A success does not reset anything (else one valid account would let an
     attacker reset the count between guesses at another); failures simply
     leave the window, and a peer quiet for ``max_backoff + window`` is
@@ -302,6 +306,14 @@ class Throttle:
             del self._peers[key]
             return 0.0
         return max(0.0, rec.blocked_until - now)
+
+    def remaining(self, key: str) -> int:
+        """Failures ``key`` may still have in the current window before a block starts."""
+        rec = self._peers.get(key)
+        if rec is None:
+            return self.max_failures
+        cutoff = self.clock() - self.window
+        return self.max_failures - sum(1 for t in rec.failures if t > cutoff)
 
     def failure(self, key: str) -> None:
         """Count a failed attempt by ``key``; may start a block."""
@@ -376,6 +388,9 @@ class Users:
         self._limiter = anyio.CapacityLimiter(hash_concurrency)
         self._backlog = hash_backlog
         self._hashing = 0
+        self._attempts: dict[str, int] = {}  # peer key -> its logins being checked now
+        self._attempt_ended: dict[str, anyio.Event] = {}  # peer key -> set when one of them ends
+        self._waiting = 0  # logins waiting for their peer's turn (bounded by hash_backlog too)
         self._open: dict[str, int] = {}
 
     @classmethod
@@ -400,14 +415,48 @@ class Users:
         AuthBusy (too many logins hashing already; not counted, retriable).
         """
         key = peer_key(peer_ip)
-        wait = self.throttle.blocked_for(key)
-        if wait > 0:
-            raise AuthThrottled(wait)
+        await self._start_attempt(key)
         try:
             return await self._check(auth)
         except AuthFailed:
             self.throttle.failure(key)
             raise
+        finally:
+            self._end_attempt(key)
+
+    async def _start_attempt(self, key: str) -> None:
+        """Wait until ``key`` may run one more check: attempts are counted when
+        they start, so at most ``throttle.remaining(key)`` of a peer's attempts
+        run at once (all of them could fail). The rest wait for one to end,
+        then see the block it may have started. A burst of *good* logins (a
+        pool connecting at start-up) just runs a few at a time."""
+        throttle = self.throttle
+        while True:
+            wait = throttle.blocked_for(key)
+            if wait > 0:
+                raise AuthThrottled(wait)
+            running = self._attempts.get(key, 0)
+            if running < max(1, throttle.remaining(key)):
+                self._attempts[key] = running + 1
+                return
+            if self._waiting >= self._backlog:
+                raise AuthBusy("server busy authenticating; retry later", "busy")
+            ended = self._attempt_ended.get(key)
+            if ended is None:
+                ended = self._attempt_ended[key] = anyio.Event()
+            self._waiting += 1
+            try:
+                await ended.wait()
+            finally:
+                self._waiting -= 1
+
+    def _end_attempt(self, key: str) -> None:
+        n = self._attempts.pop(key) - 1
+        if n:
+            self._attempts[key] = n
+        ended = self._attempt_ended.pop(key, None)
+        if ended is not None:
+            ended.set()
 
     async def _check(self, auth: Any) -> User:
         if auth is None:

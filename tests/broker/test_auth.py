@@ -251,6 +251,46 @@ async def test_throttling_blocks_then_backs_off_longer(scrypt_calls: list) -> No
     assert ei.value.retry_after == 20.0  # the second block is twice as long
 
 
+async def test_concurrent_guesses_are_counted_when_they_start(scrypt_calls: list) -> None:
+    """64 wrong guesses at once from one address: only max_failures (5) are
+    checked, the block starts, and the other 59 are refused unchecked. (They
+    were all checked before: failures were counted only as checks ended.)"""
+    users = make_users(FakeClock())
+    outcomes: list[str] = []
+
+    async def guess(i: int) -> None:
+        try:
+            await users.authenticate({"user": "alice", "password": f"guess-{i}"}, "10.0.0.66")
+        except AuthThrottled:
+            outcomes.append("throttled")
+        except AuthFailed:
+            outcomes.append("failed")
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(64):
+                tg.start_soon(guess, i)
+    assert outcomes.count("failed") == 5 and outcomes.count("throttled") == 59
+    assert len(scrypt_calls) == 5
+    assert users._attempts == {} and users._attempt_ended == {} and users._waiting == 0
+
+
+async def test_a_burst_of_good_logins_from_one_address_all_succeed(scrypt_calls: list) -> None:
+    """Counting attempts as they start must not block a connection pool that
+    logs in all at once: the extra logins wait their turn, none is refused."""
+    users = make_users(FakeClock())
+    names: list[str] = []
+
+    async def login() -> None:
+        names.append((await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.7")).name)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(login)
+    assert names == ["alice"] * 20 and users.throttle.blocked_for("10.0.0.7") == 0
+
+
 def test_throttle_window_and_cap() -> None:
     clock = FakeClock()
     t = Throttle(max_failures=3, window=60, backoff=5, max_backoff=12, clock=clock)
