@@ -26,6 +26,18 @@ everything else by broker/config.py; :func:`split_security` separates them)::
     key = "server.key"                # may be omitted if cert holds the key too
     client_ca = "clients-ca.pem"      # optional: verify client certificates against it
     require_client_cert = false       # true: refuse clients without a certificate (needs client_ca)
+    client_cert_user = "cn"           # optional: log a verified certificate in as the user it names:
+                                      # "cn", "san:dns", "san:email" or "san:uri" (needs client_ca, users)
+
+Client certificates (``client_cert_user`` set): a verified certificate
+whose names (of that field) include exactly one configured user logs the
+client in as that user, without a password. If the HELLO carries
+credentials as well, they are checked as usual and must be that same
+user's (else AUTH_FAILED, reason ``cert_user_mismatch``): a certificate
+binds the connection to its user. Names of two configured users is
+AUTH_FAILED (``cert_ambiguous``). A certificate that names no configured
+user only authenticated the connection: the HELLO needs credentials as
+without one. Without ``client_cert_user`` certificates never name a user.
 
 Actions, names and the allow/deny rule are defined in broker/permissions.py.
 With no users the broker runs in no-users mode: every connection is
@@ -407,13 +419,27 @@ class Users:
     def get(self, name: str) -> User | None:
         return self._users.get(name)
 
-    async def authenticate(self, auth: Any, peer_ip: str) -> User:
+    async def authenticate(self, auth: Any, peer_ip: str, cert_names: Sequence[str] = ()) -> User:
         """Check a HELLO's ``auth`` map from ``peer_ip``; return the User.
 
+        ``cert_names``: the names a verified client certificate gives (empty
+        without one, or without ``client_cert_user``); see the module doc.
         Raises AuthThrottled (peer blocked: credentials not even looked at),
         AuthFailed (every other refusal; counted against the peer) or
         AuthBusy (too many logins hashing already; not counted, retriable).
         """
+        cert_users = [n for n in cert_names if n in self._specs]
+        if len(cert_users) > 1:
+            raise AuthFailed(FAILED, "cert_ambiguous", cert_users[0][:64])
+        if cert_users and (auth is None or auth == {}):
+            return self._users[cert_users[0]]  # a CA-verified certificate: nothing to guess, nothing to throttle
+        user = await self._authenticate(auth, peer_ip)
+        if cert_users and user.name != cert_users[0]:
+            self.throttle.failure(peer_key(peer_ip))  # counted like a wrong password: no oracle for guesses
+            raise AuthFailed(FAILED, "cert_user_mismatch", user.name)
+        return user
+
+    async def _authenticate(self, auth: Any, peer_ip: str) -> User:
         key = peer_key(peer_ip)
         await self._start_attempt(key)
         try:
@@ -539,7 +565,7 @@ def auth_method(auth: Mapping[str, Any] | None) -> str:
 
 SECURITY_KEYS: Final = frozenset({"auth", "users", "tls"})
 _USER_KEYS: Final = frozenset({"password", "tokens", "max_connections", "permissions"})
-_TLS_KEYS: Final = frozenset({"cert", "key", "client_ca", "require_client_cert"})
+_TLS_KEYS: Final = frozenset({"cert", "key", "client_ca", "require_client_cert", "client_cert_user"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,6 +574,7 @@ class TlsSettings:
     key: str | None = None
     client_ca: str | None = None
     require_client_cert: bool = False
+    client_cert_user: str | None = None  # a key of tls.CERT_USER_SOURCES, or None: certificates name no user
 
     def server_context(self) -> ssl.SSLContext:
         return tls.server_context(self.cert, self.key, self.client_ca, self.require_client_cert)
@@ -599,17 +626,23 @@ def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Se
         raise SecurityConfigError("users must be a table of [users.NAME] tables")
     if auth is False and users_table:
         raise SecurityConfigError("auth = false but [users] defines users: remove one of them")
+    tls = _parse_tls(data["tls"], base_dir) if "tls" in data else None
+    by_cert = tls is not None and tls.client_cert_user is not None
     users: dict[str, UserSpec] = {}
     if auth is True or users_table is not None:
         if not users_table:
             raise SecurityConfigError("authentication is enabled but no users are configured: "
                                       "add a [users.NAME] table (see `tidings passwd`)")
-        users = _parse_users(users_table)
-    tls = _parse_tls(data["tls"], base_dir) if "tls" in data else None
+        users = _parse_users(users_table, certificate_only=by_cert)
+    if by_cert and not users:
+        raise SecurityConfigError("tls.client_cert_user maps client certificates to users, "
+                                  "but no users are configured")
     return Security(MappingProxyType(users), tls)
 
 
-def _parse_users(table: Mapping[str, Any]) -> dict[str, UserSpec]:
+def _parse_users(table: Mapping[str, Any], *, certificate_only: bool = False) -> dict[str, UserSpec]:
+    """``certificate_only``: a user may have neither password nor token (it
+    logs in by client certificate alone; ``[tls] client_cert_user`` is set)."""
     users: dict[str, UserSpec] = {}
     token_owner: dict[str, str] = {}
     for name, entry in table.items():
@@ -639,9 +672,10 @@ def _parse_users(table: Mapping[str, Any]) -> dict[str, UserSpec]:
             if other != name:
                 raise SecurityConfigError(f"{where}.tokens[{i}] is also configured for user {other!r}: "
                                           "a token must identify exactly one user")
-        if password is None and not tokens:
+        if password is None and not tokens and not certificate_only:
             raise SecurityConfigError(f"user {name!r} has neither a password nor a token: "
-                                      "nobody could log in as it")
+                                      "nobody could log in as it (nor by certificate: tls.client_cert_user "
+                                      "is not set)")
         maxc = entry.get("max_connections")
         if maxc is not None and (type(maxc) is not int or maxc < 1):
             raise SecurityConfigError(f"{where}.max_connections must be a positive integer")
@@ -683,7 +717,14 @@ def _parse_tls(table: Any, base_dir: str | None) -> TlsSettings:
         raise SecurityConfigError("tls.require_client_cert must be true or false")
     if require and "client_ca" not in table:
         raise SecurityConfigError("tls.require_client_cert needs tls.client_ca to verify client certificates")
+    cert_user = table.get("client_cert_user")
+    if cert_user is not None:
+        if cert_user not in tls.CERT_USER_SOURCES:
+            raise SecurityConfigError(f"tls.client_cert_user must be one of {', '.join(tls.CERT_USER_SOURCES)}")
+        if "client_ca" not in table:
+            raise SecurityConfigError("tls.client_cert_user needs tls.client_ca to verify client certificates")
     settings = TlsSettings(
+        client_cert_user=cert_user,
         cert=_readable(table["cert"], "tls.cert", base_dir),
         key=_readable(table["key"], "tls.key", base_dir) if "key" in table else None,
         client_ca=_readable(table["client_ca"], "tls.client_ca", base_dir) if "client_ca" in table else None,

@@ -107,8 +107,14 @@ class Broker:
         if users is None:
             return None
         method = auth_method(hello.auth)
+        tls_cfg = self.config.security.tls
+        names: tuple[str, ...] = ()
+        if tls_cfg is not None and tls_cfg.client_cert_user is not None:
+            names = tls.cert_names(tls.peer_certificate(actor.stream), tls_cfg.client_cert_user)
+            if names and method == "none":
+                method = "certificate"
         try:
-            user = await users.authenticate(hello.auth, actor.peer_ip)
+            user = await users.authenticate(hello.auth, actor.peer_ip, names)
         except AuthThrottled as exc:
             self.audit.auth_throttled(actor.peer, exc.retry_after)
             return exc.code, exc.message

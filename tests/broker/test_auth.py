@@ -400,6 +400,7 @@ def _bad_cases(certs: Any) -> list[tuple[dict, str]]:
     ok = {"password": PW_HASH}
     garbage = certs.dir / "garbage.pem"
     garbage.write_text("not a certificate\n")
+    tls_ok = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(certs.ca)}
     return [
         ({"user": {}}, "unknown security setting"),
         ({"auth": "yes"}, "auth must be true or false"),
@@ -437,6 +438,11 @@ def _bad_cases(certs: Any) -> list[tuple[dict, str]]:
         ({"tls": {"cert": str(garbage), "key": str(certs.server_key)}}, "tls: cannot load"),
         ({"tls": {"cert": str(certs.server), "key": str(certs.client_key)}}, "tls: cannot load"),  # mismatch
         ({"tls": {"cert": str(certs.server)}}, "tls: cannot load"),  # no key anywhere
+        ({"tls": {**tls_ok, "client_cert_user": "subject"}}, "client_cert_user must be one of cn, san:dns"),
+        ({"tls": {"cert": str(certs.server), "key": str(certs.server_key), "client_cert_user": "cn"}},
+         "client_cert_user needs tls.client_ca"),
+        ({"tls": {**tls_ok, "client_cert_user": "cn"}}, "no users are configured"),
+        ({"users": {"a": {}}, "tls": tls_ok}, "neither a password nor a token"),
     ]
 
 
@@ -453,6 +459,54 @@ def test_tls_cert_holding_its_key(certs: Any, tmp_path: Any) -> None:
     both.write_bytes(certs.server.read_bytes() + certs.server_key.read_bytes())
     sec = load_security({"tls": {"cert": str(both)}})
     assert sec.tls is not None and sec.tls.key is None and not sec.auth_enabled
+
+
+# ------------------------------------------------------- client certificates
+
+CERT = {  # getpeercert() form
+    "subject": ((("organizationName", "Example"),), (("commonName", "alice"),)),
+    "subjectAltName": (("DNS", "alice.clients.example"), ("email", "bot"), ("email", "bot"),
+                       ("URI", "spiffe://example/alice")),
+}
+
+
+def test_cert_names() -> None:
+    from broker.tls import cert_names
+    assert cert_names(CERT, "cn") == ("alice",)
+    assert cert_names(CERT, "san:dns") == ("alice.clients.example",)
+    assert cert_names(CERT, "san:email") == ("bot",)
+    assert cert_names(CERT, "san:uri") == ("spiffe://example/alice",)
+    assert cert_names(None, "cn") == () and cert_names({}, "san:dns") == ()
+    assert cert_names({"subject": ((("commonName", "a"),), (("commonName", "b"),))}, "cn") == ("a", "b")
+
+
+async def test_a_certificate_naming_a_user_logs_in_as_it() -> None:
+    users = make_users()
+    assert (await users.authenticate(None, "10.0.0.1", ("alice",))).name == "alice"  # no password needed
+    assert (await users.authenticate({}, "10.0.0.1", ("nobody", "bot"))).name == "bot"  # unknown names skipped
+    # credentials too: checked, and they must be the certificate's user
+    ok = await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1", ("alice",))
+    assert ok.name == "alice"
+    for creds, reason in (({"token": OTHER_TOKEN}, "cert_user_mismatch"),
+                          ({"user": "alice", "password": "wrong"}, "bad_password")):
+        with pytest.raises(AuthFailed) as ei:
+            await users.authenticate(creds, "10.0.0.2", ("alice",))
+        assert ei.value.reason == reason and ei.value.message == A.FAILED
+    with pytest.raises(AuthFailed) as ei:  # names two users: which one?
+        await users.authenticate(None, "10.0.0.1", ("alice", "bot"))
+    assert ei.value.reason == "cert_ambiguous"
+    with pytest.raises(AuthFailed) as ei:  # names no user: the certificate only authenticated the connection
+        await users.authenticate(None, "10.0.0.1", ("mallory",))
+    assert ei.value.reason == "missing"
+    assert (await users.authenticate({"token": OTHER_TOKEN}, "10.0.0.1", ("mallory",))).name == "bot"
+
+
+def test_certificate_only_users(certs: Any) -> None:
+    tls_cfg = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(certs.ca),
+               "client_cert_user": "san:email"}
+    sec = load_security({"users": {"alice@example.test": {"permissions": {"publish": ["a"]}}}, "tls": tls_cfg})
+    assert sec.tls is not None and sec.tls.client_cert_user == "san:email"
+    assert sec.users["alice@example.test"].password_hash is None
 
 
 # ---------------------------------------------------------- tidings passwd
