@@ -6,7 +6,10 @@ Events (field ``event``) and their fields besides ``ts``, ``user``, ``peer``:
 * ``auth_failed``       method, reason (unknown_user, bad_password, bad_token, malformed, ...)
 * ``auth_throttled``    retry_after (seconds)
 * ``permission_denied`` action, name
-* ``admin``             method, target, outcome ("ok" or an error code name)
+* ``admin``             method, target, outcome ("ok" or an error code name): every CALL
+                        except those reading only counters and settings (broker/server.py
+                        UNAUDITED_CALLS), so dlq.list and backup too; and ``group.join``
+                        (a stream CONSUME with a group; target "stream/group")
 * ``limit_refused``     limit (e.g. "max_connections", "user.max_connections"), details
 * ``suppressed``        of (the event), the key fields, suppressed (count), and what the
                         suppressed lines would have said: ``peers`` and (where the event

@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE: Final = 5.0  # seconds connections get to drain on SIGTERM before they are cancelled
 MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
-# Calls that change state are written to the audit log (reads such as stats or queue.info are not:
-# a dashboard polling them would drown the log).
-AUDITED_CALLS: Final = frozenset({"queue.declare", "queue.delete", "queue.purge", "dlq.purge", "dlq.redrive",
-                                  "stream.declare", "stream.delete", "stream.trim"})
+# Every call is written to the audit log except these, which read only counters and settings (a
+# dashboard polling them would drown the log). Calls that change state or read messages (dlq.list,
+# backup) are audited, and so is any call added later unless it is listed here: fail closed.
+UNAUDITED_CALLS: Final = frozenset({"stats", "server.info", "queue.list", "queue.info", "dlq.count",
+                                    "stream.list", "stream.info"})
 
 
 class Broker:
@@ -247,6 +248,8 @@ class Broker:
                     raise self.denied(actor, "consume", name, ev.rid)
             if "queue" in ev.args:
                 result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
+            elif "stream" in ev.args and ev.args.get("group") is not None:
+                result = await self._join_group(actor, ev)
             elif "stream" in ev.args:
                 result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
             else:
@@ -258,6 +261,21 @@ class Broker:
             actor.push_wire([F.Op.OK, ev.rid, None])
         else:
             raise RemoteProtocolError(f"unexpected {t.__name__}", ErrorCode.BAD_STATE, rid=getattr(ev, "rid", 0))
+
+    async def _join_group(self, actor: ConnectionActor, ev: F.Consume) -> Any:
+        """A stream CONSUME with a group: joining (maybe creating) a consumer
+        group moves its partition assignments and commits its offsets, which
+        other users' members share, so every join is audited with its outcome."""
+        stream, group = ev.args.get("stream"), ev.args.get("group")
+        target = f"{stream}/{group}" if isinstance(stream, str) and isinstance(group, str) else None
+        try:
+            result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
+        except Exception as exc:  # audited whatever the failure, then re-raised unchanged
+            self.audit.admin(actor.user.name, actor.peer, "group.join", target,
+                             getattr(getattr(exc, "code", None), "name", "INTERNAL"))
+            raise
+        self.audit.admin(actor.user.name, actor.peer, "group.join", target, "ok")
+        return result
 
     def _check_ack(self, actor: ConnectionActor, ev: F.Ack) -> None:
         """Acks are covered by the consume check made when the consumer was
@@ -297,9 +315,9 @@ class Broker:
             need = actor.perms.check_call(method, args)
             if need is not None:
                 raise self.denied(actor, need.action, need.name, rid)
-        if method not in AUDITED_CALLS:
+        if method in UNAUDITED_CALLS:
             return await self._dispatch_call(actor, method, args, rid)
-        target = args.get("name")
+        target = args.get("path") if method == "backup" else args.get("name")
         try:
             result = await self._dispatch_call(actor, method, args, rid)
         except Exception as exc:  # audited whatever the failure, then re-raised unchanged

@@ -149,3 +149,35 @@ async def test_audit_log_can_go_to_the_logger(start_broker, tmp_path: Path) -> N
     assert not (b.data_dir / "audit.log").exists()
     lines = [line for line in b.stderr().splitlines() if "tidings.audit" in line and '"auth_ok"' in line]
     assert len(lines) == 1 and '"user": "alice"' in lines[0] and PASSWORDS["alice"] not in b.stderr()
+
+
+async def test_reading_and_destructive_admin_calls_and_group_joins_are_audited(auth_broker, tmp_path: Path) -> None:
+    """dlq.list reads dead-lettered payloads, backup copies every message and
+    a group join moves a group's partitions and commits its offsets: each is
+    audited with its outcome, like the calls that change state. Calls that
+    read only counters (queue.info, stats) are not, so dashboards cannot
+    drown the log."""
+    async with connect(auth_broker.url, user="alice", password=PASSWORDS["alice"]) as tc:
+        await tc.declare_queue("jobs", bind=["jobs.>"])
+        await tc.dlq_list("jobs")
+        await tc.queue_info("jobs")
+        await tc.call("stats")
+        try:
+            await tc.call("backup", {"path": str(tmp_path / "copy.db")}, timeout=WAIT)
+        except E.TidingsError:
+            pass  # where backups may go is not this test's business; the attempt is audited either way
+        await tc.declare_stream("clicks", bind=["clicks.>"])
+        async with tc.stream_consume("clicks", "billing"):
+            pass
+        with pytest.raises(E.NotFoundError):
+            async with tc.stream_consume("nope", "billing"):
+                pass
+    assert auth_broker.terminate() == 0
+    admin = [(x["user"], x["method"], x["target"], x["outcome"]) for x in audit_lines(auth_broker.data_dir)
+             if x["event"] == "admin"]
+    assert [a[1] for a in admin] == ["queue.declare", "dlq.list", "backup", "stream.declare", "group.join",
+                                     "group.join"]
+    assert admin[1] == ("alice", "dlq.list", "jobs", "ok")
+    assert admin[2][2] == str(tmp_path / "copy.db")
+    assert admin[4] == ("alice", "group.join", "clicks/billing", "ok")
+    assert admin[5] == ("alice", "group.join", "nope/billing", "NOT_FOUND")
