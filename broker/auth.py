@@ -7,9 +7,10 @@ everything else by broker/config.py; :func:`split_security` separates them)::
     auth = true                      # optional: a [users] table already turns auth on;
                                      # "auth = true" without users is an error, and so is
                                      # "auth = false" with users (ambiguous: we fail closed)
+    password_upgrade = true          # default: rewrite weaker password hashes in this file at login
 
     [users.alice]
-    password = "scrypt$n=16384,r=8,p=1$<salt b64>$<hash b64>"   # from `tidings passwd`
+    password = "scrypt$n=131072,r=8,p=1$<salt b64>$<hash b64>"   # from `tidings passwd`
     tokens = ["sha256$<64 hex>"]      # from `tidings passwd --token`; password and/or tokens
     max_connections = 10              # optional per-user cap (the global max_connections still applies)
 
@@ -28,6 +29,16 @@ everything else by broker/config.py; :func:`split_security` separates them)::
     require_client_cert = false       # true: refuse clients without a certificate (needs client_ca)
     client_cert_user = "cn"           # optional: log a verified certificate in as the user it names:
                                       # "cn", "san:dns", "san:email" or "san:uri" (needs client_ca, users)
+
+Password hashes: scrypt at :data:`SCRYPT_N`, :data:`SCRYPT_R`, :data:`SCRYPT_P`
+(OWASP's current guidance, 128 MiB and a few hundred ms per hash). Hashes made
+with weaker parameters keep working; on such a user's next successful
+password login the broker re-hashes the password at the current parameters
+and replaces the old hash in the config file it was started with (the exact
+hash string, in place: written to a temporary file and renamed), unless
+``password_upgrade = false`` or the file cannot be rewritten (then it logs a
+warning and keeps the old hash). Verifications run in worker threads, at most
+:data:`HASH_CONCURRENCY` at once (memory: 128 MiB each).
 
 Client certificates (``client_cert_user`` set): a verified certificate
 whose names (of that field) include exactly one configured user logs the
@@ -55,10 +66,12 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import getpass
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -66,7 +79,7 @@ import ssl
 import sys
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Final, Iterable, Mapping, Sequence
 
@@ -78,16 +91,20 @@ from . import permissions as perms
 from . import tls
 from .permissions import Permissions
 
-# scrypt cost: ~45 ms and 16 MiB per hash on the 2-core reference machine; OWASP's minimum for scrypt
-SCRYPT_N: Final = 16384
+log = logging.getLogger(__name__)
+
+# scrypt cost: OWASP Password Storage Cheat Sheet (2023+): N=2^17, r=8, p=1, i.e. 128 MiB of memory and
+# ~0.3 s per hash on the 2-core reference machine. Older hashes (n=16384) are upgraded at login.
+SCRYPT_N: Final = 2**17
 SCRYPT_R: Final = 8
 SCRYPT_P: Final = 1
 SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
-MAX_SCRYPT_MEMORY: Final = 64 * 1024 * 1024  # refuse hash strings that would need more (garbled or hostile)
+MAX_SCRYPT_MEMORY: Final = 128 * 1024 * 1024  # 128*n*r of the current cost; refuse hash strings needing more
 SCRYPT_SLACK: Final = 4 * 1024 * 1024  # OpenSSL needs a little over 128*n*r (plus 128*r*p: at most 2 MiB)
 MAX_SECRET_BYTES: Final = 1024  # longer passwords/tokens are refused before any hashing
-HASH_CONCURRENCY: Final = 2  # threads hashing at once: a login flood cannot take every core
+# Threads hashing at once: a login flood can take neither every core nor more than 2 x 128 MiB of memory.
+HASH_CONCURRENCY: Final = 2
 HASH_BACKLOG: Final = 64  # logins waiting for a hashing thread; beyond it HELLO is refused (retriable)
 
 USER_NAME: Final = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
@@ -200,6 +217,39 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
         raise ValueError(f"unsupported scrypt parameters n={n},r={r},p={p}")
     spec = _Scrypt(n, r, p, os.urandom(SALT_BYTES), b"\0" * HASH_BYTES)
     return f"scrypt${spec.params}${_b64(spec.salt)}${_b64(spec.compute(secret))}"
+
+
+def needs_upgrade(encoded: object) -> bool:
+    """True if ``encoded`` is a valid hash made with less memory or work than the current parameters."""
+    spec = _parse_hash(encoded)
+    return spec is not None and (spec.n * spec.r < SCRYPT_N * SCRYPT_R or spec.n * spec.r * spec.p
+                                 < SCRYPT_N * SCRYPT_R * SCRYPT_P)
+
+
+def replace_in_file(path: str, old: str, new: str) -> None:
+    """Replace the one occurrence of ``old`` in the text file ``path`` with
+    ``new``, atomically (a temporary file beside it, same mode, fsynced,
+    renamed over it; a symlink's target is the file rewritten). Raises
+    ValueError unless ``old`` occurs exactly once, OSError if the file or its
+    directory cannot be written."""
+    real = os.path.realpath(path)
+    with open(real, encoding="utf-8") as fh:
+        text = fh.read()
+        mode = os.fstat(fh.fileno()).st_mode & 0o7777
+    if text.count(old) != 1:
+        raise ValueError(f"the old hash is not in {real} exactly once (edited since start-up?)")
+    tmp = f"{real}.tidings-{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text.replace(old, new))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def is_password_hash(encoded: object) -> bool:
@@ -383,7 +433,11 @@ class Users:
 
     def __init__(self, specs: Iterable[UserSpec], *, throttle: Throttle | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 hash_concurrency: int = HASH_CONCURRENCY, hash_backlog: int = HASH_BACKLOG) -> None:
+                 hash_concurrency: int = HASH_CONCURRENCY, hash_backlog: int = HASH_BACKLOG,
+                 upgrade: Callable[[str, str], None] | None = None) -> None:
+        """``upgrade(old_hash, new_hash)``: persist an upgraded password hash
+        (blocking, called in a worker thread; raises OSError or ValueError if
+        it cannot). None: weaker hashes are used as they are."""
         self._specs: dict[str, UserSpec] = {}
         self._users: dict[str, User] = {}
         self._tokens: list[tuple[str, str]] = []  # (token hash, user name)
@@ -404,6 +458,8 @@ class Users:
         self._attempt_ended: dict[str, anyio.Event] = {}  # peer key -> set when one of them ends
         self._waiting = 0  # logins waiting for their peer's turn (bounded by hash_backlog too)
         self._open: dict[str, int] = {}
+        self._upgrade = upgrade
+        self._upgrade_skip: set[str] = set()  # users being upgraded now, or whose upgrade failed
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any], **kw: Any) -> Users:
@@ -516,7 +572,39 @@ class Users:
             raise AuthFailed(FAILED, "unknown_user", claimed)
         if not ok:
             raise AuthFailed(FAILED, "bad_password" if spec.password_hash else "no_password", claimed)
+        if self._upgrade is not None and name not in self._upgrade_skip and needs_upgrade(encoded):
+            await self._upgrade_hash(spec, password)
         return self._users[name]
+
+    def weak_hashes(self) -> list[str]:
+        """Names of the users whose password hash is weaker than the current parameters."""
+        return [n for n, s in self._specs.items() if s.password_hash and needs_upgrade(s.password_hash)]
+
+    async def _upgrade_hash(self, spec: UserSpec, password: str) -> None:
+        """Re-hash ``password`` at the current cost and persist it (in a
+        hashing thread: same limiter, same memory bound). Once per user per
+        run: a failure is logged and the old hash kept."""
+        old = spec.password_hash
+        assert old is not None
+        self._upgrade_skip.add(spec.name)
+        upgrade = self._upgrade
+        assert upgrade is not None
+
+        def work() -> str:
+            new = hash_password(password)
+            upgrade(old, new)
+            return new
+
+        try:
+            new = await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        except (OSError, ValueError) as exc:
+            log.warning("could not upgrade the password hash of user %r to n=%d,r=%d,p=%d: %s; "
+                        "regenerate it with `tidings passwd`", spec.name, SCRYPT_N, SCRYPT_R, SCRYPT_P, exc)
+            return
+        if self._specs.get(spec.name) is spec:
+            self._specs[spec.name] = replace(spec, password_hash=new)
+            self._upgrade_skip.discard(spec.name)
+        log.info("upgraded the password hash of user %r to n=%d,r=%d,p=%d", spec.name, SCRYPT_N, SCRYPT_R, SCRYPT_P)
 
     def _check_token(self, token: object, name: str | None, claimed: str | None) -> User:
         if type(token) is not str or not token or len(token) > MAX_SECRET_BYTES:
@@ -563,7 +651,7 @@ def auth_method(auth: Mapping[str, Any] | None) -> str:
 
 # ------------------------------------------------------------------- config
 
-SECURITY_KEYS: Final = frozenset({"auth", "users", "tls"})
+SECURITY_KEYS: Final = frozenset({"auth", "users", "tls", "password_upgrade"})
 _USER_KEYS: Final = frozenset({"password", "tokens", "max_connections", "permissions"})
 _TLS_KEYS: Final = frozenset({"cert", "key", "client_ca", "require_client_cert", "client_cert_user"})
 
@@ -586,6 +674,8 @@ class Security:
 
     users: Mapping[str, UserSpec] = field(default_factory=lambda: MappingProxyType({}))
     tls: TlsSettings | None = None
+    password_upgrade: bool = True  # rewrite weaker hashes in ``source`` at login
+    source: str | None = None  # the config file the users came from (None: not from a file)
 
     @property
     def auth_enabled(self) -> bool:
@@ -595,6 +685,14 @@ class Security:
         """A fresh :class:`Users` for a running broker, or None in no-users mode."""
         return Users(self.users.values(), **kw) if self.users else None
 
+    def hash_upgrader(self) -> Callable[[str, str], None] | None:
+        """What :class:`Users` calls to persist an upgraded hash: a rewrite of
+        the config file; None if upgrades are off or there is no file."""
+        source = self.source
+        if not self.password_upgrade or source is None:
+            return None
+        return lambda old, new: replace_in_file(source, old, new)
+
 
 def split_security(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a parsed TOML document into (general settings, security sections)."""
@@ -603,7 +701,7 @@ def split_security(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return rest, sec
 
 
-def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Security:
+def load_security(data: Mapping[str, Any], *, base_dir: str | None = None, source: str | None = None) -> Security:
     """Validate the ``auth``/``users``/``tls`` sections and return Security.
 
     Fails closed: raises SecurityConfigError for unknown keys, auth turned
@@ -613,7 +711,8 @@ def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Se
     certificates OpenSSL will not load. Error messages never quote a
     configured secret (a "hash" may be a pasted plaintext password).
     Relative TLS paths are resolved against ``base_dir`` (the config file's
-    directory). Reads the TLS files; no other side effects.
+    directory). ``source``: the config file (kept for password upgrades).
+    Reads the TLS files; no other side effects.
     """
     unknown = sorted(set(data) - SECURITY_KEYS)
     if unknown:
@@ -637,7 +736,10 @@ def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Se
     if by_cert and not users:
         raise SecurityConfigError("tls.client_cert_user maps client certificates to users, "
                                   "but no users are configured")
-    return Security(MappingProxyType(users), tls)
+    upgrade = data.get("password_upgrade", True)
+    if type(upgrade) is not bool:
+        raise SecurityConfigError("password_upgrade must be true or false")
+    return Security(MappingProxyType(users), tls, upgrade, source)
 
 
 def _parse_users(table: Mapping[str, Any], *, certificate_only: bool = False) -> dict[str, UserSpec]:

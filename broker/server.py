@@ -80,7 +80,14 @@ class Broker:
         # Users without their own max_connections get the broker-wide per-user default.
         self.users: Users | None = (
             Users([dataclasses.replace(s, max_connections=s.max_connections or config.max_connections_per_user)
-                   for s in sec.users.values()]) if sec.auth_enabled else None)
+                   for s in sec.users.values()], upgrade=sec.hash_upgrader()) if sec.auth_enabled else None)
+        if self.users is not None:
+            weak = self.users.weak_hashes()
+            if weak:
+                log.warning("password hashes weaker than the current scrypt cost for %d user(s) (%s): %s",
+                            len(weak), ", ".join(weak[:10]),
+                            "upgraded in the config file at each one's next login" if sec.hash_upgrader()
+                            else "password_upgrade is off: regenerate them with `tidings passwd`")
         # Lines go to the logger until serve() opens the audit file.
         self.audit = AuditLog(logger_sink())
         self._audit_file: AuditFile | None = None

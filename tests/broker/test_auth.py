@@ -68,9 +68,57 @@ def test_hash_roundtrip_and_format() -> None:
 
 
 def test_default_cost_is_strong() -> None:
+    """OWASP's current guidance for scrypt: N=2^17, r=8, p=1 (it was 16384)."""
     h = hash_password("x")
-    assert h.startswith(f"scrypt$n={A.SCRYPT_N},r=8,p=1$") and A.SCRYPT_N >= 16384
-    assert verify_password("x", h)
+    assert h.startswith(f"scrypt$n={A.SCRYPT_N},r=8,p=1$") and A.SCRYPT_N >= 2**17
+    assert verify_password("x", h) and not A.needs_upgrade(h)
+    assert A.needs_upgrade(hash_password("x", n=16384)) and A.needs_upgrade(PW_HASH)
+
+
+async def test_a_weaker_hash_is_upgraded_at_login(caplog: pytest.LogCaptureFixture) -> None:
+    """An old hash keeps working; at the first successful login it is replaced
+    (through the upgrade callback, in a worker thread) by one at the current
+    cost, and later logins use the new one. A failed upgrade keeps the old
+    hash, logs a warning and is not retried on every login."""
+    saved: list[tuple[str, str, int]] = []
+
+    def upgrade(old: str, new: str) -> None:
+        saved.append((old, new, threading.get_ident()))
+
+    users = make_users(upgrade=upgrade)
+    assert users.weak_hashes() == ["alice"]
+    with pytest.raises(AuthFailed):
+        await users.authenticate({"user": "alice", "password": "wrong"}, "10.0.0.1")
+    assert saved == []  # only a successful login knows the password
+    assert (await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1")).name == "alice"
+    [(old, new, tid)] = saved
+    assert old == PW_HASH and new.startswith(f"scrypt$n={A.SCRYPT_N},r=8,p=1$") and tid != threading.get_ident()
+    assert verify_password("s3cret", new) and users.weak_hashes() == []
+    assert (await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1")).name == "alice"
+    assert len(saved) == 1
+
+    def broken(old: str, new: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    users = make_users(upgrade=broken)
+    for _ in range(2):
+        assert (await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1")).name == "alice"
+    assert users.weak_hashes() == ["alice"]
+    assert len([r for r in caplog.records if "could not upgrade" in r.getMessage()]) == 1
+
+
+def test_replace_in_file(tmp_path: Any) -> None:
+    cfg = tmp_path / "tidings.toml"
+    cfg.write_text(f'port = 1\n[users.alice]\npassword = "{PW_HASH}"\n')
+    os.chmod(cfg, 0o640)
+    link = tmp_path / "link.toml"
+    link.symlink_to(cfg)
+    A.replace_in_file(str(link), PW_HASH, "scrypt$new")
+    assert link.is_symlink() and cfg.read_text() == 'port = 1\n[users.alice]\npassword = "scrypt$new"\n'
+    assert cfg.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(ValueError):
+        A.replace_in_file(str(cfg), PW_HASH, "x")  # no longer there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.toml", "tidings.toml"]
 
 
 @pytest.mark.parametrize("encoded", [

@@ -4,6 +4,7 @@ failing, per-user connection limits, and the audit log of it all."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anyio
@@ -181,3 +182,25 @@ async def test_reading_and_destructive_admin_calls_and_group_joins_are_audited(a
     assert admin[2][2] == str(tmp_path / "copy.db")
     assert admin[4] == ("alice", "group.join", "clicks/billing", "ok")
     assert admin[5] == ("alice", "group.join", "nope/billing", "NOT_FOUND")
+
+
+async def test_a_weak_password_hash_is_upgraded_in_the_config_file_at_login(start_broker, tmp_path: Path) -> None:
+    """alice's hash (n=1024) keeps working; her first login rewrites it in the
+    config file at the current cost (n=2^17), the rest of the file unchanged,
+    and the broker starts and logs her in from the rewritten file."""
+    cfg = write_config(tmp_path / "tidings.toml", users=user("alice", **ALL),
+                       settings={"password_upgrade": True})
+    before = cfg.read_text()
+    old = re.search(r'password = "(scrypt\$n=1024,[^"]+)"', before).group(1)
+    b = start_broker("--config", str(cfg))
+    assert "weaker than the current scrypt cost for 1 user(s) (alice)" in b.stderr()
+    async with connect(b.url, user="alice", password=PASSWORDS["alice"], reconnect=False) as tc:
+        await tc.flush(timeout=WAIT)
+    after = cfg.read_text()
+    new = re.search(r'password = "(scrypt\$[^"]+)"', after).group(1)
+    assert new.startswith("scrypt$n=131072,r=8,p=1$") and after == before.replace(old, new)
+    assert b.terminate() == 0
+    b2 = start_broker("--config", str(cfg))
+    async with connect(b2.url, user="alice", password=PASSWORDS["alice"], reconnect=False) as tc:
+        assert tc.server_info["user"] == "alice"
+    assert "weaker than" not in b2.stderr()
