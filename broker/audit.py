@@ -2,8 +2,9 @@
 
 Events (field ``event``) and their fields besides ``ts``, ``user``, ``peer``:
 
-* ``auth_ok``           method ("password"/"token"), connection
-* ``auth_failed``       method, reason (unknown_user, bad_password, bad_token, malformed, ...)
+* ``auth_ok``           method ("password", "token" or "certificate"), connection
+* ``auth_failed``       method, reason (unknown_user, bad_password, bad_token, malformed,
+                        cert_user_mismatch, cert_ambiguous, ...)
 * ``auth_throttled``    retry_after (seconds)
 * ``permission_denied`` action, name
 * ``admin``             method, target, outcome ("ok" or an error code name): every CALL
