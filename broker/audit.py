@@ -2,26 +2,40 @@
 
 Events (field ``event``) and their fields besides ``ts``, ``user``, ``peer``:
 
-* ``auth_ok``           method ("password"/"token"), connection
-* ``auth_failed``       method, reason (unknown_user, bad_password, bad_token, malformed, ...)
+* ``auth_ok``           method ("password", "token" or "certificate"), connection
+* ``auth_failed``       method, reason (unknown_user, bad_password, bad_token, malformed,
+                        cert_user_mismatch, cert_ambiguous, ...)
 * ``auth_throttled``    retry_after (seconds)
 * ``permission_denied`` action, name
-* ``admin``             method, target, outcome ("ok" or an error code name)
+* ``admin``             method, target, outcome ("ok" or an error code name): every CALL
+                        except those reading only counters and settings (broker/server.py
+                        UNAUDITED_CALLS), so dlq.list and backup too; and ``group.join``
+                        (a stream CONSUME with a group; target "stream/group")
 * ``limit_refused``     limit (e.g. "max_connections", "user.max_connections"), details
-* ``suppressed``        of (the event), the key fields, suppressed (count)
+* ``suppressed``        of (the event), the key fields, suppressed (count), and what the
+                        suppressed lines would have said: ``peers`` and (where the event
+                        has them) ``names``/``reasons``, each a list of [value, count]
+                        pairs (at most ``MAX_DISTINCT``, first seen first), with
+                        ``others`` counting per field the lines whose value was not kept
 * ``audit_dropped``     dropped (lines lost because the writer queue was full)
 
 ``ts`` is UTC wall time (``2024-05-01T12:00:00.123Z``); ``user`` is "" for
 no-users mode or before login (for ``auth_failed`` it is the claimed name,
 cut to 64 characters); ``peer`` is "host:port". Strings are cut to 256
-characters and JSON-escaped, so a hostile name cannot forge a line. Keys
+characters and JSON-escaped, and every character some reader takes for a
+line break is written as a ``\\uXXXX`` escape (``\\n``, ``\\r``, ``\\x0b``,
+``\\x0c``, ``\\x1c``-``\\x1e``, U+0085, U+2028, U+2029: Python's
+``str.splitlines()`` splits on all of them), so a hostile name cannot forge
+or split a line. Keys
 that name secrets (password, token, auth, payload, ...) are redacted and
 bytes are logged only as their length, whatever a caller passes.
 
 Flood control: the noisy events (denials, auth failures, throttled and
 limit refusals) are limited to ``limit`` lines per key per ``window``
 seconds; the key is (event, user, action or limit). What a window
-suppressed is reported in one ``suppressed`` line when the key is next seen
+suppressed is reported in one ``suppressed`` line (its count, and the
+distinct peer addresses, names and reasons of the suppressed lines with a
+count each) when the key is next seen
 after the window or when :meth:`AuditLog.flush` runs (every window, from
 :meth:`AuditLog.run_flusher`). At most ``max_keys`` keys are tracked.
 
@@ -56,10 +70,23 @@ MAX_KEYS: Final = 10_000  # rate-limit keys tracked at once: bounds memory under
 MAX_QUEUE: Final = 10_000  # lines waiting for the writer thread (~2 MB); beyond it lines are dropped, counted
 MAX_BATCH: Final = 1_000  # lines per write() by the writer thread
 MAX_FIELD: Final = 256  # characters kept of any string field
+# Distinct values (peers, names, reasons) one summary keeps per field, each with its count; the rest are
+# only counted ("others"): enough to see who was behind a flood, bounded under a spray of names.
+MAX_DISTINCT: Final = 32
+SUMMARY_FIELDS: Final = (("peer", "peers"), ("name", "names"), ("reason", "reasons"))
 RATE_LIMITED: Final = frozenset({"permission_denied", "auth_failed", "auth_throttled", "limit_refused"})
 SECRET_KEYS: Final = frozenset({"password", "token", "tokens", "auth", "secret", "credentials", "payload",
                                 "password_hash", "key"})
 REDACTED: Final = "[redacted]"
+# JSON leaves these raw inside strings (ensure_ascii=False), yet splitlines() and some log shippers end a
+# line at each of them; the C0 separators (\n \r \x0b \x0c \x1c-\x1e) json.dumps escapes itself.
+_LINE_BREAKS: Final = {c: f"\\u{c:04x}" for c in (0x85, 0x2028, 0x2029)}
+
+
+def escape_line(line: str) -> str:
+    """``line`` (one JSON document) with every line separator JSON-escaped:
+    afterwards ``line.splitlines()`` is ``[line]``."""
+    return line.translate(_LINE_BREAKS)
 
 
 def _ts(t: float) -> str:
@@ -82,13 +109,30 @@ def _clean(value: Any) -> Any:
 
 
 class _Window:
-    __slots__ = ("start", "count", "suppressed", "fields")
+    __slots__ = ("start", "count", "suppressed", "fields", "seen", "others")
 
     def __init__(self, start: float, fields: dict[str, Any]) -> None:
         self.start = start
         self.count = 0
         self.suppressed = 0
         self.fields = fields
+        self.seen: dict[str, dict[str, int]] = {}  # summary field -> value -> suppressed lines with it
+        self.others: dict[str, int] = {}  # summary field -> suppressed lines whose value was not kept
+
+    def suppress(self, peer: str, details: dict[str, Any]) -> None:
+        self.suppressed += 1
+        for src, dst in SUMMARY_FIELDS:
+            value = peer if src == "peer" else details.get(src)
+            if value is None:
+                continue
+            value = str(value)[:MAX_FIELD]
+            counts = self.seen.setdefault(dst, {})
+            if value in counts:
+                counts[value] += 1
+            elif len(counts) < MAX_DISTINCT:
+                counts[value] = 1
+            else:
+                self.others[dst] = self.others.get(dst, 0) + 1
 
 
 class AuditLog:
@@ -134,7 +178,7 @@ class AuditLog:
         """Write one event line (subject to flood control for RATE_LIMITED events)."""
         if event in RATE_LIMITED:
             key = (event, user, str(details.get("action") or details.get("limit") or ""))
-            if not self._admit(key, event, user, details):
+            if not self._admit(key, event, user, peer, details):
                 return
         self._write(event, user, peer, details)
 
@@ -143,11 +187,11 @@ class AuditLog:
                                "user": _clean(user), "peer": _clean(peer)}
         for k, v in details.items():
             doc[k] = REDACTED if k.lower() in SECRET_KEYS else _clean(v)
-        self.sink(json.dumps(doc, ensure_ascii=False))
+        self.sink(escape_line(json.dumps(doc, ensure_ascii=False)))
 
     # ----------------------------------------------------- flood control
 
-    def _admit(self, key: tuple[str, ...], event: str, user: str, details: dict[str, Any]) -> bool:
+    def _admit(self, key: tuple[str, ...], event: str, user: str, peer: str, details: dict[str, Any]) -> bool:
         now = self.clock()
         w = self._windows.get(key)
         if w is not None and now - w.start >= self.window:
@@ -168,15 +212,20 @@ class AuditLog:
         if w.count < self.limit:
             w.count += 1
             return True
-        w.suppressed += 1
+        w.suppress(peer, details)
         return False
 
     def _summarise(self, w: _Window, key: tuple[str, ...]) -> None:
         if w.suppressed:
             fields = dict(w.fields)
             user = fields.pop("user")
-            self._write("suppressed", user, "", {"of": key[0], **fields, "suppressed": w.suppressed,
-                                                  "window_s": self.window})
+            summary: dict[str, Any] = {"of": key[0], **fields, "suppressed": w.suppressed,
+                                       "window_s": self.window}
+            for name, counts in w.seen.items():
+                summary[name] = [[v, n] for v, n in counts.items()]  # pairs: a value is never taken for a key
+            if w.others:
+                summary["others"] = dict(w.others)
+            self._write("suppressed", user, "", summary)
 
     def flush(self) -> int:
         """Close every ended window, writing its ``suppressed`` line if it

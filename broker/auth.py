@@ -7,9 +7,10 @@ everything else by broker/config.py; :func:`split_security` separates them)::
     auth = true                      # optional: a [users] table already turns auth on;
                                      # "auth = true" without users is an error, and so is
                                      # "auth = false" with users (ambiguous: we fail closed)
+    password_upgrade = true          # default: rewrite weaker password hashes in this file at login
 
     [users.alice]
-    password = "scrypt$n=16384,r=8,p=1$<salt b64>$<hash b64>"   # from `tidings passwd`
+    password = "scrypt$n=131072,r=8,p=1$<salt b64>$<hash b64>"   # from `tidings passwd`
     tokens = ["sha256$<64 hex>"]      # from `tidings passwd --token`; password and/or tokens
     max_connections = 10              # optional per-user cap (the global max_connections still applies)
 
@@ -26,6 +27,28 @@ everything else by broker/config.py; :func:`split_security` separates them)::
     key = "server.key"                # may be omitted if cert holds the key too
     client_ca = "clients-ca.pem"      # optional: verify client certificates against it
     require_client_cert = false       # true: refuse clients without a certificate (needs client_ca)
+    client_cert_user = "cn"           # optional: log a verified certificate in as the user it names:
+                                      # "cn", "san:dns", "san:email" or "san:uri" (needs client_ca, users)
+
+Password hashes: scrypt at :data:`SCRYPT_N`, :data:`SCRYPT_R`, :data:`SCRYPT_P`
+(OWASP's current guidance, 128 MiB and a few hundred ms per hash). Hashes made
+with weaker parameters keep working; on such a user's next successful
+password login the broker re-hashes the password at the current parameters
+and replaces the old hash in the config file it was started with (the exact
+hash string, in place: written to a temporary file and renamed), unless
+``password_upgrade = false`` or the file cannot be rewritten (then it logs a
+warning and keeps the old hash). Verifications run in worker threads, at most
+:data:`HASH_CONCURRENCY` at once (memory: 128 MiB each).
+
+Client certificates (``client_cert_user`` set): a verified certificate
+whose names (of that field) include exactly one configured user logs the
+client in as that user, without a password. If the HELLO carries
+credentials as well, they are checked as usual and must be that same
+user's (else AUTH_FAILED, reason ``cert_user_mismatch``): a certificate
+binds the connection to its user. Names of two configured users is
+AUTH_FAILED (``cert_ambiguous``). A certificate that names no configured
+user only authenticated the connection: the HELLO needs credentials as
+without one. Without ``client_cert_user`` certificates never name a user.
 
 Actions, names and the allow/deny rule are defined in broker/permissions.py.
 With no users the broker runs in no-users mode: every connection is
@@ -43,10 +66,12 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import getpass
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -54,7 +79,7 @@ import ssl
 import sys
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Final, Iterable, Mapping, Sequence
 
@@ -66,16 +91,20 @@ from . import permissions as perms
 from . import tls
 from .permissions import Permissions
 
-# scrypt cost: ~45 ms and 16 MiB per hash on the 2-core reference machine; OWASP's minimum for scrypt
-SCRYPT_N: Final = 16384
+log = logging.getLogger(__name__)
+
+# scrypt cost: OWASP Password Storage Cheat Sheet (2023+): N=2^17, r=8, p=1, i.e. 128 MiB of memory and
+# ~0.3 s per hash on the 2-core reference machine. Older hashes (n=16384) are upgraded at login.
+SCRYPT_N: Final = 2**17
 SCRYPT_R: Final = 8
 SCRYPT_P: Final = 1
 SALT_BYTES: Final = 16
 HASH_BYTES: Final = 32
-MAX_SCRYPT_MEMORY: Final = 64 * 1024 * 1024  # refuse hash strings that would need more (garbled or hostile)
+MAX_SCRYPT_MEMORY: Final = 128 * 1024 * 1024  # 128*n*r of the current cost; refuse hash strings needing more
 SCRYPT_SLACK: Final = 4 * 1024 * 1024  # OpenSSL needs a little over 128*n*r (plus 128*r*p: at most 2 MiB)
 MAX_SECRET_BYTES: Final = 1024  # longer passwords/tokens are refused before any hashing
-HASH_CONCURRENCY: Final = 2  # threads hashing at once: a login flood cannot take every core
+# Threads hashing at once: a login flood can take neither every core nor more than 2 x 128 MiB of memory.
+HASH_CONCURRENCY: Final = 2
 HASH_BACKLOG: Final = 64  # logins waiting for a hashing thread; beyond it HELLO is refused (retriable)
 
 USER_NAME: Final = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
@@ -190,6 +219,39 @@ def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int
     return f"scrypt${spec.params}${_b64(spec.salt)}${_b64(spec.compute(secret))}"
 
 
+def needs_upgrade(encoded: object) -> bool:
+    """True if ``encoded`` is a valid hash made with less memory or work than the current parameters."""
+    spec = _parse_hash(encoded)
+    return spec is not None and (spec.n * spec.r < SCRYPT_N * SCRYPT_R or spec.n * spec.r * spec.p
+                                 < SCRYPT_N * SCRYPT_R * SCRYPT_P)
+
+
+def replace_in_file(path: str, old: str, new: str) -> None:
+    """Replace the one occurrence of ``old`` in the text file ``path`` with
+    ``new``, atomically (a temporary file beside it, same mode, fsynced,
+    renamed over it; a symlink's target is the file rewritten). Raises
+    ValueError unless ``old`` occurs exactly once, OSError if the file or its
+    directory cannot be written."""
+    real = os.path.realpath(path)
+    with open(real, encoding="utf-8") as fh:
+        text = fh.read()
+        mode = os.fstat(fh.fileno()).st_mode & 0o7777
+    if text.count(old) != 1:
+        raise ValueError(f"the old hash is not in {real} exactly once (edited since start-up?)")
+    tmp = f"{real}.tidings-{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text.replace(old, new))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, real)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def is_password_hash(encoded: object) -> bool:
     """True if ``encoded`` is a well-formed hash this module can verify."""
     return _parse_hash(encoded) is not None
@@ -271,6 +333,10 @@ class Throttle:
     """Refuses peers that failed ``max_failures`` times within ``window``
     seconds, for ``backoff`` seconds, doubling per block up to ``max_backoff``.
 
+    This class counts finished attempts; :meth:`Users.authenticate` also
+    bounds the attempts of one peer *running* at once to :meth:`remaining`,
+    so concurrent guesses cannot all be checked before the block begins.
+
     A success does not reset anything (else one valid account would let an
     attacker reset the count between guesses at another); failures simply
     leave the window, and a peer quiet for ``max_backoff + window`` is
@@ -302,6 +368,14 @@ class Throttle:
             del self._peers[key]
             return 0.0
         return max(0.0, rec.blocked_until - now)
+
+    def remaining(self, key: str) -> int:
+        """Failures ``key`` may still have in the current window before a block starts."""
+        rec = self._peers.get(key)
+        if rec is None:
+            return self.max_failures
+        cutoff = self.clock() - self.window
+        return self.max_failures - sum(1 for t in rec.failures if t > cutoff)
 
     def failure(self, key: str) -> None:
         """Count a failed attempt by ``key``; may start a block."""
@@ -359,7 +433,11 @@ class Users:
 
     def __init__(self, specs: Iterable[UserSpec], *, throttle: Throttle | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 hash_concurrency: int = HASH_CONCURRENCY, hash_backlog: int = HASH_BACKLOG) -> None:
+                 hash_concurrency: int = HASH_CONCURRENCY, hash_backlog: int = HASH_BACKLOG,
+                 upgrade: Callable[[str, str], None] | None = None) -> None:
+        """``upgrade(old_hash, new_hash)``: persist an upgraded password hash
+        (blocking, called in a worker thread; raises OSError or ValueError if
+        it cannot). None: weaker hashes are used as they are."""
         self._specs: dict[str, UserSpec] = {}
         self._users: dict[str, User] = {}
         self._tokens: list[tuple[str, str]] = []  # (token hash, user name)
@@ -376,7 +454,12 @@ class Users:
         self._limiter = anyio.CapacityLimiter(hash_concurrency)
         self._backlog = hash_backlog
         self._hashing = 0
+        self._attempts: dict[str, int] = {}  # peer key -> its logins being checked now
+        self._attempt_ended: dict[str, anyio.Event] = {}  # peer key -> set when one of them ends
+        self._waiting = 0  # logins waiting for their peer's turn (bounded by hash_backlog too)
         self._open: dict[str, int] = {}
+        self._upgrade = upgrade
+        self._upgrade_skip: set[str] = set()  # users being upgraded now, or whose upgrade failed
 
     @classmethod
     def from_config(cls, table: Mapping[str, Any], **kw: Any) -> Users:
@@ -392,22 +475,70 @@ class Users:
     def get(self, name: str) -> User | None:
         return self._users.get(name)
 
-    async def authenticate(self, auth: Any, peer_ip: str) -> User:
+    async def authenticate(self, auth: Any, peer_ip: str, cert_names: Sequence[str] = ()) -> User:
         """Check a HELLO's ``auth`` map from ``peer_ip``; return the User.
 
+        ``cert_names``: the names a verified client certificate gives (empty
+        without one, or without ``client_cert_user``); see the module doc.
         Raises AuthThrottled (peer blocked: credentials not even looked at),
         AuthFailed (every other refusal; counted against the peer) or
         AuthBusy (too many logins hashing already; not counted, retriable).
         """
+        cert_users = [n for n in cert_names if n in self._specs]
+        if len(cert_users) > 1:
+            raise AuthFailed(FAILED, "cert_ambiguous", cert_users[0][:64])
+        if cert_users and (auth is None or auth == {}):
+            return self._users[cert_users[0]]  # a CA-verified certificate: nothing to guess, nothing to throttle
+        user = await self._authenticate(auth, peer_ip)
+        if cert_users and user.name != cert_users[0]:
+            self.throttle.failure(peer_key(peer_ip))  # counted like a wrong password: no oracle for guesses
+            raise AuthFailed(FAILED, "cert_user_mismatch", user.name)
+        return user
+
+    async def _authenticate(self, auth: Any, peer_ip: str) -> User:
         key = peer_key(peer_ip)
-        wait = self.throttle.blocked_for(key)
-        if wait > 0:
-            raise AuthThrottled(wait)
+        await self._start_attempt(key)
         try:
             return await self._check(auth)
         except AuthFailed:
             self.throttle.failure(key)
             raise
+        finally:
+            self._end_attempt(key)
+
+    async def _start_attempt(self, key: str) -> None:
+        """Wait until ``key`` may run one more check: attempts are counted when
+        they start, so at most ``throttle.remaining(key)`` of a peer's attempts
+        run at once (all of them could fail). The rest wait for one to end,
+        then see the block it may have started. A burst of *good* logins (a
+        pool connecting at start-up) just runs a few at a time."""
+        throttle = self.throttle
+        while True:
+            wait = throttle.blocked_for(key)
+            if wait > 0:
+                raise AuthThrottled(wait)
+            running = self._attempts.get(key, 0)
+            if running < max(1, throttle.remaining(key)):
+                self._attempts[key] = running + 1
+                return
+            if self._waiting >= self._backlog:
+                raise AuthBusy("server busy authenticating; retry later", "busy")
+            ended = self._attempt_ended.get(key)
+            if ended is None:
+                ended = self._attempt_ended[key] = anyio.Event()
+            self._waiting += 1
+            try:
+                await ended.wait()
+            finally:
+                self._waiting -= 1
+
+    def _end_attempt(self, key: str) -> None:
+        n = self._attempts.pop(key) - 1
+        if n:
+            self._attempts[key] = n
+        ended = self._attempt_ended.pop(key, None)
+        if ended is not None:
+            ended.set()
 
     async def _check(self, auth: Any) -> User:
         if auth is None:
@@ -441,7 +572,39 @@ class Users:
             raise AuthFailed(FAILED, "unknown_user", claimed)
         if not ok:
             raise AuthFailed(FAILED, "bad_password" if spec.password_hash else "no_password", claimed)
+        if self._upgrade is not None and name not in self._upgrade_skip and needs_upgrade(encoded):
+            await self._upgrade_hash(spec, password)
         return self._users[name]
+
+    def weak_hashes(self) -> list[str]:
+        """Names of the users whose password hash is weaker than the current parameters."""
+        return [n for n, s in self._specs.items() if s.password_hash and needs_upgrade(s.password_hash)]
+
+    async def _upgrade_hash(self, spec: UserSpec, password: str) -> None:
+        """Re-hash ``password`` at the current cost and persist it (in a
+        hashing thread: same limiter, same memory bound). Once per user per
+        run: a failure is logged and the old hash kept."""
+        old = spec.password_hash
+        assert old is not None
+        self._upgrade_skip.add(spec.name)
+        upgrade = self._upgrade
+        assert upgrade is not None
+
+        def work() -> str:
+            new = hash_password(password)
+            upgrade(old, new)
+            return new
+
+        try:
+            new = await anyio.to_thread.run_sync(work, limiter=self._limiter)
+        except (OSError, ValueError) as exc:
+            log.warning("could not upgrade the password hash of user %r to n=%d,r=%d,p=%d: %s; "
+                        "regenerate it with `tidings passwd`", spec.name, SCRYPT_N, SCRYPT_R, SCRYPT_P, exc)
+            return
+        if self._specs.get(spec.name) is spec:
+            self._specs[spec.name] = replace(spec, password_hash=new)
+            self._upgrade_skip.discard(spec.name)
+        log.info("upgraded the password hash of user %r to n=%d,r=%d,p=%d", spec.name, SCRYPT_N, SCRYPT_R, SCRYPT_P)
 
     def _check_token(self, token: object, name: str | None, claimed: str | None) -> User:
         if type(token) is not str or not token or len(token) > MAX_SECRET_BYTES:
@@ -488,9 +651,9 @@ def auth_method(auth: Mapping[str, Any] | None) -> str:
 
 # ------------------------------------------------------------------- config
 
-SECURITY_KEYS: Final = frozenset({"auth", "users", "tls"})
+SECURITY_KEYS: Final = frozenset({"auth", "users", "tls", "password_upgrade"})
 _USER_KEYS: Final = frozenset({"password", "tokens", "max_connections", "permissions"})
-_TLS_KEYS: Final = frozenset({"cert", "key", "client_ca", "require_client_cert"})
+_TLS_KEYS: Final = frozenset({"cert", "key", "client_ca", "require_client_cert", "client_cert_user"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +662,7 @@ class TlsSettings:
     key: str | None = None
     client_ca: str | None = None
     require_client_cert: bool = False
+    client_cert_user: str | None = None  # a key of tls.CERT_USER_SOURCES, or None: certificates name no user
 
     def server_context(self) -> ssl.SSLContext:
         return tls.server_context(self.cert, self.key, self.client_ca, self.require_client_cert)
@@ -510,6 +674,8 @@ class Security:
 
     users: Mapping[str, UserSpec] = field(default_factory=lambda: MappingProxyType({}))
     tls: TlsSettings | None = None
+    password_upgrade: bool = True  # rewrite weaker hashes in ``source`` at login
+    source: str | None = None  # the config file the users came from (None: not from a file)
 
     @property
     def auth_enabled(self) -> bool:
@@ -519,6 +685,14 @@ class Security:
         """A fresh :class:`Users` for a running broker, or None in no-users mode."""
         return Users(self.users.values(), **kw) if self.users else None
 
+    def hash_upgrader(self) -> Callable[[str, str], None] | None:
+        """What :class:`Users` calls to persist an upgraded hash: a rewrite of
+        the config file; None if upgrades are off or there is no file."""
+        source = self.source
+        if not self.password_upgrade or source is None:
+            return None
+        return lambda old, new: replace_in_file(source, old, new)
+
 
 def split_security(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a parsed TOML document into (general settings, security sections)."""
@@ -527,7 +701,7 @@ def split_security(doc: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return rest, sec
 
 
-def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Security:
+def load_security(data: Mapping[str, Any], *, base_dir: str | None = None, source: str | None = None) -> Security:
     """Validate the ``auth``/``users``/``tls`` sections and return Security.
 
     Fails closed: raises SecurityConfigError for unknown keys, auth turned
@@ -537,7 +711,8 @@ def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Se
     certificates OpenSSL will not load. Error messages never quote a
     configured secret (a "hash" may be a pasted plaintext password).
     Relative TLS paths are resolved against ``base_dir`` (the config file's
-    directory). Reads the TLS files; no other side effects.
+    directory). ``source``: the config file (kept for password upgrades).
+    Reads the TLS files; no other side effects.
     """
     unknown = sorted(set(data) - SECURITY_KEYS)
     if unknown:
@@ -550,17 +725,26 @@ def load_security(data: Mapping[str, Any], *, base_dir: str | None = None) -> Se
         raise SecurityConfigError("users must be a table of [users.NAME] tables")
     if auth is False and users_table:
         raise SecurityConfigError("auth = false but [users] defines users: remove one of them")
+    tls = _parse_tls(data["tls"], base_dir) if "tls" in data else None
+    by_cert = tls is not None and tls.client_cert_user is not None
     users: dict[str, UserSpec] = {}
     if auth is True or users_table is not None:
         if not users_table:
             raise SecurityConfigError("authentication is enabled but no users are configured: "
                                       "add a [users.NAME] table (see `tidings passwd`)")
-        users = _parse_users(users_table)
-    tls = _parse_tls(data["tls"], base_dir) if "tls" in data else None
-    return Security(MappingProxyType(users), tls)
+        users = _parse_users(users_table, certificate_only=by_cert)
+    if by_cert and not users:
+        raise SecurityConfigError("tls.client_cert_user maps client certificates to users, "
+                                  "but no users are configured")
+    upgrade = data.get("password_upgrade", True)
+    if type(upgrade) is not bool:
+        raise SecurityConfigError("password_upgrade must be true or false")
+    return Security(MappingProxyType(users), tls, upgrade, source)
 
 
-def _parse_users(table: Mapping[str, Any]) -> dict[str, UserSpec]:
+def _parse_users(table: Mapping[str, Any], *, certificate_only: bool = False) -> dict[str, UserSpec]:
+    """``certificate_only``: a user may have neither password nor token (it
+    logs in by client certificate alone; ``[tls] client_cert_user`` is set)."""
     users: dict[str, UserSpec] = {}
     token_owner: dict[str, str] = {}
     for name, entry in table.items():
@@ -590,9 +774,10 @@ def _parse_users(table: Mapping[str, Any]) -> dict[str, UserSpec]:
             if other != name:
                 raise SecurityConfigError(f"{where}.tokens[{i}] is also configured for user {other!r}: "
                                           "a token must identify exactly one user")
-        if password is None and not tokens:
+        if password is None and not tokens and not certificate_only:
             raise SecurityConfigError(f"user {name!r} has neither a password nor a token: "
-                                      "nobody could log in as it")
+                                      "nobody could log in as it (nor by certificate: tls.client_cert_user "
+                                      "is not set)")
         maxc = entry.get("max_connections")
         if maxc is not None and (type(maxc) is not int or maxc < 1):
             raise SecurityConfigError(f"{where}.max_connections must be a positive integer")
@@ -634,7 +819,14 @@ def _parse_tls(table: Any, base_dir: str | None) -> TlsSettings:
         raise SecurityConfigError("tls.require_client_cert must be true or false")
     if require and "client_ca" not in table:
         raise SecurityConfigError("tls.require_client_cert needs tls.client_ca to verify client certificates")
+    cert_user = table.get("client_cert_user")
+    if cert_user is not None:
+        if cert_user not in tls.CERT_USER_SOURCES:
+            raise SecurityConfigError(f"tls.client_cert_user must be one of {', '.join(tls.CERT_USER_SOURCES)}")
+        if "client_ca" not in table:
+            raise SecurityConfigError("tls.client_cert_user needs tls.client_ca to verify client certificates")
     settings = TlsSettings(
+        client_cert_user=cert_user,
         cert=_readable(table["cert"], "tls.cert", base_dir),
         key=_readable(table["key"], "tls.key", base_dir) if "key" in table else None,
         client_ca=_readable(table["client_ca"], "tls.client_ca", base_dir) if "client_ca" in table else None,

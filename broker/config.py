@@ -189,7 +189,8 @@ def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
             raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
         data, sections = split_security(data)
         try:
-            security = load_security(sections, base_dir=os.path.dirname(os.path.abspath(config_file)))
+            security = load_security(sections, base_dir=os.path.dirname(os.path.abspath(config_file)),
+                                     source=os.path.abspath(config_file))
         except SecurityConfigError as exc:
             raise ConfigError(f"config file {config_file}: {exc}") from None
         for k, v in data.items():

@@ -460,27 +460,36 @@ class ConnectionActor:
         for m in msgs:
             if not get(m[0]) and not self._learn_publish(m[0]):
                 break
+            if m[3] is not None and not self._learn_reply(m[3]):
+                break
         else:
             return msgs
         ok: list[list[Any]] = []
         confirms: list[Any] = []
         silent: list[str] = []
-        first = ""
+        first: tuple[str, str] | None = None
         for m in msgs:
-            if self._learn_publish(m[0]):
+            if not self._learn_publish(m[0]):
+                action, name, what = "publish", m[0], f"publish on {m[0]!r}"
+            elif m[3] is not None and not self._learn_reply(m[3]):
+                # A reply subject is where the answer (or the broker's no-responders
+                # message) goes: only where this user could listen itself.
+                action, name, what = "subscribe", m[3], f"reply subject {m[3]!r} (needs subscribe on it)"
+            else:
                 ok.append(m)
                 continue
-            first = first or m[0]
+            first = first or (action, name)
             if m[F.P_SEQ]:
-                confirms.append([m[F.P_SEQ], int(ErrorCode.PERMISSION_DENIED), f"permission denied: publish on {m[0]!r}"])
+                confirms.append([m[F.P_SEQ], int(ErrorCode.PERMISSION_DENIED), f"permission denied: {what}"])
             else:
-                silent.append(m[0])
-        self.broker.audit.permission_denied(self.user.name, self.peer, "publish", first)
+                silent.append(what)
+        if first is not None:
+            self.broker.audit.permission_denied(self.user.name, self.peer, *first)
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 64 * len(confirms))
         if silent:
             more = f" (and {len(silent) - 1} more messages in this frame)" if len(silent) > 1 else ""
-            self.send_err(0, ErrorCode.PERMISSION_DENIED, f"permission denied: publish on {silent[0]!r}{more}")
+            self.send_err(0, ErrorCode.PERMISSION_DENIED, f"permission denied: {silent[0]}{more}")
         return ok
 
     def _learn_publish(self, subject: str) -> bool:
@@ -491,6 +500,10 @@ class ConnectionActor:
                 memo.clear()  # a flood of distinct subjects just recomputes (Permissions caches too)
             answer = memo[subject] = self.perms.allows("publish", subject)
         return answer
+
+    def _learn_reply(self, reply: str) -> bool:
+        # No memo here: reply subjects are unique per request (Permissions' own bounded cache suffices).
+        return self.perms.allows("subscribe", reply)
 
     def _no_responders(self, reply: str) -> None:
         plain, groups = self.broker.router.match(reply)

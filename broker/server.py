@@ -47,10 +47,11 @@ log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE: Final = 5.0  # seconds connections get to drain on SIGTERM before they are cancelled
 MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
-# Calls that change state are written to the audit log (reads such as stats or queue.info are not:
-# a dashboard polling them would drown the log).
-AUDITED_CALLS: Final = frozenset({"queue.declare", "queue.delete", "queue.purge", "dlq.purge", "dlq.redrive",
-                                  "stream.declare", "stream.delete", "stream.trim"})
+# Every call is written to the audit log except these, which read only counters and settings (a
+# dashboard polling them would drown the log). Calls that change state or read messages (dlq.list,
+# backup) are audited, and so is any call added later unless it is listed here: fail closed.
+UNAUDITED_CALLS: Final = frozenset({"stats", "server.info", "queue.list", "queue.info", "dlq.count",
+                                    "stream.list", "stream.info"})
 
 
 class Broker:
@@ -79,7 +80,14 @@ class Broker:
         # Users without their own max_connections get the broker-wide per-user default.
         self.users: Users | None = (
             Users([dataclasses.replace(s, max_connections=s.max_connections or config.max_connections_per_user)
-                   for s in sec.users.values()]) if sec.auth_enabled else None)
+                   for s in sec.users.values()], upgrade=sec.hash_upgrader()) if sec.auth_enabled else None)
+        if self.users is not None:
+            weak = self.users.weak_hashes()
+            if weak:
+                log.warning("password hashes weaker than the current scrypt cost for %d user(s) (%s): %s",
+                            len(weak), ", ".join(weak[:10]),
+                            "upgraded in the config file at each one's next login" if sec.hash_upgrader()
+                            else "password_upgrade is off: regenerate them with `tidings passwd`")
         # Lines go to the logger until serve() opens the audit file.
         self.audit = AuditLog(logger_sink())
         self._audit_file: AuditFile | None = None
@@ -107,8 +115,14 @@ class Broker:
         if users is None:
             return None
         method = auth_method(hello.auth)
+        tls_cfg = self.config.security.tls
+        names: tuple[str, ...] = ()
+        if tls_cfg is not None and tls_cfg.client_cert_user is not None:
+            names = tls.cert_names(tls.peer_certificate(actor.stream), tls_cfg.client_cert_user)
+            if names and method == "none":
+                method = "certificate"
         try:
-            user = await users.authenticate(hello.auth, actor.peer_ip)
+            user = await users.authenticate(hello.auth, actor.peer_ip, names)
         except AuthThrottled as exc:
             self.audit.auth_throttled(actor.peer, exc.retry_after)
             return exc.code, exc.message
@@ -241,6 +255,8 @@ class Broker:
                     raise self.denied(actor, "consume", name, ev.rid)
             if "queue" in ev.args:
                 result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
+            elif "stream" in ev.args and ev.args.get("group") is not None:
+                result = await self._join_group(actor, ev)
             elif "stream" in ev.args:
                 result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
             else:
@@ -252,6 +268,21 @@ class Broker:
             actor.push_wire([F.Op.OK, ev.rid, None])
         else:
             raise RemoteProtocolError(f"unexpected {t.__name__}", ErrorCode.BAD_STATE, rid=getattr(ev, "rid", 0))
+
+    async def _join_group(self, actor: ConnectionActor, ev: F.Consume) -> Any:
+        """A stream CONSUME with a group: joining (maybe creating) a consumer
+        group moves its partition assignments and commits its offsets, which
+        other users' members share, so every join is audited with its outcome."""
+        stream, group = ev.args.get("stream"), ev.args.get("group")
+        target = f"{stream}/{group}" if isinstance(stream, str) and isinstance(group, str) else None
+        try:
+            result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
+        except Exception as exc:  # audited whatever the failure, then re-raised unchanged
+            self.audit.admin(actor.user.name, actor.peer, "group.join", target,
+                             getattr(getattr(exc, "code", None), "name", "INTERNAL"))
+            raise
+        self.audit.admin(actor.user.name, actor.peer, "group.join", target, "ok")
+        return result
 
     def _check_ack(self, actor: ConnectionActor, ev: F.Ack) -> None:
         """Acks are covered by the consume check made when the consumer was
@@ -291,9 +322,9 @@ class Broker:
             need = actor.perms.check_call(method, args)
             if need is not None:
                 raise self.denied(actor, need.action, need.name, rid)
-        if method not in AUDITED_CALLS:
+        if method in UNAUDITED_CALLS:
             return await self._dispatch_call(actor, method, args, rid)
-        target = args.get("name")
+        target = args.get("path") if method == "backup" else args.get("name")
         try:
             result = await self._dispatch_call(actor, method, args, rid)
         except Exception as exc:  # audited whatever the failure, then re-raised unchanged

@@ -8,8 +8,10 @@ long). The connection actor's HELLO timeout starts after the handshake.
 Client certificates: with ``client_ca`` set, a certificate a client presents
 is verified against it (CERT_OPTIONAL); with ``require_client_cert`` too, a
 client without a valid one is refused during the handshake (CERT_REQUIRED).
-What a verified certificate means (an identity? a user?) is not decided
-here; :func:`peer_certificate` exposes it for that decision.
+What a verified certificate means is decided by ``[tls] client_cert_user``
+(broker/auth.py): unset, it only authenticates the connection; set to one
+of :data:`CERT_USER_SOURCES`, the names :func:`cert_names` reads from that
+field of the certificate may log the client in as the user of that name.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MIN_VERSION: Final = ssl.TLSVersion.TLSv1_2  # 1.0/1.1 are deprecated (RFC 8996)
 HANDSHAKE_TIMEOUT: Final = 10.0  # seconds a connecting peer gets to finish the TLS handshake
+# Where a client certificate's user name may come from: the subject's CN, or a subjectAltName of one type.
+CERT_USER_SOURCES: Final = {"cn": None, "san:dns": "DNS", "san:email": "email", "san:uri": "URI"}
 
 
 def server_context(certfile: str, keyfile: str | None = None, client_ca: str | None = None,
@@ -113,3 +117,23 @@ def peer_certificate(stream: Any) -> dict[str, Any] | None:
     form), or None: no TLS, no certificate, or not verified."""
     cert = stream.extra(TLSAttribute.peer_certificate, None)
     return cert or None
+
+
+def cert_names(cert: dict[str, Any] | None, source: str) -> tuple[str, ...]:
+    """The distinct names of ``source`` (a key of :data:`CERT_USER_SOURCES`)
+    in a verified certificate (``getpeercert()`` form), in certificate order;
+    () for no certificate or no such field."""
+    if not cert:
+        return ()
+    out: list[str] = []
+    if source == "cn":
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName" and isinstance(value, str):
+                    out.append(value)
+    else:
+        kind = CERT_USER_SOURCES[source]
+        for key, value in cert.get("subjectAltName", ()):
+            if key == kind and isinstance(value, str):
+                out.append(value)
+    return tuple(dict.fromkeys(out))

@@ -70,6 +70,7 @@ CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024  # any frame a broker may
 DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
 DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
 DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
+REPLY_ID_BYTES: Final = 12  # random bytes per request's reply subject (96 bits: not guessable)
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -95,9 +96,16 @@ class Client(AdminMixin):
                  outage_buffer: int = DEFAULT_OUTAGE_BUFFER, auto_msg_id: bool = False,
                  on_state_change: Callable[[str], Any] | None = None,
                  user: str | None = None, password: str | None = None, token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None,
+                 inbox_prefix: str | None = None) -> None:
         if dead_after <= heartbeat:
             raise ValueError("dead_after must be longer than heartbeat")
+        if inbox_prefix is not None:
+            try:
+                validate_subject(inbox_prefix.rstrip("."))
+            except ProtocolError:
+                raise ValueError(f"inbox_prefix {inbox_prefix!r} is not a valid subject prefix") from None
+        self.inbox_prefix = inbox_prefix
         self.url = url
         self.name = name or f"python-client/{os.getpid()}"
         self.timeout = timeout
@@ -159,10 +167,9 @@ class Client(AdminMixin):
         self._bindings = PatternSet()
         self._bindings_epoch = -1
         # request/reply
-        self._inbox = f"_INBOX.{secrets.token_hex(8)}"
+        self._inbox = ""  # chosen at the first request, once the broker has said who we are
         self._inbox_sid = 0
         self._replies: dict[str, _Waiter] = {}
-        self._reply_ids = itertools.count(1)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -867,9 +874,24 @@ class Client(AdminMixin):
 
     # ------------------------------------------------------ request/reply
 
+    def _default_inbox_prefix(self) -> str:
+        """``_INBOX.<user>.`` for the user the broker logged us in as (password,
+        token or certificate alike), ``_INBOX.`` without one (no-users mode),
+        so a permission ``subscribe = ["_INBOX.<user>.>"]`` fits every user."""
+        user = self.server_info.get("user")
+        if isinstance(user, str) and user:
+            try:
+                return f"_INBOX.{validate_subject(user)}."
+            except ProtocolError:
+                pass  # not usable in a subject (the broker's user names always are): no user part
+        return "_INBOX."
+
     async def _ensure_inbox(self) -> None:
         if self._inbox_sid:
             return
+        if not self._inbox:
+            prefix = self.inbox_prefix if self.inbox_prefix is not None else self._default_inbox_prefix()
+            self._inbox = f"{prefix.rstrip('.')}.{secrets.token_hex(8)}"
         sid = next(self._sids)
         await self._request([F.Op.SUB, 0, sid, self._inbox + ".>", None])
         self._inbox_sid = sid
@@ -884,10 +906,15 @@ class Client(AdminMixin):
                       timeout: float = 5.0) -> Message:
         """Publish a request and return the first reply.
 
+        The reply subject is ``<inbox>.<random>`` (the inbox: ``inbox_prefix``,
+        default ``_INBOX.<user>``, plus a random token per connection), so
+        a user may be granted ``subscribe`` on its own inboxes alone.
         Raises NoRespondersError at once if no subscriber matches
-        ``subject``, and client TimeoutError if no reply comes in time."""
+        ``subject``, PermissionDeniedError if the user may not subscribe to
+        its inbox, and client TimeoutError if no reply comes in time."""
         await self._ensure_inbox()
-        reply = f"{self._inbox}.{next(self._reply_ids)}"
+        # Unguessable, not a counter: whoever sees one reply subject cannot aim at the next request's.
+        reply = f"{self._inbox}.{secrets.token_hex(REPLY_ID_BYTES)}"
         w = _Waiter()
         self._replies[reply] = w
         try:

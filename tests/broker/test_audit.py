@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.audit import AuditFile, AuditLog, logger_sink
+from broker.audit import MAX_DISTINCT, AuditFile, AuditLog, logger_sink
 
 
 class Clocks:
@@ -74,6 +74,47 @@ def test_hostile_strings_cannot_forge_lines() -> None:
     assert len(json.loads(raw[0])["user"]) == 64  # claimed names are cut short
 
 
+def test_every_line_separator_is_escaped() -> None:
+    """U+2028 & co. in a claimed name must not split the line for readers using splitlines()."""
+    raw: list[str] = []
+    a = AuditLog(raw.append)
+    seps = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+    name = "a" + seps + '{"event": "auth_ok"}'
+    a.auth_failed(name, "p" + seps, "password", "unknown_user")
+    a.permission_denied("u" + seps, "p", "publish", "n" + seps)
+    for line in raw:
+        assert line.splitlines() == [line]
+        assert not any(c in line for c in seps)
+    assert json.loads(raw[0])["user"] == name[:64] and json.loads(raw[0])["peer"] == "p" + seps
+    assert json.loads(raw[1])["name"] == "n" + seps
+
+
+A_MANY = 100
+
+
+def test_summaries_keep_the_suppressed_peers_and_names() -> None:
+    """A flood's suppressed lines are counted per address and per name, so who
+    was behind it (and what else was denied) is not lost; bounded per window."""
+    a, sink, c = make(limit=1, window=1.0)
+    for i in range(5):
+        a.auth_failed("admin", f"10.0.0.{i % 2}:{1000 + i}", "password", "bad_password")
+    for i in range(A_MANY):
+        a.permission_denied("bob", "p", "publish", f"secret.{i % (MAX_DISTINCT + 2)}")
+    c.advance(1.0)
+    a.flush()
+    summaries = {d["of"]: d for d in sink.docs() if d["event"] == "suppressed"}
+    failed = summaries["auth_failed"]
+    assert failed["suppressed"] == 4
+    assert failed["peers"] == [["10.0.0.1:1001", 1], ["10.0.0.0:1002", 1], ["10.0.0.1:1003", 1],
+                               ["10.0.0.0:1004", 1]]
+    assert failed["reasons"] == [["bad_password", 4]] and "names" not in failed
+    denied = summaries["permission_denied"]
+    assert denied["suppressed"] == A_MANY - 1
+    assert len(denied["names"]) == MAX_DISTINCT
+    assert sum(n for _, n in denied["names"]) + denied["others"]["names"] == A_MANY - 1
+    assert denied["peers"] == [["p", A_MANY - 1]]
+
+
 def test_denials_are_rate_limited_with_a_summary() -> None:
     a, sink, c = make(limit=3, window=1.0)
     for i in range(10):
@@ -90,7 +131,8 @@ def test_denials_are_rate_limited_with_a_summary() -> None:
     a.permission_denied("bob", "p", "publish", "x.next")  # new window: summary first, then the line
     out = sink.docs()
     assert out[5] == {"ts": out[5]["ts"], "event": "suppressed", "user": "bob", "peer": "",
-                      "of": "permission_denied", "action": "publish", "suppressed": 7 + 1, "window_s": 1.0}
+                      "of": "permission_denied", "action": "publish", "suppressed": 7 + 1, "window_s": 1.0,
+                      "peers": [["p", 8]], "names": [[f"x.{i}", 1] for i in range(3, 10)] + [["x.late", 1]]}
     assert out[6]["name"] == "x.next"
     assert len(out) == 7
 
@@ -133,7 +175,8 @@ def test_tracked_keys_are_bounded() -> None:
     assert len(a._windows) == 2
     summary = [d for d in sink.docs() if d["event"] == "suppressed"]
     assert summary == [{"ts": summary[0]["ts"], "event": "suppressed", "user": "u1", "peer": "",
-                        "of": "permission_denied", "action": "publish", "suppressed": 1, "window_s": 1.0}]
+                        "of": "permission_denied", "action": "publish", "suppressed": 1, "window_s": 1.0,
+                        "peers": [["p", 1]], "names": [["x", 1]]}]
 
 
 async def test_run_flusher_flushes_each_window() -> None:
@@ -148,7 +191,7 @@ async def test_run_flusher_flushes_each_window() -> None:
     a = AuditLog(sink, limit=1, window=0.01)
     a.permission_denied("bob", "p", "publish", "x")
     a.permission_denied("bob", "p", "publish", "y")
-    with anyio.fail_after(5):
+    with anyio.fail_after(60):  # generous: a loaded machine may starve the loop for seconds
         async with anyio.create_task_group() as tg:
             await tg.start(a.run_flusher)
             await got.wait()

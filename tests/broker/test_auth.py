@@ -68,9 +68,57 @@ def test_hash_roundtrip_and_format() -> None:
 
 
 def test_default_cost_is_strong() -> None:
+    """OWASP's current guidance for scrypt: N=2^17, r=8, p=1 (it was 16384)."""
     h = hash_password("x")
-    assert h.startswith(f"scrypt$n={A.SCRYPT_N},r=8,p=1$") and A.SCRYPT_N >= 16384
-    assert verify_password("x", h)
+    assert h.startswith(f"scrypt$n={A.SCRYPT_N},r=8,p=1$") and A.SCRYPT_N >= 2**17
+    assert verify_password("x", h) and not A.needs_upgrade(h)
+    assert A.needs_upgrade(hash_password("x", n=16384)) and A.needs_upgrade(PW_HASH)
+
+
+async def test_a_weaker_hash_is_upgraded_at_login(caplog: pytest.LogCaptureFixture) -> None:
+    """An old hash keeps working; at the first successful login it is replaced
+    (through the upgrade callback, in a worker thread) by one at the current
+    cost, and later logins use the new one. A failed upgrade keeps the old
+    hash, logs a warning and is not retried on every login."""
+    saved: list[tuple[str, str, int]] = []
+
+    def upgrade(old: str, new: str) -> None:
+        saved.append((old, new, threading.get_ident()))
+
+    users = make_users(upgrade=upgrade)
+    assert users.weak_hashes() == ["alice"]
+    with pytest.raises(AuthFailed):
+        await users.authenticate({"user": "alice", "password": "wrong"}, "10.0.0.1")
+    assert saved == []  # only a successful login knows the password
+    assert (await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1")).name == "alice"
+    [(old, new, tid)] = saved
+    assert old == PW_HASH and new.startswith(f"scrypt$n={A.SCRYPT_N},r=8,p=1$") and tid != threading.get_ident()
+    assert verify_password("s3cret", new) and users.weak_hashes() == []
+    assert (await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1")).name == "alice"
+    assert len(saved) == 1
+
+    def broken(old: str, new: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    users = make_users(upgrade=broken)
+    for _ in range(2):
+        assert (await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1")).name == "alice"
+    assert users.weak_hashes() == ["alice"]
+    assert len([r for r in caplog.records if "could not upgrade" in r.getMessage()]) == 1
+
+
+def test_replace_in_file(tmp_path: Any) -> None:
+    cfg = tmp_path / "tidings.toml"
+    cfg.write_text(f'port = 1\n[users.alice]\npassword = "{PW_HASH}"\n')
+    os.chmod(cfg, 0o640)
+    link = tmp_path / "link.toml"
+    link.symlink_to(cfg)
+    A.replace_in_file(str(link), PW_HASH, "scrypt$new")
+    assert link.is_symlink() and cfg.read_text() == 'port = 1\n[users.alice]\npassword = "scrypt$new"\n'
+    assert cfg.stat().st_mode & 0o777 == 0o640
+    with pytest.raises(ValueError):
+        A.replace_in_file(str(cfg), PW_HASH, "x")  # no longer there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.toml", "tidings.toml"]
 
 
 @pytest.mark.parametrize("encoded", [
@@ -251,6 +299,46 @@ async def test_throttling_blocks_then_backs_off_longer(scrypt_calls: list) -> No
     assert ei.value.retry_after == 20.0  # the second block is twice as long
 
 
+async def test_concurrent_guesses_are_counted_when_they_start(scrypt_calls: list) -> None:
+    """64 wrong guesses at once from one address: only max_failures (5) are
+    checked, the block starts, and the other 59 are refused unchecked. (They
+    were all checked before: failures were counted only as checks ended.)"""
+    users = make_users(FakeClock())
+    outcomes: list[str] = []
+
+    async def guess(i: int) -> None:
+        try:
+            await users.authenticate({"user": "alice", "password": f"guess-{i}"}, "10.0.0.66")
+        except AuthThrottled:
+            outcomes.append("throttled")
+        except AuthFailed:
+            outcomes.append("failed")
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(64):
+                tg.start_soon(guess, i)
+    assert outcomes.count("failed") == 5 and outcomes.count("throttled") == 59
+    assert len(scrypt_calls) == 5
+    assert users._attempts == {} and users._attempt_ended == {} and users._waiting == 0
+
+
+async def test_a_burst_of_good_logins_from_one_address_all_succeed(scrypt_calls: list) -> None:
+    """Counting attempts as they start must not block a connection pool that
+    logs in all at once: the extra logins wait their turn, none is refused."""
+    users = make_users(FakeClock())
+    names: list[str] = []
+
+    async def login() -> None:
+        names.append((await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.7")).name)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(login)
+    assert names == ["alice"] * 20 and users.throttle.blocked_for("10.0.0.7") == 0
+
+
 def test_throttle_window_and_cap() -> None:
     clock = FakeClock()
     t = Throttle(max_failures=3, window=60, backoff=5, max_backoff=12, clock=clock)
@@ -360,6 +448,7 @@ def _bad_cases(certs: Any) -> list[tuple[dict, str]]:
     ok = {"password": PW_HASH}
     garbage = certs.dir / "garbage.pem"
     garbage.write_text("not a certificate\n")
+    tls_ok = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(certs.ca)}
     return [
         ({"user": {}}, "unknown security setting"),
         ({"auth": "yes"}, "auth must be true or false"),
@@ -397,6 +486,11 @@ def _bad_cases(certs: Any) -> list[tuple[dict, str]]:
         ({"tls": {"cert": str(garbage), "key": str(certs.server_key)}}, "tls: cannot load"),
         ({"tls": {"cert": str(certs.server), "key": str(certs.client_key)}}, "tls: cannot load"),  # mismatch
         ({"tls": {"cert": str(certs.server)}}, "tls: cannot load"),  # no key anywhere
+        ({"tls": {**tls_ok, "client_cert_user": "subject"}}, "client_cert_user must be one of cn, san:dns"),
+        ({"tls": {"cert": str(certs.server), "key": str(certs.server_key), "client_cert_user": "cn"}},
+         "client_cert_user needs tls.client_ca"),
+        ({"tls": {**tls_ok, "client_cert_user": "cn"}}, "no users are configured"),
+        ({"users": {"a": {}}, "tls": tls_ok}, "neither a password nor a token"),
     ]
 
 
@@ -413,6 +507,54 @@ def test_tls_cert_holding_its_key(certs: Any, tmp_path: Any) -> None:
     both.write_bytes(certs.server.read_bytes() + certs.server_key.read_bytes())
     sec = load_security({"tls": {"cert": str(both)}})
     assert sec.tls is not None and sec.tls.key is None and not sec.auth_enabled
+
+
+# ------------------------------------------------------- client certificates
+
+CERT = {  # getpeercert() form
+    "subject": ((("organizationName", "Example"),), (("commonName", "alice"),)),
+    "subjectAltName": (("DNS", "alice.clients.example"), ("email", "bot"), ("email", "bot"),
+                       ("URI", "spiffe://example/alice")),
+}
+
+
+def test_cert_names() -> None:
+    from broker.tls import cert_names
+    assert cert_names(CERT, "cn") == ("alice",)
+    assert cert_names(CERT, "san:dns") == ("alice.clients.example",)
+    assert cert_names(CERT, "san:email") == ("bot",)
+    assert cert_names(CERT, "san:uri") == ("spiffe://example/alice",)
+    assert cert_names(None, "cn") == () and cert_names({}, "san:dns") == ()
+    assert cert_names({"subject": ((("commonName", "a"),), (("commonName", "b"),))}, "cn") == ("a", "b")
+
+
+async def test_a_certificate_naming_a_user_logs_in_as_it() -> None:
+    users = make_users()
+    assert (await users.authenticate(None, "10.0.0.1", ("alice",))).name == "alice"  # no password needed
+    assert (await users.authenticate({}, "10.0.0.1", ("nobody", "bot"))).name == "bot"  # unknown names skipped
+    # credentials too: checked, and they must be the certificate's user
+    ok = await users.authenticate({"user": "alice", "password": "s3cret"}, "10.0.0.1", ("alice",))
+    assert ok.name == "alice"
+    for creds, reason in (({"token": OTHER_TOKEN}, "cert_user_mismatch"),
+                          ({"user": "alice", "password": "wrong"}, "bad_password")):
+        with pytest.raises(AuthFailed) as ei:
+            await users.authenticate(creds, "10.0.0.2", ("alice",))
+        assert ei.value.reason == reason and ei.value.message == A.FAILED
+    with pytest.raises(AuthFailed) as ei:  # names two users: which one?
+        await users.authenticate(None, "10.0.0.1", ("alice", "bot"))
+    assert ei.value.reason == "cert_ambiguous"
+    with pytest.raises(AuthFailed) as ei:  # names no user: the certificate only authenticated the connection
+        await users.authenticate(None, "10.0.0.1", ("mallory",))
+    assert ei.value.reason == "missing"
+    assert (await users.authenticate({"token": OTHER_TOKEN}, "10.0.0.1", ("mallory",))).name == "bot"
+
+
+def test_certificate_only_users(certs: Any) -> None:
+    tls_cfg = {"cert": str(certs.server), "key": str(certs.server_key), "client_ca": str(certs.ca),
+               "client_cert_user": "san:email"}
+    sec = load_security({"users": {"alice@example.test": {"permissions": {"publish": ["a"]}}}, "tls": tls_cfg})
+    assert sec.tls is not None and sec.tls.client_cert_user == "san:email"
+    assert sec.users["alice@example.test"].password_hash is None
 
 
 # ---------------------------------------------------------- tidings passwd

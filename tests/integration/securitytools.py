@@ -54,8 +54,13 @@ def user(name: str, *, password: str | None = None, tokens: list[str] | None = N
 def write_config(path: Path, *, users: dict[str, dict[str, Any]] | None = None,
                  tls: dict[str, Any] | None = None, settings: dict[str, Any] | None = None,
                  raw: str = "") -> Path:
-    """Write a TOML config file at ``path`` and return it."""
-    lines = [f"{k} = {_toml(v)}" for k, v in (settings or {}).items()]
+    """Write a TOML config file at ``path`` and return it. With users, the
+    FAST_N hashes are kept as they are (``password_upgrade = false``) unless
+    ``settings`` says otherwise: an upgrade costs a 128 MiB hash per user."""
+    settings = dict(settings or {})
+    if users:
+        settings.setdefault("password_upgrade", False)
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
     if raw:
         lines.append(raw)
     for name, entry in (users or {}).items():

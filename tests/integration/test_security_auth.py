@@ -4,6 +4,7 @@ failing, per-user connection limits, and the audit log of it all."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import anyio
@@ -149,3 +150,57 @@ async def test_audit_log_can_go_to_the_logger(start_broker, tmp_path: Path) -> N
     assert not (b.data_dir / "audit.log").exists()
     lines = [line for line in b.stderr().splitlines() if "tidings.audit" in line and '"auth_ok"' in line]
     assert len(lines) == 1 and '"user": "alice"' in lines[0] and PASSWORDS["alice"] not in b.stderr()
+
+
+async def test_reading_and_destructive_admin_calls_and_group_joins_are_audited(auth_broker, tmp_path: Path) -> None:
+    """dlq.list reads dead-lettered payloads, backup copies every message and
+    a group join moves a group's partitions and commits its offsets: each is
+    audited with its outcome, like the calls that change state. Calls that
+    read only counters (queue.info, stats) are not, so dashboards cannot
+    drown the log."""
+    async with connect(auth_broker.url, user="alice", password=PASSWORDS["alice"]) as tc:
+        await tc.declare_queue("jobs", bind=["jobs.>"])
+        await tc.dlq_list("jobs")
+        await tc.queue_info("jobs")
+        await tc.call("stats")
+        try:
+            await tc.call("backup", {"path": str(tmp_path / "copy.db")}, timeout=WAIT)
+        except E.TidingsError:
+            pass  # where backups may go is not this test's business; the attempt is audited either way
+        await tc.declare_stream("clicks", bind=["clicks.>"])
+        async with tc.stream_consume("clicks", "billing"):
+            pass
+        with pytest.raises(E.NotFoundError):
+            async with tc.stream_consume("nope", "billing"):
+                pass
+    assert auth_broker.terminate() == 0
+    admin = [(x["user"], x["method"], x["target"], x["outcome"]) for x in audit_lines(auth_broker.data_dir)
+             if x["event"] == "admin"]
+    assert [a[1] for a in admin] == ["queue.declare", "dlq.list", "backup", "stream.declare", "group.join",
+                                     "group.join"]
+    assert admin[1] == ("alice", "dlq.list", "jobs", "ok")
+    assert admin[2][2] == str(tmp_path / "copy.db")
+    assert admin[4] == ("alice", "group.join", "clicks/billing", "ok")
+    assert admin[5] == ("alice", "group.join", "nope/billing", "NOT_FOUND")
+
+
+async def test_a_weak_password_hash_is_upgraded_in_the_config_file_at_login(start_broker, tmp_path: Path) -> None:
+    """alice's hash (n=1024) keeps working; her first login rewrites it in the
+    config file at the current cost (n=2^17), the rest of the file unchanged,
+    and the broker starts and logs her in from the rewritten file."""
+    cfg = write_config(tmp_path / "tidings.toml", users=user("alice", **ALL),
+                       settings={"password_upgrade": True})
+    before = cfg.read_text()
+    old = re.search(r'password = "(scrypt\$n=1024,[^"]+)"', before).group(1)
+    b = start_broker("--config", str(cfg))
+    assert "weaker than the current scrypt cost for 1 user(s) (alice)" in b.stderr()
+    async with connect(b.url, user="alice", password=PASSWORDS["alice"], reconnect=False) as tc:
+        await tc.flush(timeout=WAIT)
+    after = cfg.read_text()
+    new = re.search(r'password = "(scrypt\$[^"]+)"', after).group(1)
+    assert new.startswith("scrypt$n=131072,r=8,p=1$") and after == before.replace(old, new)
+    assert b.terminate() == 0
+    b2 = start_broker("--config", str(cfg))
+    async with connect(b2.url, user="alice", password=PASSWORDS["alice"], reconnect=False) as tc:
+        assert tc.server_info["user"] == "alice"
+    assert "weaker than" not in b2.stderr()

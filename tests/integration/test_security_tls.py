@@ -11,10 +11,11 @@ from typing import Any
 
 import anyio
 import pytest
-from securitytools import PASSWORDS, WAIT, user, write_config
+from securitytools import PASSWORDS, WAIT, audit_lines, user, write_config
 
 import client
 from client import connect
+from client import errors as E
 
 
 @pytest.fixture(autouse=True)
@@ -117,3 +118,62 @@ async def test_tls_with_authentication_and_permissions(start_broker, tmp_path: P
     with pytest.raises(client.TidingsError):
         async with connect(tls_url(b), ca_file=str(certs.ca), user="alice", password="wrong", reconnect=False):
             pass
+
+
+def cert_user_broker(start_broker: Any, tmp_path: Path, certs: Any, users: dict[str, Any],
+                     **tls: Any) -> Any:
+    cfg = write_config(tmp_path / "tidings.toml", users=users,
+                       tls={"cert": certs.server, "key": certs.server_key, "client_ca": certs.ca, **tls})
+    return start_broker("--config", str(cfg))
+
+
+async def test_a_client_certificate_logs_in_as_the_user_it_names(start_broker, tmp_path: Path, certs) -> None:
+    """[tls] client_cert_user = "cn": the test client certificate (CN=alice)
+    logs in as alice without a password; credentials sent as well must be
+    alice's; a client without a certificate still logs in by password."""
+    b = cert_user_broker(start_broker, tmp_path, certs,
+                         {**user("alice", publish=["tls.>"], subscribe=["tls.>"]), **user("bob")},
+                         client_cert_user="cn")
+    alice_cert = client_ctx(certs, cert=certs.client, key=certs.client_key)
+    async with connect(tls_url(b), ssl_context=alice_cert) as tc:
+        assert tc.server_info["user"] == "alice"
+        await roundtrip(tc)  # alice's permissions apply
+    async with connect(tls_url(b), ssl_context=alice_cert, user="alice", password=PASSWORDS["alice"]) as tc:
+        assert tc.server_info["user"] == "alice"
+    with pytest.raises(E.AuthenticationError):  # the certificate binds the connection to alice
+        async with connect(tls_url(b), ssl_context=alice_cert, user="bob", password=PASSWORDS["bob"],
+                           reconnect=False):
+            pass
+    with pytest.raises(E.AuthenticationError):  # no certificate, no credentials
+        async with connect(tls_url(b), ssl_context=client_ctx(certs), reconnect=False):
+            pass
+    async with connect(tls_url(b), ssl_context=client_ctx(certs), user="bob", password=PASSWORDS["bob"]) as tc:
+        assert tc.server_info["user"] == "bob"
+    b.terminate()
+    lines = audit_lines(b.data_dir)
+    assert {"user": "alice", "method": "certificate"} in [{k: d.get(k) for k in ("user", "method")}
+                                                         for d in lines if d["event"] == "auth_ok"]
+    assert [d["reason"] for d in lines if d["event"] == "auth_failed"] == ["cert_user_mismatch", "missing"]
+
+
+async def test_a_certificate_only_user(start_broker, tmp_path: Path, certs) -> None:
+    """With client_cert_user set, a user may have no password or token at all."""
+    b = cert_user_broker(start_broker, tmp_path, certs,
+                         {"alice": {"permissions": {"publish": ["tls.>"], "subscribe": ["tls.>"]}}},
+                         client_cert_user="cn", require_client_cert=True)
+    async with connect(tls_url(b), ssl_context=client_ctx(certs, cert=certs.client, key=certs.client_key)) as tc:
+        assert tc.server_info["user"] == "alice"
+        await roundtrip(tc)
+
+
+async def test_without_client_cert_user_a_certificate_names_no_user(start_broker, tmp_path: Path, certs) -> None:
+    """Without client_cert_user, mTLS only authenticates the connection: a
+    verified certificate (CN=alice) is no login, the HELLO needs credentials."""
+    b = cert_user_broker(start_broker, tmp_path, certs, user("alice", publish=["tls.>"], subscribe=["tls.>"]),
+                         require_client_cert=True)
+    alice_cert = client_ctx(certs, cert=certs.client, key=certs.client_key)
+    with pytest.raises(E.AuthenticationError):
+        async with connect(tls_url(b), ssl_context=alice_cert, reconnect=False):
+            pass
+    async with connect(tls_url(b), ssl_context=alice_cert, user="alice", password=PASSWORDS["alice"]) as tc:
+        assert tc.server_info["user"] == "alice"
