@@ -10,7 +10,8 @@ The security sections of the TOML file (``auth``, ``[users.*]``, ``[tls]``;
 see broker/auth.py) are validated by :func:`auth.load_security` and kept
 as ``Config.security``; they have no environment variables or flags
 (secrets and certificate paths belong in a file). Without users the broker
-only listens on a loopback address unless ``allow_open`` says otherwise.
+(client port and metrics port) only listens on a loopback address unless
+``allow_open`` says otherwise.
 """
 
 from __future__ import annotations
@@ -125,6 +126,13 @@ class Config:
                 f"refusing to listen on {self.host!r} with no users configured: add [users] to the config "
                 "file, or set allow_open = true (TIDINGS_ALLOW_OPEN=1, --allow-open) to run an open broker "
                 "on the network")
+        if (self.metrics_port >= 0 and not is_loopback(self.metrics_host) and not self.allow_open
+                and not self.security.auth_enabled):
+            # /metrics names every queue, stream and group and has no login of its own.
+            raise ConfigError(
+                f"refusing to serve metrics on {self.metrics_host!r} with no users configured: /metrics "
+                "shows every queue, stream and group name to whoever can reach it; use a loopback "
+                "metrics_host, add [users], or set allow_open = true")
         return self
 
 

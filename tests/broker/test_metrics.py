@@ -274,3 +274,12 @@ def test_install_hooks_feeds_the_histograms(tmp_path: Path) -> None:
     assert reg.get_sample_value("tidings_store_batch_messages_bucket", {"le": "500.0"}) == 1
     assert reg.get_sample_value("tidings_store_batch_messages_bucket", {"le": "250.0"}) == 0
     assert reg.get_sample_value("tidings_publish_confirm_seconds_sum") == pytest.approx(0.004)
+
+
+def test_network_metrics_host_is_refused_without_users() -> None:
+    from broker.config import ConfigError
+    with pytest.raises(ConfigError, match="refusing to serve metrics on '10.1.2.3'"):
+        Config(metrics_port=9421, metrics_host="10.1.2.3").validate()
+    Config(metrics_port=9421, metrics_host="10.1.2.3", allow_open=True).validate()  # the operator's choice
+    Config(metrics_port=-1, metrics_host="10.1.2.3").validate()  # off: nothing is served
+    Config(metrics_port=9421, metrics_host="::1").validate()
