@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 SHUTDOWN_GRACE: Final = 5.0  # seconds connections get to drain on SIGTERM before they are cancelled
 MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
 # Calls that change state are written to the audit log (reads such as stats or queue.info are not:
-# a dashboard polling them would drown the log).
+# a dashboard polling them would drown the log). backup writes a file on the broker's machine
+# (its target is the backup's file name).
 AUDITED_CALLS: Final = frozenset({"queue.declare", "queue.delete", "queue.purge", "dlq.purge", "dlq.redrive",
-                                  "stream.declare", "stream.delete", "stream.trim"})
+                                  "stream.declare", "stream.delete", "stream.trim", "backup"})
 
 
 class Broker:

@@ -118,24 +118,26 @@ def test_stats_without_a_broker_fails_cleanly(tmp_path: Path) -> None:
                                    TIDINGS], ids=["ops_cli", "tidings"])
 def test_backup_command_both_formats(broker, tmp_path: Path, entry: tuple[str, ...]) -> None:
     anyio.run(workload, broker.url)
-    target = tmp_path / "copy.db"
-    p = run(*entry, "backup", str(target), "--url", broker.url)
+    target = broker.data_dir / "backups" / "copy.db"
+    p = run(*entry, "backup", "copy.db", "--url", broker.url)
     assert p.returncode == 0, p.stderr
     assert f"backed up to {target} on the broker's machine" in p.stdout
     size = target.stat().st_size
     assert f"{size:,} bytes" in p.stdout
 
-    p = run(*entry, "backup", str(target), "--url", broker.url)  # exists: refused, left alone
+    p = run(*entry, "backup", "copy.db", "--url", broker.url)  # exists: refused, left alone
     assert p.returncode == 1 and "already exists" in p.stderr
 
-    p = run(*entry, "backup", str(target), "--overwrite", "--json", "--url", broker.url)
+    p = run(*entry, "backup", "copy2.db", "--json", "--url", broker.url)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
-    assert result["path"] == str(target) and result["bytes"] == target.stat().st_size
-    assert set(result) == {"path", "bytes", "seconds"}
+    assert result["path"] == str(target.parent / "copy2.db") and result["bytes"] > 0
+    assert set(result) == {"name", "path", "bytes", "seconds"}
 
-    p = run(*entry, "backup", "relative.db", "--url", broker.url)
-    assert p.returncode == 1 and "absolute" in p.stderr
+    p = run(*entry, "backup", str(tmp_path / "copy.db"), "--url", broker.url)
+    assert p.returncode == 1 and "not a path" in p.stderr
+    p = run(*entry, "backup", "copy.db", "--overwrite", "--url", broker.url)
+    assert p.returncode == 2  # there is no --overwrite: a backup never replaces a file
 
 
 def test_ops_commands_pass_credentials(start_broker, tmp_path: Path) -> None:
