@@ -205,7 +205,8 @@ async def test_openmetrics_on_request_and_head(tmp_path: Path) -> None:
 async def test_http_errors_and_limits(tmp_path: Path) -> None:
     broker = Broker(config(tmp_path))
     async with anyio.create_task_group() as tg:
-        h, p = await tg.start(functools.partial(serve_metrics, broker, "127.0.0.1", 0, read_timeout=0.3))
+        # read_timeout: long next to sending a complete request, even from a busy machine's thread
+        h, p = await tg.start(functools.partial(serve_metrics, broker, "127.0.0.1", 0, read_timeout=2.0))
 
         async def raw(data: bytes) -> tuple[int, dict[str, str], bytes]:
             return await anyio.to_thread.run_sync(request, h, p, data)
@@ -215,9 +216,7 @@ async def test_http_errors_and_limits(tmp_path: Path) -> None:
         assert status == 405 and headers["allow"] == "GET, HEAD"
         assert (await raw(b"complete nonsense\r\n\r\n"))[0] == 400
         assert (await raw(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n"))[0] == 431
-        started = time.monotonic()
-        assert (await raw(b"GET /metr"))[0] == 408  # never finishes its request
-        assert time.monotonic() - started < 5
+        assert (await raw(b"GET /metr"))[0] == 408  # never finishes its request (request() waits 10 s)
         assert (await aget((h, p), "/healthz"))[0] == 200  # the listener is still fine
         tg.cancel_scope.cancel()
 
