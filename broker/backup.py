@@ -63,8 +63,8 @@ Handler = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
 #: other invisible characters out of paths, logs and terminals.
 MAX_NAME: Final = 128
 NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,%d}" % (MAX_NAME - 1))
-NAME_RULE: Final = (f"a file name of 1 to {MAX_NAME} characters from A-Z a-z 0-9 . _ - starting with a letter "
-                    "or digit, written to the broker's backup directory (setting backup_dir)")
+NAME_RULE: Final = (f"a file name of 1 to {MAX_NAME} characters from A-Z a-z 0-9 . _ - starting with a "
+                    "letter or digit, written to the broker's backup directory (setting backup_dir)")
 #: Mode of a backup directory the broker creates.
 DIR_MODE: Final = 0o700
 
@@ -112,7 +112,8 @@ def _prepare(directory: str, store_path: str, name: str) -> tuple[ErrorCode, str
         return ErrorCode.STORAGE_ERROR, "backup_dir must not be the data directory itself"
     path = os.path.join(real, name)
     if os.path.lexists(path):
-        return ErrorCode.CONFLICT, f"backup {name} already exists; backups never replace a file, choose a new name"
+        return ErrorCode.CONFLICT, (f"backup {name} already exists; backups never replace a file, "
+                                    "choose a new name")
     return path
 
 

@@ -88,8 +88,9 @@ def test_stats_refreshes_and_reports_rates(broker) -> None:
     The publishes may span any number of frames (a busy machine): frames are read until one
     has seen them all, and the rates of all frames add up to them."""
     frames_max = 120  # 60 s of frames: bounds the loop below
-    proc = subprocess.Popen([sys.executable, *OPS, "stats", "--json", "--count", str(frames_max), "--interval",
-                             "0.5", "--url", broker.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *OPS, "stats", "--json", "--count", str(frames_max),
+                             "--interval", "0.5", "--url", broker.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
 
     async def publish() -> None:

@@ -65,7 +65,8 @@ async def test_declare_and_list(broker) -> None:
                                "--overflow", "dead_letter_oldest", url=url)
     assert again["created"] is False
     assert again["config"] == {**again["config"], "bind": ["orders.>", "refunds.*"], "max_deliveries": 3,
-                               "ack_deadline": 600.0, "backoff_schedule": [1.0, 5.0, 30.0], "max_length": 1000,
+                               "ack_deadline": 600.0, "backoff_schedule": [1.0, 5.0, 30.0],
+                               "max_length": 1000,
                                "overflow": "dead_letter_oldest"}
     r = await tidings("queues", "--json", "declare", "orders", "--bind", "orders.>", "--max-deliveries", "4",
                       "--url", url, check=False)
