@@ -173,9 +173,12 @@ class SqliteStore(Reads, StreamReads):
         try:
             # SQLite creates -wal and -shm with the database's mode: create it 0600 first.
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                if os.path.lexists(self.path + suffix):
-                    _restrict(self.path + suffix, FILE_MODE, "database file")
+            # the database, its -wal/-shm, the audit log: every file an older version left
+            ours = os.path.basename(self.path)
+            for entry in os.scandir(directory):
+                if entry.is_file(follow_symlinks=False):
+                    what = "database file" if entry.name.startswith(ours) else "data file"
+                    _restrict(entry.path, FILE_MODE, what)
         except OSError as exc:
             self._lockfile.release()
             raise StorageError(f"cannot create or restrict {self.path}: {exc}") from exc

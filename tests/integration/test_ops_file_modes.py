@@ -40,12 +40,13 @@ def test_modes_left_by_an_older_version_are_restricted_and_logged(start_broker, 
         p.chmod(0o644)
     b.restart()
     assert mode(data) == 0o700
-    for name in ("tidings.db", "tidings.db.lock"):
+    for name in ("tidings.db", "tidings.db.lock", "audit.log"):
         assert mode(data / name) == 0o600, name
     err = b.stderr()
     assert f"data directory {data} was mode 755" in err
     assert f"database file {data / 'tidings.db'} was mode 644" in err
     assert f"lock file {data / 'tidings.db.lock'} was mode 644" in err
+    assert f"data file {data / 'audit.log'} was mode 644" in err
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
