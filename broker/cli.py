@@ -21,6 +21,7 @@ import anyio
 
 from . import admin_cli, ops_cli, security_cli, stream_cli
 from .config import DEFAULT_PORT, ConfigError, load
+from .store.base import StorageError
 
 DEFAULT_URL = f"tidings://127.0.0.1:{DEFAULT_PORT}"
 
@@ -49,6 +50,9 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level, cfg.log_format)
+    # Everything the broker creates (data directory, database, WAL, lock, audit log,
+    # backups) is for its own OS user only; the store also restricts what older versions left.
+    os.umask(0o077)
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
     except OSError as exc:
@@ -57,6 +61,15 @@ def _serve(ns: argparse.Namespace) -> int:
     broker = Broker(cfg)
     try:
         _run(broker.serve)
+    except BaseExceptionGroup as group:  # raised from the broker's task group while starting
+        storage, rest = group.split(StorageError)
+        if storage is None or rest is not None:
+            raise
+        first: BaseException = storage
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        print(f"tidings: cannot open the store: {first}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"tidings: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
         return 1

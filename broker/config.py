@@ -10,7 +10,8 @@ The security sections of the TOML file (``auth``, ``[users.*]``, ``[tls]``;
 see broker/auth.py) are validated by :func:`auth.load_security` and kept
 as ``Config.security``; they have no environment variables or flags
 (secrets and certificate paths belong in a file). Without users the broker
-only listens on a loopback address unless ``allow_open`` says otherwise.
+(client port and metrics port) only listens on a loopback address unless
+``allow_open`` says otherwise.
 """
 
 from __future__ import annotations
@@ -77,6 +78,10 @@ class Config:
     # Audit log (JSON lines: logins, denials, admin operations, limit refusals): a file path,
     # "" for <data_dir>/audit.log, or "-" for the "tidings.audit" logger (stderr with the rest).
     audit_log: str = ""
+    # Where the `backup` call writes its copies: "" for <data_dir>/backups. Clients name a file
+    # in it, never a path (the broker writes as its own OS user, so a path would let any admin
+    # overwrite any file that user can write).
+    backup_dir: str = ""
     allow_open: bool = False  # permit binding a non-loopback host without authentication
     log_level: str = "info"
     log_format: str = "text"
@@ -93,6 +98,11 @@ class Config:
         if self.audit_log == "-":
             return None
         return self.audit_log or os.path.join(self.data_dir, "audit.log")
+
+    @property
+    def backup_path(self) -> str:
+        """The directory backups are written to."""
+        return self.backup_dir or os.path.join(self.data_dir, "backups")
 
     def validate(self) -> "Config":
         if not 0 <= self.port <= 65535:
@@ -125,6 +135,13 @@ class Config:
                 f"refusing to listen on {self.host!r} with no users configured: add [users] to the config "
                 "file, or set allow_open = true (TIDINGS_ALLOW_OPEN=1, --allow-open) to run an open broker "
                 "on the network")
+        if (self.metrics_port >= 0 and not is_loopback(self.metrics_host) and not self.allow_open
+                and not self.security.auth_enabled):
+            # /metrics names every queue, stream and group and has no login of its own.
+            raise ConfigError(
+                f"refusing to serve metrics on {self.metrics_host!r} with no users configured: /metrics "
+                "shows every queue, stream and group name to whoever can reach it; use a loopback "
+                "metrics_host, add [users], or set allow_open = true")
         return self
 
 
@@ -202,6 +219,7 @@ def load(config_file: str | None = None, env: Mapping[str, str] | None = None,
     for k, v in (flags or {}).items():
         if v is not None:
             values[k] = _coerce(k, v, f"flag --{k.replace('_', '-')}")
-    if "data_dir" in values:
-        values["data_dir"] = str(Path(values["data_dir"]).expanduser())
+    for name in ("data_dir", "backup_dir"):
+        if values.get(name):
+            values[name] = str(Path(values[name]).expanduser())
     return Config(**values, security=security).validate()

@@ -59,8 +59,12 @@ MAX_REQUEST_BYTES: Final = 8 * 1024
 READ_TIMEOUT: Final = 5.0
 #: Seconds to write a response before giving up on a reader that does not read.
 WRITE_TIMEOUT: Final = 10.0
-#: Concurrent HTTP connections; beyond it new ones are closed at once. Scrapers
-#: open one at a time; this only bounds what a misbehaving client can claim.
+#: Concurrent HTTP connections (each one a task and a descriptor). Scrapers and
+#: health checkers open one at a time; this only bounds what a misbehaving client
+#: can claim. At the cap a new connection closes the oldest one that is waiting on
+#: its peer (still sending its request, or not reading its response), so idle and
+#: slow clients can never lock health checks out; only when every connection is
+#: being answered (bounded work) is the new one closed at once.
 MAX_CONNECTIONS: Final = 32
 
 CONFIRM_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -462,36 +466,72 @@ def _parse(head: bytes) -> tuple[str, str, dict[str, str]]:
     return parts[0], parts[1].split("?", 1)[0], headers
 
 
+class _Conn:
+    """One HTTP connection: its cancel scope, and whether it waits on its peer."""
+
+    __slots__ = ("scope", "waiting")
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.waiting = True  # reading the request head, or writing the response
+
+
 class _Server:
-    def __init__(self, broker: Any, metrics: Metrics, read_timeout: float) -> None:
+    """Each connection is served in its own task (``listener.serve``); nothing
+    one client does delays another's answer."""
+
+    def __init__(self, broker: Any, metrics: Metrics, read_timeout: float,
+                 max_connections: int = MAX_CONNECTIONS) -> None:
         self.broker = broker
         self.metrics = metrics
         self.read_timeout = read_timeout
-        self.active = 0
+        self.max_connections = max_connections
+        self.conns: dict[_Conn, None] = {}  # insertion order = oldest first
+        self.evicted = 0
+        self.refused = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.conns)
+
+    def _make_room(self) -> bool:
+        """Close the oldest connection waiting on its peer; False if none is."""
+        for conn in self.conns:
+            if conn.waiting:
+                del self.conns[conn]
+                conn.scope.cancel()
+                self.evicted += 1
+                return True
+        return False
 
     async def handle(self, stream: SocketStream) -> None:
-        if self.active >= MAX_CONNECTIONS:
+        if len(self.conns) >= self.max_connections and not self._make_room():
+            self.refused += 1
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
             return
-        self.active += 1
+        conn = _Conn()
+        self.conns[conn] = None
         try:
-            try:
-                with anyio.fail_after(self.read_timeout):
-                    head = await _read_head(stream, MAX_REQUEST_BYTES)
-                response = await self._respond(*_parse(head))
-            except _RequestError as exc:
-                response = _response(exc.status, _TEXT, f"{_REASONS[exc.status]}\n".encode())
-            except TimeoutError:
-                response = _response(408, _TEXT, b"Request Timeout\n")
-            with anyio.move_on_after(WRITE_TIMEOUT):
-                await stream.send(response)
+            with conn.scope:
+                try:
+                    with anyio.fail_after(self.read_timeout):
+                        head = await _read_head(stream, MAX_REQUEST_BYTES)
+                    conn.waiting = False
+                    response = await self._respond(*_parse(head))
+                except _RequestError as exc:
+                    response = _response(exc.status, _TEXT, f"{_REASONS[exc.status]}\n".encode())
+                except TimeoutError:
+                    response = _response(408, _TEXT, b"Request Timeout\n")
+                conn.waiting = True
+                with anyio.move_on_after(WRITE_TIMEOUT):
+                    await stream.send(response)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass  # the client went away; nothing to tell it
         except Exception:  # boundary: one bad request must not take the listener down
             log.exception("metrics request failed")
         finally:
-            self.active -= 1
+            self.conns.pop(conn, None)
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
 

@@ -7,9 +7,10 @@
         refreshed every --interval seconds until Ctrl-C (or --count frames;
         --once = one frame). Rates need two samples, so even --once waits
         one interval. --json prints one JSON object per frame (a line each).
-    tidings backup PATH [--overwrite] [--json]
-        ask the broker for a consistent copy of its store, written at PATH
-        on the broker's machine (absolute; see broker/backup.py).
+    tidings backup NAME [--json]
+        ask the broker for a consistent copy of its store, written as the
+        file NAME in its backup directory (setting backup_dir) on the
+        broker's machine; never over an existing file (see broker/backup.py).
 
 Both talk to a running broker through the client library like every other
 admin command: ``--url`` (default ``$TIDINGS_URL`` or the local default
@@ -205,7 +206,7 @@ async def _stats(tc: Any, ns: argparse.Namespace) -> None:
 # ----------------------------------------------------------------- backup
 
 async def _backup(tc: Any, ns: argparse.Namespace) -> None:
-    result = await tc.call("backup", {"path": ns.path, "overwrite": ns.overwrite}, timeout=ns.timeout)
+    result = await tc.call("backup", {"name": ns.name}, timeout=ns.timeout)
     if ns.json:
         print(json.dumps(result, sort_keys=True))
         return
@@ -237,11 +238,13 @@ def register(sp: Any) -> None:
 
     b = sp.add_parser("backup", help="copy the running broker's store (online, consistent)",
                       description="Ask the running broker for a consistent copy of its store while it keeps "
-                      "serving (SQLite's online backup). PATH is on the broker's machine and must be "
-                      "absolute; the copy holds every message confirmed before the command started. Start "
-                      "a broker on a data directory holding the copy, named tidings.db, to restore it.")
-    b.add_argument("path", metavar="PATH", help="absolute path of the copy, on the broker's machine")
-    b.add_argument("--overwrite", action="store_true", help="replace PATH if it exists")
+                      "serving (SQLite's online backup). The copy is written as the file NAME in the "
+                      "broker's backup directory (setting backup_dir, default <data_dir>/backups) on the "
+                      "broker's machine, mode 0600, and never replaces an existing file. It holds every "
+                      "message confirmed before the command started. Start a broker on a data directory "
+                      "holding the copy, named tidings.db, to restore it.")
+    b.add_argument("name", metavar="NAME", help="file name of the copy in the broker's backup directory "
+                   "(A-Z a-z 0-9 . _ -, no path)")
     _connection_args(b, 600.0)
     b.set_defaults(fn=lambda ns: _execute(ns, _backup))
 

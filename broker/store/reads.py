@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -134,19 +135,29 @@ class Reads:
         return [decode_message(r) for r in rows]
 
     async def backup(self, path: str | os.PathLike[str]) -> None:
-        """Write a consistent copy of the database to `path` (replaced atomically)
-        while the store keeps running.
+        """Write a consistent copy of the database to `path`, a file that must not
+        exist yet, while the store keeps running.
 
         The copy is one snapshot of committed state, taken after the call starts:
         it holds every write confirmed before the call and none half-done. It is
         read through a separate read-only connection, so commits continue during
-        the copy (WAL readers do not block the writer). Raises StorageError.
+        the copy (WAL readers do not block the writer; but the WAL cannot be
+        checkpointed past the snapshot until the copy ends, so it grows meanwhile).
+
+        The copy goes to a temporary file beside `path`, created exclusively (never
+        through a symlink, mode 0600), is fsynced, hard-linked to `path` (which fails
+        rather than replace an existing file) and the directory is fsynced: once this
+        returns, `path` is complete and survives a power loss, and it never holds a
+        partial file. Raises StorageError (also if `path` exists).
         """
         if self._conn is None:
             raise StorageClosed(f"store {self.path} is closed")
-        dest = os.fspath(path)
-        tmp = f"{dest}.tmp-{os.getpid()}"
+        dest = os.path.abspath(os.fspath(path))
+        tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{secrets.token_hex(8)}.tmp")
+        created = False
         try:
+            await anyio.to_thread.run_sync(_create_exclusive, tmp)
+            created = True
             src = await aiosqlite.connect(Path(self.path).absolute().as_uri() + "?mode=ro", uri=True)
             try:
                 dst = await aiosqlite.connect(tmp)
@@ -156,14 +167,43 @@ class Reads:
                     await dst.close()
             finally:
                 await src.close()
-            await anyio.to_thread.run_sync(os.replace, tmp, dest)
+            await anyio.to_thread.run_sync(_install, tmp, dest)
         except sqlite3.Error as exc:
             raise translate(exc) from exc
         except OSError as exc:
             raise StorageError(f"backup to {dest} failed: {exc}") from exc
         finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_remove_quietly, tmp)
+            if created:  # gone already when it was installed
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_remove_quietly, tmp)
+                    await anyio.to_thread.run_sync(_remove_quietly, tmp + "-journal")
+
+
+def _create_exclusive(path: str) -> None:
+    """An empty file at `path` (SQLite takes it as an empty database): never an
+    existing file, never through a symlink, readable by the broker's user only."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+
+
+def _install(tmp: str, dest: str) -> None:
+    """Make the finished copy `tmp` durable as `dest`, which must not exist."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.link(tmp, dest, follow_symlinks=False)  # atomic, and EEXIST instead of replacing
+    os.unlink(tmp)
+    fsync_dir(os.path.dirname(dest))
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a directory's entries (a new name, a removed one) survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_quietly(path: str) -> None:

@@ -59,6 +59,10 @@ BATCH_MAX_MESSAGES: Final = 20_000
 CACHE_KIB: Final = 32 * 1024
 #: The WAL file is truncated back to this size after a checkpoint.
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+#: Modes of the data directory and of every file in it: payloads are private to the
+#: broker's OS user (another user could read them, or hold the lock and stop restarts).
+DIR_MODE: Final = 0o700
+FILE_MODE: Final = 0o600
 #: How long a statement waits for a lock held by another connection (a backup, an admin tool).
 BUSY_TIMEOUT_MS: Final = 5_000
 
@@ -72,6 +76,16 @@ def _op_specific(error: StorageError) -> bool:
     return (isinstance(cause, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError,
                                sqlite3.InterfaceError))
             or not isinstance(cause, sqlite3.Error))
+
+
+def _restrict(path: str, mode: int, what: str) -> None:
+    """Take group/other permissions off ``path`` (left by an older tidings, or a lax
+    umask) and say so. OSError if it cannot be done."""
+    st = os.stat(path)
+    if st.st_mode & 0o077:
+        os.chmod(path, mode)
+        log.warning("%s %s was mode %03o, readable by other OS users; now %03o", what, path,
+                    st.st_mode & 0o777, mode)
 
 
 class SqliteStore(Reads, StreamReads):
@@ -149,11 +163,25 @@ class SqliteStore(Reads, StreamReads):
         """
         if self._conn is not None or self._closing:
             raise StorageError("open() may be called once per SqliteStore")
+        directory = os.path.dirname(os.path.abspath(self.path))
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            os.makedirs(directory, mode=DIR_MODE, exist_ok=True)
+            _restrict(directory, DIR_MODE, "data directory")
         except OSError as exc:
-            raise StorageError(f"cannot create the directory of {self.path}: {exc}") from exc
+            raise StorageError(f"cannot create or restrict the directory of {self.path}: {exc}") from exc
         self._lockfile.acquire()
+        try:
+            # SQLite creates -wal and -shm with the database's mode: create it 0600 first.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+            # the database, its -wal/-shm, the audit log: every file an older version left
+            ours = os.path.basename(self.path)
+            for entry in os.scandir(directory):
+                if entry.is_file(follow_symlinks=False):
+                    what = "database file" if entry.name.startswith(ours) else "data file"
+                    _restrict(entry.path, FILE_MODE, what)
+        except OSError as exc:
+            self._lockfile.release()
+            raise StorageError(f"cannot create or restrict {self.path}: {exc}") from exc
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import stat
 from pathlib import Path
 
 import anyio
@@ -22,45 +24,79 @@ def make_broker(tmp_path: Path) -> Broker:
     return Broker(Config(port=0, data_dir=str(data)))
 
 
-@pytest.mark.parametrize(("args", "code", "words"), [
-    ({}, ErrorCode.INVALID_ARGUMENT, "needs 'path'"),
-    ({"path": ""}, ErrorCode.INVALID_ARGUMENT, "needs 'path'"),
-    ({"path": 42}, ErrorCode.INVALID_ARGUMENT, "needs 'path'"),
-    ({"path": "copy.db"}, ErrorCode.INVALID_ARGUMENT, "relative"),
-    ({"path": "/tmp/x.db", "overwrite": "yes"}, ErrorCode.INVALID_ARGUMENT, "overwrite"),
-    ({"path": "/nonexistent-dir-for-tidings/x.db"}, ErrorCode.NOT_FOUND, "does not exist"),
+@pytest.mark.parametrize(("args", "words"), [
+    ({}, "needs 'name'"),
+    ({"name": ""}, "needs 'name'"),
+    ({"name": 42}, "needs 'name'"),
+    ({"path": "/tmp/x.db"}, "takes 'name', not 'path'"),
+    ({"name": "x.db", "overwrite": True}, "unknown backup argument"),
+    ({"name": "../audit.log"}, "not a path"),
+    ({"name": "/etc/passwd"}, "not a path"),
+    ({"name": "a\\b"}, "not a path"),
+    ({"name": ".."}, "not a path"),
+    ({"name": "x\n2026-12-03 INFO forged"}, "control characters"),
+    ({"name": "x\u2028y"}, "control characters"),
+    ({"name": "x\x00y"}, "control characters"),
+    ({"name": ".hidden"}, "bad backup name"),
+    ({"name": "a b"}, "bad backup name"),
+    ({"name": "x" * 129}, "bad backup name"),
 ])
-async def test_bad_arguments_are_refused(tmp_path: Path, args: dict, code: ErrorCode, words: str) -> None:
+async def test_bad_arguments_are_refused_before_any_file_is_touched(tmp_path: Path, args: dict,
+                                                                      words: str) -> None:
     broker = make_broker(tmp_path)
     with pytest.raises(RemoteProtocolError, match=words) as info:
         await backup_call(broker, args, 7, running=set())
-    assert info.value.code == code and info.value.rid == 7
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT and info.value.rid == 7
+    assert "\n" not in info.value.message
+    assert not (tmp_path / "data" / "backups").exists()
 
 
-async def test_existing_files_directories_and_the_live_database_are_refused(tmp_path: Path) -> None:
+async def test_existing_files_and_symlinks_are_never_replaced(tmp_path: Path) -> None:
     broker = make_broker(tmp_path)
-    existing = tmp_path / "old.db"
-    existing.write_bytes(b"old")
-    with pytest.raises(RemoteProtocolError, match="already exists") as info:
-        await backup_call(broker, {"path": str(existing)}, 1, running=set())
-    assert info.value.code == ErrorCode.CONFLICT
-    with pytest.raises(RemoteProtocolError, match="is a directory"):
-        await backup_call(broker, {"path": str(tmp_path), "overwrite": True}, 1, running=set())
-    live = Path(broker.durable.store.path)
-    for target in (live, Path(f"{live}-wal"), live.parent / ".." / live.parent.name / live.name):
-        with pytest.raises(RemoteProtocolError, match="live database"):
-            await backup_call(broker, {"path": str(target), "overwrite": True}, 1, running=set())
+    backups = tmp_path / "data" / "backups"
+    backups.mkdir(mode=0o700)
+    (backups / "old.db").write_bytes(b"old")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"keep")
+    (backups / "link.db").symlink_to(outside)
+    for name in ("old.db", "link.db"):
+        with pytest.raises(RemoteProtocolError, match="already exists") as info:
+            await backup_call(broker, {"name": name}, 1, running=set())
+        assert info.value.code == ErrorCode.CONFLICT
     with pytest.raises(RemoteProtocolError, match="already running") as info:
-        await backup_call(broker, {"path": str(tmp_path / "new.db")}, 1, running={"/elsewhere.db"})
+        await backup_call(broker, {"name": "new.db"}, 1, running={"other.db"})
     assert info.value.code == ErrorCode.CONFLICT
-    assert existing.read_bytes() == b"old"
+    assert (backups / "old.db").read_bytes() == b"old" and outside.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize("problem", ["data_dir", "group_writable", "other_owner", "file"])
+async def test_an_unsafe_backup_directory_is_refused(tmp_path: Path, problem: str) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    target = tmp_path / "bk"
+    if problem == "data_dir":
+        target = data
+    elif problem == "file":
+        target.write_bytes(b"")
+    else:
+        target.mkdir()
+        if problem == "group_writable":
+            target.chmod(0o770)
+        elif os.geteuid() == 0:
+            os.chown(target, 65534, 65534)
+        else:
+            pytest.skip("chown needs root")
+    broker = Broker(Config(port=0, data_dir=str(data), backup_dir=str(target)))
+    with pytest.raises(RemoteProtocolError) as info:
+        await backup_call(broker, {"name": "x.db"}, 1, running=set())
+    assert info.value.code == ErrorCode.STORAGE_ERROR
+    assert not (target / "x.db").exists()
 
 
 async def test_backup_of_a_running_broker(tmp_path: Path) -> None:
     broker = make_broker(tmp_path)
     handler = backup_handler(broker)
-    target = tmp_path / "copies" / "tidings.db"
-    target.parent.mkdir()
+    backups = tmp_path / "data" / "backups"
     async with anyio.create_task_group() as tg:
         tg.start_soon(functools.partial(broker.serve, install_signals=False))
         with anyio.fail_after(10):
@@ -69,12 +105,16 @@ async def test_backup_of_a_running_broker(tmp_path: Path) -> None:
         async with connect(f"tidings://127.0.0.1:{broker.bound_address[1]}", reconnect=False) as tc:
             await tc.declare_queue("q", bind=["q.>"])
             acks = [await tc.publish("q.x", f"m{i}".encode()) for i in range(50)]
-        result = await handler({"path": str(target)}, 1)
-        again = await handler({"path": str(target), "overwrite": True}, 2)
+        result = await handler({"name": "first.db"}, 1)
+        again = await handler({"name": "second.db"}, 2)
         tg.cancel_scope.cancel()
-    assert result["path"] == str(target) and result["bytes"] == target.stat().st_size
+    target = backups / "first.db"
+    assert result == {"name": "first.db", "path": str(target), "bytes": target.stat().st_size,
+                      "seconds": result["seconds"]}
     assert again["bytes"] > 0 and result["seconds"] >= 0
-    assert list(target.parent.iterdir()) == [target]  # no temporary file left beside it
+    assert sorted(p.name for p in backups.iterdir()) == ["first.db", "second.db"]  # no temporary file left
+    assert stat.S_IMODE(backups.stat().st_mode) == 0o700
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
     copy = SqliteStore(target)
     await copy.open()
     try:

@@ -40,7 +40,9 @@ from client.errors import ConnectionClosedError, PublishBufferFullError, Tidings
 from client.results import PublishAck
 
 WAIT = 10.0  # seconds an expected event may take before the test fails (generous, for slow CI)
-FAST: dict[str, Any] = {"timeout": 2.0, "reconnect_wait": (0.05, 0.25)}
+# timeout: long next to any request to a live broker, even a busy one; it only costs time where it
+# fires (a dial to a frozen broker).
+FAST: dict[str, Any] = {"timeout": 5.0, "reconnect_wait": (0.05, 0.25)}
 
 
 class States:
@@ -304,8 +306,9 @@ async def test_reconnect_is_reported_promptly(broker) -> None:
         await states.wait("disconnected")
         await anyio.to_thread.run_sync(broker.restart)
         restarted = time.monotonic()
-        reconnected = await states.wait("reconnected", within=4.0)
-        assert reconnected - restarted < 2.0, f"took {reconnected - restarted:.2f}s after the restart"
+        reconnected = await states.wait("reconnected", within=WAIT)
+        # the bug stalled for the whole 10 s timeout; half of it leaves a busy machine room
+        assert reconnected - restarted < 5.0, f"took {reconnected - restarted:.2f}s after the restart"
         assert tc.state == "connected" and tc.reconnects == 1
         assert states.names() == ["connected", "disconnected", "reconnected"]
         await tc.publish("ping", b"x")
@@ -314,8 +317,11 @@ async def test_reconnect_is_reported_promptly(broker) -> None:
 
 # ------------------------------------------------------------ SIGSTOP
 
-HEARTBEAT, DEAD_AFTER = 0.5, 1.5
-NOTICE_WITHIN = DEAD_AFTER + HEARTBEAT + 1.0  # silence for dead_after, noticed at the next heartbeat tick, slack
+# dead_after is long next to a live broker's PONG, even on a busy machine: only the freeze is noticed.
+HEARTBEAT, DEAD_AFTER = 0.5, 3.0
+# silence for dead_after, noticed at the next heartbeat tick, and slack for a busy machine
+# (still far below the 30 s request timeout the heartbeat must beat)
+NOTICE_WITHIN = DEAD_AFTER + HEARTBEAT + WAIT
 
 
 class Frozen:
@@ -370,7 +376,7 @@ async def test_frozen_broker_is_noticed_and_publishes_wait_for_it(broker) -> Non
                 t0 = time.monotonic()
                 with pytest.raises(TimeoutError) as ei:
                     await tc.call("stats", timeout=0.5)
-                assert ei.value.retriable and time.monotonic() - t0 < 0.5 + 1.0
+                assert ei.value.retriable and time.monotonic() - t0 < 0.5 + WAIT
                 assert not done["A"].is_set() and not done["B"].is_set(), acks  # waiting: no error, no confirm
             # SIGCONT: the client reconnects and both publishes complete
             with anyio.fail_after(WAIT + tc.timeout):
@@ -403,7 +409,7 @@ async def test_frozen_broker_without_reconnect_fails_pending_requests(broker) ->
                     await tc.call("stats")
             assert time.monotonic() - fz.at <= NOTICE_WITHIN
             assert ei.value.retriable and "no data from the broker" in str(ei.value)
-            await states.wait("closed", within=1.0)
+            await states.wait("closed", within=WAIT)
             assert tc.state == "closed" and tc.is_closed
             assert states.names() == ["connected", "closed"]
             with pytest.raises(ConnectionClosedError):
@@ -477,7 +483,7 @@ async def test_gives_up_after_max_reconnects(broker) -> None:
         with anyio.fail_after(WAIT):
             with pytest.raises(ConnectionClosedError, match="gave up reconnecting"):
                 await tc.publish("gu.a", b"nobody will store this")  # waits, then fails with the reason
-        await states.wait("closed", within=1.0)
+        await states.wait("closed", within=WAIT)
         assert states.names() == ["connected", "disconnected", "closed"]
         assert tc.state == "closed" and tc.is_closed
         with pytest.raises(ConnectionClosedError, match="gave up"):

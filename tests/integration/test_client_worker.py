@@ -125,21 +125,23 @@ async def test_failure_nacks_with_the_queue_backoff_then_dead_letters(broker) ->
 
 
 async def test_long_handler_is_not_redelivered_under_it(broker) -> None:
-    """ack_deadline 0.3 s, a handler of 1.2 s: the worker's in_progress
-    extensions (every ack_deadline/3 by default) keep the message its own."""
+    """ack_deadline 2 s, a handler of 3 s: the worker's in_progress
+    extensions keep the message its own. The deadline is long next to the
+    extension interval (0.2 s), so an extension may be 1.8 s late on a busy
+    machine before the deadline could run out under the handler."""
     async with connect(broker.url) as tc:
-        await declare(tc, "wl", ack_deadline=0.3, max_deliveries=0)
+        await declare(tc, "wl", ack_deadline=2.0, max_deliveries=0)
         await tc.publish("wl.a", b"long job")
         calls: list[int] = []
 
         async def handle(d: Delivery) -> None:
             calls.append(d.delivery_count)
-            await anyio.sleep(1.2)  # the job: four ack deadlines long
+            await anyio.sleep(3.0)  # the job: one and a half ack deadlines long
 
-        worker = Worker(tc, handle, queue="wl", concurrency=4)
+        worker = Worker(tc, handle, queue="wl", concurrency=4, extend_every=0.2)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            await until(lambda: worker.succeeded == 1)
+            await until(lambda: worker.succeeded == 1, timeout=3.0 + WAIT)
             await tc.flush()
             info = await tc.queue_info("wl")
             tg.cancel_scope.cancel()
@@ -238,7 +240,7 @@ async def test_concurrency_comes_back_after_the_breaker_closes(broker) -> None:
             active += 1
             if active == 4:
                 four.set()
-            with anyio.move_on_after(2):
+            with anyio.move_on_after(2 * WAIT):  # only a bug (one at a time) waits this out
                 await four.wait()  # four handlers at once, as configured
             if not four.is_set():
                 alone.set()
@@ -254,7 +256,7 @@ async def test_concurrency_comes_back_after_the_breaker_closes(broker) -> None:
             await br.wait("closed")
             for i in range(4):
                 await tc.publish("wc.a", f"job {i}")
-            with anyio.fail_after(WAIT):
+            with anyio.fail_after(3 * WAIT):
                 async with anyio.create_task_group() as either:
                     for ev in (four, alone):
                         either.start_soon(_set_then_cancel, ev, either.cancel_scope)
@@ -290,7 +292,7 @@ async def test_nack_during_a_refill_does_not_strand_the_queue(broker) -> None:
             c = await deliveries.next(timeout=WAIT)  # C (ready in memory); attaching also starts paging A, B in
             await c.nack()  # lands while the page-in awaits the store
             await tc.publish("st.a", b"D")
-            with anyio.move_on_after(3.0):  # everything is due within 0.2 s
+            with anyio.move_on_after(WAIT):  # everything is due within 0.2 s; a bug waits this out
                 while len(seen) < 4:
                     d = await deliveries.next()
                     seen.append(d.payload)
@@ -372,14 +374,14 @@ async def test_stream_group_worker_works_on_partitions_in_parallel(broker) -> No
             busy.add(m.partition)
             if len(busy) == partitions:
                 every.set()
-            with anyio.move_on_after(2):
+            with anyio.move_on_after(2 * WAIT):  # only a bug (too little concurrency) waits this out
                 await every.wait()  # one handler per partition at once: 3 <= concurrency
             busy.discard(m.partition)
 
         worker = Worker(tc, handle, stream="wp", group="g", concurrency=8)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
-            with anyio.move_on_after(3):
+            with anyio.move_on_after(3 * WAIT):
                 await every.wait()
             tg.cancel_scope.cancel()
         assert every.is_set(), f"only partitions {sorted(busy)} were handled at once"

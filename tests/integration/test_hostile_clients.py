@@ -69,7 +69,9 @@ async def test_bad_first_bytes_get_err_and_close(broker, case: str) -> None:
 
 @pytest.mark.parametrize("seed", range(8))
 async def test_random_bytes_before_hello(start_broker, seed: int) -> None:
-    broker = start_broker(env={"TIDINGS_HELLO_TIMEOUT": "1"})
+    # the bytes follow the connect at once; the HELLO timeout only ends a prefix that never
+    # completes, and must not fire first on a busy machine
+    broker = start_broker(env={"TIDINGS_HELLO_TIMEOUT": "5"})
     rng = random.Random(seed)
     data = rng.randbytes(rng.choice([3, 100, 5000, 200_000]))
     async with connect(broker.url) as control:
@@ -215,10 +217,10 @@ async def test_hello_timeout(start_broker, sent: bytes) -> None:
             t0 = time.monotonic()
             if sent:
                 await rc.send_raw(sent)
-            frames = await rc.read_until_eof(timeout=5)
+            frames = await rc.read_until_eof(timeout=WAIT)
             elapsed = time.monotonic() - t0
         assert [(type(f), getattr(f, "code", None)) for f in frames] == [(F.Err, ErrorCode.HELLO_TIMEOUT)]
-        assert 0.4 <= elapsed < 4.0, elapsed
+        assert elapsed >= 0.4, elapsed  # not before the timeout (a slow machine only makes it later)
         # a client that does say HELLO in time is unaffected
         await assert_control_works(control, "hello_timeout")
     assert broker.alive()

@@ -23,7 +23,8 @@ from protocol import frames as F
 from protocol.codec import PRE_HELLO_MAX_FRAME
 
 WAIT = 10.0
-PROMPT = 2.0  # "at once": far below the frame timeout (30 s) the broker would otherwise wait for a body
+PROMPT = 10.0  # "at once": far below the frame timeout (30 s) the broker would otherwise wait for a body,
+# and generous for a busy machine
 RSS_SLACK = 8 * 1024 * 1024  # a 4 GiB (or even a 1 MiB) buffer would show; noise does not reach this
 
 

@@ -105,3 +105,45 @@ def test_metrics_address_line_parsing() -> None:
     assert metrics_address(["tidings metrics on http://[::1]:9100\n"]) == ("::1", 9100)
     with pytest.raises(AssertionError):
         metrics_address([])
+
+
+@pytest.mark.parametrize("idle", [32, 500])
+def test_idle_and_slow_http_clients_cannot_block_health_checks(start_broker, idle: int) -> None:
+    """Issue 10.5: 32 silent sockets used to fill the listener's 32 slots, so /healthz got nothing.
+    Silent sockets, slow-loris senders (a request head that never ends) and clients that
+    never read their answer are now closed oldest-first to make room."""
+    b = start_broker("--metrics-port", "0")
+    host, port = metrics_address(b.extra_lines)
+    held: list[socket.socket] = []
+    try:
+        for i in range(idle + 16 + 8):
+            s = socket.create_connection((host, port), timeout=WAIT)
+            held.append(s)
+            if i >= idle + 16:  # asks, then never reads the answer
+                s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+            elif i >= idle:  # slow loris: a head that never ends
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        for _ in range(3):
+            status, _, body = get(host, port, "/healthz")
+            assert (status, body) == (200, b"ok\n")
+        assert get(host, port, "/readyz")[0] == 200
+        # the oldest silent client was closed (or answered 408), not left holding a slot
+        first = held[0]
+        first.settimeout(WAIT)
+        data = first.recv(65536)
+        assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:80]
+    finally:
+        for s in held:
+            s.close()
+    assert b.alive()
+
+
+def test_metrics_on_a_network_address_needs_users(start_broker) -> None:
+    """Issues 10.5 and 10.14: with no users /metrics (every queue name) stays on loopback."""
+    with pytest.raises(RuntimeError, match="refusing to serve metrics on '0.0.0.0' with no users"):
+        start_broker("--metrics-port", "0", "--metrics-host", "0.0.0.0")
+    with pytest.raises(RuntimeError, match="refusing to serve metrics on '::' with no users"):
+        start_broker("--metrics-port", "0", env={"TIDINGS_METRICS_HOST": "::"})
+    b = start_broker("--metrics-port", "0", "--metrics-host", "127.0.0.1")  # loopback: fine
+    host, port = metrics_address(b.extra_lines)
+    assert host == "127.0.0.1" and get(host, port, "/healthz")[0] == 200

@@ -302,7 +302,7 @@ async def test_close_sends_pending_publishes_even_after_a_refused_frame(broker) 
             for i in range(10):
                 await pub.publish("x", str(i).encode())
             # no flush: leaving the block must send what is pending
-        with anyio.fail_after(3):
+        with anyio.fail_after(WAIT):
             got = [int((await sub.next()).payload) for _ in range(10)]
         assert got == list(range(10))
 

@@ -55,17 +55,18 @@ async def test_declare_and_list(broker) -> None:
     url = broker.url
     assert (await tidings("queues", url=url)).stdout.strip() == "no queues"
     r = await tidings("queues", "declare", "orders", "--bind", "orders.>", "--bind", "refunds.*",
-                      "--max-deliveries", "3", "--ack-deadline", "0.5", "--backoff-schedule", "1,5,30",
+                      "--max-deliveries", "3", "--ack-deadline", "600", "--backoff-schedule", "1,5,30",
                       "--max-length", "1000", "--overflow", "dead_letter_oldest", url=url)
     assert "created" in r.stdout and "orders.dlq" in r.stdout
     # --json before or after the subcommand, --url instead of TIDINGS_URL
     again = await tidings_json("queues", "declare", "orders", "--bind", "orders.>", "--bind", "refunds.*",
-                               "--max-deliveries", "3", "--ack-deadline", "0.5",
+                               "--max-deliveries", "3", "--ack-deadline", "600",
                                "--backoff-schedule", "1,5,30", "--max-length", "1000",
                                "--overflow", "dead_letter_oldest", url=url)
     assert again["created"] is False
     assert again["config"] == {**again["config"], "bind": ["orders.>", "refunds.*"], "max_deliveries": 3,
-                               "ack_deadline": 0.5, "backoff_schedule": [1.0, 5.0, 30.0], "max_length": 1000,
+                               "ack_deadline": 600.0, "backoff_schedule": [1.0, 5.0, 30.0],
+                               "max_length": 1000,
                                "overflow": "dead_letter_oldest"}
     r = await tidings("queues", "--json", "declare", "orders", "--bind", "orders.>", "--max-deliveries", "4",
                       "--url", url, check=False)

@@ -3,8 +3,9 @@ dead-lettering (max deliveries, reject), redrive, stale acks, in_progress,
 consumer disconnects and delayed publishes.
 
 Every queue uses short times (see queuetools.FAST); timings are asserted as
-lower bounds (the contract), with an upper bound only where a wrong
-schedule would be far off.
+lower bounds only (the contract): a slow machine makes things late, never
+early. Where a time must NOT run out during a step (an ack deadline while a
+handler works), it is long next to the step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from client.errors import StaleDeliveryError, TidingsError
 from queuetools import WAIT, broker_time_passes, collect, declare, headers_of, holds
 
 TOLERANCE = 0.005  # the broker keeps times in whole milliseconds
-SLACK = 2.0  # upper bound on lateness of a retry; a wrong schedule here is off by more
 
 
 async def test_publish_consume_ack(broker) -> None:
@@ -79,17 +79,18 @@ async def test_backoff_schedule_is_followed(broker) -> None:
         gaps = await _gaps_between_redeliveries(tc, "sched", "sched.a", 5)
     # past the end of the schedule its last delay repeats
     for gap, want in zip(gaps, schedule + [0.4]):
-        assert want - TOLERANCE <= gap < want + SLACK, (gaps, schedule)
+        assert gap >= want - TOLERANCE, (gaps, schedule)
 
 
 async def test_exponential_backoff_is_capped(broker) -> None:
-    # uncapped this would be 0.05, 0.5, 5.0 s: a missing cap times the test out
+    # uncapped this would be 0.1, 10, 1000 s: a missing cap times the test out (WAIT is 5 s; no
+    # upper bound on a gap is asserted, so a slow machine cannot fail it)
     async with connect(broker.url) as tc:
-        await declare(tc, "expo", backoff_initial=0.05, backoff_multiplier=10, backoff_max=0.2,
+        await declare(tc, "expo", backoff_initial=0.1, backoff_multiplier=100, backoff_max=0.2,
                       max_deliveries=0)
         gaps = await _gaps_between_redeliveries(tc, "expo", "expo.a", 4)
-    for gap, want in zip(gaps, [0.05, 0.2, 0.2]):
-        assert want - TOLERANCE <= gap < want + SLACK, gaps
+    for gap, want in zip(gaps, [0.1, 0.2, 0.2]):
+        assert gap >= want - TOLERANCE, gaps
 
 
 async def test_nack_with_delay_overrides_the_backoff(broker) -> None:
@@ -231,16 +232,19 @@ async def test_ack_after_the_deadline_is_stale(broker) -> None:
 
 
 async def test_in_progress_extends_the_deadline(broker) -> None:
+    # The deadline must not run out between two in_progress calls: each step takes a quarter
+    # of it, so a step may be 1.5 s late on a busy machine before the test could fail.
+    deadline = 2.0
     async with connect(broker.url) as tc:
-        await declare(tc, "ip", ack_deadline=0.3, max_deliveries=0)
+        await declare(tc, "ip", ack_deadline=deadline, max_deliveries=0)
         await tc.publish("ip.a", b"long job")
         async with tc.consume("ip") as deliveries:
             d = await deliveries.next(timeout=WAIT)
             held_from = time.monotonic()
-            for _ in range(4):  # ~0.6 s in all: twice the deadline
-                await broker_time_passes(tc, 0.15)
+            for _ in range(6):  # 3 s of the broker's time in all: longer than the deadline
+                await broker_time_passes(tc, deadline / 4)
                 await d.in_progress(wait=True)
-            assert time.monotonic() - held_from > 0.3 * 2
+            assert time.monotonic() - held_from > deadline
             await d.ack(wait=True)  # still ours: no StaleDeliveryError
         info = await tc.queue_info("ip")
         assert (info["depth"], info["redelivered"], info["acked"]) == (0, 0, 1)
@@ -275,12 +279,18 @@ async def test_delayed_publish(broker) -> None:
         await declare(tc, "dl")
         async with tc.consume("dl") as deliveries:
             await tc.publish("dl.a", b"later", delay=0.4)
-            await tc.publish("dl.a", b"at", at=time.time() + 0.2)
+            at = time.time() + 0.2
+            await tc.publish("dl.a", b"at", at=at)
             await tc.publish("dl.a", b"now")
-            got = await collect(deliveries, 3)
-            received = time.time()
-            assert [d.payload for d in got] == [b"now", b"at", b"later"]
-            assert received >= got[2].published_ms / 1000 + 0.4 - TOLERANCE
+            got, received = [], {}
+            for _ in range(3):  # the order depends on how fast the publishes went: check each one's time
+                d = await deliveries.next(timeout=WAIT)
+                received[d.payload] = time.time()
+                got.append(d)
+            assert sorted(d.payload for d in got) == [b"at", b"later", b"now"]
+            later = next(d for d in got if d.payload == b"later")
+            assert received[b"later"] >= later.published_ms / 1000 + 0.4 - TOLERANCE
+            assert received[b"at"] >= at - TOLERANCE
             info = await tc.queue_info("dl")
             assert info["in_flight"] == 3
             for d in got:

@@ -10,7 +10,9 @@ from client import connect
 from client.errors import ConflictError, InvalidArgumentError, NotFoundError, QueueFullError
 from queuetools import WAIT, broker_time_passes, collect, declare, headers_of, holds
 
-DEDUP_WINDOW = 0.5  # seconds, for the broker of the de-duplication window test
+# seconds, for the broker of the de-duplication window test: two publishes back to back must fall
+# in one window even on a busy machine, and the test waits it out once
+DEDUP_WINDOW = 3.0
 
 
 # ------------------------------------------------------------------- TTL
@@ -33,12 +35,14 @@ async def test_message_ttl_expires_undelivered(broker) -> None:
 
 
 async def test_ttl_does_not_apply_once_delivered(broker) -> None:
+    # The message must be delivered before its TTL runs out: the TTL is as long as a delivery may
+    # take in this suite (WAIT), so a busy machine cannot expire it first.
     async with connect(broker.url) as tc:
-        await declare(tc, "ttl2", message_ttl=0.2)
+        await declare(tc, "ttl2", message_ttl=WAIT)
         async with tc.consume("ttl2") as deliveries:
             await tc.publish("ttl2.a", b"x")
             d = await deliveries.next(timeout=WAIT)
-            await broker_time_passes(tc, 0.3)
+            await broker_time_passes(tc, WAIT + 0.1)
             await d.ack(wait=True)  # an in-flight message is being worked on: it does not expire under us
         assert (await tc.queue_info("ttl2"))["expired"] == 0
 
@@ -50,7 +54,7 @@ async def test_queue_ttl(broker, to_dlq: bool) -> None:
         await tc.publish("qt.a", b"old", msg_id="old-1")
         await tc.publish("qt.a", b"old but overridden", ttl=3600)  # a per-message TTL wins over the queue's
         await broker_time_passes(tc, 0.3)
-        await tc.publish("qt.a", b"fresh")
+        await tc.publish("qt.a", b"fresh", ttl=3600)  # must not expire before it is consumed, however slow
         async with tc.consume("qt") as deliveries:
             got = await collect(deliveries, 2)
             assert [d.payload for d in got] == [b"old but overridden", b"fresh"]
@@ -185,7 +189,7 @@ async def test_redeclare(broker) -> None:
 
 
 async def test_declare_with_invalid_settings_fails_fast(broker) -> None:
-    async with connect(broker.url, timeout=1.0) as tc:  # the bug costs the whole timeout
+    async with connect(broker.url, timeout=WAIT) as tc:  # the bug costs the whole timeout (then fails)
         for bad in ({"max_delivery": 3}, {"overflow": "drop_newest"}, {"ack_deadline": -1},
                     {"name": "has space"}, {"bind": ["a..b"]}):
             with pytest.raises(InvalidArgumentError):

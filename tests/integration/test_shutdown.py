@@ -22,7 +22,7 @@ async def test_sigterm_with_no_clients_exits_zero_promptly(broker) -> None:
     t0 = time.monotonic()
     code = await anyio.to_thread.run_sync(broker.terminate, EXIT_BOUND)
     assert code == 0
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 4.5  # did not wait out the 5 s drain grace (nobody to drain)
     assert "Traceback" not in broker.stderr()
 
 

@@ -233,14 +233,18 @@ async def test_retention_by_bytes(broker) -> None:
 
 
 async def test_retention_by_age(broker) -> None:
+    # The new messages must not reach max_age between their publish and the checks below: AGE is
+    # long next to those steps (tens of ms) for a busy machine. A background retention pass
+    # (every 5 s) may do the trim before stream.trim does: count what was trimmed, by either.
+    age = 3.0
     async with connect(broker.url) as tc:
-        await tc.declare_stream("age", partitions=2, bind=["age.>"], max_age=1.0)
+        await tc.declare_stream("age", partitions=2, bind=["age.>"], max_age=age)
         old = await publish_all(tc, "age.e", [(f"k{i}", f"old-{i}".encode()) for i in range(30)])
-        assert (await tc.call("stream.trim", {"name": "age"}))["removed"] == 0  # nothing is a second old yet
-        await broker_time_passes(tc, 1.2)
+        assert (await tc.call("stream.trim", {"name": "age"}))["removed"] == 0  # nothing is that old yet
+        await broker_time_passes(tc, age + 0.2)
         new = await publish_all(tc, "age.e", [(f"k{i}", f"new-{i}".encode()) for i in range(30)])
-        removed = (await tc.call("stream.trim", {"name": "age"}))["removed"]
-        assert removed == 30
+        await tc.call("stream.trim", {"name": "age"})
+        assert (await tc.stream_info("age"))["trimmed"] == 30
         for p in range(2):
             got = await replay(tc, "age", p)
             assert [(m.offset, m.payload) for m in got] == [(o, pl) for o, _k, pl in new[p]]
@@ -261,5 +265,7 @@ async def test_trimmed_partition_can_be_emptied_and_keeps_its_offsets_after_rest
         assert (part["first"], part["next"]) == (5, 5)
         ack = await tc.publish("empty.e", b"y")
         assert ack.offset == 5  # offsets are never reused, even after retention emptied the partition
-        assert [m.offset for m in await replay(tc, "empty", 0)] == [5]
+        # [] only if a background retention pass (every 5 s) aged "y" out already on a slow machine
+        assert [m.offset for m in await replay(tc, "empty", 0)] in ([5], [])
+        assert (await tc.stream_info("empty"))["partitions"][0]["next"] == 6
 

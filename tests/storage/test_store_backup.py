@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import anyio
 import pytest
 
-from broker.store import PutMessages, PutQueue, SqliteStore, StorageClosed
+from broker.store import PutMessages, PutQueue, SqliteStore, StorageClosed, StorageError
 
 GROUP = 4
 
@@ -49,21 +52,40 @@ async def test_backup_while_writing(open_store, row, tmp_path):
     assert len(ids_in_copy) <= total
     for first in range(1, max(ids_in_copy) + 1, GROUP):  # each op is wholly in, or wholly out
         assert len({first + k in ids_in_copy for k in range(GROUP)}) == 1
-    assert not list(backup.parent.glob("*.tmp-*"))
+    assert not list(backup.parent.glob(".*.tmp*"))  # no temporary file left beside it
 
 
-async def test_backup_replaces_an_old_copy(open_store, row, tmp_path):
+async def test_backup_never_replaces_a_file(open_store, row, tmp_path):
     backup = tmp_path / "copy.db"
     backup.write_bytes(b"stale")
     async with open_store() as store:
         await store.write(PutMessages([row("q", 1)]))
+        with pytest.raises(StorageError, match="exists"):
+            await store.backup(backup)
+    assert backup.read_bytes() == b"stale"
+    assert list(tmp_path.glob(".copy.db.*")) == []
+
+
+async def test_backup_is_durable_file_then_directory(open_store, row, tmp_path, monkeypatch):
+    """Issue 17.7: the copy is fsynced, and so is its directory once the copy has its name
+    (a power loss right after the call returned must not lose the backup)."""
+    backup = tmp_path / "backups" / "copy.db"
+    backup.parent.mkdir()
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        synced.append((kind, backup.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    async with open_store() as store:
+        await store.write(PutMessages([row("q", 1)]))
         await store.backup(backup)
-    copy = SqliteStore(backup)
-    await copy.open()
-    try:
-        assert await copy.count("q") == 1
-    finally:
-        await copy.close()
+    assert synced[0] == ("file", False)  # the finished copy, before it gets its name
+    assert synced[-1] == ("dir", True)  # the directory, after
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
 
 
 async def test_backup_of_closed_store_is_refused(open_store, tmp_path):
