@@ -324,7 +324,7 @@ class Broker:
                 raise self.denied(actor, need.action, need.name, rid)
         if method in UNAUDITED_CALLS:
             return await self._dispatch_call(actor, method, args, rid)
-        target = args.get("path") if method == "backup" else args.get("name")
+        target = args.get("name")  # for backup: the file name in backup_dir
         try:
             result = await self._dispatch_call(actor, method, args, rid)
         except Exception as exc:  # audited whatever the failure, then re-raised unchanged
