@@ -165,6 +165,12 @@ def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None
         raise _fail(f"payload of {len(p)} bytes exceeds max_payload {max_payload}")
     if h is not None:
         check_headers(h)
+        for k in h:
+            # k[7] first: one index per header on the hot path, the slice only for likely hits
+            if len(k) >= 8 and k[7] == "-" and k[:8].lower() == F.RESERVED_HEADER_PREFIX:
+                raise _fail(f"header {k!r} is reserved: names starting with "
+                            f"{F.RESERVED_HEADER_PREFIX!r} are set by the broker only",
+                            code=ErrorCode.INVALID_ARGUMENT)
     if r is not None:
         subjects.subject(r)
     if type(seq) is not int or seq < 0:

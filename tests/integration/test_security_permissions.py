@@ -24,7 +24,7 @@ ALICE = {
     "publish_deny": ["orders.internal.>"],
     "subscribe": ["orders.>", "_INBOX.>", "jobs.>"],
     "subscribe_deny": ["orders.secret.>"],
-    "consume": ["jobs"],
+    "consume": ["jobs", "jobs/workers"],  # queue or stream "jobs", and group "workers" of stream "jobs"
     "admin": ["jobs", "jobs.dlq"],
 }
 
@@ -185,6 +185,9 @@ async def test_stream_consume_matrix(perm_broker) -> None:
         assert sorted(got) == [b"0", b"1", b"2", b"3"]
         replay = [m.payload async for m in alice.read_stream("jobs", 0)]  # a plain reader
         assert replay
+        with pytest.raises(E.PermissionDeniedError, match="jobs/billing"):  # another group of the same stream
+            async with alice.stream_consume("jobs", "billing"):
+                pass
         with pytest.raises(E.PermissionDeniedError):
             async with alice.stream_consume("other", "workers"):
                 pass
