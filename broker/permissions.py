@@ -20,7 +20,9 @@ Actions and the names they are checked against:
   stream it covers (deny stays the broader one). ``consume = ["orders"]``
   reads stream ``orders`` but joins none of its groups; ``orders/billing``
   joins one group, ``orders/>`` any.
-* ``admin``     -- the object name of a declare/delete/purge/info/dlq/trim call.
+* ``admin``     -- the object name of a declare/delete/purge/info/dlq/trim call
+  (not ``dlq.list``, which returns payloads and so needs ``consume``; a
+  redrive also needs rights on its destinations, :func:`redrive_needs`).
   Calls that name no single object (``stats``, ``queue.list``,
   ``stream.list``) are checked as admin over the pattern ``>`` ("every
   name"), so by the wildcard rule below they need ``admin = [">"]`` and no
@@ -100,6 +102,11 @@ def overlaps(p: str, q: str) -> bool:
     return True
 
 
+def _names(action: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The patterns of ``action`` that name objects (not stream groups)."""
+    return tuple(p for p in patterns if action != "consume" or "/" not in p)
+
+
 def _has_wildcard(name: str) -> bool:
     return "*" in name or ">" in name
 
@@ -124,8 +131,8 @@ class Permissions:
         self._allow = self._patterns(allow or {}, "allow")
         self._deny = self._patterns(deny or {}, "deny")
         # consume patterns with a "/" name stream groups only; the rest name objects
-        self._names_allow = {a: tuple(p for p in ps if a != "consume" or "/" not in p) for a, ps in self._allow.items()}
-        self._names_deny = {a: tuple(p for p in ps if a != "consume" or "/" not in p) for a, ps in self._deny.items()}
+        self._names_allow = {a: _names(a, ps) for a, ps in self._allow.items()}
+        self._names_deny = {a: _names(a, ps) for a, ps in self._deny.items()}
         self._groups_allow = tuple(p.rsplit("/", 1) for p in self._allow["consume"] if "/" in p)
         self._groups_deny = tuple(p.rsplit("/", 1) for p in self._deny["consume"] if "/" in p)
         self._cache: dict[str, dict[str, bool]] = {a: {} for a in ACTIONS}

@@ -146,10 +146,13 @@ def test_needs_for_call_table() -> None:
     assert needs_for_call("queue.declare", {"name": "jobs", "dead_letter": "dead"}) == [
         Need("admin", "jobs"), Need("admin", "dead")]
     # "ev.dlq" gets its own DLQ "ev.dlq.dlq": creating it needs admin on that name (no squatting)
-    assert needs_for_call("stream.declare", {"name": "ev.dlq"}) == [Need("admin", "ev.dlq"), Need("admin", "ev.dlq.dlq")]
-    assert needs_for_call("queue.declare", {"name": "x.dlq"}) == [Need("admin", "x.dlq"), Need("admin", "x.dlq.dlq")]
+    assert needs_for_call("stream.declare", {"name": "ev.dlq"}) == [
+        Need("admin", "ev.dlq"), Need("admin", "ev.dlq.dlq")]
+    assert needs_for_call("queue.declare", {"name": "x.dlq"}) == [
+        Need("admin", "x.dlq"), Need("admin", "x.dlq.dlq")]
     assert needs_for_call("queue.declare", {"name": "x.dlq", "is_dlq": True}) == [Need("admin", "x.dlq")]
-    assert needs_for_call("dlq.list", {"name": "jobs.dlq"}) == [Need("consume", "jobs.dlq")]  # payloads: consume
+    # dlq.list returns payloads: consume, not admin
+    assert needs_for_call("dlq.list", {"name": "jobs.dlq"}) == [Need("consume", "jobs.dlq")]
 
 
 def test_redrive_needs_admin_and_publish_on_each_destination() -> None:
@@ -174,7 +177,8 @@ def test_group_permissions(stream: str, group: str, allowed: bool) -> None:
                        "consume_deny": ["orders.secret", "logs/bad"]})
     assert p.allows_group(stream, group) is allowed
     assert p.allows_group(stream, group) is allowed  # cached answer
-    assert p.allows("consume", "events") and not p.allows("consume", "events/workers")  # group patterns name groups only
+    # group patterns name groups only
+    assert p.allows("consume", "events") and not p.allows("consume", "events/workers")
     assert P.ALLOW_ALL.allows_group(stream, group)
 
 

@@ -54,9 +54,11 @@ async def test_publisher_cannot_set_reserved_headers(tenants) -> None:
                 await alice.publish("t1.q.x", b"forged", headers={name: "pay.jobs"})
         await alice.publish("t1.q.x", b"fine", headers={"tidings": "ok", "x-tidings-y": "ok"})
     async with RawClient.open(tenants.host, tenants.port) as rc:
-        await rc.send(F.Hello(F.PROTOCOL_VERSION, "raw", {"user": "alice", "password": PASSWORDS["alice"]}, {}))
+        creds = {"user": "alice", "password": PASSWORDS["alice"]}
+        await rc.send(F.Hello(F.PROTOCOL_VERSION, "raw", creds, {}))
         await rc.read_until(lambda f: isinstance(f, F.Welcome), WAIT)
-        await rc.send_wire([F.Op.PUB, [["t1.q.x", b"forged", {"TIDINGS-dlq-source": "pay.jobs"}, None, 5, None]]])
+        forged = ["t1.q.x", b"forged", {"TIDINGS-dlq-source": "pay.jobs"}, None, 5, None]
+        await rc.send_wire([F.Op.PUB, [forged]])
         err = await rc.read_until(lambda f: isinstance(f, F.Err), WAIT)
         assert err.code == ErrorCode.INVALID_ARGUMENT and "reserved" in err.message
         await rc.ping()  # the connection stays usable
@@ -155,7 +157,7 @@ async def test_stream_consume_permission_names_the_group(tenants) -> None:
         assert [m.payload async for m in svc.read_stream("events", 0)] == [b"1"]
     async with login(tenants, "admin") as adm:
         groups = (await adm.stream_info("events"))["groups"]
-        assert groups["billing"]["partitions"][0]["committed"] == 0, groups  # nobody committed billing's offset
+        assert groups["billing"]["partitions"][0]["committed"] == 0, groups  # nobody committed billing's
 
 
 # ------------------------------------------------------- 10.15 DLQ name squatting

@@ -277,6 +277,9 @@ async def _subscribe(tc: Client) -> None:
     await (await tc.subscribe("news.>")).close()
 
 
+NEW_Q = {"admin": ["new", "new.dlq"], "subscribe": ["new.>"]}
+NEAR_JOBS = {"admin": ["jobs.dlq"], "consume": ["jobs"]}  # rights near "jobs", but not admin on it
+
 # (row of the permission table, permissions that allow it, permissions one short, the operation)
 TABLE_ROWS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], Any]] = [
     ("publish", {"publish": ["jobs.>"]}, {"publish": ["other.>"]},
@@ -285,24 +288,26 @@ TABLE_ROWS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], Any]] = 
     ("consume queue", {"consume": ["jobs"]}, {"consume": ["jobs/g"], "admin": ["jobs"]}, _consume_queue),
     ("consume stream", {"consume": ["ev"]}, {"consume": ["ev/g"]}, _read_stream),
     ("consume group", {"consume": ["ev/g"]}, {"consume": ["ev", "ev/h"]}, _join_group),
-    ("queue.declare", {"admin": ["new", "new.dlq"], "subscribe": ["new.>"]}, {"admin": ["new"], "subscribe": ["new.>"]},
+    ("queue.declare", NEW_Q, {"admin": ["new"], "subscribe": ["new.>"]},
      lambda tc: tc.declare_queue("new", bind=["new.>"])),
-    ("queue.declare bind", {"admin": ["new", "new.dlq"], "subscribe": ["new.>"]}, {"admin": ["new", "new.dlq"]},
+    ("queue.declare bind", NEW_Q, {"admin": ["new", "new.dlq"]},
      lambda tc: tc.declare_queue("new", bind=["new.>"])),
-    ("stream.declare", {"admin": ["st", "st.dlq"], "subscribe": ["st.>"]}, {"admin": ["st"], "subscribe": ["st.>"]},
-     lambda tc: tc.declare_stream("st", bind=["st.>"])),
-    ("queue.info", {"admin": ["jobs"]}, {"admin": ["jobs.dlq"], "consume": ["jobs"]}, lambda tc: tc.queue_info("jobs")),
-    ("queue.purge", {"admin": ["jobs"]}, {"admin": ["jobs.dlq"], "consume": ["jobs"]}, lambda tc: tc.purge_queue("jobs")),
-    ("queue.delete", {"admin": ["jobs"]}, {"admin": ["jobs.dlq"], "consume": ["jobs"]}, lambda tc: tc.delete_queue("jobs")),
-    ("dlq.count", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]}, lambda tc: tc.call("dlq.count", {"name": "jobs.dlq"})),
+    ("stream.declare", {"admin": ["st", "st.dlq"], "subscribe": ["st.>"]},
+     {"admin": ["st"], "subscribe": ["st.>"]}, lambda tc: tc.declare_stream("st", bind=["st.>"])),
+    ("queue.info", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.queue_info("jobs")),
+    ("queue.purge", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.purge_queue("jobs")),
+    ("queue.delete", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.delete_queue("jobs")),
+    ("dlq.count", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]},
+     lambda tc: tc.call("dlq.count", {"name": "jobs.dlq"})),
     ("dlq.list", {"consume": ["jobs.dlq"]}, {"admin": ["jobs.dlq"]}, lambda tc: tc.dlq_list("jobs.dlq")),
     ("dlq.purge", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]}, lambda tc: tc.dlq_purge("jobs.dlq")),
     ("dlq.redrive", {"admin": ["jobs.dlq", "jobs"], "publish": ["jobs.>"]}, {"admin": ["jobs.dlq", "jobs"]},
      lambda tc: tc.dlq_redrive("jobs.dlq")),
-    ("dlq.redrive to", {"admin": ["jobs.dlq", "other"], "publish": ["other.>"]}, {"admin": ["jobs.dlq"], "publish": [">"]},
-     lambda tc: tc.dlq_redrive("jobs.dlq", to="other")),
+    ("dlq.redrive to", {"admin": ["jobs.dlq", "other"], "publish": ["other.>"]},
+     {"admin": ["jobs.dlq"], "publish": [">"]}, lambda tc: tc.dlq_redrive("jobs.dlq", to="other")),
     ("stream.info", {"admin": ["ev"]}, {"consume": ["ev", "ev/g"]}, lambda tc: tc.stream_info("ev")),
-    ("stream.trim", {"admin": ["ev"]}, {"consume": ["ev"]}, lambda tc: tc.call("stream.trim", {"name": "ev"})),
+    ("stream.trim", {"admin": ["ev"]}, {"consume": ["ev"]},
+     lambda tc: tc.call("stream.trim", {"name": "ev"})),
     ("stream.delete", {"admin": ["ev"]}, {"consume": ["ev"]}, lambda tc: tc.delete_stream("ev")),
     ("stats", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.call("stats")),
     ("queue.list", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.list_queues()),
