@@ -4,9 +4,12 @@ de-duplication scope, consumer-group permissions, DLQ name squatting."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anyio
+import msgpack
 import pytest
 from queuetools import collect, holds
 from rawclient import RawClient
@@ -87,6 +90,37 @@ async def test_forged_dlq_source_cannot_cross_into_another_tenant(tenants) -> No
             with pytest.raises(E.PermissionDeniedError):
                 await alice.dlq_redrive("t1.fake", to="pay.jobs")
         assert (await adm.queue_info("pay.jobs"))["depth"] == 0
+
+
+def _plant_forged_dead_letter(db: Path) -> None:
+    """What a broker before the header rule could hold: a message in
+    t1.q.dlq whose (publisher-written) header claims it came from pay.jobs."""
+    with sqlite3.connect(db) as conn:
+        (top,) = conn.execute("SELECT max(id) FROM messages").fetchone()
+        new_id = (top or 0) + 1_000
+        conn.execute("INSERT INTO messages (queue, id, subject, payload, headers, published_ms, available_ms) "
+                     "VALUES ('t1.q.dlq', ?, 't1.q.x', x'00', ?, 1, 1)",
+                     (new_id, msgpack.packb({"tidings-dlq-source": "pay.jobs"})))
+        conn.execute("UPDATE meta SET value = max(value, ?) WHERE key = 'max_message_id'", (new_id,))
+    conn.close()
+
+
+async def test_redrive_ignores_a_dlq_source_the_broker_did_not_write(tenants) -> None:
+    """The broker sends a dead letter back only to a queue that dead-letters
+    into that DLQ, whatever its header says: a forged header stored by an
+    older broker still cannot move a message into another tenant's queue."""
+    async with login(tenants, "admin") as adm:
+        await adm.declare_queue("pay.jobs", bind=["pay.jobs"])
+        await adm.declare_queue("t1.q", bind=["t1.q.>"])
+    assert tenants.terminate() == 0
+    await anyio.to_thread.run_sync(_plant_forged_dead_letter, tenants.data_dir / "tidings.db")
+    tenants.restart()
+    async with login(tenants, "alice") as alice:
+        res = await alice.call("dlq.redrive", {"name": "t1.q.dlq"})
+        assert res == {"redriven": 0, "skipped": 1}
+    async with login(tenants, "admin") as adm:
+        assert (await adm.queue_info("pay.jobs"))["depth"] == 0
+        assert (await adm.call("dlq.count", {"name": "t1.q.dlq"}))["count"] == 1
 
 
 async def test_redrive_needs_publish_rights_on_the_destination(tenants) -> None:
