@@ -61,6 +61,18 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
     return RemoteProtocolError(msg, code, rid=rid)
 
 
+def dedup_key(user: str, msg_id: str) -> str:
+    """The de-duplication key of ``msg_id`` published by ``user``: ids are
+    scoped per user, so one user's msg_id never makes another user's publish
+    a duplicate nor answers it with the first one's result (ids, offsets).
+
+    User names never hold a space (broker/auth.py USER_NAME), so the key is
+    unambiguous. In no-users mode there is one identity (``""``) and the key
+    is the bare msg_id, as it was before scoping: entries stored by an older
+    version keep de-duplicating across an upgrade."""
+    return f"{user} {msg_id}" if user else msg_id
+
+
 class Durable:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -73,8 +85,8 @@ class Durable:
         self.last_id = 0
         self._last_ms = 0
         self._tg: TaskGroup | None = None
-        self._recent: dict[str, tuple[int, bytes]] = {}  # msg_id -> (expires_ms, result), until swept
-        self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # msg_id being stored -> waiting copies
+        self._recent: dict[str, tuple[int, bytes]] = {}  # dedup_key -> (expires_ms, result), until swept
+        self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # dedup_key being stored -> waiting copies
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
@@ -152,10 +164,12 @@ class Durable:
         mine: list[str] = []
         outcome: dict[str, tuple[int, Any]] = {}
         kept = []
+        scope = conn.user.name
         for e in entries:
             o = e[0][F.P_OPTS]
             mid = o.get(F.OPT_MSG_ID) if o else None
             if mid is not None:
+                mid = dedup_key(scope, mid)
                 waiting = self._pending_ids.get(mid)
                 if waiting is not None:
                     waiting.append((conn, e[0][F.P_SEQ]))
@@ -166,7 +180,7 @@ class Durable:
         entries = kept
         deferred: set[str] = set()  # ids whose waiters the commit callback answers
         try:
-            await self._publish(conn, entries, admitted, confirms, outcome, deferred)
+            await self._publish(conn, entries, admitted, confirms, outcome, deferred, scope)
         finally:
             for mid in mine:
                 if mid not in deferred:
@@ -186,10 +200,11 @@ class Durable:
                 fconn.push_wire([F.Op.CONFIRM, [item]], 64)
 
     async def _publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]], admitted: float,
-                       confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str]) -> None:
+                       confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str],
+                       scope: str) -> None:
         # Ids the publisher vouches are new (client-generated, first send) are
         # recorded for later resends but need no look-up now.
-        with_ids = [m[F.P_OPTS][F.OPT_MSG_ID] for m, _ in entries
+        with_ids = [dedup_key(scope, m[F.P_OPTS][F.OPT_MSG_ID]) for m, _ in entries
                     if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS] and not m[F.P_OPTS].get(F.OPT_NEW)]
         known: dict[str, bytes] = {}
         if with_ids:
@@ -227,12 +242,13 @@ class Durable:
             seq = m[F.P_SEQ]
             opts = m[F.P_OPTS] or {}
             msg_id = opts.get(F.OPT_MSG_ID)
-            if msg_id is not None and (msg_id in known or msg_id in seen_now):
+            key = dedup_key(scope, msg_id) if msg_id is not None else None
+            if key is not None and (key in known or key in seen_now):
                 self.duplicates += 1
-                prior = known.get(msg_id) or self._recent.get(msg_id, (0, b""))[1]
+                prior = known.get(key) or self._recent.get(key, (0, b""))[1]
                 res = msgpack.unpackb(prior) if prior else {}
                 res = dict(res) if isinstance(res, dict) else {}
-                outcome.setdefault(msg_id, (0, dict(res)))
+                outcome.setdefault(key, (0, dict(res)))
                 if seq:
                     res["duplicate"] = True
                     confirms.append([seq, 0, res])
@@ -249,8 +265,8 @@ class Durable:
                 why = f"queue {full.name!r} is at its max_length {full.cfg.max_length}"
                 if seq:
                     confirms.append([seq, int(ErrorCode.QUEUE_FULL), why])
-                if msg_id is not None:
-                    outcome.setdefault(msg_id, (int(ErrorCode.QUEUE_FULL), why))
+                if key is not None:
+                    outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
                 continue
             mid = self.next_id()
             avail = now
@@ -282,16 +298,16 @@ class Durable:
                         result["offset"] = srow.offset
                     else:
                         result.setdefault("streams", []).append([t.name, srow.partition, srow.offset])
-            if msg_id is not None:
-                seen_now.add(msg_id)
+            if key is not None:
+                seen_now.add(key)
                 packed = msgpack.packb(result)
-                dedup.append((msg_id, now + self.dedup_window_ms, packed))
+                dedup.append((key, now + self.dedup_window_ms, packed))
                 if len(self._recent) < RECENT_LIMIT:
-                    self._recent[msg_id] = (now + self.dedup_window_ms, packed)
+                    self._recent[key] = (now + self.dedup_window_ms, packed)
             accepted.append((seq, result, qrows, stream_rows))
-            if msg_id is not None:
-                deferred.add(msg_id)
-                outcome[msg_id] = (0, result)
+            if key is not None:
+                deferred.add(key)
+                outcome[key] = (0, result)
         if not accepted:
             self._confirm(conn, confirms)
             return
@@ -479,10 +495,39 @@ class Durable:
         return [{"id": r.id, "subject": r.subject, "payload": r.payload, "headers": r.headers,
                  "msg_id": r.msg_id, "published_ms": r.published_ms, "deliveries": r.deliveries} for r in rows]
 
+    def is_dead_letter_queue(self, q: QueueActor) -> bool:
+        """True if ``q`` was created as a DLQ or a queue or stream dead-letters into it."""
+        return (q.cfg.is_dlq or any(o.cfg.dead_letter == q.name for o in self.queues.values() if o is not q)
+                or any(st.cfg.dead_letter == q.name for st in self.streams.streams.values()))
+
+    def redrive_destinations(self, args: dict[str, Any]) -> list[QueueActor]:
+        """The queues a ``dlq.redrive`` call may move messages into: its ``to``
+        queue, or else every queue whose dead-letter queue this is (a message
+        goes back only to such a queue, whatever its headers say). Unknown
+        names give [] (the call itself answers NOT_FOUND)."""
+        name, to = args.get("name"), args.get("to")
+        if to is not None:
+            dest = self.queues.get(to) if isinstance(to, str) else None
+            return [dest] if dest is not None else []
+        if not isinstance(name, str) or name not in self.queues:
+            return []
+        return [o for o in self.queues.values() if o.cfg.dead_letter == name and o.name != name]
+
     async def redrive(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Move up to ``count`` (default all) ready messages of a DLQ back to
-        their source queue, or to ``to``; delivery counts start again."""
+        their source queue, or to ``to``; delivery counts start again.
+
+        Only a dead-letter queue can be redriven (INVALID_ARGUMENT otherwise).
+        Without ``to`` a message goes back to the queue named in its
+        ``tidings-dlq-source`` header only if that queue dead-letters into
+        this DLQ: publishers cannot write that header (protocol/codec.py), and
+        this check keeps even a message stored before that rule from crossing
+        into another queue. Others stay in the DLQ and are counted as skipped.
+        The caller's rights on each destination are checked by the server
+        (permissions.redrive_needs) before this runs."""
         q = self._queue(args, rid)
+        if not self.is_dead_letter_queue(q):
+            raise _err(f"queue {q.name!r} is not a dead-letter queue", ErrorCode.INVALID_ARGUMENT, rid)
         count = args.get("count")
         if count is not None and (type(count) is not int or count < 1):
             raise _err("count must be a positive integer", ErrorCode.INVALID_ARGUMENT, rid)
@@ -491,6 +536,7 @@ class Durable:
             validate_name(dest_name)
             if dest_name not in self.queues:
                 raise _err(f"no queue named {dest_name!r}", ErrorCode.NOT_FOUND, rid)
+        sources = {o.name for o in self.redrive_destinations({"name": q.name})}
         want = count if count is not None else q.count
         moved = 0
         skipped = 0
@@ -504,7 +550,8 @@ class Durable:
             for m in taken:
                 h = dict(m.headers or {})
                 target = dest_name or h.get(HDR_PREFIX + "dlq-source")
-                if not isinstance(target, str) or target not in self.queues or target == q.name:
+                if not isinstance(target, str) or target not in self.queues or target == q.name or \
+                        (dest_name is None and target not in sources):
                     back.append(m)
                     continue
                 for k in [k for k in h if k.startswith(HDR_PREFIX)]:

@@ -9,7 +9,20 @@ Actions and the names they are checked against:
 * ``consume``   -- the queue or stream name of a CONSUME; ack/nack/commit of a
   consumer are covered by the check made when it was created (the dispatcher
   may re-check with the same name; the answer is cached and costs ~0.1 µs).
-* ``admin``     -- the object name of a declare/delete/purge/info/dlq/trim call.
+  Joining a stream's consumer group (and so committing its offsets) is
+  checked as ``STREAM/GROUP`` (:meth:`Permissions.allows_group`): a consume
+  pattern holding a ``/`` is a group pattern ``S/G`` (S a stream pattern, G a
+  group pattern, split at the last ``/``; group names hold no ``/``) and
+  names groups only. A pattern without ``/`` names queues and streams; as an
+  allow pattern it covers the groups of the streams it covers only when it
+  ends in ``>`` (everything below its prefix, groups included: ``>`` still
+  means everything); as a deny pattern it covers every group of every
+  stream it covers (deny stays the broader one). ``consume = ["orders"]``
+  reads stream ``orders`` but joins none of its groups; ``orders/billing``
+  joins one group, ``orders/>`` any.
+* ``admin``     -- the object name of a declare/delete/purge/info/dlq/trim call
+  (not ``dlq.list``, which returns payloads and so needs ``consume``; a
+  redrive also needs rights on its destinations, :func:`redrive_needs`).
   Calls that name no single object (``stats``, ``queue.list``,
   ``stream.list``) are checked as admin over the pattern ``>`` ("every
   name"), so by the wildcard rule below they need ``admin = [">"]`` and no
@@ -89,6 +102,11 @@ def overlaps(p: str, q: str) -> bool:
     return True
 
 
+def _names(action: str, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The patterns of ``action`` that name objects (not stream groups)."""
+    return tuple(p for p in patterns if action != "consume" or "/" not in p)
+
+
 def _has_wildcard(name: str) -> bool:
     return "*" in name or ">" in name
 
@@ -103,7 +121,8 @@ class Permissions:
     skip the call entirely.
     """
 
-    __slots__ = ("_allow", "_deny", "_cache", "_cache_size", "unrestricted")
+    __slots__ = ("_allow", "_deny", "_names_allow", "_names_deny", "_groups_allow", "_groups_deny",
+                 "_cache", "_group_cache", "_cache_size", "unrestricted")
 
     def __init__(self, allow: Mapping[str, Iterable[str]] | None = None,
                  deny: Mapping[str, Iterable[str]] | None = None, *,
@@ -111,7 +130,13 @@ class Permissions:
         """Raise ValueError for an unknown action or an invalid pattern."""
         self._allow = self._patterns(allow or {}, "allow")
         self._deny = self._patterns(deny or {}, "deny")
+        # consume patterns with a "/" name stream groups only; the rest name objects
+        self._names_allow = {a: _names(a, ps) for a, ps in self._allow.items()}
+        self._names_deny = {a: _names(a, ps) for a, ps in self._deny.items()}
+        self._groups_allow = tuple(p.rsplit("/", 1) for p in self._allow["consume"] if "/" in p)
+        self._groups_deny = tuple(p.rsplit("/", 1) for p in self._deny["consume"] if "/" in p)
         self._cache: dict[str, dict[str, bool]] = {a: {} for a in ACTIONS}
+        self._group_cache: dict[str, bool] = {}
         self._cache_size = cache_size
         self.unrestricted = _unrestricted
 
@@ -126,7 +151,13 @@ class Permissions:
             checked = []
             for p in patterns:
                 try:
-                    checked.append(validate_pattern(p))
+                    if action == "consume" and isinstance(p, str) and "/" in p:
+                        stream, group = p.rsplit("/", 1)  # a group pattern STREAM/GROUP
+                        validate_pattern(stream)
+                        validate_pattern(group)
+                        checked.append(p)
+                    else:
+                        checked.append(validate_pattern(p))
                 except RemoteProtocolError as exc:
                     raise ValueError(f"{what} pattern for {action!r}: {exc.message}") from None
             out[action] = tuple(dict.fromkeys(checked))
@@ -147,18 +178,41 @@ class Permissions:
         return answer
 
     def _decide(self, action: str, name: str) -> bool:
+        allow, deny = self._names_allow[action], self._names_deny[action]
         if _has_wildcard(name):
-            return (any(covers(p, name) for p in self._allow[action])
-                    and not any(overlaps(p, name) for p in self._deny[action]))
+            return (any(covers(p, name) for p in allow)
+                    and not any(overlaps(p, name) for p in deny))
         # a literal name: covers() and overlaps() both reduce to matching, so deny uses covers()
-        return (any(covers(p, name) for p in self._allow[action])
-                and not any(covers(p, name) for p in self._deny[action]))
+        return (any(covers(p, name) for p in allow)
+                and not any(covers(p, name) for p in deny))
+
+    def allows_group(self, stream: str, group: str) -> bool:
+        """True if this user may join consumer group ``group`` of ``stream``
+        (both literal names) and so commit that group's offsets."""
+        cache = self._group_cache
+        key = f"{stream}/{group}"  # unambiguous: group names hold no "/" (checked before joining)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        answer = "/" not in group and (
+            (any(covers(s, stream) and covers(g, group) for s, g in self._groups_allow)
+             or any(p.endswith(">") and covers(p, stream) for p in self._names_allow["consume"]))
+            and not any(covers(s, stream) and covers(g, group) for s, g in self._groups_deny)
+            and not any(covers(p, stream) for p in self._names_deny["consume"]))
+        if len(cache) >= self._cache_size:
+            cache.clear()
+        cache[key] = answer
+        return answer
 
     def check_call(self, method: str, args: Mapping[str, Any]) -> Need | None:
         """Return the first unmet :class:`Need` of a CALL, or None if allowed."""
+        return self.first_unmet(needs_for_call(method, args))
+
+    def first_unmet(self, needs: Iterable[Need]) -> Need | None:
+        """Return the first of ``needs`` this user lacks, or None."""
         if self.unrestricted:
             return None
-        for need in needs_for_call(method, args):
+        for need in needs:
             if not self.allows(need.action, need.name):
                 return need
         return None
@@ -173,6 +227,9 @@ class _AllowAll(Permissions):
     __slots__ = ()
 
     def allows(self, action: str, name: str) -> bool:
+        return True
+
+    def allows_group(self, stream: str, group: str) -> bool:
         return True
 
 
@@ -226,6 +283,9 @@ OBJECT_CALLS: Final[dict[str, tuple[str, ...]]] = {  # method -> argument keys n
     "stream.trim": ("name",),
 }
 DECLARE_CALLS: Final = frozenset({"queue.declare", "stream.declare"})  # may create a DLQ; "bind" = subscribe
+# Calls that return message payloads: reading messages is what consume grants, so
+# they need consume on the name, not admin (admin manages a queue, it does not read it).
+READ_CALLS: Final = frozenset({"dlq.list"})
 DLQ_SUFFIX: Final = ".dlq"  # the default dead-letter name is "<name>.dlq" (broker/queueconfig.py)
 
 
@@ -236,27 +296,49 @@ def needs_for_call(method: str, args: Mapping[str, Any]) -> list[Need]:
     admin-only until it is added here). A missing or non-string name
     argument is skipped: the handler will reject the call as invalid anyway
     and reveal nothing. A declare needs admin on its dead-letter queue
-    too (``dead_letter``, default ``<name>.dlq``), since it may create it,
-    and ``subscribe`` on each ``bind`` pattern. ``dlq.redrive`` needs admin
-    on the ``to`` queue (without ``to`` it moves messages back to the queues
-    they came from, which the DLQ's admin is trusted with).
+    too (``dead_letter``, default ``<name>.dlq``, also for a name that
+    itself ends in ``.dlq``), since it may create it, and ``subscribe`` on
+    each ``bind`` pattern. ``dlq.list`` returns payloads: it needs
+    ``consume``, not admin. ``dlq.redrive`` needs admin on the DLQ and on the
+    ``to`` queue here; its further needs depend on which queues exist and
+    are added by the server (:func:`redrive_needs`).
     """
     if method in OPEN_CALLS:
         return []
     keys = OBJECT_CALLS.get(method)
     if keys is None:
         return [Need("admin", ALL_NAMES)]
-    needs = [Need("admin", args[k]) for k in keys if isinstance(args.get(k), str) and args[k]]
+    action = "consume" if method in READ_CALLS else "admin"
+    needs = [Need(action, args[k]) for k in keys if isinstance(args.get(k), str) and args[k]]
     if method in DECLARE_CALLS:
         name = args.get("name")
         dl = args.get("dead_letter")
-        if isinstance(dl, str) and dl:
+        if method == "queue.declare" and args.get("is_dlq"):
+            pass  # a DLQ itself gets no dead-letter queue (broker/queueconfig.py)
+        elif isinstance(dl, str) and dl:
             needs.append(Need("admin", dl))
-        elif isinstance(name, str) and name and not name.endswith(DLQ_SUFFIX):
+        elif isinstance(name, str) and name:
+            # Exactly the name the broker will create: "x.dlq" gets "x.dlq.dlq", which
+            # must not be created by someone without admin on that name (squatting).
             needs.append(Need("admin", name + DLQ_SUFFIX))
         bind = args.get("bind")
         if isinstance(bind, str):
             bind = [bind]
         if isinstance(bind, (list, tuple)):
             needs.extend(Need("subscribe", p) for p in bind if isinstance(p, str) and p)
+    return needs
+
+
+def redrive_needs(destinations: Iterable[tuple[str, Iterable[str]]]) -> list[Need]:
+    """What ``dlq.redrive`` needs beyond admin on the DLQ, for each destination
+    queue ``(name, bind patterns)`` it may move messages into (the ``to``
+    queue, or every queue that dead-letters into the DLQ): redriving into a
+    queue is publishing into it, so ``admin`` on the queue and ``publish`` on
+    every pattern it is bound to (by the wildcard rule: on every subject it
+    can match). A user confined to ``t1.>`` thus cannot redrive into
+    ``pay.jobs``, whatever the messages' headers say."""
+    needs: list[Need] = []
+    for name, bind in destinations:
+        needs.append(Need("admin", name))
+        needs.extend(Need("publish", p) for p in bind)
     return needs

@@ -40,6 +40,7 @@ from .connection import ConnectionActor, Subscription
 from .backup import backup_handler
 from .durable import Durable
 from .limits import ResourceMonitor
+from .permissions import redrive_needs
 from .router import Router
 from .stats import Stats
 
@@ -251,7 +252,12 @@ class Broker:
         elif t is F.Consume:
             if actor.restricted:
                 name = ev.args.get("queue", ev.args.get("stream"))
-                if isinstance(name, str) and not actor.perms.allows("consume", name):
+                group = ev.args.get("group") if "queue" not in ev.args else None
+                if isinstance(group, str) and isinstance(name, str):
+                    # a group member: its group is part of the permission (it commits the group's offsets)
+                    if not actor.perms.allows_group(name, group):
+                        raise self.denied(actor, "consume", f"{name}/{group}", ev.rid)
+                elif isinstance(name, str) and not actor.perms.allows("consume", name):
                     raise self.denied(actor, "consume", name, ev.rid)
             if "queue" in ev.args:
                 result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
@@ -298,7 +304,11 @@ class Broker:
         if target is None:
             target = getattr(getattr(c, "group", None), "stream", None)
         name = getattr(target, "name", None)
-        if isinstance(name, str) and not actor.perms.allows("consume", name):
+        group = getattr(getattr(c, "group", None), "name", None)
+        if isinstance(name, str) and isinstance(group, str):
+            if not actor.perms.allows_group(name, group):
+                raise self.denied(actor, "consume", f"{name}/{group}", ev.rid)
+        elif isinstance(name, str) and not actor.perms.allows("consume", name):
             raise self.denied(actor, "consume", name, ev.rid)
 
     def _subscribe(self, actor: ConnectionActor, ev: F.Sub) -> None:
@@ -320,6 +330,9 @@ class Broker:
         State-changing calls are audited with their outcome."""
         if actor.restricted:
             need = actor.perms.check_call(method, args)
+            if need is None and method == "dlq.redrive":  # these needs depend on the queues that exist
+                dests = self.durable.redrive_destinations(args)
+                need = actor.perms.first_unmet(redrive_needs((q.name, q.cfg.bind) for q in dests))
             if need is not None:
                 raise self.denied(actor, need.action, need.name, rid)
         if method in UNAUDITED_CALLS:

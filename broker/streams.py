@@ -227,6 +227,8 @@ class Streams:
         group = args.get("group")
         if group is not None:
             validate_name(group, "group")
+            if "/" in group:  # consume permissions name a group as STREAM/GROUP (broker/permissions.py)
+                raise _err("group names may not contain '/'", ErrorCode.INVALID_ARGUMENT, rid)
             window = args.get("window", DEFAULT_WINDOW)
             if type(window) is not int or not 1 <= window <= MAX_WINDOW:
                 raise _err(f"window must be 1..{MAX_WINDOW}", ErrorCode.INVALID_ARGUMENT, rid)

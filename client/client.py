@@ -940,6 +940,9 @@ def _check_headers(headers: Any) -> None:
     for k, v in headers.items():
         if type(k) is not str or not k:
             raise InvalidArgumentError("header names must be non-empty strings")
+        if k[:8].lower() == F.RESERVED_HEADER_PREFIX:
+            raise InvalidArgumentError(f"header {k!r} is reserved: names starting with "
+                                       f"{F.RESERVED_HEADER_PREFIX!r} are set by the broker only")
         if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):
             raise InvalidArgumentError(f"header {k!r} must be a str, an int or bytes, not {type(v).__name__}")
 

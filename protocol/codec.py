@@ -119,8 +119,12 @@ def _args(v: Any, what: str, rid: int) -> dict[str, Any]:
     return v
 
 
-def check_headers(h: Any) -> None:
-    """Headers are a map of str -> str | int | bytes, at most MAX_HEADERS entries."""
+def check_headers(h: Any, published: bool = False) -> None:
+    """Headers are a map of str -> str | int | bytes, at most MAX_HEADERS entries.
+
+    ``published``: they come from a publisher (PUB), who may not use the
+    broker's reserved names (F.RESERVED_HEADER_PREFIX, any letter case):
+    INVALID_ARGUMENT. Checked in this one loop, so it costs a test per header."""
     if type(h) is not dict:
         raise _fail("headers must be a map or nil")
     if len(h) > MAX_HEADERS:
@@ -128,6 +132,10 @@ def check_headers(h: Any) -> None:
     for k, v in h.items():
         if type(k) is not str or not 0 < len(k) <= MAX_NAME_LENGTH:
             raise _fail("header names must be non-empty strings")
+        # k[7] first: one index per header; the slice only for likely hits
+        if published and len(k) >= 8 and k[7] == "-" and k[:8].lower() == F.RESERVED_HEADER_PREFIX:
+            raise _fail(f"header {k!r} is reserved: names starting with {F.RESERVED_HEADER_PREFIX!r} "
+                        "are set by the broker only", code=ErrorCode.INVALID_ARGUMENT)
         tv = type(v)
         if tv is not str and tv is not int and tv is not bytes:
             raise _fail(f"header {k!r} must be a string, integer or bytes")
@@ -164,7 +172,7 @@ def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None
     if len(p) > max_payload:
         raise _fail(f"payload of {len(p)} bytes exceeds max_payload {max_payload}")
     if h is not None:
-        check_headers(h)
+        check_headers(h, True)
     if r is not None:
         subjects.subject(r)
     if type(seq) is not int or seq < 0:

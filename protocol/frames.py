@@ -43,6 +43,10 @@ class Op(IntEnum):
 # Positions inside one PUB message: [subject, payload, headers, reply, seq, opts]
 P_SUBJECT, P_PAYLOAD, P_HEADERS, P_REPLY, P_SEQ, P_OPTS = range(6)
 PUB_FIELDS: Final = 6
+# Header names the broker writes itself (dead-letter origin and reason, redrive
+# marks, ...). A publisher may not set them, in any letter case: a PUB message
+# carrying one is refused, so a consumer can trust every such header it sees.
+RESERVED_HEADER_PREFIX: Final = "tidings-"
 # Positions inside one MSG message: [subject, payload, headers, reply]
 M_SUBJECT, M_PAYLOAD, M_HEADERS, M_REPLY = range(4)
 MSG_FIELDS: Final = 4

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from broker import permissions as P
-from broker.permissions import ALLOW_ALL, Need, Permissions, covers, needs_for_call, overlaps
+from broker.permissions import ALLOW_ALL, Need, Permissions, covers, needs_for_call, overlaps, redrive_needs
 from protocol.subjects import matches
 
 
@@ -145,7 +145,46 @@ def test_needs_for_call_table() -> None:
         Need("subscribe", "jobs.>"), Need("subscribe", "x.*")]
     assert needs_for_call("queue.declare", {"name": "jobs", "dead_letter": "dead"}) == [
         Need("admin", "jobs"), Need("admin", "dead")]
-    assert needs_for_call("stream.declare", {"name": "ev.dlq"}) == [Need("admin", "ev.dlq")]
+    # "ev.dlq" gets its own DLQ "ev.dlq.dlq": creating it needs admin on that name (no squatting)
+    assert needs_for_call("stream.declare", {"name": "ev.dlq"}) == [
+        Need("admin", "ev.dlq"), Need("admin", "ev.dlq.dlq")]
+    assert needs_for_call("queue.declare", {"name": "x.dlq"}) == [
+        Need("admin", "x.dlq"), Need("admin", "x.dlq.dlq")]
+    assert needs_for_call("queue.declare", {"name": "x.dlq", "is_dlq": True}) == [Need("admin", "x.dlq")]
+    # dlq.list returns payloads: consume, not admin
+    assert needs_for_call("dlq.list", {"name": "jobs.dlq"}) == [Need("consume", "jobs.dlq")]
+
+
+def test_redrive_needs_admin_and_publish_on_each_destination() -> None:
+    assert redrive_needs([("jobs", ("jobs.>",)), ("bare", ())]) == [
+        Need("admin", "jobs"), Need("publish", "jobs.>"), Need("admin", "bare")]
+    p = Permissions({"admin": ["jobs", "jobs.dlq"], "publish": ["jobs.eu.>"]})
+    assert p.first_unmet(redrive_needs([("jobs", ("jobs.>",))])) == Need("publish", "jobs.>")
+    assert p.first_unmet(redrive_needs([("jobs", ("jobs.eu.*",))])) is None
+
+
+@pytest.mark.parametrize("stream, group, allowed", [
+    ("events", "workers", True),  # events/workers
+    ("events", "billing", False),  # the plain name "events" reads the stream, joins no group
+    ("orders.eu", "billing", True),  # a trailing ">" covers the groups of the streams it covers
+    ("orders.secret", "g", False),  # a plain deny covers every group of its stream
+    ("logs", "a", True), ("logs", "a.b", False),  # logs/*: one token
+    ("logs", "bad", False),  # deny logs/bad
+    ("events", "w/x", False),  # group names hold no "/"
+])
+def test_group_permissions(stream: str, group: str, allowed: bool) -> None:
+    p = P.from_config({"consume": ["events", "events/workers", "orders.>", "logs/*"],
+                       "consume_deny": ["orders.secret", "logs/bad"]})
+    assert p.allows_group(stream, group) is allowed
+    assert p.allows_group(stream, group) is allowed  # cached answer
+    # group patterns name groups only
+    assert p.allows("consume", "events") and not p.allows("consume", "events/workers")
+    assert P.ALLOW_ALL.allows_group(stream, group)
+
+
+def test_group_pattern_parts_are_validated() -> None:
+    with pytest.raises(ValueError, match="invalid pattern"):
+        P.from_config({"consume": ["events/a..b"]})
 
 
 def test_check_call_reports_first_unmet_need() -> None:

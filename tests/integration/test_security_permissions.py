@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import pytest
+from queuetools import holds
 from rawclient import RawClient
 from securitytools import PASSWORDS, WAIT, audit_lines, user, write_config
 
@@ -24,7 +25,7 @@ ALICE = {
     "publish_deny": ["orders.internal.>"],
     "subscribe": ["orders.>", "_INBOX.>", "jobs.>"],
     "subscribe_deny": ["orders.secret.>"],
-    "consume": ["jobs"],
+    "consume": ["jobs", "jobs/workers"],  # queue or stream "jobs", and group "workers" of stream "jobs"
     "admin": ["jobs", "jobs.dlq"],
 }
 
@@ -185,6 +186,9 @@ async def test_stream_consume_matrix(perm_broker) -> None:
         assert sorted(got) == [b"0", b"1", b"2", b"3"]
         replay = [m.payload async for m in alice.read_stream("jobs", 0)]  # a plain reader
         assert replay
+        with pytest.raises(E.PermissionDeniedError, match="jobs/billing"):  # another group of the same stream
+            async with alice.stream_consume("jobs", "billing"):
+                pass
         with pytest.raises(E.PermissionDeniedError):
             async with alice.stream_consume("other", "workers"):
                 pass
@@ -251,3 +255,107 @@ async def test_denials_and_admin_operations_are_audited_and_rate_limited(perm_br
     assert len(denied) + suppressed == 50
     assert any(x["event"] == "permission_denied" and x["action"] == "admin" and x["name"] == "other"
                for x in lines)
+
+
+# ------------------------------------------------- docs/OPERATIONS.md, row by row
+
+async def _consume_queue(tc: Client) -> None:
+    async with tc.consume("jobs") as deliveries:
+        await (await deliveries.next(timeout=WAIT)).ack(wait=True)
+
+
+async def _read_stream(tc: Client) -> None:
+    assert [m.payload async for m in tc.read_stream("ev", 0)] == [b"e"]
+
+
+async def _join_group(tc: Client) -> None:
+    async with tc.stream_consume("ev", "g") as msgs:
+        await (await msgs.next(timeout=WAIT)).ack()
+
+
+async def _subscribe(tc: Client) -> None:
+    await (await tc.subscribe("news.>")).close()
+
+
+async def _backup(tc: Client) -> None:
+    """Past the permission check is enough here: the path's directory does not
+    exist, so nothing is written (where backups may go is the backup settings'
+    business, tested in test_ops_backup.py)."""
+    try:
+        await tc.call("backup", {"path": "/nonexistent-tidings-dir/backup.db"})
+    except E.PermissionDeniedError:
+        raise
+    except E.ServerError:
+        pass
+
+
+NEW_Q = {"admin": ["new", "new.dlq"], "subscribe": ["new.>"]}
+NEAR_JOBS = {"admin": ["jobs.dlq"], "consume": ["jobs"]}  # rights near "jobs", but not admin on it
+
+# (row of the permission table, permissions that allow it, permissions one short, the operation)
+TABLE_ROWS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], Any]] = [
+    ("publish", {"publish": ["jobs.>"]}, {"publish": ["other.>"]},
+     lambda tc: tc.publish("jobs.b", b"x", confirm=True)),
+    ("subscribe", {"subscribe": ["news.>"]}, {"subscribe": ["news.eu.>"]}, _subscribe),
+    ("consume queue", {"consume": ["jobs"]}, {"consume": ["jobs/g"], "admin": ["jobs"]}, _consume_queue),
+    ("consume stream", {"consume": ["ev"]}, {"consume": ["ev/g"]}, _read_stream),
+    ("consume group", {"consume": ["ev/g"]}, {"consume": ["ev", "ev/h"]}, _join_group),
+    ("queue.declare", NEW_Q, {"admin": ["new"], "subscribe": ["new.>"]},
+     lambda tc: tc.declare_queue("new", bind=["new.>"])),
+    ("queue.declare bind", NEW_Q, {"admin": ["new", "new.dlq"]},
+     lambda tc: tc.declare_queue("new", bind=["new.>"])),
+    ("stream.declare", {"admin": ["st", "st.dlq"], "subscribe": ["st.>"]},
+     {"admin": ["st"], "subscribe": ["st.>"]}, lambda tc: tc.declare_stream("st", bind=["st.>"])),
+    ("queue.info", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.queue_info("jobs")),
+    ("queue.purge", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.purge_queue("jobs")),
+    ("queue.delete", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.delete_queue("jobs")),
+    ("dlq.count", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]},
+     lambda tc: tc.call("dlq.count", {"name": "jobs.dlq"})),
+    ("dlq.list", {"consume": ["jobs.dlq"]}, {"admin": ["jobs.dlq"]}, lambda tc: tc.dlq_list("jobs.dlq")),
+    ("dlq.purge", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]}, lambda tc: tc.dlq_purge("jobs.dlq")),
+    ("dlq.redrive", {"admin": ["jobs.dlq", "jobs"], "publish": ["jobs.>"]}, {"admin": ["jobs.dlq", "jobs"]},
+     lambda tc: tc.dlq_redrive("jobs.dlq")),
+    ("dlq.redrive to", {"admin": ["jobs.dlq", "other"], "publish": ["other.>"]},
+     {"admin": ["jobs.dlq"], "publish": [">"]}, lambda tc: tc.dlq_redrive("jobs.dlq", to="other")),
+    ("stream.info", {"admin": ["ev"]}, {"consume": ["ev", "ev/g"]}, lambda tc: tc.stream_info("ev")),
+    ("stream.trim", {"admin": ["ev"]}, {"consume": ["ev"]},
+     lambda tc: tc.call("stream.trim", {"name": "ev"})),
+    ("stream.delete", {"admin": ["ev"]}, {"consume": ["ev"]}, lambda tc: tc.delete_stream("ev")),
+    ("stats", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.call("stats")),
+    ("queue.list", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.list_queues()),
+    ("stream.list", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.list_streams()),
+    ("backup", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, _backup),
+    ("server.info", {}, None, lambda tc: tc.call("server.info")),
+]
+
+
+@pytest.mark.parametrize("row, allowed, short, op", TABLE_ROWS, ids=[r[0] for r in TABLE_ROWS])
+async def test_permission_table_row(start_broker, tmp_path: Path, row: str, allowed: dict[str, list[str]],
+                                    short: dict[str, list[str]] | None, op: Any) -> None:
+    """Each row of the permission table in docs/OPERATIONS.md: the listed
+    permissions allow the operation, and a user holding a near miss (often
+    another permission on the same name) is refused."""
+    cfg = write_config(tmp_path / "tidings.toml", users={
+        **user("admin", **ADMIN),
+        **user("alice", **allowed),
+        **user("bob", **(short or {})),
+    })
+    b = start_broker("--config", str(cfg))
+    async with login(b, "admin") as adm:
+        await adm.declare_queue("jobs", bind=["jobs.>"], max_deliveries=1)
+        await adm.declare_queue("other", bind=["other.>"])
+        await adm.publish("jobs.a", b"dead")
+        async with adm.consume("jobs") as deliveries:
+            await (await deliveries.next(timeout=WAIT)).reject("for the table", wait=True)
+        await adm.publish("jobs.a", b"live")
+        await adm.declare_stream("ev", bind=["ev.>"])
+        await adm.publish("ev.a", b"e")
+        await holds(adm, "jobs.dlq", 1)  # the reject's move to the DLQ has committed
+    if short is not None:
+        async with login(b, "bob") as bob:
+            await bob.wait_connected()
+            with pytest.raises(E.PermissionDeniedError):
+                await op(bob)
+    async with login(b, "alice") as alice:
+        await alice.wait_connected()
+        await op(alice)

@@ -62,6 +62,9 @@ SERVER_BAD: list[tuple[str, bytes, ErrorCode, int]] = [
     ("array-map-key", b"\x94\x0d\x05\xa1m\x81\x90\x01", PE, 0),
     ("bytes-map-key", pack([13, 5, "m", {b"k": 1}]), PE, 5),
     ("bytes-header-key", pack(pub(headers={b"k": "v"})), PE, 0),
+    # header names the broker alone writes (dead-letter origin, ...), in any case
+    ("reserved-header", pack(pub(headers={"tidings-dlq-source": "pay.jobs"})), ErrorCode.INVALID_ARGUMENT, 0),
+    ("reserved-header-case", pack(pub(headers={"ok": 1, "TiDiNgS-x": "y"})), ErrorCode.INVALID_ARGUMENT, 0),
     ("bytes-option-key", pack(pub(opts={b"id": "x"})), PE, 0),
     # extension types
     ("ext-top-level", pack(ExtType(5, b"x")), PE, 0),
