@@ -141,3 +141,14 @@ def test_window_budget_shares_fairly_and_never_hands_out_more_than_the_total() -
     b.close()
     b.close()
     assert (b.used, b.windows, b.room(0)) == (0, 0, 100)
+
+
+def test_window_memory_setting() -> None:
+    import pytest
+
+    from broker.config import ConfigError, load
+
+    assert load().window_memory == 256 * 1024 * 1024
+    assert load(env={"TIDINGS_WINDOW_MEMORY": "1048576"}).window_memory == 1024 * 1024
+    with pytest.raises(ConfigError, match="window_memory"):
+        load(env={"TIDINGS_WINDOW_MEMORY": "0"})
