@@ -74,6 +74,11 @@ class Config:
     # Below this much free space on the data directory's disk (bytes), durable publishes are
     # refused with STORAGE_FULL (pub/sub still works), so SQLite never hits ENOSPC mid-commit. 0 = off.
     min_free_disk: int = 256 * MIB
+    # Bytes of message payload that the in-memory windows of all queues, consumer groups and
+    # stream readers hold together (paged in from disk, awaiting delivery), shared fairly among
+    # the active ones. A quarter of memory_high_water's default: backlogs paged in for delivery
+    # alone never push RSS to the mark that pauses publishers.
+    window_memory: int = 256 * MIB
     resource_check_interval: float = 0.5  # seconds between RSS / free-disk checks (cheap: one /proc read, one statvfs)
     # Audit log (JSON lines: logins, denials, admin operations, limit refusals): a file path,
     # "" for <data_dir>/audit.log, or "-" for the "tidings.audit" logger (stderr with the rest).
@@ -122,7 +127,8 @@ class Config:
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")
-        for name in ("max_connections", "max_connections_per_user", "max_payload", "max_pending_bytes"):
+        for name in ("max_connections", "max_connections_per_user", "max_payload", "max_pending_bytes",
+                     "window_memory"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:

@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 from protocol import frames as F
 from protocol.errors import ErrorCode, RemoteProtocolError
 
+from .limits import WindowBudget
 from .queue import Consumer, QueueActor
 from .queueconfig import DLQ_SUFFIX, QueueConfig, dlq_config, validate_name
 from .router import Router
@@ -82,6 +83,7 @@ class Durable:
         self.queues: dict[str, QueueActor] = {}
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         self.streams = Streams(self)
+        self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
         self.last_id = 0
         self._last_ms = 0
         self._tg: TaskGroup | None = None

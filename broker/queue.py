@@ -8,6 +8,13 @@ the fast path into memory while nothing due waits on disk; otherwise they
 stay on disk and are paged in, in key order, in batches of at most WINDOW.
 So a backlog of millions costs disk, not RAM.
 
+The ready part of the window is bounded in bytes too: by this queue's fair
+share of the broker-wide ``window_memory`` budget (limits.WindowBudget),
+with WINDOW_MIN messages always allowed so every queue makes progress. A
+queue without consumers pages nothing in (except what max_length trimming
+needs) and hands what it holds back to the disk, so an idle backlog or a
+dead-letter queue costs no RAM; it pages in when a consumer attaches.
+
 Other actors call the non-blocking methods (``on_committed``, ``settle``,
 ``attach``, ``detach``); they only change state and wake the actor task,
 which delivers in batches (one DELIVER frame per consumer per wake-up),
@@ -28,6 +35,7 @@ import anyio
 from protocol import frames as F
 from protocol.errors import ErrorCode
 
+from .limits import MESSAGE_OVERHEAD, WINDOW_MIN
 from .queueconfig import QueueConfig
 from .store.base import StoredMessage, UpdateMessages
 
@@ -91,6 +99,9 @@ class QueueActor:
         self._updates: list[tuple[int, int, int, str | None]] = []
         self.ops: list[Any] = []  # other store operations (moves to the DLQ) awaiting submission
         self._refill_lock = anyio.Lock()
+        self._ready_bytes = 0  # payload + MESSAGE_OVERHEAD of every message in ``ready``
+        self._held = 0  # ... as last reported to the broker's window budget
+        self._open = False  # counted as an open window in the budget (has consumers)
         self._did = 0
         self._wake = anyio.Event()
         self._idle = False
@@ -118,6 +129,9 @@ class QueueActor:
         """Messages committed for this queue (publish, dead-letter, redrive)."""
         now = self.durable.now_ms()
         ready = self.ready
+        # Only a queue with consumers takes new messages into memory, within its share.
+        room = self.durable.window_budget.room(self._ready_bytes) if self.consumers else -1
+        added = 0
         for row in rows:
             self.count += 1
             self.published += 1
@@ -128,13 +142,20 @@ class QueueActor:
             key = (row.available_ms, row.id)
             if key <= self.cursor:
                 ready.append(row)  # committed out of key order: it belongs in memory
-            elif (row.available_ms <= now and len(ready) < WINDOW
+                added += len(row.payload) + MESSAGE_OVERHEAD
+            elif (row.available_ms <= now and len(ready) < WINDOW and room >= 0
                   and (self.beyond == 0 or (self._due_known and self.next_due is not None
-                                            and self.next_due > row.available_ms))):
+                                            and self.next_due > row.available_ms))
+                  and ((size := len(row.payload) + MESSAGE_OVERHEAD) <= room or len(ready) < WINDOW_MIN)):
                 ready.append(row)
                 self.cursor = key
+                room -= size
+                added += size
             else:
                 self._to_beyond(row.available_ms)
+        if added:
+            self._ready_bytes += added
+            self._report()
         self.wake()
 
     def _to_beyond(self, available_ms: int) -> None:
@@ -147,8 +168,15 @@ class QueueActor:
             self.next_due = available_ms
         self.beyond += 1
 
+    def _report(self) -> None:
+        """Tell the window budget how many bytes ``ready`` holds now."""
+        self._held = self.durable.window_budget.hold(self._held, self._ready_bytes)
+
     def attach(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
+        if not self._open:
+            self._open = True
+            self.durable.window_budget.open()
         self.wake()
 
     def detach(self, consumer: Consumer) -> None:
@@ -166,6 +194,10 @@ class QueueActor:
                 self._updates.append((inf.msg.id, inf.msg.available_ms, inf.msg.deliveries, inf.msg.last_error))
         consumer.inflight.clear()
         self.ready.extendleft(reversed(back))
+        self._ready_bytes += sum(len(m.payload) for m in back) + MESSAGE_OVERHEAD * len(back)
+        if not self.consumers and self._open:
+            self._open = False
+            self.durable.window_budget.close()
         self.wake()
 
     def settle(self, consumer: Consumer, items: list[list[Any]]) -> list[int]:
@@ -215,6 +247,7 @@ class QueueActor:
         d = cfg.backoff(msg.deliveries) if delay is None else delay
         if d <= 0:
             self.ready.appendleft(msg)
+            self._ready_bytes += len(msg.payload) + MESSAGE_OVERHEAD
             self._updates.append((msg.id, msg.available_ms, msg.deliveries, error))
             return
         msg.available_ms = self.durable.now_ms() + int(d * 1000)
@@ -242,6 +275,8 @@ class QueueActor:
         self.inflight.clear()
         self._deadlines.clear()
         self.ready.clear()
+        self._ready_bytes = 0
+        self._report()
         self._deletes.clear()
         self._updates.clear()
         self.count = 0
@@ -255,14 +290,27 @@ class QueueActor:
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            self._ready_bytes = 0
+            self._report()
+            if self._open:
+                self._open = False
+                self.durable.window_budget.close()
+
+    async def _run(self) -> None:
         while not self._stopped:
             self._expire_deadlines()
             self._deliver()
+            self._report()
             await self._flush_ops()
             if self._need_refill():
                 await self._refill()
                 continue
             self._trim()
+            if self.ready and not self.consumers:
+                self._release()
             timeout = self._next_timer()
             if self._deletes or self._updates or self.ops or self._dirty:
                 self._dirty = False
@@ -330,6 +378,7 @@ class QueueActor:
                 i = 0
             c = cons[i]
             msg = ready.popleft()
+            self._ready_bytes -= len(msg.payload) + MESSAGE_OVERHEAD
             if msg.expires_ms is not None and msg.expires_ms <= now:
                 self._expire(msg)
                 continue
@@ -388,21 +437,42 @@ class QueueActor:
     def _need_refill(self) -> bool:
         if not self.beyond or len(self.ready) >= WINDOW // 2:
             return False
+        if not self.consumers and self._overflow() <= len(self.ready):
+            return False  # nobody consumes: the backlog stays on disk (max_length trimming aside)
+        if len(self.ready) >= WINDOW_MIN:
+            budget = self.durable.window_budget
+            if 2 * budget.room(self._ready_bytes) < budget.share():
+                return False  # over half of this queue's share is still paged in (or the budget is spent)
         if not self._due_known:
             return True
         return self.next_due is not None and self.next_due <= self.durable.now_ms()
 
-    async def _refill(self) -> int:
-        """Page due messages in from disk; returns how many were loaded."""
+    async def _refill(self, want: int | None = None) -> int:
+        """Page due messages in from disk (at most ``want``); returns how many were loaded."""
         async with self._refill_lock:
             if not self.beyond:
                 return 0
-            return await self._refill_locked()
+            return await self._refill_locked(want)
 
-    async def _refill_locked(self) -> int:
+    def _page_size(self, want: int | None) -> tuple[int, int, int]:
+        """(messages, bytes, messages whatever the bytes) to page in now: up to
+        WINDOW in memory, within the room the window budget gives this queue."""
+        limit = WINDOW - len(self.ready)
+        if want is not None:
+            limit = min(limit, want)
+        elif not self.consumers:
+            limit = min(limit, self._overflow() - len(self.ready))  # only what max_length trimming takes
+        limit = max(limit, 1)
+        room = self.durable.window_budget.room(self._ready_bytes)
+        return limit, room, min(limit, max(1, WINDOW_MIN - len(self.ready)))
+
+    async def _refill_locked(self, want: int | None = None) -> int:
         store = self.durable.store
         now = self.durable.now_ms()
-        limit = WINDOW - len(self.ready)
+        limit, max_bytes, min_rows = self._page_size(want)
+        # Reserved while the query runs, so windows paging in at the same time cannot all
+        # count on the same room; _report() below replaces it with what was loaded.
+        self._held = self.durable.window_budget.hold(self._held, self._ready_bytes + max_bytes)
         self._loading = True
         self._arrived = []
         self._load_due = None
@@ -410,10 +480,12 @@ class QueueActor:
             # Barrier: every operation this actor submitted so far (nack delays
             # above all) is committed, so the queries below see it.
             await store.write(UpdateMessages(self.name, []))
-            rows = await store.load_messages(self.name, after=self.cursor, due_before_ms=now, limit=limit)
+            rows = await store.load_messages(self.name, after=self.cursor, due_before_ms=now, limit=limit,
+                                             max_bytes=max_bytes, min_rows=min_rows)
             loaded = {r.id for r in rows}
             if rows:
                 self.ready.extend(rows)
+                self._ready_bytes += sum(len(r.payload) for r in rows) + MESSAGE_OVERHEAD * len(rows)
                 last = rows[-1]
                 self.cursor = (last.available_ms, last.id)
                 self.beyond -= len(rows)
@@ -432,6 +504,7 @@ class QueueActor:
         for r in arrived:
             if (r.available_ms, r.id) <= self.cursor and r.id not in loaded:
                 self.ready.append(r)
+                self._ready_bytes += len(r.payload) + MESSAGE_OVERHEAD
                 self.beyond -= 1
         # Anything sent beyond the cursor while the queries ran (arrivals,
         # nacks with a delay) may be missing from what they saw.
@@ -443,6 +516,7 @@ class QueueActor:
             self.beyond = 0
             self.next_due = None
             self._due_known = True
+        self._report()
         return len(rows)
 
     async def take(self, n: int) -> list[StoredMessage]:
@@ -451,18 +525,52 @@ class QueueActor:
         out: list[StoredMessage] = []
         while len(out) < n:
             if self.ready:
-                out.append(self.ready.popleft())
+                msg = self.ready.popleft()
+                self._ready_bytes -= len(msg.payload) + MESSAGE_OVERHEAD
+                out.append(msg)
                 continue
             if self.beyond and (not self._due_known or (self.next_due is not None
                                                         and self.next_due <= self.durable.now_ms())):
-                if await self._refill():
+                if await self._refill(n - len(out)):
                     continue
             break
+        self._report()
         return out
 
     def give_back(self, msgs: list[StoredMessage]) -> None:
-        self.ready.extendleft(reversed(msgs))
+        """Return messages from :meth:`take` that were not moved. Those above the
+        cursor (the window was released to disk meanwhile) are on disk only again."""
+        keep = []
+        for m in msgs:
+            if (m.available_ms, m.id) <= self.cursor:
+                keep.append(m)
+                self._ready_bytes += len(m.payload) + MESSAGE_OVERHEAD
+            else:
+                self._to_beyond(m.available_ms)
+        self.ready.extendleft(reversed(keep))
         self.wake()
+
+    def _release(self) -> None:
+        """Nobody consumes: drop the paged-in messages, which are all stored,
+        and count them on disk again. With nothing in flight, a cursor before
+        every key keeps the window invariant; a consumer attaching pages them
+        in again, in key order. Not while :meth:`take` is paging in."""
+        if self.inflight or self._refill_lock.locked():
+            return
+        self.beyond += len(self.ready)
+        self.ready.clear()
+        self._ready_bytes = 0
+        self._report()
+        self.cursor = (-1, -1)
+        self.next_due = None
+        self._due_known = False
+
+    def _overflow(self) -> int:
+        """Messages over max_length that the dead_letter_oldest policy will move."""
+        cfg = self.cfg
+        if cfg.max_length is None or cfg.overflow != "dead_letter_oldest":
+            return 0
+        return self.count - cfg.max_length
 
     def _trim(self) -> None:
         """Enforce max_length with the dead_letter_oldest policy."""
@@ -472,7 +580,9 @@ class QueueActor:
         over = self.count - cfg.max_length
         victims = []
         while over > 0 and self.ready:
-            victims.append(self.ready.popleft())
+            msg = self.ready.popleft()
+            self._ready_bytes -= len(msg.payload) + MESSAGE_OVERHEAD
+            victims.append(msg)
             over -= 1
         if victims:
             self._dead_letter(victims, "max_length")
@@ -482,7 +592,7 @@ class QueueActor:
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name, "depth": self.count, "in_flight": len(self.inflight),
-            "ready_in_memory": len(self.ready), "on_disk_only": self.beyond,
+            "ready_in_memory": len(self.ready), "ready_bytes": self._ready_bytes, "on_disk_only": self.beyond,
             "consumers": len(self.consumers), "bind": list(self.cfg.bind),
             "dead_letter": self.cfg.dead_letter, "is_dlq": self.cfg.is_dlq,
             "published": self.published, "delivered": self.delivered, "redelivered": self.redelivered,

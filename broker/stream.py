@@ -30,6 +30,7 @@ from protocol import frames as F
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.partition import partition_for
 
+from .limits import MESSAGE_OVERHEAD, WINDOW_MIN
 from .store.streams import StreamRow
 from .streamconfig import DEFAULT_WINDOW, StreamConfig
 
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 TAIL_MESSAGES: Final = 20_000  # newest messages per partition kept in memory for live consumers
 TAIL_BYTES: Final = 8 * 1024 * 1024
-READ_PAGE: Final = 1_000  # rows per disk read when replaying
+READ_PAGE: Final = 1_000  # rows per disk read when replaying (fewer when the window budget says so)
 READER_HIGH_WATER: Final = 1024 * 1024  # a reader pauses while its connection has this much queued
 KEY_CACHE: Final = 65_536  # keys whose partition is remembered per stream
 GAP: Final = ""  # subject of a placeholder for an offset whose write failed (never a valid subject)
@@ -215,6 +216,11 @@ class GroupActor:
         self._out: dict[Member, list[Any]] = {}
         self._persist_waiters: list[Any] = []
         self.ops: list[Any] = []  # dead-letter writes, submitted before the offsets they let pass
+        # Bytes read from disk into each partition's buffer, held against the broker's window
+        # budget until that buffer is empty again (a group with members is one open window).
+        self._charges: dict[PState, int] = {}
+        self._held = 0
+        self._open = False
 
     def wake(self) -> None:
         self._dirty = True  # seen by the loop even if it is busy awaiting the store right now
@@ -232,12 +238,18 @@ class GroupActor:
         self._seq += 1
         m = Member(conn, cid, self, window, self._seq)
         self.members.append(m)
+        if not self._open:
+            self._open = True
+            self.stream.durable.window_budget.open()
         self._rebalance()
         return m
 
     def leave(self, m: Member) -> None:
         if m in self.members:
             self.members.remove(m)
+            if not self.members and self._open:
+                self._open = False
+                self.stream.durable.window_budget.close()
             self._rebalance()
 
     def _rebalance(self) -> None:
@@ -341,17 +353,37 @@ class GroupActor:
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        try:
+            await self._run()
+        finally:
+            self._charges.clear()
+            self._held = self.stream.durable.window_budget.hold(self._held, 0)
+            if self._open:
+                self._open = False
+                self.stream.durable.window_budget.close()
+
+    async def _run(self) -> None:
         store = self.stream.durable.store
+        budget = self.stream.durable.window_budget
         while not self._stopped:
             self._expire()
             need = self._pump()
+            if self._charges:
+                self._uncharge()
             await self._send()
+            # This group's room in the budget, shared by the partitions that need a page.
+            per = budget.room(self._held) // len(need) if need else 0
             for ps in need:
                 if ps.buffer:
                     continue  # a rewind raced the read
                 hwm = self.stream.partitions[ps.index].hwm
-                rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE)
+                self._charges[ps] = per  # reserved while reading: other windows cannot count on it
+                self._held = budget.hold(self._held, sum(self._charges.values()))
+                rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE,
+                                                  per, WINDOW_MIN)
                 ps.buffer.extend(r for r in rows if r.offset < hwm)
+                self._charges[ps] = sum(len(r.payload) for r in rows) + MESSAGE_OVERHEAD * len(rows)
+                self._held = budget.hold(self._held, sum(self._charges.values()))
             if need:
                 continue
             await self._flush_commits()
@@ -365,6 +397,13 @@ class GroupActor:
             self._idle = False
             self._dirty = False
             self._wake = anyio.Event()
+
+    def _uncharge(self) -> None:
+        """Give the budget back the pages whose buffers are empty (delivered, or
+        cleared by a rewind or a new owner)."""
+        for ps in [ps for ps in self._charges if not ps.buffer]:
+            del self._charges[ps]
+        self._held = self.stream.durable.window_budget.hold(self._held, sum(self._charges.values()))
 
     def _next_timer(self) -> float:
         t = 3600.0
@@ -549,7 +588,7 @@ class Reader:
     """A replay/follow reader of one partition, outside any group. No acks:
     flow control is the connection's outbound buffer."""
 
-    __slots__ = ("conn", "cid", "stream", "partition", "offset", "follow", "scope")
+    __slots__ = ("conn", "cid", "stream", "partition", "offset", "follow", "scope", "paged")
 
     def __init__(self, conn: ConnectionActor, cid: int, stream: StreamActor, partition: int, offset: int,
                  follow: bool) -> None:
@@ -560,6 +599,7 @@ class Reader:
         self.offset = offset
         self.follow = follow
         self.scope = anyio.CancelScope()
+        self.paged = 0  # bytes of the page read from disk, held against the window budget until sent
 
     def settle(self, items: list[list[Any]]) -> list[int]:
         return [0] * len(items)  # readers need no acks; accepted and ignored
@@ -569,15 +609,20 @@ class Reader:
         self.stream.readers.discard(self)
 
     async def run(self) -> None:
+        budget = self.stream.durable.window_budget
+        budget.open()
         with self.scope:
             try:
                 await self._run()
             finally:
+                self.paged = budget.hold(self.paged, 0)
+                budget.close()
                 self.stream.readers.discard(self)
 
     async def _run(self) -> None:
         part = self.stream.partitions[self.partition]
         store = self.stream.durable.store
+        budget = self.stream.durable.window_budget
         conn = self.conn
         while True:
             if self.offset < part.first:
@@ -594,8 +639,11 @@ class Reader:
                 continue
             rows = part.get(self.offset, READ_PAGE)
             if rows is None:
-                rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE)
+                self.paged = budget.hold(self.paged, budget.room(0))  # reserved while reading
+                rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE,
+                                                  self.paged, WINDOW_MIN)
                 rows = [r for r in rows if r.offset < part.hwm]
+                self.paged = budget.hold(self.paged, sum(len(r.payload) + MESSAGE_OVERHEAD for r in rows))
                 if not rows:  # only gaps (or retention) between here and hwm
                     self.offset = max(self.offset + 1, part.first)
                     continue
@@ -605,6 +653,7 @@ class Reader:
             if items:
                 _push(conn, self.cid, items)
             await conn.wait_pending_below(READER_HIGH_WATER)
+            self.paged = budget.hold(self.paged, 0)  # sent: what is still queued is below READER_HIGH_WATER
 
 
 def resolve_start(part: Partition, start: Any, offset_for_time: int | None, out_of_range: str) -> int:

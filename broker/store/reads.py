@@ -66,6 +66,37 @@ class Reads:
             except sqlite3.Error as exc:
                 raise translate(exc) from exc
 
+    async def _fetch_page(self, columns: str, rest: str, params: list[Any], limit: int, max_bytes: int | None,
+                          min_rows: int) -> list[Any]:
+        """The first rows of ``SELECT columns rest`` (``rest`` is "FROM ... ORDER BY
+        ... LIMIT ?" over a table with a ``payload`` column): at most ``limit``, and
+        beyond ``min_rows`` only while their payloads add up to at most ``max_bytes``
+        (None: no byte bound).
+
+        With a byte bound the sizes are read first (``length()`` of a blob reads
+        no payload), then exactly the rows that fit, both under one hold of the
+        lock so they see the same committed state."""
+        async with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise StorageClosed(f"store {self.path} is closed")
+            try:
+                if max_bytes is not None:
+                    sizes = await conn.execute_fetchall(f"SELECT length(payload) {rest}", (*params, limit))
+                    total = 0
+                    fit = 0
+                    for (size,) in sizes:
+                        total += size
+                        if fit >= min_rows and total > max_bytes:
+                            break
+                        fit += 1
+                    limit = fit
+                    if not limit:
+                        return []
+                return list(await conn.execute_fetchall(f"SELECT {columns} {rest}", (*params, limit)))
+            except sqlite3.Error as exc:
+                raise translate(exc) from exc
+
     async def check_dedup(self, msg_ids: list[str], now_ms: int | None = None) -> dict[str, bytes]:
         """Stored results for those of `msg_ids` that have a dedup entry that has not
         expired at `now_ms` (default: the wall clock), i.e. whose expires_ms > now_ms."""
@@ -87,11 +118,13 @@ class Reads:
         return [(r[0], json.loads(r[1]), r[2]) for r in rows]
 
     async def load_messages(self, queue: str, after: PageKey | None = None, *,
-                            due_before_ms: int | None = None, limit: int = 1000) -> list[StoredMessage]:
+                            due_before_ms: int | None = None, limit: int = 1000,
+                            max_bytes: int | None = None, min_rows: int = 1) -> list[StoredMessage]:
         """Up to `limit` messages of `queue` in delivery order, (available_ms, id),
         strictly after the cursor `after` (the key of the last message already read).
         With `due_before_ms`, only messages with available_ms <= due_before_ms
-        (inclusive: a message available at that instant is due)."""
+        (inclusive: a message available at that instant is due). With `max_bytes`,
+        beyond the first `min_rows` only as many as keep their payloads within it."""
         where = ["queue = ?"]
         params: list[Any] = [queue]
         if after is not None:
@@ -100,10 +133,9 @@ class Reads:
         if due_before_ms is not None:
             where.append("available_ms <= ?")
             params.append(due_before_ms)
-        params.append(limit)
-        rows = await self._fetch(
-            f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)}"
-            " ORDER BY available_ms, id LIMIT ?", params)
+        rows = await self._fetch_page(
+            _COLUMNS, f"FROM messages WHERE {' AND '.join(where)} ORDER BY available_ms, id LIMIT ?",
+            params, limit, max_bytes, min_rows)
         return [decode_message(r) for r in rows]
 
     async def next_available_ms(self, queue: str, after: PageKey | None = None) -> int | None:

@@ -173,10 +173,13 @@ class StreamReads:
         return {r[0]: r[1] for r in rows}
 
     async def read_partition(self: Reads, stream: str, partition: int, from_offset: int,  # type: ignore[misc]
-                             limit: int) -> list[StreamRow]:
-        rows = await self._fetch(
-            f"SELECT {_COLS} FROM stream_messages WHERE stream = ? AND partition = ? AND offset >= ?"
-            " ORDER BY offset LIMIT ?", (stream, partition, from_offset, limit))
+                             limit: int, max_bytes: int | None = None, min_rows: int = 1) -> list[StreamRow]:
+        """Up to ``limit`` rows from ``from_offset`` in offset order; with ``max_bytes``,
+        beyond the first ``min_rows`` only as many as keep their payloads within it."""
+        rows = await self._fetch_page(
+            _COLS, "FROM stream_messages WHERE stream = ? AND partition = ? AND offset >= ?"
+            " ORDER BY offset LIMIT ?",
+            [stream, partition, from_offset], limit, max_bytes, min_rows)
         return [decode_stream_row(r) for r in rows]
 
     async def offset_for_time(self: Reads, stream: str, partition: int, ts_ms: int) -> int | None:  # type: ignore[misc]

@@ -121,3 +121,35 @@ def test_monitor_measures_rss_and_disk(tmp_path: Path) -> None:
     m = ResourceMonitor(memory_high_water=2**62, min_free_disk=2**62, data_dir=str(tmp_path), interval=1.0)
     m.check()
     assert not m.memory_high and m.disk_low
+
+
+def test_window_budget_shares_fairly_and_never_hands_out_more_than_the_total() -> None:
+    from broker.limits import WindowBudget
+
+    b = WindowBudget(100)
+    assert b.room(0) == 100  # nothing open: the whole budget
+    b.open()
+    a = b.hold(0, b.room(0))
+    assert a == 100 and b.room(a) == 0
+    b.open()  # a second window: its share is 50, but the first still holds everything
+    assert b.share() == 50 and b.room(0) == 0
+    a = b.hold(a, 30)  # the first delivered 70
+    assert b.room(a) == 20 and b.room(0) == 50
+    c = b.hold(0, b.room(0))
+    assert b.used == 80 and b.room(a) == 20 and b.room(c) == 0
+    b.hold(a, 0)
+    b.hold(c, 0)
+    b.close()
+    b.close()
+    assert (b.used, b.windows, b.room(0)) == (0, 0, 100)
+
+
+def test_window_memory_setting() -> None:
+    import pytest
+
+    from broker.config import ConfigError, load
+
+    assert load().window_memory == 256 * 1024 * 1024
+    assert load(env={"TIDINGS_WINDOW_MEMORY": "1048576"}).window_memory == 1024 * 1024
+    with pytest.raises(ConfigError, match="window_memory"):
+        load(env={"TIDINGS_WINDOW_MEMORY": "0"})

@@ -104,3 +104,30 @@ async def test_queues_and_id_high_water_mark_survive_reopen(open_store, row):
             ("orders", {"dead_letter": "orders.dlq", "max_deliveries": 5}, 111), ("orders.dlq", {}, 112)]
         await store.write(PutMessages([row("orders", 7)]))  # a lower id does not lower the mark
         assert await store.max_message_id() == 41
+
+
+async def test_pages_bounded_in_bytes_keep_order_and_take_min_rows(open_store, row):
+    """max_bytes stops a page once the payloads would pass it; min_rows are
+    returned whatever their size (a window always makes progress)."""
+    from broker.store.streams import StreamRow
+
+    sizes = [100, 100, 100, 5_000, 100]
+    async with open_store() as store:
+        await store.write(PutMessages([row("q", i + 1, payload=b"x" * n) for i, n in enumerate(sizes)]))
+        await store.write(PutMessages([], stream_rows=[
+            StreamRow("s", 0, o, "s.a", None, b"y" * n, None, None, 0) for o, n in enumerate(sizes)]))
+        ids = [m.id for m in await store.load_messages("q", limit=10, max_bytes=250)]
+        assert ids == [1, 2]
+        ids = [m.id for m in await store.load_messages("q", (1_000, 2), limit=10, max_bytes=250)]
+        assert ids == [3]
+        ids = [m.id for m in await store.load_messages("q", (1_000, 3), limit=10, max_bytes=0, min_rows=1)]
+        assert ids == [4]  # larger than the bound, but one row is always allowed
+        ids = [m.id for m in await store.load_messages("q", limit=10, max_bytes=0, min_rows=3)]
+        assert ids == [1, 2, 3]
+        ids = [m.id for m in await store.load_messages("q", limit=2, max_bytes=10**9)]
+        assert ids == [1, 2]  # the count limit still holds
+        assert len(await store.load_messages("q", limit=10)) == 5  # no byte bound by default
+        offsets = [r.offset for r in await store.read_partition("s", 0, 1, 10, 5_100)]
+        assert offsets == [1, 2]
+        offsets = [r.offset for r in await store.read_partition("s", 0, 3, 10, 0, 2)]
+        assert offsets == [3, 4]
