@@ -59,6 +59,12 @@ class Config:
     # per authenticated user, unless [users.NAME] sets its own max_connections (one leaked
     # client loop must not take every slot of the global max_connections)
     max_connections_per_user: int = 1000
+    # Connections that have not completed HELLO (TLS handshake included), in total and per source
+    # address. They are counted apart from max_connections, so silent sockets cannot take the slots
+    # of real clients; at either cap the oldest such connection is closed to make room (a real
+    # client says HELLO at once, a silent one only waits to be evicted or to hit hello_timeout).
+    max_pending_handshakes: int = 512
+    max_pending_handshakes_per_ip: int = 64
     max_payload: int = 1024 * 1024
     hello_timeout: float = 5.0
     frame_timeout: float = 30.0
@@ -112,7 +118,8 @@ class Config:
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")
-        for name in ("max_connections", "max_connections_per_user", "max_payload", "max_pending_bytes"):
+        for name in ("max_connections", "max_connections_per_user", "max_pending_handshakes",
+                     "max_pending_handshakes_per_ip", "max_payload", "max_pending_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:
