@@ -66,6 +66,11 @@ class Config:
     max_pending_handshakes: int = 512
     max_pending_handshakes_per_ip: int = 64
     max_payload: int = 1024 * 1024
+    # Bind patterns per queue or stream, and across all of them: every client receives the
+    # patterns it may publish into after WELCOME and after every change, and each costs router
+    # memory; a declare beyond either cap is refused (INVALID_ARGUMENT / OVERLOADED).
+    max_bind_patterns: int = 64
+    max_bindings: int = 10_000
     hello_timeout: float = 5.0
     frame_timeout: float = 30.0
     max_pending_bytes: int = 16 * 1024 * 1024  # per-connection outbound buffer
@@ -119,7 +124,8 @@ class Config:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")
         for name in ("max_connections", "max_connections_per_user", "max_pending_handshakes",
-                     "max_pending_handshakes_per_ip", "max_payload", "max_pending_bytes"):
+                     "max_pending_handshakes_per_ip", "max_bind_patterns", "max_bindings", "max_payload",
+                     "max_pending_bytes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:

@@ -321,6 +321,7 @@ class ConnectionActor:
         self.conn.send_parts(F.Welcome(F.PROTOCOL_VERSION, broker.config.server_name, info), [])
         # send_parts moved the state to OPEN; now queue the real frame bytes.
         self.push_wire([F.Op.WELCOME, F.PROTOCOL_VERSION, broker.config.server_name, info], 256)
+        broker.bindings.send(self)
         log.debug("connection %s (%s) open: client %r", self.number, self.peer, self.name)
         return await self._process()
 

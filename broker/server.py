@@ -41,6 +41,7 @@ from .auth import AuthError, AuthThrottled, Users, auth_method
 from .config import Config, ConfigError, is_loopback
 from .connection import ConnectionActor, Subscription
 from .backup import backup_handler
+from .bindings import BindingsFeed
 from .durable import Durable
 from .limits import ResourceMonitor
 from .router import Router
@@ -78,7 +79,7 @@ class Broker:
         self._next_conn = 0
         self.durable = Durable(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
-        self.bindings_epoch = 0
+        self.bindings = BindingsFeed(self)
         self.bound_address: tuple[str, int] | None = None
         self._tg: TaskGroup | None = None
         self._shutting_down = False
@@ -229,19 +230,15 @@ class Broker:
             "heartbeat_ms": int(cfg.heartbeat * 1000),
             "connection_id": actor.number,
             "user": actor.user.name or None,
-            "bindings": {"epoch": self.bindings_epoch, "patterns": self.binding_patterns()},
+            # Only the epoch: the patterns follow in bindings NOTICEs (broker/bindings.py), so the
+            # handshake reply stays small whatever is declared.
+            "bindings": {"epoch": self.bindings.epoch},
         }
-
-    def binding_patterns(self) -> list[str]:
-        return self.durable.binding_patterns()
 
     def bindings_changed(self) -> None:
         """Tell every client the new set of durably bound patterns (before the
         declaring client's OK, which is queued after this)."""
-        self.bindings_epoch += 1
-        info = {"epoch": self.bindings_epoch, "patterns": self.binding_patterns()}
-        for actor in self.connections.values():
-            actor.push_wire([F.Op.NOTICE, "bindings", info], 256)
+        self.bindings.changed()
 
     def detach(self, actor: ConnectionActor) -> None:
         """Forget a closing connection: drop its subscriptions at once."""

@@ -71,6 +71,21 @@ DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one clien
 DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
 DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
 
+# A new connection's binding set: (epoch, patterns, frames that arrived before its last chunk).
+_Initial = tuple[int, list[str], list[F.Frame]]
+
+
+def _add_chunk(building: tuple[int, list[str]] | None, info: dict[str, Any]) -> tuple[int, list[str]] | None:
+    """Add one bindings NOTICE's patterns to the set being built (a new
+    epoch starts a new set); a malformed notice leaves it as it was."""
+    epoch, patterns = info.get("epoch"), info.get("patterns")
+    if type(epoch) is not int or not isinstance(patterns, list):
+        return building
+    if building is None or building[0] != epoch:
+        building = (epoch, [])
+    building[1].extend(p for p in patterns if isinstance(p, str))
+    return building
+
 
 def parse_url(url: str) -> tuple[str, int, bool]:
     """``tidings://host:port`` (or ``tidings+tls://``) -> (host, port, tls)."""
@@ -158,6 +173,8 @@ class Client(AdminMixin):
         self._subjects: set[str] = set()
         self._bindings = PatternSet()
         self._bindings_epoch = -1
+        self._bindings_building: tuple[int, list[str]] | None = None  # a set whose last chunk is still due
+        self._early: list[F.Frame] = []  # frames that arrived while connect() waited for the bindings
         # request/reply
         self._inbox = f"_INBOX.{secrets.token_hex(8)}"
         self._inbox_sid = 0
@@ -176,8 +193,8 @@ class Client(AdminMixin):
 
     async def _start(self, tg: TaskGroup) -> None:
         self._tg = tg
-        stream, conn, welcome = await self._dial()
-        self._attach(stream, conn, welcome)
+        stream, conn, welcome, initial = await self._dial()
+        self._attach(stream, conn, welcome, initial)
         self._set_state("connected")
         tg.start_soon(self._supervise)
 
@@ -188,8 +205,10 @@ class Client(AdminMixin):
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
-    async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome]:
-        """Connect and handshake; raises ConnectError (or the broker's refusal)."""
+    async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome, _Initial]:
+        """Connect, handshake and receive the durable binding patterns (so the
+        first publish already knows whether it needs a confirm); raises
+        ConnectError (or the broker's refusal)."""
         host, port, tls = parse_url(self.url)
         conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         stream: ByteStream | None = None
@@ -203,6 +222,7 @@ class Client(AdminMixin):
                 hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
                 await stream.send(conn.send(hello))
                 welcome = await self._read_welcome(stream, conn)
+                initial = await self._read_bindings(stream, conn, welcome)
         except builtins.TimeoutError as exc:
             await _aclose(stream)
             if isinstance(exc, TidingsError):
@@ -215,15 +235,56 @@ class Client(AdminMixin):
             await _aclose(stream)
             raise
         assert stream is not None
-        return stream, conn, welcome
+        return stream, conn, welcome, initial
 
-    def _attach(self, stream: ByteStream, conn: Connection, welcome: F.Welcome) -> None:
+    def _attach(self, stream: ByteStream, conn: Connection, welcome: F.Welcome, initial: _Initial) -> None:
         self._stream = stream
         self._conn = conn
         self.server_info = welcome.info
-        self._apply_bindings(welcome.info.get("bindings"))
+        # A new connection's set replaces the old one whatever its epoch (a restarted broker
+        # counts epochs from 0 again).
+        epoch, patterns, self._early = initial
+        self._bindings_epoch = epoch
+        self._bindings = PatternSet(patterns)
+        self._bindings_building = None
         self._last_rx = time.monotonic()
         self._connected.set()
+
+    @staticmethod
+    async def _read_bindings(stream: ByteStream, conn: Connection, welcome: F.Welcome) -> _Initial:
+        """Read frames after WELCOME until the broker's bindings set (epoch at
+        least the one WELCOME announced) is complete; other frames that come
+        first are returned to be handled once the connection runs."""
+        info = welcome.info.get("bindings")
+        if not isinstance(info, dict) or type(info.get("epoch")) is not int:
+            return -1, [], []  # a broker that announces no bindings
+        if isinstance(info.get("patterns"), list):  # a broker that still sends them in WELCOME
+            return info["epoch"], [p for p in info["patterns"] if isinstance(p, str)], []
+        announced: int = info["epoch"]
+        early: list[F.Frame] = []
+        building: tuple[int, list[str]] | None = None
+        while True:
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ProtocolViolationError(f"bad frame from the broker: {exc}") from exc
+            if ev is NEED_DATA:
+                try:
+                    data = await stream.receive(READ_CHUNK)
+                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                    raise ConnectError("the broker closed the connection during the handshake") from exc
+                conn.receive_data(data)
+                continue
+            if ev is CLOSED:
+                raise ConnectError("the broker closed the connection during the handshake")
+            if isinstance(ev, F.Notice) and ev.kind == "bindings":
+                building = _add_chunk(building, ev.info)
+                if building is not None and not ev.info.get("more") and building[0] >= announced:
+                    return building[0], building[1], early
+                if not ev.info.get("more"):
+                    building = None
+                continue
+            early.append(ev)  # type: ignore[arg-type]
 
     @staticmethod
     async def _read_welcome(stream: ByteStream, conn: Connection) -> F.Welcome:
@@ -334,7 +395,7 @@ class Client(AdminMixin):
             delay = min(hi, lo * 2 ** (attempt - 1))
             await anyio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads reconnect storms
             try:
-                stream, conn, welcome = await self._dial()
+                stream, conn, welcome, initial = await self._dial()
             except ConnectError as exc:
                 log.info("reconnect attempt %d to %s failed: %s", attempt, self.url, exc)
                 continue
@@ -344,7 +405,7 @@ class Client(AdminMixin):
                     continue
                 self._shutdown(exc)
                 return False
-            self._attach(stream, conn, welcome)
+            self._attach(stream, conn, welcome, initial)
             return True
         return False
 
@@ -555,6 +616,9 @@ class Client(AdminMixin):
         error: TidingsError
         try:
             data = b""  # first, frames that arrived together with WELCOME
+            early, self._early = self._early, []
+            for ev in early:
+                self._dispatch(ev)
             while True:
                 if data:
                     conn.receive_data(data)
@@ -657,12 +721,19 @@ class Client(AdminMixin):
                 cons._stale(int(info.get("count", 0)))
 
     def _apply_bindings(self, info: Any) -> None:
-        if not isinstance(info, dict):
+        """One bindings NOTICE: a chunk of a set; the set replaces the one in
+        use when its last chunk ("more" false) arrives, unless it is older."""
+        if not isinstance(info, dict) or type(info.get("epoch")) is not int \
+                or not isinstance(info.get("patterns"), list):
             return
-        epoch, patterns = info.get("epoch"), info.get("patterns")
-        if isinstance(epoch, int) and isinstance(patterns, list) and epoch >= self._bindings_epoch:
-            self._bindings_epoch = epoch
-            self._bindings = PatternSet([p for p in patterns if isinstance(p, str)])
+        building = _add_chunk(self._bindings_building, info)
+        if building is None or info.get("more"):
+            self._bindings_building = building
+            return
+        self._bindings_building = None
+        if building[0] >= self._bindings_epoch:
+            self._bindings_epoch = building[0]
+            self._bindings = PatternSet(building[1])
 
     # ------------------------------------------------------------ publish
 
