@@ -9,6 +9,7 @@ wrong raises :class:`RemoteProtocolError` and nothing else.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any, Callable, Final
 
@@ -26,24 +27,78 @@ MAX_FRAME_CEILING: Final = 64 * 1024 * 1024  # no side may announce more than th
 MAX_HEADERS: Final = 64  # headers per message
 MAX_NESTING: Final = 8  # nesting depth of CALL/CONSUME/HELLO argument maps
 MAX_NAME_LENGTH: Final = 255  # client names, queue/stream/group names, header keys
+# Decoded size. msgpack turns one byte into a Python object of 56-80 bytes (an empty array or
+# map), so a frame of empty containers decoded to ~70 times its size. The densest legitimate
+# frame, an ACK batch, holds one array per 4 or more bytes ([id, action, arg]); a frame may hold
+# at most that many arrays (a map counts as three: a dict costs about three lists), plus a few
+# for the envelope, and is refused as it decodes past it. So decoding a frame costs at most ~20
+# times its size (a legitimate ACK batch ~25).
+BYTES_PER_CONTAINER: Final = 4
+CONTAINER_SLACK: Final = 16
+# Frames up to this size decode without counting: whatever they hold, at most ~10 MB for an
+# instant (one frame is decoded at a time). Counting costs a Python call per array and map
+# (roughly doubling the decode time of a batch of small messages), which the common batch
+# sizes must not pay; larger frames pay it, in proportion to the arrays and maps they hold.
+COUNT_CONTAINERS_ABOVE: Final = 128 * 1024
+# HELLO (the only frame a server accepts before the handshake) holds no array longer than 5 and
+# no map longer than a few keys. msgpack allocates an array's claimed length before reading its
+# items, so unbounded claims in nested headers of a 16 KiB frame could allocate ~128 MB.
+PRE_HELLO_MAX_ARRAY: Final = 16
+PRE_HELLO_MAX_MAP: Final = MAX_HEADERS
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def unpack(body: Any) -> Any:
+def unpack(body: Any, *, pre_hello: bool = False) -> Any:
     """Decode one msgpack value from ``body`` (bytes or memoryview).
 
+    Every length inside is bounded by the frame's (no string, array or map
+    can claim more items than the frame has bytes), extension types are
+    refused, and a frame larger than COUNT_CONTAINERS_ABOVE may decode to at
+    most ``len // BYTES_PER_CONTAINER + CONTAINER_SLACK`` arrays and maps,
+    so what it costs in memory stays proportional to its size.
+    ``pre_hello``: the tighter array/map limits of a server's first frame.
+
     Raises RemoteProtocolError (non-fatal: framing is intact) when the
-    bytes are not exactly one well-formed value of the allowed types.
+    bytes are not exactly one well-formed value of the allowed types, or
+    hold too many arrays and maps.
     """
+    n = len(body)
     try:
-        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext,
-                               use_list=True)
+        if pre_hello:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+                                   max_str_len=n, max_bin_len=n, max_array_len=PRE_HELLO_MAX_ARRAY,
+                                   max_map_len=PRE_HELLO_MAX_MAP, max_ext_len=0)
+        if n <= COUNT_CONTAINERS_ABOVE:
+            # msgpack's own limits for unpackb are the ones we want: no string, binary, array or
+            # map longer than the frame (maps: half of it); passing them costs time per frame.
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
+        limit = n // BYTES_PER_CONTAINER + CONTAINER_SLACK
+        take = itertools.islice(itertools.repeat(None), limit).__next__  # StopIteration past the limit
+
+        def count_array(container: Any) -> Any:
+            take()
+            return container
+
+        def count_map(container: Any) -> Any:
+            # a dict costs about three lists (~200 bytes with one entry, from 2 bytes of input)
+            take()
+            take()
+            take()
+            return container
+
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+                               max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                               max_ext_len=0, list_hook=count_array, object_hook=count_map)
     # The C unpacker reports bad input through these; nothing else escapes.
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
+    except StopIteration:
+        raise RemoteProtocolError(
+            f"frame of {n} bytes holds more than {n // BYTES_PER_CONTAINER + CONTAINER_SLACK} arrays and maps "
+            f"(at most one per {BYTES_PER_CONTAINER} bytes)") from None
 
 
 class Encoder:

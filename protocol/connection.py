@@ -177,7 +177,8 @@ class Connection:
             raise RemoteProtocolError("empty frame")
         try:
             # undecodable bytes go through the handshake guard too: before HELLO they are fatal
-            value = unpack(memoryview(self._buf)[start:start + n])
+            value = unpack(memoryview(self._buf)[start:start + n],
+                           pre_hello=self.state is State.START and self.role is Role.SERVER)
             frame = self._dec.frame(value)
         except RemoteProtocolError:
             self._handshake_guard(None)
