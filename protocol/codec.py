@@ -30,9 +30,9 @@ MAX_NAME_LENGTH: Final = 255  # client names, queue/stream/group names, header k
 # Decoded size. msgpack turns one byte into a Python object of 56-80 bytes (an empty array or
 # map), so a frame of empty containers decoded to ~70 times its size. The densest legitimate
 # frame, an ACK batch, holds one array per 4 or more bytes ([id, action, arg]); a frame may hold
-# at most that many arrays (a map counts as three: a dict costs about three lists), plus a few
-# for the envelope, and is refused as it decodes past it. So decoding a frame costs at most ~20
-# times its size (a legitimate ACK batch ~25).
+# at most that many arrays (a map counts as two: a dict costs two to three lists), plus a few
+# for the envelope, and is refused as it decodes past it. So decoding a frame costs at most ~25
+# times its size (a legitimate ACK batch about as much).
 BYTES_PER_CONTAINER: Final = 4
 CONTAINER_SLACK: Final = 16
 # Frames up to this size decode without counting: whatever they hold, at most ~10 MB for an
@@ -83,8 +83,7 @@ def unpack(body: Any, *, pre_hello: bool = False) -> Any:
             return container
 
         def count_map(container: Any) -> Any:
-            # a dict costs about three lists (~200 bytes with one entry, from 2 bytes of input)
-            take()
+            # a dict costs two to three lists (~200 bytes with one entry, from 2 bytes of input)
             take()
             take()
             return container
