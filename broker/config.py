@@ -64,7 +64,7 @@ class Config:
     # of real clients; at either cap the oldest such connection is closed to make room (a real
     # client says HELLO at once, a silent one only waits to be evicted or to hit hello_timeout).
     max_pending_handshakes: int = 512
-    max_pending_handshakes_per_ip: int = 64
+    max_pending_handshakes_per_ip: int = 128
     max_payload: int = 1024 * 1024
     # Bind patterns per queue or stream, and across all of them: every client receives the
     # patterns it may publish into after WELCOME and after every change, and each costs router

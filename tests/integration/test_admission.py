@@ -104,13 +104,13 @@ async def test_max_connections_is_clamped_to_the_descriptor_limit(start_broker) 
 
 async def test_silent_connections_do_not_take_the_slots_of_real_clients(start_broker) -> None:
     broker = start_broker(env={"TIDINGS_MAX_CONNECTIONS": "50", "TIDINGS_HELLO_TIMEOUT": "60"})
-    # 50 silent sockets used to fill max_connections = 50; 100 also overflow the
-    # per-address pending cap (64), so the oldest are evicted
-    async with silent_sockets(broker.host, broker.port, 100):
+    # 50 silent sockets used to fill max_connections = 50; 150 also overflow the
+    # per-address pending cap (128), so the oldest are evicted
+    async with silent_sockets(broker.host, broker.port, 150):
         async with connect(broker.url, timeout=WAIT) as real:
             await assert_control_works(real, "real")
-            st = await stats_until(real, lambda s: s["handshakes_evicted"] >= 100 - 64, "evictions")
-            assert st["pending_handshakes"] <= 64
+            st = await stats_until(real, lambda s: s["handshakes_evicted"] >= 150 - 128, "evictions")
+            assert st["pending_handshakes"] <= 128
         async with connect(broker.url, timeout=WAIT) as real2:
             await assert_control_works(real2, "real2")
     assert broker.alive()

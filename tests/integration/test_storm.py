@@ -314,8 +314,12 @@ async def test_slow_loris_connections_are_closed_on_time(start_broker, tmp_path:
     raise_fd_limit(3 * n + 1024)
     cfg = write_config(tmp_path / "tidings.toml", users=user("alice", publish=[">"], subscribe=[">"], admin=[">"]))
     limit = 1.0
+    # All lorises come from one address: lift the pending-handshake caps (which would evict the
+    # oldest with TOO_MANY_CONNECTIONS) so that the timeouts are what closes them.
     b = start_broker("--config", str(cfg), env={"TIDINGS_HELLO_TIMEOUT": str(limit),
-                                                 "TIDINGS_FRAME_TIMEOUT": str(limit)})
+                                                 "TIDINGS_FRAME_TIMEOUT": str(limit),
+                                                 "TIDINGS_MAX_PENDING_HANDSHAKES": str(4 * n),
+                                                 "TIDINGS_MAX_PENDING_HANDSHAKES_PER_IP": str(4 * n)})
     creds = {"user": "alice", "password": PASSWORDS["alice"]}
     hello = frame_bytes(_pack([F.Op.HELLO, F.PROTOCOL_VERSION, "loris", creds, {}]))
     pub = frame_bytes(_pack([F.Op.PUB, [["loris.x", b"y" * 200, None, None, 0, None]]]))
