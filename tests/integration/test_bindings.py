@@ -142,3 +142,21 @@ async def test_each_user_gets_only_the_patterns_it_may_publish_into(tenant_broke
             assert ack is not None and ack.queues == 2  # t1.more and "all"
         ev = await rc.read_until(lambda f: isinstance(f, F.Notice) and f.kind == "bindings", WAIT)
         assert ev.info["patterns"] == [] and ev.info["more"] is False
+
+
+async def test_after_a_broker_restart_the_client_takes_the_new_binding_set(start_broker) -> None:
+    """A restarted broker counts binding epochs from 0 again: the reconnected client must
+    not keep its old set because the new epochs are lower."""
+    broker = start_broker("--durability", "normal")
+    async with connect(broker.url, timeout=WAIT) as c:
+        for i in range(3):
+            await c.call("queue.declare", {"name": f"before{i}", "bind": [f"before{i}.>"]})
+        await c.flush()
+        broker.terminate()
+        broker.restart()
+        await c.wait_connected(timeout=WAIT)
+        async with connect(broker.url) as admin:
+            await admin.call("queue.declare", {"name": "after", "bind": ["after.>"]})
+        await c.flush()  # the bindings NOTICE was queued before this PONG
+        ack = await c.publish("after.x", b"durable")
+        assert ack is not None and ack.queues == 1
