@@ -51,7 +51,7 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def unpack(body: Any, *, pre_hello: bool = False) -> Any:
+def unpack(body: Any, *, pre_hello: bool = False, count: bool = True) -> Any:
     """Decode one msgpack value from ``body`` (bytes or memoryview).
 
     Every length inside is bounded by the frame's (no string, array or map
@@ -60,6 +60,8 @@ def unpack(body: Any, *, pre_hello: bool = False) -> Any:
     most ``len // BYTES_PER_CONTAINER + CONTAINER_SLACK`` arrays and maps,
     so what it costs in memory stays proportional to its size.
     ``pre_hello``: the tighter array/map limits of a server's first frame.
+    ``count`` False: no counting (a client decoding its broker's frames:
+    the subscriber's hot path, from a peer it trusts anyway).
 
     Raises RemoteProtocolError (non-fatal: framing is intact) when the
     bytes are not exactly one well-formed value of the allowed types, or
@@ -71,7 +73,7 @@ def unpack(body: Any, *, pre_hello: bool = False) -> Any:
             return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
                                    max_str_len=n, max_bin_len=n, max_array_len=PRE_HELLO_MAX_ARRAY,
                                    max_map_len=PRE_HELLO_MAX_MAP, max_ext_len=0)
-        if n <= COUNT_CONTAINERS_ABOVE:
+        if n <= COUNT_CONTAINERS_ABOVE or not count:
             # msgpack's own limits for unpackb are the ones we want: no string, binary, array or
             # map longer than the frame (maps: half of it); passing them costs time per frame.
             return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)

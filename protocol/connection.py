@@ -177,8 +177,9 @@ class Connection:
             raise RemoteProtocolError("empty frame")
         try:
             # undecodable bytes go through the handshake guard too: before HELLO they are fatal
+            server = self.role is Role.SERVER
             value = unpack(memoryview(self._buf)[start:start + n],
-                           pre_hello=self.state is State.START and self.role is Role.SERVER)
+                           pre_hello=server and self.state is State.START, count=server)
             frame = self._dec.frame(value)
         except RemoteProtocolError:
             self._handshake_guard(None)
