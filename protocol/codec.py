@@ -67,17 +67,25 @@ def unpack(body: Any, *, pre_hello: bool = False, count: bool = True) -> Any:
     bytes are not exactly one well-formed value of the allowed types, or
     hold too many arrays and maps.
     """
+    if not pre_hello and (not count or len(body) <= COUNT_CONTAINERS_ABOVE):
+        # msgpack's own limits for unpackb are the ones we want here: no string, binary, array
+        # or map longer than the frame (maps: half of it); passing them costs time per frame.
+        try:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
+        # The C unpacker reports bad input through these; nothing else escapes.
+        except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+            raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
+    return _unpack_bounded(body, pre_hello)
+
+
+def _unpack_bounded(body: Any, pre_hello: bool) -> Any:
     n = len(body)
+    limit = n // BYTES_PER_CONTAINER + CONTAINER_SLACK
     try:
         if pre_hello:
             return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
                                    max_str_len=n, max_bin_len=n, max_array_len=PRE_HELLO_MAX_ARRAY,
                                    max_map_len=PRE_HELLO_MAX_MAP, max_ext_len=0)
-        if n <= COUNT_CONTAINERS_ABOVE or not count:
-            # msgpack's own limits for unpackb are the ones we want: no string, binary, array or
-            # map longer than the frame (maps: half of it); passing them costs time per frame.
-            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
-        limit = n // BYTES_PER_CONTAINER + CONTAINER_SLACK
         take = itertools.islice(itertools.repeat(None), limit).__next__  # StopIteration past the limit
 
         def count_array(container: Any) -> Any:
@@ -93,13 +101,12 @@ def unpack(body: Any, *, pre_hello: bool = False, count: bool = True) -> Any:
         return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
                                max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
                                max_ext_len=0, list_hook=count_array, object_hook=count_map)
-    # The C unpacker reports bad input through these; nothing else escapes.
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
     except StopIteration:
         raise RemoteProtocolError(
-            f"frame of {n} bytes holds more than {n // BYTES_PER_CONTAINER + CONTAINER_SLACK} arrays and maps "
-            f"(at most one per {BYTES_PER_CONTAINER} bytes)") from None
+            f"frame of {n} bytes holds more than {limit} arrays and maps "
+            f"(at most one per {BYTES_PER_CONTAINER} bytes, a map counting as two)") from None
 
 
 class Encoder:
