@@ -51,34 +51,31 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
-def unpack(body: Any, *, pre_hello: bool = False, count: bool = True) -> Any:
-    """Decode one msgpack value from ``body`` (bytes or memoryview).
-
-    Every length inside is bounded by the frame's (no string, array or map
-    can claim more items than the frame has bytes), extension types are
-    refused, and a frame larger than COUNT_CONTAINERS_ABOVE may decode to at
-    most ``len // BYTES_PER_CONTAINER + CONTAINER_SLACK`` arrays and maps,
-    so what it costs in memory stays proportional to its size.
-    ``pre_hello``: the tighter array/map limits of a server's first frame.
-    ``count`` False: no counting (a client decoding its broker's frames:
-    the subscriber's hot path, from a peer it trusts anyway).
+def unpack(body: Any) -> Any:
+    """Decode one msgpack value from ``body`` (bytes or memoryview), with
+    msgpack's own limits (no string, binary, array or map longer than the
+    frame; maps: half of it) and no extension types.
 
     Raises RemoteProtocolError (non-fatal: framing is intact) when the
-    bytes are not exactly one well-formed value of the allowed types, or
-    hold too many arrays and maps.
+    bytes are not exactly one well-formed value of the allowed types.
     """
-    if not pre_hello and (not count or len(body) <= COUNT_CONTAINERS_ABOVE):
-        # msgpack's own limits for unpackb are the ones we want here: no string, binary, array
-        # or map longer than the frame (maps: half of it); passing them costs time per frame.
-        try:
-            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True)
-        # The C unpacker reports bad input through these; nothing else escapes.
-        except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
-            raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
-    return _unpack_bounded(body, pre_hello)
+    try:
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext,
+                               use_list=True)
+    # The C unpacker reports bad input through these; nothing else escapes.
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
 
 
-def _unpack_bounded(body: Any, pre_hello: bool) -> Any:
+def unpack_bounded(body: Any, pre_hello: bool = False) -> Any:
+    """Like :func:`unpack`, for frames a server must not trust with its memory.
+
+    The frame may decode to at most ``len // BYTES_PER_CONTAINER +
+    CONTAINER_SLACK`` arrays (a map counting as two): decoding stops past
+    it. ``pre_hello``: arrays of at most PRE_HELLO_MAX_ARRAY items and maps
+    of at most PRE_HELLO_MAX_MAP entries (a server's first frame, HELLO).
+    Raises RemoteProtocolError (non-fatal) for undecodable or too dense frames.
+    """
     n = len(body)
     limit = n // BYTES_PER_CONTAINER + CONTAINER_SLACK
     try:
