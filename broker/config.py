@@ -60,7 +60,18 @@ class Config:
     # per authenticated user, unless [users.NAME] sets its own max_connections (one leaked
     # client loop must not take every slot of the global max_connections)
     max_connections_per_user: int = 1000
+    # Connections that have not completed HELLO (TLS handshake included), in total and per source
+    # address. They are counted apart from max_connections, so silent sockets cannot take the slots
+    # of real clients; at either cap the oldest such connection is closed to make room (a real
+    # client says HELLO at once, a silent one only waits to be evicted or to hit hello_timeout).
+    max_pending_handshakes: int = 512
+    max_pending_handshakes_per_ip: int = 128
     max_payload: int = 1024 * 1024
+    # Bind patterns per queue or stream, and across all of them: every client receives the
+    # patterns it may publish into after WELCOME and after every change, and each costs router
+    # memory; a declare beyond either cap is refused (INVALID_ARGUMENT / OVERLOADED).
+    max_bind_patterns: int = 64
+    max_bindings: int = 10_000
     hello_timeout: float = 5.0
     frame_timeout: float = 30.0
     max_pending_bytes: int = 16 * 1024 * 1024  # per-connection outbound buffer
@@ -127,7 +138,9 @@ class Config:
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")
-        for name in ("max_connections", "max_connections_per_user", "max_payload", "max_pending_bytes",
+        for name in ("max_connections", "max_connections_per_user", "max_pending_handshakes",
+                     "max_pending_handshakes_per_ip", "max_bind_patterns", "max_bindings", "max_payload",
+                     "max_pending_bytes",
                      "window_memory"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")

@@ -90,6 +90,7 @@ class ConnectionActor:
         self.perms = ANONYMOUS.permissions
         self.restricted = False  # True: check permissions (a configured user); False: ALLOW_ALL
         self.counted = False  # counted against the user's max_connections (released on detach)
+        self.admitted = False  # past HELLO: counted against the broker's max_connections
         self._pub_ok: dict[str, bool] = {}  # subject -> may publish (restricted users only)
         self.conn = Connection(Role.SERVER, max_frame=cfg.max_payload + 64 * 1024, max_payload=cfg.max_payload)
         self.subs: dict[int, Subscription] = {}
@@ -177,6 +178,11 @@ class ConnectionActor:
         self._wire = [w for w in self._wire if type(w) is not tuple]
         self._pending = 0
         self.send_err(0, ErrorCode.SLOW_CONSUMER, "outbound buffer limit exceeded: disconnected")
+        self.close()
+
+    def evict(self) -> None:
+        """Close a connection still waiting for HELLO, to make room for a newer one."""
+        self.send_err(0, ErrorCode.TOO_MANY_CONNECTIONS, "too many connections are waiting for HELLO: closed the oldest")
         self.close()
 
     def close(self) -> None:
@@ -315,6 +321,7 @@ class ConnectionActor:
         self.conn.send_parts(F.Welcome(F.PROTOCOL_VERSION, broker.config.server_name, info), [])
         # send_parts moved the state to OPEN; now queue the real frame bytes.
         self.push_wire([F.Op.WELCOME, F.PROTOCOL_VERSION, broker.config.server_name, info], 256)
+        broker.bindings.send(self)
         log.debug("connection %s (%s) open: client %r", self.number, self.peer, self.name)
         return await self._process()
 

@@ -434,6 +434,7 @@ class Durable:
                 raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
                            "delete it first to change them", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
+        self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:
             if qc.dead_letter.endswith(DLQ_SUFFIX) or qc.dead_letter == qc.name + DLQ_SUFFIX:
                 dq = dlq_config(qc.dead_letter)

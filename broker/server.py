@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 from typing import Any, Callable, Final
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import Listener, SocketAttribute, SocketStream, TaskGroup
+from anyio.streams.tls import TLSStream
 
 from protocol import ErrorCode, RemoteProtocolError
 from protocol import frames as F
@@ -38,6 +41,7 @@ from .auth import AuthError, AuthThrottled, Users, auth_method
 from .config import Config, ConfigError, is_loopback
 from .connection import ConnectionActor, Subscription
 from .backup import backup_handler
+from .bindings import BindingsFeed
 from .durable import Durable
 from .limits import ResourceMonitor
 from .permissions import redrive_needs
@@ -47,6 +51,17 @@ from .stats import Stats
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE: Final = 5.0  # seconds connections get to drain on SIGTERM before they are cancelled
+# File descriptors kept out of the connection budget: SQLite (db, WAL, shm), the audit and log files,
+# the listeners, metrics/health clients, backups, with room to spare. max_connections and
+# max_pending_handshakes are clamped at start-up so that, with this reserve, they fit RLIMIT_NOFILE.
+FD_RESERVE: Final = 64
+# Out of descriptors (or kernel memory) in accept(): the connection waits in the kernel's backlog
+# while we back off (doubling from the first to the second value, seconds) and keep serving the
+# connections we have; a silent one closing at its hello_timeout frees a descriptor.
+ACCEPT_BACKOFF: Final = (0.05, 1.0)
+ACCEPT_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# The peer went away between the SYN and our accept(): nothing to do but accept the next one.
+ACCEPT_PEER_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
 # Every call is written to the audit log except these, which read only counters and settings (a
 # dashboard polling them would drown the log). Calls that change state or read messages (dlq.list,
@@ -66,7 +81,7 @@ class Broker:
         self._next_conn = 0
         self.durable = Durable(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
-        self.bindings_epoch = 0
+        self.bindings = BindingsFeed(self)
         self.bound_address: tuple[str, int] | None = None
         self._tg: TaskGroup | None = None
         self._shutting_down = False
@@ -76,6 +91,14 @@ class Broker:
         self._durable_calls = self.durable.calls()
         self._durable_calls["backup"] = backup_handler(self)
         self._live = 0  # connection actors still running (closing ones included)
+        # Connections that have not completed HELLO, oldest first: number -> (peer ip, evict callback).
+        self._pending: dict[int, tuple[str, Callable[[], None]]] = {}
+        self._pending_per_ip: dict[str, int] = {}
+        self.admitted = 0  # connections past HELLO: what max_connections counts
+        # In force after the start-up clamp to the descriptor limit (see clamp_to_fd_limit).
+        self.max_connections = config.max_connections
+        self.max_pending_handshakes = config.max_pending_handshakes
+        self._ssl_context: Any = None
         self._all_closed = anyio.Event()
         sec = config.security
         # Users without their own max_connections get the broker-wide per-user default.
@@ -109,11 +132,18 @@ class Broker:
         (hashing runs in a worker thread), counts the connection against
         the user's max_connections and gives the actor its user; every
         outcome is audited. Unknown user, wrong password and wrong token
-        get the same AUTH_FAILED message."""
+        get the same AUTH_FAILED message. An admitted connection counts
+        against ``max_connections`` (checked before the password is hashed
+        and again when it is counted) and stops counting as a pending
+        handshake."""
         if self._shutting_down:
             return ErrorCode.SHUTTING_DOWN, "the broker is shutting down"
+        full = self._refuse_if_full(actor)
+        if full is not None:
+            return full
         users = self.users
         if users is None:
+            self._handshake_done(actor)
             return None
         method = auth_method(hello.auth)
         tls_cfg = self.config.security.tls
@@ -135,14 +165,69 @@ class Broker:
         if actor.number not in self.connections:
             # closed while its password was being hashed: counting it now would leak the slot
             return ErrorCode.SHUTTING_DOWN, "the connection is closing"
+        full = self._refuse_if_full(actor)
+        if full is not None:
+            return full
         if not users.try_acquire(user):
             self.audit.limit_refused(user.name, actor.peer, "user.max_connections",
                                      max_connections=user.max_connections)
             return (ErrorCode.TOO_MANY_CONNECTIONS,
                     f"user {user.name!r} holds its maximum of {user.max_connections} connections")
         actor.set_user(user, counted=True)
+        self._handshake_done(actor)
         self.audit.auth_ok(user.name, actor.peer, method, actor.number)
         return None
+
+    def _refuse_if_full(self, actor: ConnectionActor) -> tuple[ErrorCode, str] | None:
+        if self.admitted < self.max_connections:
+            return None
+        self.stats.connections_refused += 1
+        log.warning("refusing connection from %s: max_connections %d reached", actor.peer, self.max_connections)
+        self.audit.limit_refused("", actor.peer, "max_connections", max_connections=self.max_connections)
+        return (ErrorCode.TOO_MANY_CONNECTIONS,
+                f"the broker holds its maximum of {self.max_connections} connections")
+
+    # Connections before HELLO: capped in total and per source address; at a cap the oldest
+    # one is evicted, so a flood of silent sockets cannot lock real clients out.
+
+    def _track_handshake(self, number: int, peer_ip: str, evict: Callable[[], None]) -> None:
+        """Count a new connection as pending, first evicting the oldest pending
+        one from the same address (per-address cap) or from anywhere (total cap)."""
+        cfg = self.config
+        if self._pending_per_ip.get(peer_ip, 0) >= cfg.max_pending_handshakes_per_ip:
+            oldest = next(n for n, (ip, _e) in self._pending.items() if ip == peer_ip)
+            self._evict(oldest, "max_pending_handshakes_per_ip", cfg.max_pending_handshakes_per_ip)
+        elif len(self._pending) >= self.max_pending_handshakes:
+            self._evict(next(iter(self._pending)), "max_pending_handshakes", self.max_pending_handshakes)
+        self._pending[number] = (peer_ip, evict)
+        self._pending_per_ip[peer_ip] = self._pending_per_ip.get(peer_ip, 0) + 1
+
+    def _evict(self, number: int, limit: str, value: int) -> None:
+        peer_ip, evict = self._pending[number]
+        self._untrack_handshake(number)
+        self.stats.handshakes_evicted += 1
+        self.audit.limit_refused("", peer_ip, limit, **{limit: value})
+        evict()
+
+    def _untrack_handshake(self, number: int) -> None:
+        entry = self._pending.pop(number, None)
+        if entry is None:
+            return
+        ip = entry[0]
+        left = self._pending_per_ip[ip] - 1
+        if left:
+            self._pending_per_ip[ip] = left
+        else:
+            del self._pending_per_ip[ip]
+
+    def _handshake_done(self, actor: ConnectionActor) -> None:
+        self._untrack_handshake(actor.number)
+        actor.admitted = True
+        self.admitted += 1
+
+    @property
+    def pending_handshakes(self) -> int:
+        return len(self._pending)
 
     def denied(self, actor: ConnectionActor, action: str, name: str, rid: int) -> RemoteProtocolError:
         """Audit a permission denial and return the error to answer it with."""
@@ -160,24 +245,24 @@ class Broker:
             "heartbeat_ms": int(cfg.heartbeat * 1000),
             "connection_id": actor.number,
             "user": actor.user.name or None,
-            "bindings": {"epoch": self.bindings_epoch, "patterns": self.binding_patterns()},
+            # Only the epoch: the patterns follow in bindings NOTICEs (broker/bindings.py), so the
+            # handshake reply stays small whatever is declared.
+            "bindings": {"epoch": self.bindings.epoch},
         }
-
-    def binding_patterns(self) -> list[str]:
-        return self.durable.binding_patterns()
 
     def bindings_changed(self) -> None:
         """Tell every client the new set of durably bound patterns (before the
         declaring client's OK, which is queued after this)."""
-        self.bindings_epoch += 1
-        info = {"epoch": self.bindings_epoch, "patterns": self.binding_patterns()}
-        for actor in self.connections.values():
-            actor.push_wire([F.Op.NOTICE, "bindings", info], 256)
+        self.bindings.changed()
 
     def detach(self, actor: ConnectionActor) -> None:
         """Forget a closing connection: drop its subscriptions at once."""
         if self.connections.pop(actor.number, None) is None:
             return
+        self._untrack_handshake(actor.number)
+        if actor.admitted:
+            actor.admitted = False
+            self.admitted -= 1
         if actor.counted and self.users is not None:
             actor.counted = False
             self.users.release(actor.user)
@@ -196,14 +281,22 @@ class Broker:
         except (TypeError, ValueError, OSError, anyio.TypedAttributeLookupError):
             peer_ip = peer = "?"
         self.stats.connections_total += 1
+        if self._ssl_context is not None:
+            # The TLS handshake is part of the pending handshake: capped, evictable, timed out.
+            tls_scope = anyio.CancelScope()
+            self._track_handshake(number, peer_ip, tls_scope.cancel)
+            wrapped = None
+            try:
+                with tls_scope:
+                    wrapped = await self._tls_handshake(stream)
+            finally:
+                self._untrack_handshake(number)
+            if wrapped is None:
+                await anyio.aclose_forcefully(stream)
+                return
+            stream = wrapped
         actor = ConnectionActor(self, stream, number, peer, peer_ip)
-        if len(self.connections) >= self.config.max_connections:
-            self.stats.connections_refused += 1
-            log.warning("refusing connection from %s: max_connections %d reached", peer, self.config.max_connections)
-            self.audit.limit_refused("", peer, "max_connections", max_connections=self.config.max_connections)
-            await self._refuse(actor, ErrorCode.TOO_MANY_CONNECTIONS,
-                               f"the broker holds its maximum of {self.config.max_connections} connections")
-            return
+        self._track_handshake(number, peer_ip, actor.evict)
         self.connections[number] = actor
         self._live += 1
         log.debug("connection %d from %s", number, peer)
@@ -218,15 +311,15 @@ class Broker:
                 self._all_closed.set()
             log.debug("connection %d (%s) closed", number, peer)
 
-    async def _refuse(self, actor: ConnectionActor, code: ErrorCode, message: str) -> None:
-        from protocol.codec import Encoder
-        with anyio.move_on_after(1.0):
-            try:
-                await actor.stream.send(Encoder().encode_value([F.Op.ERR, 0, int(code), message]))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
-        with anyio.CancelScope(shield=True):
-            await actor.stream.aclose()
+    async def _tls_handshake(self, stream: SocketStream) -> Any:
+        """The server side of a TLS handshake within the HELLO timeout; None if it failed."""
+        try:
+            with anyio.fail_after(self.config.hello_timeout):
+                return await TLSStream.wrap(stream, server_side=True, ssl_context=self._ssl_context,
+                                            standard_compatible=False)
+        except Exception as exc:  # any failure of a stranger's handshake: one INFO line, then close
+            await tls.BrokerTLSListener.handle_handshake_error(exc, stream)
+            return None
 
     # ---------------------------------------------------------- requests
 
@@ -362,6 +455,8 @@ class Broker:
     def _stats_call(self, args: dict[str, Any]) -> dict[str, Any]:
         snap = self.stats.snapshot()
         snap["connections"] = len(self.connections)
+        snap["pending_handshakes"] = len(self._pending)
+        snap["max_connections"] = self.max_connections
         snap["subscriptions"] = self.router.count
         snap["queues"] = len(self.durable.queues)
         snap["confirmed"] = self.durable.confirmed
@@ -397,10 +492,10 @@ class Broker:
             tcp = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port, reuse_port=False)
             addr = tcp.extra(SocketAttribute.local_address)
             self.bound_address = (str(addr[0]), int(addr[1]))
-            listener: Any = tcp
-            if ssl_context is not None:
-                # The handshake gets the HELLO timeout: a peer that stalls in it holds a slot no longer.
-                listener = tls.listener(tcp, ssl_context, handshake_timeout=cfg.hello_timeout)
+            # The TLS handshake runs in the connection's task (_handle_connection) within the HELLO
+            # timeout: a peer that stalls in it holds a pending-handshake slot no longer.
+            self._ssl_context = ssl_context
+            self.clamp_to_fd_limit()
             async with anyio.create_task_group() as root:
                 try:
                     await root.start(self.audit.run_flusher)
@@ -410,7 +505,7 @@ class Broker:
                         from .metrics import serve_metrics
                         await root.start(serve_metrics, self, cfg.metrics_host, cfg.metrics_port)
                     await self.durable.start(root)
-                    await self._serve_connections(listener, install_signals)
+                    await self._serve_connections(tcp, install_signals)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await self.durable.close()
@@ -438,6 +533,56 @@ class Broker:
         if self._audit_file is not None:
             await self._audit_file.aclose()
 
+    def clamp_to_fd_limit(self) -> None:
+        """Fit max_connections and max_pending_handshakes (one descriptor
+        each) into RLIMIT_NOFILE minus FD_RESERVE, with a warning if they
+        had to shrink. Pending handshakes keep at least a quarter of the
+        budget (real clients need them to get in at all)."""
+        cfg = self.config
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return
+        budget = max(soft - FD_RESERVE, 2)
+        pending = cfg.max_pending_handshakes
+        conns = cfg.max_connections
+        if conns + pending > budget:
+            pending = min(pending, max(budget // 4, 1))
+            conns = min(conns, budget - pending)
+            log.warning("the open-file limit is %d: max_connections lowered from %d to %d and "
+                        "max_pending_handshakes from %d to %d (%d descriptors are kept in reserve); "
+                        "raise the limit (ulimit -n, LimitNOFILE=) to allow more", soft, cfg.max_connections,
+                        conns, cfg.max_pending_handshakes, pending, FD_RESERVE)
+        self.max_connections = conns
+        self.max_pending_handshakes = pending
+
+    async def _accept_loop(self, listener: Listener[SocketStream], tg: TaskGroup) -> None:
+        """Accept connections into ``tg`` until cancelled. Running out of
+        descriptors or kernel memory is logged and waited out (with
+        backoff), never fatal: the connections we have keep being served."""
+        backoff = ACCEPT_BACKOFF[0]
+        failing = False
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_PEER_ERRNOS:
+                    continue
+                if exc.errno not in ACCEPT_RESOURCE_ERRNOS:
+                    raise
+                self.stats.accept_errors += 1
+                if not failing:
+                    failing = True
+                    log.error("cannot accept connections: %s; retrying with backoff, serving the %d open ones",
+                              exc.strerror or exc, len(self.connections))
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, ACCEPT_BACKOFF[1])
+                continue
+            if failing:
+                failing = False
+                log.info("accepting connections again")
+            backoff = ACCEPT_BACKOFF[0]
+            tg.start_soon(self._handle_connection, stream)
+
     async def _serve_connections(self, listener: Any, install_signals: bool = True) -> None:
         cfg = self.config
         async with anyio.create_task_group() as ctg:
@@ -448,7 +593,9 @@ class Broker:
             async def accept_loop() -> None:
                 try:
                     with accept_scope:
-                        await listener.serve(self._handle_connection, task_group=ctg)
+                        async with anyio.create_task_group() as atg:
+                            for one in getattr(listener, "listeners", [listener]):
+                                atg.start_soon(self._accept_loop, one, ctg)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await listener.aclose()

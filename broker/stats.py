@@ -16,6 +16,8 @@ class Stats:
         self.slow_disconnects = 0
         self.connections_total = 0
         self.connections_refused = 0
+        self.handshakes_evicted = 0  # closed before HELLO to make room (max_pending_handshakes*)
+        self.accept_errors = 0  # accept() failed for lack of descriptors or memory
         self.errors: dict[int, int] = {}
 
     def count_error(self, code: int) -> None:
@@ -29,5 +31,7 @@ class Stats:
             "slow_disconnects": self.slow_disconnects,
             "connections_total": self.connections_total,
             "connections_refused": self.connections_refused,
+            "handshakes_evicted": self.handshakes_evicted,
+            "accept_errors": self.accept_errors,
             "errors": {str(k): v for k, v in self.errors.items()},
         }

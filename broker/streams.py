@@ -140,6 +140,7 @@ class Streams:
             return {"created": False, **existing.info()}
         if cfg.name in d.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
+        d.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
         dl = cfg.dead_letter or cfg.name + ".dlq"
         if dl not in d.queues:
             dq = dlq_config(dl)

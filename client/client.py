@@ -66,11 +66,30 @@ READ_CHUNK: Final = 65_536
 FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
 DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise
 MSG_OVERHEAD: Final = 16
+# PUB frames are cut to about this size (still one write): the broker counts the arrays and maps
+# of frames over 128 KiB as it decodes them (protocol/codec.py), which costs it a little per
+# message; frames this size are as cheap per message and need no counting.
+PUB_FRAME_TARGET: Final = 96 * 1024
 CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024  # any frame a broker may send (max_payload <= 32 MiB)
 DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
 DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
 DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
 REPLY_ID_BYTES: Final = 12  # random bytes per request's reply subject (96 bits: not guessable)
+
+# A new connection's binding set: (epoch, patterns, frames that arrived before its last chunk).
+_Initial = tuple[int, list[str], list[F.Frame]]
+
+
+def _add_chunk(building: tuple[int, list[str]] | None, info: dict[str, Any]) -> tuple[int, list[str]] | None:
+    """Add one bindings NOTICE's patterns to the set being built (a new
+    epoch starts a new set); a malformed notice leaves it as it was."""
+    epoch, patterns = info.get("epoch"), info.get("patterns")
+    if type(epoch) is not int or not isinstance(patterns, list):
+        return building
+    if building is None or building[0] != epoch:
+        building = (epoch, [])
+    building[1].extend(p for p in patterns if isinstance(p, str))
+    return building
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -166,6 +185,8 @@ class Client(AdminMixin):
         self._subjects: set[str] = set()
         self._bindings = PatternSet()
         self._bindings_epoch = -1
+        self._bindings_building: tuple[int, list[str]] | None = None  # a set whose last chunk is still due
+        self._early: list[F.Frame] = []  # frames that arrived while connect() waited for the bindings
         # request/reply
         self._inbox = ""  # chosen at the first request, once the broker has said who we are
         self._inbox_sid = 0
@@ -183,8 +204,8 @@ class Client(AdminMixin):
 
     async def _start(self, tg: TaskGroup) -> None:
         self._tg = tg
-        stream, conn, welcome = await self._dial()
-        self._attach(stream, conn, welcome)
+        stream, conn, welcome, initial = await self._dial()
+        self._attach(stream, conn, welcome, initial)
         self._set_state("connected")
         tg.start_soon(self._supervise)
 
@@ -195,8 +216,10 @@ class Client(AdminMixin):
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
-    async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome]:
-        """Connect and handshake; raises ConnectError (or the broker's refusal)."""
+    async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome, _Initial]:
+        """Connect, handshake and receive the durable binding patterns (so the
+        first publish already knows whether it needs a confirm); raises
+        ConnectError (or the broker's refusal)."""
         host, port, tls = parse_url(self.url)
         conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         stream: ByteStream | None = None
@@ -210,6 +233,7 @@ class Client(AdminMixin):
                 hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
                 await stream.send(conn.send(hello))
                 welcome = await self._read_welcome(stream, conn)
+                initial = await self._read_bindings(stream, conn, welcome)
         except builtins.TimeoutError as exc:
             await _aclose(stream)
             if isinstance(exc, TidingsError):
@@ -222,15 +246,56 @@ class Client(AdminMixin):
             await _aclose(stream)
             raise
         assert stream is not None
-        return stream, conn, welcome
+        return stream, conn, welcome, initial
 
-    def _attach(self, stream: ByteStream, conn: Connection, welcome: F.Welcome) -> None:
+    def _attach(self, stream: ByteStream, conn: Connection, welcome: F.Welcome, initial: _Initial) -> None:
         self._stream = stream
         self._conn = conn
         self.server_info = welcome.info
-        self._apply_bindings(welcome.info.get("bindings"))
+        # A new connection's set replaces the old one whatever its epoch (a restarted broker
+        # counts epochs from 0 again).
+        epoch, patterns, self._early = initial
+        self._bindings_epoch = epoch
+        self._bindings = PatternSet(patterns)
+        self._bindings_building = None
         self._last_rx = time.monotonic()
         self._connected.set()
+
+    @staticmethod
+    async def _read_bindings(stream: ByteStream, conn: Connection, welcome: F.Welcome) -> _Initial:
+        """Read frames after WELCOME until the broker's bindings set (epoch at
+        least the one WELCOME announced) is complete; other frames that come
+        first are returned to be handled once the connection runs."""
+        info = welcome.info.get("bindings")
+        if not isinstance(info, dict) or type(info.get("epoch")) is not int:
+            return -1, [], []  # a broker that announces no bindings
+        if isinstance(info.get("patterns"), list):  # a broker that still sends them in WELCOME
+            return info["epoch"], [p for p in info["patterns"] if isinstance(p, str)], []
+        announced: int = info["epoch"]
+        early: list[F.Frame] = []
+        building: tuple[int, list[str]] | None = None
+        while True:
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ProtocolViolationError(f"bad frame from the broker: {exc}") from exc
+            if ev is NEED_DATA:
+                try:
+                    data = await stream.receive(READ_CHUNK)
+                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                    raise ConnectError("the broker closed the connection during the handshake") from exc
+                conn.receive_data(data)
+                continue
+            if ev is CLOSED:
+                raise ConnectError("the broker closed the connection during the handshake")
+            if isinstance(ev, F.Notice) and ev.kind == "bindings":
+                building = _add_chunk(building, ev.info)
+                if building is not None and not ev.info.get("more") and building[0] >= announced:
+                    return building[0], building[1], early
+                if not ev.info.get("more"):
+                    building = None
+                continue
+            early.append(ev)  # type: ignore[arg-type]
 
     @staticmethod
     async def _read_welcome(stream: ByteStream, conn: Connection) -> F.Welcome:
@@ -341,7 +406,7 @@ class Client(AdminMixin):
             delay = min(hi, lo * 2 ** (attempt - 1))
             await anyio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads reconnect storms
             try:
-                stream, conn, welcome = await self._dial()
+                stream, conn, welcome, initial = await self._dial()
             except ConnectError as exc:
                 log.info("reconnect attempt %d to %s failed: %s", attempt, self.url, exc)
                 continue
@@ -351,7 +416,7 @@ class Client(AdminMixin):
                     continue
                 self._shutdown(exc)
                 return False
-            self._attach(stream, conn, welcome)
+            self._attach(stream, conn, welcome, initial)
             return True
         return False
 
@@ -494,11 +559,20 @@ class Client(AdminMixin):
                 out, self._out = self._out, []
                 self._cur_pub = None
                 self._cur_ack = None
-                self._pub_bytes = 0
+                pub_bytes, self._pub_bytes = self._pub_bytes, 0
+                per_frame = 0  # messages per PUB frame, from their average size; 0: no split
+                if pub_bytes > PUB_FRAME_TARGET:
+                    n = sum(len(w[1]) for w in out if w[0] == F.Op.PUB)
+                    per_frame = max(1, n * PUB_FRAME_TARGET // pub_bytes)
                 parts: list[bytes] = []
                 for w in out:
                     if w[0] == F.Op.PUB:
-                        self._encode_pubs(w[1], parts)
+                        pubs = w[1]
+                        if per_frame and len(pubs) > per_frame:
+                            for i in range(0, len(pubs), per_frame):
+                                self._encode_pubs(pubs[i:i + per_frame], parts)
+                        else:
+                            self._encode_pubs(pubs, parts)
                     else:
                         conn.encode_wire(w, parts)
                 await stream.send(b"".join(parts))
@@ -562,6 +636,9 @@ class Client(AdminMixin):
         error: TidingsError
         try:
             data = b""  # first, frames that arrived together with WELCOME
+            early, self._early = self._early, []
+            for ev in early:
+                self._dispatch(ev)
             while True:
                 if data:
                     conn.receive_data(data)
@@ -664,12 +741,19 @@ class Client(AdminMixin):
                 cons._stale(int(info.get("count", 0)))
 
     def _apply_bindings(self, info: Any) -> None:
-        if not isinstance(info, dict):
+        """One bindings NOTICE: a chunk of a set; the set replaces the one in
+        use when its last chunk ("more" false) arrives, unless it is older."""
+        if not isinstance(info, dict) or type(info.get("epoch")) is not int \
+                or not isinstance(info.get("patterns"), list):
             return
-        epoch, patterns = info.get("epoch"), info.get("patterns")
-        if isinstance(epoch, int) and isinstance(patterns, list) and epoch >= self._bindings_epoch:
-            self._bindings_epoch = epoch
-            self._bindings = PatternSet([p for p in patterns if isinstance(p, str)])
+        building = _add_chunk(self._bindings_building, info)
+        if building is None or info.get("more"):
+            self._bindings_building = building
+            return
+        self._bindings_building = None
+        if building[0] >= self._bindings_epoch:
+            self._bindings_epoch = building[0]
+            self._bindings = PatternSet(building[1])
 
     # ------------------------------------------------------------ publish
 

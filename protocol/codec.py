@@ -9,6 +9,7 @@ wrong raises :class:`RemoteProtocolError` and nothing else.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any, Callable, Final
 
@@ -26,6 +27,24 @@ MAX_FRAME_CEILING: Final = 64 * 1024 * 1024  # no side may announce more than th
 MAX_HEADERS: Final = 64  # headers per message
 MAX_NESTING: Final = 8  # nesting depth of CALL/CONSUME/HELLO argument maps
 MAX_NAME_LENGTH: Final = 255  # client names, queue/stream/group names, header keys
+# Decoded size. msgpack turns one byte into a Python object of 56-80 bytes (an empty array or
+# map), so a frame of empty containers decoded to ~70 times its size. The densest legitimate
+# frame, an ACK batch, holds one array per 4 or more bytes ([id, action, arg]); a frame may hold
+# at most that many arrays (a map counts as two: a dict costs two to three lists), plus a few
+# for the envelope, and is refused as it decodes past it. So decoding a frame costs at most ~25
+# times its size (a legitimate ACK batch about as much).
+BYTES_PER_CONTAINER: Final = 4
+CONTAINER_SLACK: Final = 16
+# Frames up to this size decode without counting: whatever they hold, at most ~10 MB for an
+# instant (one frame is decoded at a time). Counting costs a Python call per array and map
+# (roughly doubling the decode time of a batch of small messages), which the common batch
+# sizes must not pay; larger frames pay it, in proportion to the arrays and maps they hold.
+COUNT_CONTAINERS_ABOVE: Final = 128 * 1024
+# HELLO (the only frame a server accepts before the handshake) holds no array longer than 5 and
+# no map longer than a few keys. msgpack allocates an array's claimed length before reading its
+# items, so unbounded claims in nested headers of a 16 KiB frame could allocate ~128 MB.
+PRE_HELLO_MAX_ARRAY: Final = 16
+PRE_HELLO_MAX_MAP: Final = MAX_HEADERS
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
@@ -33,7 +52,9 @@ def _reject_ext(code: int, data: bytes) -> Any:
 
 
 def unpack(body: Any) -> Any:
-    """Decode one msgpack value from ``body`` (bytes or memoryview).
+    """Decode one msgpack value from ``body`` (bytes or memoryview), with
+    msgpack's own limits (no string, binary, array or map longer than the
+    frame; maps: half of it) and no extension types.
 
     Raises RemoteProtocolError (non-fatal: framing is intact) when the
     bytes are not exactly one well-formed value of the allowed types.
@@ -44,6 +65,45 @@ def unpack(body: Any) -> Any:
     # The C unpacker reports bad input through these; nothing else escapes.
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
         raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
+
+
+def unpack_bounded(body: Any, pre_hello: bool = False) -> Any:
+    """Like :func:`unpack`, for frames a server must not trust with its memory.
+
+    The frame may decode to at most ``len // BYTES_PER_CONTAINER +
+    CONTAINER_SLACK`` arrays (a map counting as two): decoding stops past
+    it. ``pre_hello``: arrays of at most PRE_HELLO_MAX_ARRAY items and maps
+    of at most PRE_HELLO_MAX_MAP entries (a server's first frame, HELLO).
+    Raises RemoteProtocolError (non-fatal) for undecodable or too dense frames.
+    """
+    n = len(body)
+    limit = n // BYTES_PER_CONTAINER + CONTAINER_SLACK
+    try:
+        if pre_hello:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+                                   max_str_len=n, max_bin_len=n, max_array_len=PRE_HELLO_MAX_ARRAY,
+                                   max_map_len=PRE_HELLO_MAX_MAP, max_ext_len=0)
+        take = itertools.islice(itertools.repeat(None), limit).__next__  # StopIteration past the limit
+
+        def count_array(container: Any) -> Any:
+            take()
+            return container
+
+        def count_map(container: Any) -> Any:
+            # a dict costs two to three lists (~200 bytes with one entry, from 2 bytes of input)
+            take()
+            take()
+            return container
+
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_reject_ext, use_list=True,
+                               max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2,
+                               max_ext_len=0, list_hook=count_array, object_hook=count_map)
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise RemoteProtocolError(f"undecodable frame: {exc.__class__.__name__}: {exc}") from exc
+    except StopIteration:
+        raise RemoteProtocolError(
+            f"frame of {n} bytes holds more than {limit} arrays and maps "
+            f"(at most one per {BYTES_PER_CONTAINER} bytes, a map counting as two)") from None
 
 
 class Encoder:

@@ -25,10 +25,12 @@ from .codec import (
     HEADER,
     HEADER_SIZE,
     MAX_FRAME_CEILING,
+    COUNT_CONTAINERS_ABOVE,
     PRE_HELLO_MAX_FRAME,
     Decoder,
     Encoder,
     unpack,
+    unpack_bounded,
 )
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
@@ -77,7 +79,7 @@ class Connection:
 
     __slots__ = ("role", "state", "max_frame", "peer_max_frame", "max_payload", "_limit",
                  "_buf", "_pos", "_pending", "_pending_len", "_need", "_eof", "_enc",
-                 "_dec", "_out_ops", "frames_in")
+                 "_dec", "_out_ops", "frames_in", "_bounded_above")
 
     def __init__(self, role: Role, *, max_frame: int = DEFAULT_MAX_FRAME,
                  max_payload: int | None = None) -> None:
@@ -100,6 +102,10 @@ class Connection:
         self._dec = Decoder(accept, self.max_payload)
         self._out_ops = F.SERVER_OPS if role is Role.SERVER else F.CLIENT_OPS
         self.frames_in = 0
+        # Frames longer than this are decoded with unpack_bounded. A server bounds its first frame
+        # (HELLO, from a stranger) and then every frame over COUNT_CONTAINERS_ABOVE; a client
+        # trusts its broker (its MSG/DELIVER batches are the subscriber's hot path).
+        self._bounded_above = -1 if role is Role.SERVER else MAX_FRAME_CEILING
 
     # ------------------------------------------------------------ receiving
 
@@ -177,7 +183,11 @@ class Connection:
             raise RemoteProtocolError("empty frame")
         try:
             # undecodable bytes go through the handshake guard too: before HELLO they are fatal
-            value = unpack(memoryview(self._buf)[start:start + n])
+            if n > self._bounded_above:
+                value = unpack_bounded(memoryview(self._buf)[start:start + n],
+                                       pre_hello=self.state is State.START)
+            else:
+                value = unpack(memoryview(self._buf)[start:start + n])
             frame = self._dec.frame(value)
         except RemoteProtocolError:
             self._handshake_guard(None)
@@ -222,6 +232,7 @@ class Connection:
                     self.peer_max_frame = peer
                 else:
                     self.peer_max_frame = self.max_frame
+                self._bounded_above = COUNT_CONTAINERS_ABOVE
                 self.state = State.HELLO_RECEIVED
             return
         # client

@@ -72,12 +72,19 @@ class RawClient:
         return self._rids
 
     async def hello(self, name: str = "rawclient", timeout: float = DEFAULT_WAIT) -> F.Welcome:
-        """Do the handshake; return WELCOME (raises AssertionError on ERR)."""
+        """Do the handshake; return WELCOME (raises AssertionError on ERR).
+        The binding set the broker sends right after WELCOME (NOTICEs up to
+        the one without "more") is read too and kept in ``bindings``."""
         await self.send(F.Hello(F.PROTOCOL_VERSION, name, None, {}))
         ev = await self.read_until(lambda f: isinstance(f, (F.Welcome, F.Err)), timeout)
         assert isinstance(ev, F.Welcome), f"handshake refused: {ev!r}"
         self.welcome = ev
-        return ev
+        self.bindings: list[str] = []
+        while True:
+            n = await self.read_until(lambda f: isinstance(f, F.Notice) and f.kind == "bindings", timeout)
+            self.bindings += n.info["patterns"]  # type: ignore[union-attr]
+            if not n.info.get("more"):  # type: ignore[union-attr]
+                return ev
 
     async def subscribe(self, pattern: str, sid: int, group: str | None = None,
                         timeout: float = DEFAULT_WAIT) -> None:
