@@ -38,6 +38,7 @@ from .auth import AuthError, AuthThrottled, Users, auth_method
 from .config import Config, ConfigError, is_loopback
 from .connection import ConnectionActor, Subscription
 from .backup import backup_handler
+from .caps import Caps
 from .durable import Durable
 from .limits import ResourceMonitor
 from .router import Router
@@ -46,7 +47,6 @@ from .stats import Stats
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE: Final = 5.0  # seconds connections get to drain on SIGTERM before they are cancelled
-MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
 # Calls that change state are written to the audit log (reads such as stats or queue.info are not:
 # a dashboard polling them would drown the log).
 AUDITED_CALLS: Final = frozenset({"queue.declare", "queue.delete", "queue.purge", "dlq.purge", "dlq.redrive",
@@ -63,6 +63,7 @@ class Broker:
         self.connections: dict[int, ConnectionActor] = {}
         self._next_conn = 0
         self.durable = Durable(self)
+        self.caps = Caps(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
         self.bindings_epoch = 0
         self.bound_address: tuple[str, int] | None = None
@@ -169,6 +170,7 @@ class Broker:
         for sub in actor.subs.values():
             self.router.remove(sub.pattern, sub, sub.group)
         actor.subs.clear()
+        self.caps.left(actor)
         self.durable.detach_all(actor)
 
     async def _handle_connection(self, stream: SocketStream) -> None:
@@ -239,6 +241,7 @@ class Broker:
                 name = ev.args.get("queue", ev.args.get("stream"))
                 if isinstance(name, str) and not actor.perms.allows("consume", name):
                     raise self.denied(actor, "consume", name, ev.rid)
+            self.caps.check_consumer(actor, ev.rid)
             if "queue" in ev.args:
                 result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
             elif "stream" in ev.args:
@@ -276,8 +279,7 @@ class Broker:
         if ev.sid in actor.subs:
             raise RemoteProtocolError(f"subscription id {ev.sid} is already in use", ErrorCode.INVALID_ARGUMENT,
                                       rid=ev.rid)
-        if len(actor.subs) >= MAX_SUBS_PER_CONNECTION:
-            raise RemoteProtocolError("too many subscriptions on one connection", ErrorCode.OVERLOADED, rid=ev.rid)
+        self.caps.check_subscription(actor, ev.rid)
         sub = Subscription(actor, ev.sid, ev.pattern, ev.group)
         actor.subs[ev.sid] = sub
         self.router.add(ev.pattern, sub, ev.group)
@@ -319,6 +321,10 @@ class Broker:
         snap = self.stats.snapshot()
         snap["connections"] = len(self.connections)
         snap["subscriptions"] = self.router.count
+        conns = self.connections.values()
+        snap["outbound_bytes"] = sum(a.pending_bytes for a in conns)
+        snap["outbound_bytes_max"] = max((a.pending_bytes for a in conns), default=0)
+        snap["credit_waits"] = sum(a.credit_waits for a in conns)
         snap["queues"] = len(self.durable.queues)
         snap["confirmed"] = self.durable.confirmed
         snap["duplicates"] = self.durable.duplicates

@@ -233,6 +233,7 @@ class Streams:
                 raise _err(f"window must be 1..{MAX_WINDOW}", ErrorCode.INVALID_ARGUMENT, rid)
             g = st.groups.get(group)
             if g is None:
+                self.durable.broker.caps.check_group(conn, st, rid)
                 start = args.get("start", "earliest")
                 if start not in ("earliest", "latest"):
                     raise _err("a new group's start must be 'earliest' or 'latest'", ErrorCode.INVALID_ARGUMENT,
