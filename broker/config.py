@@ -76,6 +76,16 @@ class Config:
     frame_timeout: float = 30.0
     max_pending_bytes: int = 16 * 1024 * 1024  # per-connection outbound buffer
     slow_consumer: str = "drop"  # "drop" (count + notice) or "disconnect"
+    # What one connection / one user may hold in the broker's memory (issue 10: 50,000
+    # consumers on one connection were accepted; a subscription with a 32-token pattern
+    # costs about 14 KiB of router memory). Per-user caps apply when users are configured.
+    max_subscriptions_per_connection: int = 10_000
+    max_subscriptions_per_user: int = 50_000
+    max_consumers_per_connection: int = 1_000  # queue consumers, group memberships and stream readers
+    max_consumers_per_user: int = 10_000
+    # Consumer groups one stream may have (each is an actor with state per partition, its
+    # offsets are stored, and stream.info lists them all).
+    max_groups_per_stream: int = 1_000
     heartbeat: float = 20.0  # server PINGs a silent client this often; 2 missed -> close
     dedup_window: float = 300.0
     max_db_pages: int = 0  # cap the store's size in SQLite pages (4 KiB); 0 = no cap beyond the disk
@@ -138,10 +148,11 @@ class Config:
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")
-        for name in ("max_connections", "max_connections_per_user", "max_pending_handshakes",
-                     "max_pending_handshakes_per_ip", "max_bind_patterns", "max_bindings", "max_payload",
-                     "max_pending_bytes",
-                     "window_memory"):
+        for name in ("max_connections", "max_connections_per_user", "max_payload", "max_pending_bytes",
+                     "max_subscriptions_per_connection", "max_subscriptions_per_user",
+                     "max_consumers_per_connection", "max_consumers_per_user", "max_groups_per_stream",
+                     "max_pending_handshakes", "max_pending_handshakes_per_ip", "max_bind_patterns",
+                     "max_bindings", "window_memory"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:

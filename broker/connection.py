@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
 from anyio.abc import ByteStream
@@ -99,6 +99,8 @@ class ConnectionActor:
         self.msgs_in = 0
         self.msgs_out = 0
         self.dropped_total = 0
+        self.credit_waits = 0  # times a durable producer held deliveries back for this connection
+        self._reserved = 0  # bytes of deliveries taken but not yet pushed (see reserve())
         self._limit = cfg.max_pending_bytes
         self._drop = cfg.slow_consumer == "drop"
         self._msgs: dict[int, list[Any]] = {}
@@ -110,6 +112,9 @@ class ConnectionActor:
         self._writer_idle = False
         self._space: anyio.Event | None = None
         self._below: list[tuple[int, anyio.Event]] = []
+        # Durable producers (queues, groups) that stopped delivering here because the mailbox
+        # was full: each is woken once when the writer has drained it below the bound.
+        self._credit_waiters: dict[Callable[[], None], None] = {}  # ordered set (bound methods compare equal)
         self._reader_scope = anyio.CancelScope()
         self._closing = False
         self._writer_done = anyio.Event()
@@ -120,6 +125,7 @@ class ConnectionActor:
         self.perms = user.permissions
         self.restricted = not user.permissions.unrestricted
         self.counted = counted
+        self.broker.caps.joined(self)
 
     # ---------------------------------------------------------- mailbox
 
@@ -163,6 +169,36 @@ class ConnectionActor:
             self._writer_idle = False
             self._wake.set()
 
+    @property
+    def pending_limit(self) -> int:
+        """``max_pending_bytes``: the bound on this connection's outbound mailbox."""
+        return self._limit
+
+    def credit(self, wake: Callable[[], None]) -> int:
+        """Bytes of durable deliveries this connection may still queue (``max_pending_bytes``
+        less what is pending). At or below 0 the caller must hold its deliveries back (as
+        credit: nothing is dropped) and ``wake()`` is called once the writer has drained
+        the mailbox below the bound, or the connection closes."""
+        left = self._limit - self._pending - self._reserved
+        if left <= 0 and wake not in self._credit_waiters:
+            self._credit_waiters[wake] = None
+            self.credit_waits += 1
+        return left
+
+    def reserve(self, n: int) -> None:
+        """Count ``n`` bytes of deliveries taken now and pushed later (a stream group pushes
+        once the store has recorded them) against this connection's credit."""
+        self._reserved += n
+
+    def release(self, n: int) -> None:
+        """The reserved bytes were pushed (or dropped): they count as pending instead."""
+        self._reserved -= n
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued in the outbound mailbox or being written."""
+        return self._pending
+
     def send_err(self, rid: int, code: int, message: str) -> None:
         self.broker.stats.count_error(code)
         self.push_wire([F.Op.ERR, rid, int(code), message], 64 + len(message))
@@ -196,6 +232,7 @@ class ConnectionActor:
             for _n, ev in self._below:
                 ev.set()
             self._below = []
+            self._wake_credit()
             # Stop reading now (a reader blocked in receive() would otherwise
             # wait for the peer or the heartbeat).
             self._reader_scope.cancel()
@@ -281,7 +318,7 @@ class ConnectionActor:
     async def wait_pending_below(self, n: int) -> None:
         """Wait until this connection's outbound mailbox holds at most ``n``
         bytes (or it is closing): producers that must not drop use this."""
-        while self._pending > n and not self._closing:
+        while self._pending + self._reserved > n and not self._closing:
             ev = anyio.Event()
             self._below.append((n, ev))
             await ev.wait()
@@ -549,13 +586,18 @@ class ConnectionActor:
                             self.msgs_out += len(items)
                             self._encode_msgs(sid, items, msg_bytes[sid], out)
                     else:
-                        conn.encode_wire(w, out)
+                        try:
+                            conn.encode_wire(w, out)
+                        except LocalProtocolError:
+                            self._encode_oversized(w, out)
                 for sid, n in dropped.items():
                     conn.encode_wire([F.Op.NOTICE, "slow_consumer", {"sid": sid, "dropped": n}], out)
                 await self.stream.send(b"".join(out))
                 self._pending -= taken
                 if self._space is not None and self._pending <= self._limit:
                     self._space.set()
+                if self._credit_waiters and self._pending < self._limit:
+                    self._wake_credit()
                 if self._below:
                     pending = self._pending
                     keep = []
@@ -569,6 +611,36 @@ class ConnectionActor:
             self.close()
         finally:
             self._writer_done.set()
+
+    def _encode_oversized(self, w: list[Any], out: list[bytes]) -> None:
+        """A control frame larger than the client's announced max_frame: an answer becomes
+        REPLY_TOO_LARGE for that request (the connection stays usable), a DELIVER batch is
+        split; anything else is logged and left out (sending it would break the stream)."""
+        conn = self.conn
+        op = w[0]
+        if op == F.Op.OK:
+            rid = w[1]
+            msg = f"the reply is larger than this connection's max_frame of {conn.peer_max_frame} bytes"
+            self.broker.stats.count_error(ErrorCode.REPLY_TOO_LARGE)
+            conn.encode_wire([F.Op.ERR, rid, int(ErrorCode.REPLY_TOO_LARGE), msg], out)
+            return
+        if op == F.Op.DELIVER and len(w[2]) > 1:
+            half = len(w[2]) // 2
+            for part in (w[2][:half], w[2][half:]):
+                try:
+                    conn.encode_wire([F.Op.DELIVER, w[1], part], out)
+                except LocalProtocolError:
+                    self._encode_oversized([F.Op.DELIVER, w[1], part], out)
+            return
+        # A single delivery larger than the client accepts stays unacked: its ack deadline
+        # redelivers it and max_deliveries finally moves it to the dead-letter queue.
+        log.warning("connection %s (%s): not sending a %s frame larger than the client's max_frame %d",
+                    self.number, self.peer, F.Op(op).name, conn.peer_max_frame)
+
+    def _wake_credit(self) -> None:
+        waiters, self._credit_waiters = self._credit_waiters, {}
+        for wake in waiters:
+            wake()
 
     def _encode_msgs(self, sid: int, items: list[Any], est: int, out: list[bytes]) -> None:
         conn = self.conn

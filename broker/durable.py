@@ -21,6 +21,7 @@ import msgpack
 from anyio.abc import TaskGroup
 
 from protocol import frames as F
+from protocol import numbers as N
 from protocol.errors import ErrorCode, RemoteProtocolError
 
 from .limits import WindowBudget
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_PREFETCH: Final = 10_000  # deliveries one consumer may hold unacked
+MAX_PREFETCH: Final = N.MAX_PREFETCH  # deliveries one consumer may hold unacked (checked when CONSUME is decoded)
 DEDUP_SWEEP: Final = 30.0  # seconds between sweeps of expired de-duplication entries
 REDRIVE_CHUNK: Final = 5_000  # messages moved per transaction by a redrive
 RECENT_LIMIT: Final = 100_000  # in-memory de-dup entries for publishes not yet swept (bounded)

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 WINDOW: Final = 10_000  # messages of a queue's backlog held in memory; the rest stays on disk
 DELIVER_FRAME_BUDGET: Final = 512 * 1024  # bytes of payload per DELIVER frame before starting another
+DELIVERY_OVERHEAD: Final = 48  # estimated envelope bytes of one DELIVER item, counted against credit
 
 
 class Consumer:
@@ -361,7 +362,19 @@ class QueueActor:
         ready = self.ready
         if not ready or not self.consumers:
             return
-        cons = [c for c in self.consumers if len(c.inflight) < c.prefetch]
+        # Credit: bytes each connection may still take before its mailbox reaches
+        # max_pending_bytes. A connection without credit is skipped (the queue is woken
+        # when it drains); the others keep being served.
+        wake = self.wake
+        left: dict[ConnectionActor, int] = {}
+        cons = []
+        for c in self.consumers:
+            if len(c.inflight) < c.prefetch:
+                conn = c.conn
+                if conn not in left:
+                    left[conn] = conn.credit(wake)
+                if left[conn] > 0:
+                    cons.append(c)
         if not cons:
             return
         now = self.durable.now_ms()
@@ -377,6 +390,11 @@ class QueueActor:
             if i >= len(cons):
                 i = 0
             c = cons[i]
+            conn = c.conn
+            if left[conn] <= 0:
+                conn.credit(wake)  # out of credit: held back until this connection drains
+                cons.pop(i)
+                continue
             msg = ready.popleft()
             self._ready_bytes -= len(msg.payload) + MESSAGE_OVERHEAD
             if msg.expires_ms is not None and msg.expires_ms <= now:
@@ -398,6 +416,7 @@ class QueueActor:
             if items is None:
                 items = out[c] = []
             items.append([did, msg.subject, msg.payload, msg.headers, msg.deliveries, msg.published_ms, meta])
+            left[conn] -= len(msg.payload) + len(msg.subject) + DELIVERY_OVERHEAD
             if msg.deliveries > 1:
                 self.redelivered += 1
             if len(c.inflight) >= c.prefetch:
@@ -415,7 +434,7 @@ class QueueActor:
         size = 0
         for it in items:
             batch.append(it)
-            size += len(it[2]) + len(it[1]) + 48
+            size += len(it[2]) + len(it[1]) + DELIVERY_OVERHEAD
             if size >= DELIVER_FRAME_BUDGET:
                 c.conn.push_wire([F.Op.DELIVER, c.cid, batch], size)
                 batch, size = [], 0

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from protocol.errors import ErrorCode, RemoteProtocolError
+from protocol.numbers import check_int
 from protocol.subjects import validate_pattern
 
 DEFAULT_MAX_DELIVERIES: Final = 5  # then the message moves to the DLQ (never silently dropped)
@@ -14,6 +15,7 @@ DEFAULT_ACK_DEADLINE: Final = 30.0
 OVERFLOW_POLICIES: Final = ("reject", "dead_letter_oldest")
 DLQ_SUFFIX: Final = ".dlq"
 MAX_QUEUE_NAME: Final = 200  # leaves room for the ".dlq" suffix within the 255 name limit
+MAX_BACKOFF: Final = 86400 * 7  # seconds: a retry delay longer than a week is a mistake, not a policy
 
 
 def _bad(msg: str) -> RemoteProtocolError:
@@ -73,8 +75,8 @@ class QueueConfig:
         except RemoteProtocolError as exc:
             raise _bad(exc.message) from None
         sched = a.get("backoff_schedule") or ()
-        if not isinstance(sched, (list, tuple)) or not all(_num(x) and x >= 0 for x in sched):
-            raise _bad("backoff_schedule must be a list of non-negative numbers of seconds")
+        if not isinstance(sched, (list, tuple)) or not all(_num(x) and 0 <= x <= MAX_BACKOFF for x in sched):
+            raise _bad(f"backoff_schedule must be a list of numbers of seconds in [0, {MAX_BACKOFF}]")
 
         def num(key: str, default: float, lo: float, hi: float = float("inf"), optional: bool = False) -> Any:
             v = a.get(key, default)
@@ -85,11 +87,10 @@ class QueueConfig:
             return float(v)
 
         md = a.get("max_deliveries", DEFAULT_MAX_DELIVERIES if not is_dlq else 0)
-        if type(md) is not int or md < 0:
-            raise _bad("max_deliveries must be a non-negative integer (0 = unlimited)")
+        check_int(md, "max_deliveries (0 = unlimited)")
         ml = a.get("max_length")
-        if ml is not None and (type(ml) is not int or ml < 1):
-            raise _bad("max_length must be a positive integer or nil")
+        if ml is not None:
+            check_int(ml, "max_length", 1)
         overflow = a.get("overflow", "reject")
         if overflow not in OVERFLOW_POLICIES:
             raise _bad(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
@@ -108,7 +109,7 @@ class QueueConfig:
             max_deliveries=md,
             backoff_initial=num("backoff_initial", 1.0, 0.0, 86400),
             backoff_multiplier=num("backoff_multiplier", 2.0, 1.0, 100),
-            backoff_max=num("backoff_max", 60.0, 0.0, 86400 * 7),
+            backoff_max=num("backoff_max", 60.0, 0.0, MAX_BACKOFF),
             backoff_jitter=num("backoff_jitter", 0.1, 0.0, 1.0),
             backoff_schedule=tuple(float(x) for x in sched),
             dead_letter=dl,

@@ -42,6 +42,7 @@ from .config import Config, ConfigError, is_loopback
 from .connection import ConnectionActor, Subscription
 from .backup import backup_handler
 from .bindings import BindingsFeed
+from .caps import Caps
 from .durable import Durable
 from .limits import ResourceMonitor
 from .permissions import redrive_needs
@@ -80,6 +81,7 @@ class Broker:
         self.connections: dict[int, ConnectionActor] = {}
         self._next_conn = 0
         self.durable = Durable(self)
+        self.caps = Caps(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
         self.bindings = BindingsFeed(self)
         self.bound_address: tuple[str, int] | None = None
@@ -269,6 +271,7 @@ class Broker:
         for sub in actor.subs.values():
             self.router.remove(sub.pattern, sub, sub.group)
         actor.subs.clear()
+        self.caps.left(actor)
         self.durable.detach_all(actor)
 
     async def _handle_connection(self, stream: SocketStream) -> None:
@@ -352,6 +355,7 @@ class Broker:
                         raise self.denied(actor, "consume", f"{name}/{group}", ev.rid)
                 elif isinstance(name, str) and not actor.perms.allows("consume", name):
                     raise self.denied(actor, "consume", name, ev.rid)
+            self.caps.check_consumer(actor, ev.rid)
             if "queue" in ev.args:
                 result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
             elif "stream" in ev.args and ev.args.get("group") is not None:
@@ -410,8 +414,7 @@ class Broker:
         if ev.sid in actor.subs:
             raise RemoteProtocolError(f"subscription id {ev.sid} is already in use", ErrorCode.INVALID_ARGUMENT,
                                       rid=ev.rid)
-        if len(actor.subs) >= MAX_SUBS_PER_CONNECTION:
-            raise RemoteProtocolError("too many subscriptions on one connection", ErrorCode.OVERLOADED, rid=ev.rid)
+        self.caps.check_subscription(actor, ev.rid)
         sub = Subscription(actor, ev.sid, ev.pattern, ev.group)
         actor.subs[ev.sid] = sub
         self.router.add(ev.pattern, sub, ev.group)
@@ -458,6 +461,10 @@ class Broker:
         snap["pending_handshakes"] = len(self._pending)
         snap["max_connections"] = self.max_connections
         snap["subscriptions"] = self.router.count
+        conns = self.connections.values()
+        snap["outbound_bytes"] = sum(a.pending_bytes for a in conns)
+        snap["outbound_bytes_max"] = max((a.pending_bytes for a in conns), default=0)
+        snap["credit_waits"] = sum(a.credit_waits for a in conns)
         snap["queues"] = len(self.durable.queues)
         snap["confirmed"] = self.durable.confirmed
         snap["duplicates"] = self.durable.duplicates

@@ -31,6 +31,7 @@ from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.partition import partition_for
 
 from .limits import MESSAGE_OVERHEAD, WINDOW_MIN
+from .queue import DELIVER_FRAME_BUDGET, DELIVERY_OVERHEAD
 from .store.streams import StreamRow
 from .streamconfig import DEFAULT_WINDOW, StreamConfig
 
@@ -440,9 +441,22 @@ class GroupActor:
         cfg = self.stream.cfg
         deadline = mono + cfg.ack_deadline
         out: dict[Member, list[Any]] = {}
+        # Credit per connection (see ConnectionActor.credit): a member whose connection
+        # is full is skipped and the group is woken when it drains. What is taken here is
+        # pushed only after the store call in _send, so it is reserved on the connection.
+        wake = self.wake
+        left: dict[ConnectionActor, int] = {}
+        taken: dict[ConnectionActor, int] = {}
         for ps in self.parts:
             m = ps.owner
             if m is None or ps.paused_until > mono:
+                continue
+            conn = m.conn
+            if conn not in left:
+                left[conn] = conn.credit(wake)
+                taken[conn] = 0
+            if left[conn] <= 0:
+                conn.credit(wake)
                 continue
             part = self.stream.partitions[ps.index]
             if ps.cursor < part.first:
@@ -451,11 +465,12 @@ class GroupActor:
                     ps.committed = part.first
                     ps.dirty = True
             room = m.window - len(ps.inflight)
-            while room > 0 and ps.cursor < part.hwm:
+            while room > 0 and ps.cursor < part.hwm and left[conn] > 0:
                 if ps.buffer and ps.buffer[0].offset < ps.cursor:
                     ps.buffer.popleft()
                     continue
-                if ps.buffer:
+                buffered = bool(ps.buffer)
+                if buffered:
                     rows = []
                     while ps.buffer and len(rows) < room:
                         rows.append(ps.buffer.popleft())
@@ -470,7 +485,11 @@ class GroupActor:
                 items = out.get(m)
                 if items is None:
                     items = out[m] = []
-                for r in rows:
+                for k, r in enumerate(rows):
+                    if left[conn] <= 0:
+                        if buffered:
+                            ps.buffer.extendleft(reversed(rows[k:]))
+                        break
                     if r.offset > ps.cursor:
                         self._skip_to(ps, r.offset)  # missing offsets: failed writes or retention
                     elif r.offset < ps.cursor:
@@ -490,10 +509,16 @@ class GroupActor:
                     heapq.heappush(self._deadlines, (deadline, did))
                     items.append([did, r.subject, r.payload, r.headers, n, r.timestamp_ms,
                                   [ps.index, r.offset, r.key, ps.gen]])
+                    size = len(r.payload) + len(r.subject) + DELIVERY_OVERHEAD
+                    left[conn] -= size
+                    taken[conn] += size
                     ps.cursor += 1
                     room -= 1
                     if ps.cursor > ps.delivered:
                         ps.delivered = ps.cursor
+        for conn, n in taken.items():
+            if n:
+                conn.reserve(n)
         self._out = out
         return need
 
@@ -523,7 +548,10 @@ class GroupActor:
         for m, items in out.items():
             if m.group is self and m in self.members:
                 self.delivered_count += len(items)
-                _push(m.conn, m.cid, items)
+                size = _push(m.conn, m.cid, items)
+            else:
+                size = sum(len(it[2]) + len(it[1]) + DELIVERY_OVERHEAD for it in items)
+            m.conn.release(size)
 
     def _skip_to(self, ps: PState, offset: int) -> None:
         for o in range(ps.cursor, offset):
@@ -569,17 +597,21 @@ class GroupActor:
             "partitions": parts, "delivered": self.delivered_count, "redelivered": self.redelivered}
 
 
-def _push(conn: ConnectionActor, cid: int, items: list[Any]) -> None:
+def _push(conn: ConnectionActor, cid: int, items: list[Any]) -> int:
+    """Queue ``items`` as DELIVER frames of at most DELIVER_FRAME_BUDGET; returns their bytes."""
     batch: list[Any] = []
     size = 0
+    total = 0
     for it in items:
         batch.append(it)
-        size += len(it[2]) + len(it[1]) + 48
-        if size >= 512 * 1024:
+        size += len(it[2]) + len(it[1]) + DELIVERY_OVERHEAD
+        if size >= DELIVER_FRAME_BUDGET:
             conn.push_wire([F.Op.DELIVER, cid, batch], size)
+            total += size
             batch, size = [], 0
     if batch:
         conn.push_wire([F.Op.DELIVER, cid, batch], size)
+    return total + size
 
 
 # --------------------------------------------------------------- readers
@@ -647,13 +679,24 @@ class Reader:
                 if not rows:  # only gaps (or retention) between here and hwm
                     self.offset = max(self.offset + 1, part.first)
                     continue
-            items = [[r.offset, r.subject, r.payload, r.headers, 1, r.timestamp_ms,
-                      [self.partition, r.offset, r.key, 0]] for r in rows if r.subject != GAP]
-            self.offset = rows[-1].offset + 1
+            # At most `high` bytes per push, pushed only once the mailbox is below `high`:
+            # the connection's outbound bytes stay under max_pending_bytes (plus one message).
+            high = min(READER_HIGH_WATER, conn.pending_limit // 2)
+            items = []
+            left = high
+            for r in rows:
+                self.offset = r.offset + 1
+                if r.subject != GAP:
+                    items.append([r.offset, r.subject, r.payload, r.headers, 1, r.timestamp_ms,
+                                  [self.partition, r.offset, r.key, 0]])
+                    left -= len(r.payload) + len(r.subject) + DELIVERY_OVERHEAD
+                    if left <= 0:
+                        break  # the rest of the page is read again next time
+            await conn.wait_pending_below(high)
             if items:
                 _push(conn, self.cid, items)
-            await conn.wait_pending_below(READER_HIGH_WATER)
-            self.paged = budget.hold(self.paged, 0)  # sent: what is still queued is below READER_HIGH_WATER
+            await conn.wait_pending_below(high)
+            self.paged = budget.hold(self.paged, 0)  # sent: what is still queued is below `high`
 
 
 def resolve_start(part: Partition, start: Any, offset_for_time: int | None, out_of_range: str) -> int:

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
+from protocol import numbers as N
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.subjects import validate_pattern
 
 from .queueconfig import DLQ_SUFFIX, validate_name
 
-MAX_PARTITIONS: Final = 256  # one actor and one committed offset per partition and group: keep it modest
+MAX_PARTITIONS: Final = N.MAX_PARTITIONS  # one actor state and one committed offset per partition and group
 DEFAULT_WINDOW: Final = 100  # in-flight deliveries per partition in a consumer group
 
 
@@ -61,12 +62,12 @@ class StreamConfig:
         except RemoteProtocolError as exc:
             raise _bad(exc.message) from None
 
-        def opt_num(key: str, lo: float, integer: bool = False) -> Any:
+        def opt_num(key: str, lo: float, hi: float, integer: bool = False) -> Any:
             v = args.get(key)
             if v is None:
                 return None
-            if (integer and type(v) is not int) or not _num(v) or v < lo:
-                raise _bad(f"{key} must be {'an integer' if integer else 'a number'} >= {lo}, or nil")
+            if (integer and type(v) is not int) or not _num(v) or not lo <= v <= hi:
+                raise _bad(f"{key} must be {'an integer' if integer else 'a number'} in [{lo}, {hi}], or nil")
             return v if integer else float(v)
 
         def num(key: str, default: float, lo: float, hi: float) -> float:
@@ -76,14 +77,14 @@ class StreamConfig:
             return float(v)
 
         md = args.get("max_deliveries", 5)
-        if type(md) is not int or md < 0:
-            raise _bad("max_deliveries must be a non-negative integer (0 = unlimited)")
+        N.check_int(md, "max_deliveries (0 = unlimited)")
         dl = args.get("dead_letter") or name + DLQ_SUFFIX
         validate_name(dl, "dead-letter queue")
         return cls(
             name=name, partitions=p, bind=pats,
-            max_age=opt_num("max_age", 0.001), max_messages=opt_num("max_messages", 1, True),
-            max_bytes=opt_num("max_bytes", 1, True), max_deliveries=md,
+            max_age=opt_num("max_age", 0.001, N.MAX_DURATION_MS / 1000),
+            max_messages=opt_num("max_messages", 1, N.MAX_INT, True),
+            max_bytes=opt_num("max_bytes", 1, N.MAX_INT, True), max_deliveries=md,
             ack_deadline=num("ack_deadline", 30.0, 0.01, 86400.0),
             backoff_initial=num("backoff_initial", 0.5, 0.0, 3600.0),
             backoff_multiplier=num("backoff_multiplier", 2.0, 1.0, 100.0),

@@ -13,6 +13,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from protocol import frames as F
+from protocol import numbers as N
 from protocol.errors import ErrorCode, RemoteProtocolError
 
 from .queueconfig import dlq_config, validate_name
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETENTION_INTERVAL: Final = 5.0  # seconds between background retention passes
-MAX_WINDOW: Final = 10_000
+MAX_WINDOW: Final = N.MAX_WINDOW  # checked when CONSUME is decoded, and here again
 HDR: Final = "tidings-"
 
 
@@ -235,6 +236,7 @@ class Streams:
                 raise _err(f"window must be 1..{MAX_WINDOW}", ErrorCode.INVALID_ARGUMENT, rid)
             g = st.groups.get(group)
             if g is None:
+                self.durable.broker.caps.check_group(conn, st, rid)
                 start = args.get("start", "earliest")
                 if start not in ("earliest", "latest"):
                     raise _err("a new group's start must be 'earliest' or 'latest'", ErrorCode.INVALID_ARGUMENT,
@@ -256,9 +258,7 @@ class Streams:
             raise _err("out_of_range must be 'error' or 'earliest'", ErrorCode.INVALID_ARGUMENT, rid)
         at_time = None
         if isinstance(start, dict):
-            ts = start.get("time_ms")
-            if type(ts) is not int:
-                raise _err("start {'time_ms': int} expected", ErrorCode.INVALID_ARGUMENT, rid)
+            ts = N.check_int(start.get("time_ms"), "start.time_ms", 0, N.MAX_TIMESTAMP_MS, rid)
             at_time = await self.store.offset_for_time(st.name, p, ts)
             if at_time is None:
                 at_time = part.hwm

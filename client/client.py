@@ -37,10 +37,11 @@ from anyio.abc import ByteStream, TaskGroup
 from protocol import CLOSED, NEED_DATA, Connection, Role
 from protocol import frames as F
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
 from protocol.subjects import PatternSet, validate_pattern, validate_subject
 
 from .admin import AdminMixin
-from .consumer import QueueConsumer
+from .consumer import QueueConsumer, _ms
 from .errors import (
     ConnectError,
     ConnectionClosedError,
@@ -788,12 +789,12 @@ class Client(AdminMixin):
             if key is not None:
                 opts[F.OPT_KEY] = str(key)
             if delay is not None:
-                opts[F.OPT_DELAY] = max(0, int(delay * 1000))
+                opts[F.OPT_DELAY] = _ms(delay, "delay", 0, MAX_DURATION_MS)
             if at is not None:
-                ts = at.timestamp() if hasattr(at, "timestamp") else float(at)
-                opts[F.OPT_AT] = max(0, int(ts * 1000))
+                ts = at.timestamp() if hasattr(at, "timestamp") else at
+                opts[F.OPT_AT] = _ms(ts, "at", 0, MAX_TIMESTAMP_MS)
             if ttl is not None:
-                opts[F.OPT_TTL] = max(1, int(ttl * 1000))
+                opts[F.OPT_TTL] = max(1, _ms(ttl, "ttl", 0, MAX_DURATION_MS))
         return [subject, payload, headers, reply, 0, opts]
 
     def _wants_confirm(self, m: list[Any], confirm: bool | None) -> bool:

@@ -8,14 +8,28 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from protocol import frames as F
+from protocol.numbers import MAX_DURATION_MS
 
-from .errors import ConnectionClosedError, StaleDeliveryError, TidingsError, for_code
+from .errors import ConnectionClosedError, InvalidArgumentError, StaleDeliveryError, TidingsError, for_code
 from .inbox import Inbox
 
 if TYPE_CHECKING:
     from .client import Client
 
 log = logging.getLogger(__name__)
+
+
+def _ms(seconds: Any, what: str, lo: int, hi: int) -> int:
+    """Seconds as whole milliseconds, raised to ``lo`` if below it; above ``hi`` (the
+    broker's range, protocol/numbers.py) or not a number: InvalidArgumentError, before
+    anything is sent."""
+    try:
+        ms = float(seconds) * 1000
+    except (TypeError, ValueError):
+        ms = float("nan")
+    if type(seconds) is bool or not ms <= hi:  # NaN fails the comparison
+        raise InvalidArgumentError(f"{what} must be a number of seconds up to {hi // 1000}")
+    return max(lo, int(ms))
 
 
 class Delivery:
@@ -63,7 +77,7 @@ class Delivery:
         """Return the message for another attempt after ``delay`` seconds, or
         after the queue's backoff for this attempt when ``delay`` is None. After
         max_deliveries the broker moves it to the dead-letter queue instead."""
-        arg = None if delay is None else max(0, int(delay * 1000))
+        arg = None if delay is None else _ms(delay, "delay", 0, MAX_DURATION_MS)
         await self._settle(F.AckAction.NACK, arg, wait)
 
     async def reject(self, reason: str | None = None, *, wait: bool = False) -> None:

@@ -129,6 +129,16 @@ class TooManyConnectionsError(ServerError):
     code = int(ErrorCode.TOO_MANY_CONNECTIONS)
 
 
+class LimitExceededError(ServerError):
+    """A cap on subscriptions or consumers (per connection or per user) or on a stream's consumer groups is reached."""
+    code = int(ErrorCode.LIMIT_EXCEEDED)
+
+
+class ReplyTooLargeError(ServerError):
+    """The broker's answer would exceed this client's max_frame; ask for less."""
+    code = int(ErrorCode.REPLY_TOO_LARGE)
+
+
 class ServerShuttingDownError(ServerError):
     """The broker is shutting down."""
     retriable = True
@@ -151,7 +161,8 @@ BY_CODE: dict[int, type[ServerError]] = {
         NoRespondersError, InvalidSubjectError, InvalidArgumentError, AuthenticationError,
         PermissionDeniedError, NotFoundError, ConflictError, StaleDeliveryError, StaleGenerationError,
         OffsetOutOfRangeError, QueueFullError, StorageFullError, StorageError, SlowConsumerError,
-        TooManyConnectionsError, ServerShuttingDownError, OverloadedError,
+        TooManyConnectionsError, ServerShuttingDownError, OverloadedError, LimitExceededError,
+        ReplyTooLargeError,
     )
 }
 

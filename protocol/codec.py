@@ -16,6 +16,7 @@ from typing import Any, Callable, Final
 import msgpack
 
 from . import frames as F
+from . import numbers as N
 from .errors import ErrorCode, RemoteProtocolError
 from .subjects import validate_pattern, validate_subject
 
@@ -246,8 +247,34 @@ def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None
             if k == F.OPT_MSG_ID or k == F.OPT_KEY:
                 if type(v) is not str or not 0 < len(v) <= MAX_NAME_LENGTH:
                     raise _fail(f"option {k!r} must be a string of 1..{MAX_NAME_LENGTH} characters")
-            elif type(v) is not int or v < 0:
-                raise _fail(f"option {k!r} must be a non-negative integer")
+            elif type(v) is not int or not 0 <= v <= _OPT_MAX[k]:
+                raise _fail(f"option {k!r} must be an integer in [0, {_OPT_MAX[k]}]", 0, ErrorCode.INVALID_ARGUMENT)
+
+
+# Upper bounds of the integer PUB options (see protocol/numbers.py).
+_OPT_MAX: Final = {F.OPT_DELAY: N.MAX_DURATION_MS, F.OPT_TTL: N.MAX_DURATION_MS, F.OPT_AT: N.MAX_TIMESTAMP_MS,
+                   F.OPT_NEW: 1}
+
+
+def _check_ack_item(it: Any) -> None:
+    """[delivery_id, action, arg]: a NACK's arg is nil or a delay in ms, a REJECT's nil
+    or a reason string, ACK and IN_PROGRESS take nil. Checked here, before anything is
+    settled: a bad item must not leave a delivery half-settled."""
+    if type(it) is not list or len(it) != F.ACK_FIELDS or type(it[0]) is not int \
+            or type(it[1]) is not int or not 0 <= it[1] <= 3:
+        raise _fail("an ACK item must be [delivery_id, action 0..3, arg]")
+    N.check_int(it[0], "delivery_id")
+    a = it[2]
+    if a is None:
+        return
+    action = it[1]
+    if action == F.AckAction.NACK:
+        N.check_int(a, "a NACK delay (ms)", 0, N.MAX_DURATION_MS)
+    elif action == F.AckAction.REJECT:
+        if type(a) is not str:
+            raise N.bad("a REJECT reason must be a string or nil")
+    else:
+        raise N.bad("ACK and IN_PROGRESS take no argument (nil)")
 
 
 def _rid_of(v: list[Any]) -> int:
@@ -313,12 +340,7 @@ class Decoder:
             _int(v[1], "rid")
             _int(v[2], "cid")
             for it in v[3]:
-                if type(it) is not list or len(it) != F.ACK_FIELDS or type(it[0]) is not int \
-                        or type(it[1]) is not int or not 0 <= it[1] <= 3:
-                    raise _fail("an ACK item must be [delivery_id, action 0..3, arg]")
-                a = it[2]
-                if a is not None and type(a) is not int and type(a) is not str:
-                    raise _fail("an ACK argument must be nil, an integer or a string")
+                _check_ack_item(it)
             return F.Ack(v[1], v[2], v[3])
         if op == F.Op.DELIVER:
             if n != 3 or type(v[2]) is not list:
@@ -370,13 +392,17 @@ class Decoder:
                 raise _fail("CALL is [13, rid, method, args]", rid)
             _int(v[1], "rid", 0, 1)
             _name(v[2], "method", rid)
-            return F.Call(v[1], v[2], _args(v[3], "args", rid))
+            args = _args(v[3], "args", rid)
+            N.check_call_args(v[2], args, rid)
+            return F.Call(v[1], v[2], args)
         if op == F.Op.CONSUME:
             if n != 4:
                 raise _fail("CONSUME is [14, rid, cid, args]", rid)
             _int(v[1], "rid", 0, 1)
             _int(v[2], "cid", rid, 1)
-            return F.Consume(v[1], v[2], _args(v[3], "args", rid))
+            args = _args(v[3], "args", rid)
+            N.check_consume_args(args, rid)
+            return F.Consume(v[1], v[2], args)
         if op == F.Op.OK:
             if n != 3:
                 raise _fail("OK is [65, rid, result]")

@@ -28,6 +28,8 @@ class ErrorCode(IntEnum):
     AUTH_FAILED = 10
     PERMISSION_DENIED = 11
     TOO_MANY_CONNECTIONS = 12
+    LIMIT_EXCEEDED = 13
+    REPLY_TOO_LARGE = 14
     NO_RESPONDERS = 20
     TIMEOUT = 21
     NOT_FOUND = 30
@@ -70,6 +72,8 @@ REGISTRY: Final[dict[int, ErrorInfo]] = dict(
         _info(ErrorCode.AUTH_FAILED, False, "Authentication failed (unknown user and wrong secret look the same)."),
         _info(ErrorCode.PERMISSION_DENIED, False, "The authenticated user may not perform this operation."),
         _info(ErrorCode.TOO_MANY_CONNECTIONS, True, "A connection limit (global or per user) is reached."),
+        _info(ErrorCode.LIMIT_EXCEEDED, False, "A cap on subscriptions or consumers (per connection or per user) or on consumer groups (per stream) is reached."),
+        _info(ErrorCode.REPLY_TOO_LARGE, False, "The answer would exceed the max_frame this client announced; ask for less or announce a larger max_frame."),
         _info(ErrorCode.NO_RESPONDERS, True, "A request was published and no subscriber matched its subject."),
         _info(ErrorCode.TIMEOUT, True, "The operation did not complete within its deadline."),
         _info(ErrorCode.NOT_FOUND, False, "The named queue, stream, consumer or subscription does not exist."),

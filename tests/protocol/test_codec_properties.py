@@ -21,6 +21,7 @@ from msgpack import ExtType, Timestamp
 from protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Role, State
 from protocol import frames as F
 from protocol.codec import HEADER, MAX_NAME_LENGTH
+from protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
 from protocol.subjects import MAX_SUBJECT_LENGTH
 
 # modest counts: the whole protocol suite stays well under 20 s
@@ -57,7 +58,8 @@ header_value = st.one_of(st.text(max_size=20), st.integers(-(2**63), 2**64 - 1),
 headers = st.none() | st.dictionaries(st.text(min_size=1, max_size=20), header_value, max_size=6)
 options = st.none() | st.fixed_dictionaries({}, optional={
     "id": st.text(min_size=1, max_size=40), "key": st.text(min_size=1, max_size=40),
-    "delay": uint, "at": uint, "ttl": uint})
+    "delay": st.integers(0, MAX_DURATION_MS), "at": st.integers(0, MAX_TIMESTAMP_MS),
+    "ttl": st.integers(0, MAX_DURATION_MS)})
 pub_message = st.tuples(subject, st.binary(max_size=300), headers, st.none() | subject, uint, options).map(list)
 pub_batch = st.lists(pub_message, max_size=12)
 

@@ -19,6 +19,7 @@ PE = ErrorCode.PROTOCOL_ERROR
 IS = ErrorCode.INVALID_SUBJECT
 UO = ErrorCode.UNKNOWN_OPERATION
 BS = ErrorCode.BAD_STATE
+IA = ErrorCode.INVALID_ARGUMENT  # a numeric field of the wrong type or range (protocol/numbers.py)
 TS = Timestamp(1_700_000_000, 0)  # msgpack ext -1: decodes to an object, never a plain value
 
 
@@ -82,7 +83,7 @@ SERVER_BAD: list[tuple[str, bytes, ErrorCode, int]] = [
     ("timestamp-reply", pack(pub(reply=TS)), IS, 0),
     ("timestamp-seq", pack(pub(seq=TS)), PE, 0),
     ("timestamp-opts", pack(pub(opts=TS)), PE, 0),
-    ("timestamp-option-value", pack(pub(opts={"delay": TS})), PE, 0),
+    ("timestamp-option-value", pack(pub(opts={"delay": TS})), IA, 0),
     ("timestamp-option-id", pack(pub(opts={"id": TS})), PE, 0),
     ("timestamp-sub-rid", pack([11, TS, 1, "a", None]), PE, 0),
     ("timestamp-sub-pattern", pack([11, 4, 1, TS, None]), IS, 4),
@@ -92,7 +93,7 @@ SERVER_BAD: list[tuple[str, bytes, ErrorCode, int]] = [
     ("timestamp-call-method", pack([13, 5, TS, {}]), PE, 5),
     ("timestamp-consume-args", pack([14, 6, 1, {"since": TS}]), PE, 6),
     ("timestamp-ack-id", pack([16, 3, 1, [[TS, 0, None]]]), PE, 3),
-    ("timestamp-ack-arg", pack([16, 3, 1, [[1, 1, TS]]]), PE, 3),
+    ("timestamp-ack-arg", pack([16, 3, 1, [[1, 1, TS]]]), IA, 3),
     ("timestamp-ping", pack([2, TS]), PE, 0),
     ("timestamp-unsub-sid", pack([12, 2, TS]), PE, 2),
     # not a frame
@@ -156,10 +157,10 @@ SERVER_BAD: list[tuple[str, bytes, ErrorCode, int]] = [
     ("pub-opt-id-empty", pack(pub(opts={"id": ""})), PE, 0),
     ("pub-opt-id-long", pack(pub(opts={"id": "x" * (MAX_NAME_LENGTH + 1)})), PE, 0),
     ("pub-opt-key-int", pack(pub(opts={"key": 5})), PE, 0),
-    ("pub-opt-delay-negative", pack(pub(opts={"delay": -1})), PE, 0),
-    ("pub-opt-ttl-str", pack(pub(opts={"ttl": "5"})), PE, 0),
-    ("pub-opt-at-float", pack(pub(opts={"at": 1.5})), PE, 0),
-    ("pub-opt-delay-bool", pack(pub(opts={"delay": True})), PE, 0),
+    ("pub-opt-delay-negative", pack(pub(opts={"delay": -1})), IA, 0),
+    ("pub-opt-ttl-str", pack(pub(opts={"ttl": "5"})), IA, 0),
+    ("pub-opt-at-float", pack(pub(opts={"at": 1.5})), IA, 0),
+    ("pub-opt-delay-bool", pack(pub(opts={"delay": True})), IA, 0),
     ("pub-second-message-bad", pack([10, [["a", b"", None, None, 0, None], ["a", "x", None, None, 0, None]]]), PE, 0),
     # SUB
     ("sub-4-fields", pack([11, 1, 1, "a"]), PE, 1),
@@ -206,8 +207,8 @@ SERVER_BAD: list[tuple[str, bytes, ErrorCode, int]] = [
     ("ack-action-bool", pack([16, 1, 1, [[1, True, None]]]), PE, 1),
     ("ack-item-2-fields", pack([16, 1, 1, [[1, 0]]]), PE, 1),
     ("ack-item-not-array", pack([16, 1, 1, [1]]), PE, 1),
-    ("ack-arg-float", pack([16, 1, 1, [[1, 1, 1.5]]]), PE, 1),
-    ("ack-arg-bytes", pack([16, 1, 1, [[1, 2, b"r"]]]), PE, 1),
+    ("ack-arg-float", pack([16, 1, 1, [[1, 1, 1.5]]]), IA, 1),
+    ("ack-arg-bytes", pack([16, 1, 1, [[1, 2, b"r"]]]), IA, 1),
     ("ack-id-str", pack([16, 1, 1, [["1", 0, None]]]), PE, 1),
     # PING / PONG
     ("ping-no-rid", pack([2]), PE, 0),
