@@ -41,7 +41,7 @@ from .store.base import (
 )
 from .store.sqlite import SqliteStore
 from .store.streams import StreamRow
-from .stream import StreamActor
+from .stream import Partition, StreamActor
 from .streams import Streams
 
 if TYPE_CHECKING:
@@ -78,6 +78,10 @@ class Durable:
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
+        # Store operations changing a message's state (ack, nack, dead-letter move,
+        # offset mark) that failed: the state was restored in memory.
+        self.state_failures = 0
+        self.read_errors = 0  # reads (refills, replays) that failed and are retried
         # Metrics hook: called once per committed publish batch with its admission-to-confirm seconds.
         self.on_confirm_latency: Callable[[float], None] | None = None
 
@@ -315,11 +319,16 @@ class Durable:
                     self._recent.pop(mid_entry[0], None)
                 self._confirm(conn, out)
                 # Offsets assigned to this batch were never stored: the streams'
-                # partitions must not wait for them.
+                # partitions must not wait for them, and a restart must not
+                # assign them again (nothing stored says they were used).
+                nexts: dict[tuple[str, int], int] = {}
                 for _seq, _res, _q, srs in accepted:
                     for st, sr in srs:
                         st.partitions[sr.partition].skip(sr.offset)
                         st.on_committed({})
+                        nexts[(st.name, sr.partition)] = sr.offset + 1
+                if nexts:
+                    self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
                 return
             by_queue: dict[QueueActor, list[StoredMessage]] = {}
             by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
@@ -352,9 +361,19 @@ class Durable:
                 outcome[mid] = (int(code), f"not stored: {exc}")
             done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
             self._confirm(conn, list(early) + done_err)
+            for mid_entry in dedup:
+                self._recent.pop(mid_entry[0], None)  # never stored: a resend must be stored, not deduplicated
+            # Nothing was queued and nothing awaited since these offsets were
+            # assigned, so they are the newest of their partitions: hand them
+            # out again rather than leave gaps (the store never saw them).
+            lowest: dict[Partition, int] = {}
             for _seq, _res, _q, srs in accepted:
                 for st, sr in srs:
-                    st.partitions[sr.partition].skip(sr.offset)
+                    part = st.partitions[sr.partition]
+                    if sr.offset < lowest.get(part, sr.offset + 1):
+                        lowest[part] = sr.offset
+            for part, off in lowest.items():
+                part.next = off
 
     @staticmethod
     def _confirm(conn: ConnectionActor, items: list[Any]) -> None:

@@ -68,7 +68,8 @@ class Partition:
             n = len(r.payload) + 64
             self.tail_bytes += n
             self.bytes += n
-            self.hwm = r.offset + 1
+        if rows and rows[-1].offset >= self.hwm:  # never backwards
+            self.hwm = rows[-1].offset + 1
         while len(tail) > TAIL_MESSAGES or self.tail_bytes > TAIL_BYTES:
             self.tail_bytes -= len(tail.popleft().payload) + 64
         ev, self.changed = self.changed, anyio.Event()
