@@ -22,7 +22,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
 
@@ -30,6 +30,7 @@ from protocol import frames as F
 from protocol.errors import ErrorCode, RemoteProtocolError
 from protocol.partition import partition_for
 
+from .store.base import StorageError, StorageFull
 from .store.streams import StreamRow
 from .streamconfig import DEFAULT_WINDOW, StreamConfig
 
@@ -45,6 +46,12 @@ READ_PAGE: Final = 1_000  # rows per disk read when replaying
 READER_HIGH_WATER: Final = 1024 * 1024  # a reader pauses while its connection has this much queued
 KEY_CACHE: Final = 65_536  # keys whose partition is remembered per stream
 GAP: Final = ""  # subject of a placeholder for an offset whose write failed (never a valid subject)
+#: Seconds a partition pauses after its copy to the DLQ failed, before the
+#: message is delivered (and dead-lettered) again: no busy loop on a full disk.
+STORE_RETRY_DELAY: Final = 1.0
+#: Back-off (seconds, first and longest) between attempts of a failed replay read
+#: (the database locked by a backup or an admin tool, say); the broker serves on.
+READ_RETRY: Final = (0.5, 10.0)
 
 
 class Partition:
@@ -214,8 +221,11 @@ class GroupActor:
         self.delivered_count = 0
         self.redelivered = 0
         self._out: dict[Member, list[Any]] = {}
-        self._persist_waiters: list[Any] = []
-        self.ops: list[Any] = []  # dead-letter writes, submitted before the offsets they let pass
+        # (answer, {partition: highest offset the answer waits to see committed})
+        self._persist_waiters: list[tuple[Callable[[Exception | None], None], dict[PState, int]]] = []
+        self.ops: list[Any] = []  # (dead-letter write, partition, offset): committed before the offsets passing it
+        self._read_backoff = 0.0
+        self._commit_retry_at = 0.0  # after a failed offset commit: when to try again
 
     def wake(self) -> None:
         self._dirty = True  # seen by the loop even if it is busy awaiting the store right now
@@ -253,6 +263,9 @@ class GroupActor:
                 ps.owner = owner
                 ps.gen = gen
                 ps.reset()
+                if self._persist_waiters:  # out-of-order acks held in memory are gone
+                    self._void_waiters(ps, ps.committed, ErrorCode.STALE_GENERATION,
+                                       "the partition was reassigned before the ack was committed")
         for m in ms:
             mine = [ps.index for ps in self.parts if ps.owner is m]
             m.conn.push_wire([F.Op.NOTICE, "assignment", {"cid": m.cid, "group": self.name,
@@ -299,11 +312,53 @@ class GroupActor:
         self.wake()
         return codes
 
-    def on_persisted(self, fn: Any) -> None:
-        """Call ``fn()`` once the offsets acked so far are committed to the store
-        (an ACK that asked for an answer is answered then: a synchronous commit)."""
-        self._persist_waiters.append(fn)
+    def needs(self, member: Member, items: list[list[Any]]) -> list[tuple[PState, int] | None]:
+        """Before settling ``items``: the (partition, offset) each ack or reject
+        would let the committed offset pass (None for the others)."""
+        out: list[tuple[PState, int] | None] = []
+        for did, action, _arg in items:
+            e = self._dids.get(did)
+            if e is not None and e[3] is member and action in (F.AckAction.ACK, F.AckAction.REJECT):
+                out.append((e[0], e[1]))
+            else:
+                out.append(None)
+        return out
+
+    def on_persisted(self, fn: Callable[[Exception | None], None],
+                     needs: list[tuple[PState, int] | None] | None = None, codes: list[int] | None = None) -> None:
+        """Call ``fn(None)`` once every offset in ``needs`` whose code is 0 is
+        below its partition's committed offset as stored: an out-of-order ack
+        waits for the commit of the contiguous offset that covers it. Calls
+        ``fn(error)`` if that commit fails, or a STALE_* error if a rewind or a
+        rebalance voids the ack before it is covered."""
+        want: dict[PState, int] = {}
+        for n, code in zip(needs or (), codes or ()):
+            if n is not None and code == 0 and n[1] > want.get(n[0], -1):
+                want[n[0]] = n[1]
+        self._persist_waiters.append((fn, want))
         self.wake()
+
+    def _void_waiters(self, ps: PState, offset: int, code: ErrorCode, why: str) -> None:
+        """Acks at or above ``offset`` on ``ps`` were voided: their waiters get ``code``."""
+        keep = []
+        for fn, want in self._persist_waiters:
+            if want.get(ps, -1) >= offset:
+                fn(RemoteProtocolError(why, code))
+            else:
+                keep.append((fn, want))
+        self._persist_waiters = keep
+
+    def _answer_waiters(self, error: Exception | None, failed: set[PState]) -> None:
+        """After a commit of offsets: answer the waiters it covered (or failed)."""
+        keep = []
+        for fn, want in self._persist_waiters:
+            if error is not None and any(ps in failed for ps in want):
+                fn(error)
+            elif all(ps.persisted > off for ps, off in want.items()):
+                fn(None)
+            else:
+                keep.append((fn, want))
+        self._persist_waiters = keep
 
     def _acked(self, ps: PState, offset: int) -> None:
         ps.attempts.pop(offset, None)
@@ -327,6 +382,8 @@ class GroupActor:
         for o in [o for o in ps.inflight if o >= offset]:
             self._dids.pop(ps.inflight.pop(o)[0], None)
         ps.acked = {o for o in ps.acked if o < offset}
+        if self._persist_waiters:
+            self._void_waiters(ps, offset, ErrorCode.STALE_DELIVERY, "voided by the redelivery of an earlier offset")
         ps.buffer.clear()
         ps.cursor = offset
         d = cfg.backoff(n) if delay is None else delay
@@ -334,9 +391,27 @@ class GroupActor:
 
     def _dead_letter(self, ps: PState, row: StreamRow, reason: str, error: str) -> None:
         self.stream.dead_lettered += 1
-        self.ops.append(self.stream.durable.streams.dead_letter(self.stream, row, reason,
-                                                                ps.attempts.get(row.offset, 1), error))
+        self.ops.append((self.stream.durable.streams.dead_letter(self.stream, row, reason,
+                                                                 ps.attempts.get(row.offset, 1), error),
+                         ps, row.offset))
         self._acked(ps, row.offset)
+
+    def _dead_letter_failed(self, ps: PState, offset: int, exc: StorageError) -> None:
+        """The copy to the DLQ failed (a full disk, say): the committed offset
+        must not pass the message, so the partition goes back to it and it is
+        delivered again after a pause (and tried for the DLQ again)."""
+        self.stream.dead_lettered -= 1
+        self.stream.durable.state_failures += 1
+        if ps.committed > offset:
+            ps.committed = offset
+        for o in [o for o in ps.inflight if o >= offset]:
+            self._dids.pop(ps.inflight.pop(o)[0], None)
+        ps.acked = {o for o in ps.acked if o < offset}
+        ps.buffer.clear()
+        ps.cursor = min(ps.cursor, offset)
+        ps.paused_until = time.monotonic() + STORE_RETRY_DELAY
+        code = ErrorCode.STORAGE_FULL if isinstance(exc, StorageFull) else ErrorCode.STORAGE_ERROR
+        self._void_waiters(ps, offset, code, f"the copy to the dead-letter queue failed: {exc}")
 
     # --------------------------------------------------------------- actor
 
@@ -351,7 +426,14 @@ class GroupActor:
                 if ps.buffer:
                     continue  # a rewind raced the read
                 hwm = self.stream.partitions[ps.index].hwm
-                rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE)
+                try:
+                    rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE)
+                except StorageError as exc:
+                    self._read_backoff = read_failed(self.stream.durable, self._read_backoff, exc,
+                                                     f"group {self.stream.name}/{self.name}")
+                    ps.paused_until = time.monotonic() + self._read_backoff
+                    continue
+                self._read_backoff = 0.0
                 ps.buffer.extend(r for r in rows if r.offset < hwm)
             if need:
                 continue
@@ -375,6 +457,8 @@ class GroupActor:
         for ps in self.parts:
             if ps.paused_until > mono:
                 t = min(t, ps.paused_until - mono)
+        if self._commit_retry_at:
+            t = min(t, self._commit_retry_at - mono)
         return max(t, 0.0)
 
     def _expire(self) -> None:
@@ -494,28 +578,39 @@ class GroupActor:
 
     async def _flush_commits(self) -> None:
         if self.ops:
+            # Each copy to the DLQ is committed before the offsets that pass it
+            # (rare: a synchronous write each), so a failed copy can hold them back.
             ops, self.ops = self.ops, []
-            for op in ops:
-                await self.stream.durable.store.submit(op)
+            for op, ps, offset in ops:
+                try:
+                    await self.stream.durable.store.write(op)
+                except StorageError as exc:
+                    self._dead_letter_failed(ps, offset, exc)
         dirty = [ps for ps in self.parts if ps.dirty]
-        waiters, self._persist_waiters = self._persist_waiters, []
         if not dirty:
-            for fn in waiters:
-                fn()
-        if dirty:
-            rows = [(self.stream.name, self.name, ps.index, ps.committed, ps.delivered) for ps in dirty]
-            values = [(ps, ps.committed) for ps in dirty]
-            for ps in dirty:
-                ps.dirty = False
+            if self._persist_waiters:
+                self._answer_waiters(None, set())
+            return
+        rows = [(self.stream.name, self.name, ps.index, ps.committed, ps.delivered) for ps in dirty]
+        values = [(ps, ps.committed) for ps in dirty]
+        for ps in dirty:
+            ps.dirty = False
 
-            def done(error: Exception | None) -> None:
-                if error is None:
-                    for ps, c in values:
-                        ps.persisted = max(ps.persisted, c)
-                for fn in waiters:
-                    fn()
+        def done(error: Exception | None) -> None:
+            if error is None:
+                self._commit_retry_at = 0.0
+                for ps, c in values:
+                    ps.persisted = max(ps.persisted, c)
+            else:
+                log.error("group %s/%s: committing offsets failed: %s", self.stream.name, self.name, error)
+                self.stream.durable.state_failures += 1
+                for ps, _c in values:
+                    ps.dirty = True  # tried again with the next flush, at the latest after a pause
+                self._commit_retry_at = time.monotonic() + STORE_RETRY_DELAY
+            if self._persist_waiters:
+                self._answer_waiters(error, {ps for ps, _c in values})
 
-            await self.stream.durable.streams.commit_offsets(rows, done)
+        await self.stream.durable.streams.commit_offsets(rows, done)
 
     def info(self) -> dict[str, Any]:
         parts = []
@@ -580,6 +675,7 @@ class Reader:
         part = self.stream.partitions[self.partition]
         store = self.stream.durable.store
         conn = self.conn
+        backoff = 0.0
         while True:
             if self.offset < part.first:
                 self.offset = part.first
@@ -595,7 +691,14 @@ class Reader:
                 continue
             rows = part.get(self.offset, READ_PAGE)
             if rows is None:
-                rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE)
+                try:
+                    rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE)
+                except StorageError as exc:
+                    backoff = read_failed(self.stream.durable, backoff, exc,
+                                          f"reader of {self.stream.name}/{self.partition}")
+                    await anyio.sleep(backoff)
+                    continue
+                backoff = 0.0
                 rows = [r for r in rows if r.offset < part.hwm]
                 if not rows:  # only gaps (or retention) between here and hwm
                     self.offset = max(self.offset + 1, part.first)
@@ -606,6 +709,16 @@ class Reader:
             if items:
                 _push(conn, self.cid, items)
             await conn.wait_pending_below(READER_HIGH_WATER)
+
+
+def read_failed(durable: Durable, backoff: float, exc: StorageError, who: str) -> float:
+    """Count and log a failed read (the database locked past the busy timeout,
+    say); returns the next back-off, doubling from READ_RETRY[0] to READ_RETRY[1]."""
+    durable.read_errors += 1
+    lo, hi = READ_RETRY
+    backoff = min(hi, backoff * 2) if backoff else lo
+    log.warning("%s: reading from the store failed, retrying in %.1f s: %s", who, backoff, exc)
+    return backoff
 
 
 def resolve_start(part: Partition, start: Any, offset_for_time: int | None, out_of_range: str) -> int:
