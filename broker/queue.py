@@ -579,7 +579,7 @@ class QueueActor:
     # ------------------------------------------------------------- view
 
     def info(self) -> dict[str, Any]:
-        return {"store_failures": self.store_failures,
+        return {
             "name": self.name, "depth": self.count, "in_flight": len(self.inflight),
             "ready_in_memory": len(self.ready), "on_disk_only": self.beyond,
             "consumers": len(self.consumers), "bind": list(self.cfg.bind),
@@ -587,6 +587,7 @@ class QueueActor:
             "published": self.published, "delivered": self.delivered, "redelivered": self.redelivered,
             "acked": self.acked, "nacked": self.nacked, "rejected": self.rejected,
             "dead_lettered": self.dead_lettered, "expired": self.expired,
+            "store_failures": self.store_failures,
             "config": self.cfg.to_dict(),
         }
 

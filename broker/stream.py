@@ -223,7 +223,8 @@ class GroupActor:
         self._out: dict[Member, list[Any]] = {}
         # (answer, {partition: highest offset the answer waits to see committed})
         self._persist_waiters: list[tuple[Callable[[Exception | None], None], dict[PState, int]]] = []
-        self.ops: list[Any] = []  # (dead-letter write, partition, offset): committed before the offsets passing it
+        # (dead-letter write, partition, offset, attempts): committed before the offsets passing it
+        self.ops: list[Any] = []
         self._read_backoff = 0.0
         self._commit_retry_at = 0.0  # after a failed offset commit: when to try again
 
@@ -391,17 +392,18 @@ class GroupActor:
 
     def _dead_letter(self, ps: PState, row: StreamRow, reason: str, error: str) -> None:
         self.stream.dead_lettered += 1
-        self.ops.append((self.stream.durable.streams.dead_letter(self.stream, row, reason,
-                                                                 ps.attempts.get(row.offset, 1), error),
-                         ps, row.offset))
+        attempts = ps.attempts.get(row.offset, 1)
+        self.ops.append((self.stream.durable.streams.dead_letter(self.stream, row, reason, attempts, error),
+                         ps, row.offset, attempts))
         self._acked(ps, row.offset)
 
-    def _dead_letter_failed(self, ps: PState, offset: int, exc: StorageError) -> None:
+    def _dead_letter_failed(self, ps: PState, offset: int, attempts: int, exc: StorageError) -> None:
         """The copy to the DLQ failed (a full disk, say): the committed offset
         must not pass the message, so the partition goes back to it and it is
         delivered again after a pause (and tried for the DLQ again)."""
         self.stream.dead_lettered -= 1
         self.stream.durable.state_failures += 1
+        ps.attempts[offset] = attempts  # the next delivery counts on from here
         if ps.committed > offset:
             ps.committed = offset
         for o in [o for o in ps.inflight if o >= offset]:
@@ -577,15 +579,15 @@ class GroupActor:
         ps.cursor = offset
 
     async def _flush_commits(self) -> None:
-        if self.ops:
+        while self.ops:  # again if a reject came in while a copy was being written
             # Each copy to the DLQ is committed before the offsets that pass it
             # (rare: a synchronous write each), so a failed copy can hold them back.
             ops, self.ops = self.ops, []
-            for op, ps, offset in ops:
+            for op, ps, offset, attempts in ops:
                 try:
                     await self.stream.durable.store.write(op)
                 except StorageError as exc:
-                    self._dead_letter_failed(ps, offset, exc)
+                    self._dead_letter_failed(ps, offset, attempts, exc)
         dirty = [ps for ps in self.parts if ps.dirty]
         if not dirty:
             if self._persist_waiters:
@@ -595,10 +597,10 @@ class GroupActor:
         values = [(ps, ps.committed) for ps in dirty]
         for ps in dirty:
             ps.dirty = False
+        self._commit_retry_at = 0.0  # set again if this commit fails
 
         def done(error: Exception | None) -> None:
             if error is None:
-                self._commit_retry_at = 0.0
                 for ps, c in values:
                     ps.persisted = max(ps.persisted, c)
             else:

@@ -149,6 +149,34 @@ async def test_a_reject_whose_dead_letter_move_fails_is_delivered_again(start_br
     assert b.alive()
 
 
+async def test_a_group_reject_whose_dead_letter_copy_fails_does_not_pass_the_message(start_broker) -> None:
+    """On a full disk the copy to the stream's DLQ fails: reject(wait=True)
+    gets STORAGE_FULL, the committed offset stays before the message, and
+    the message is delivered again."""
+    b = start_broker(env={"TIDINGS_MAX_DB_PAGES": PAGES})
+    async with connect(b.url) as tc:
+        await tc.declare_stream("ev", bind=["ev.>"])
+        await tc.declare_queue("filler", bind=["filler.>"])
+        async with tc.stream_consume("ev", "g") as msgs:
+            await tc.publish("ev.x", PAYLOAD)
+            m = await msgs.next(timeout=WAIT)
+            await fill(tc, "filler.x", 1)
+            try:
+                await m.reject("poison", wait=True)
+            except E.StorageFullError:
+                pass
+            else:
+                raise AssertionError("reject answered OK although the copy to the DLQ failed")
+            again = await msgs.next(timeout=WAIT)
+            assert (again.offset, again.delivery_count) == (0, 2)
+            info = await tc.stream_info("ev")
+            assert info["groups"]["g"]["partitions"][0]["persisted"] == 0
+            assert info["dead_lettered"] == 0
+            await again.ack(wait=True)
+        assert (await tc.stream_info("ev"))["groups"]["g"]["partitions"][0]["persisted"] == 1
+    assert b.alive()
+
+
 # ------------------------------------------------------------------ 17.3
 
 
