@@ -42,6 +42,7 @@ from protocol import frames as F
 from protocol.errors import LocalProtocolError
 
 from .auth import ANONYMOUS, User
+from .store.base import StorageError, StorageFull
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -445,6 +446,10 @@ class ConnectionActor:
             except RemoteProtocolError as exc:
                 # Errors raised deep in a handler may not know the request id: it is this frame's.
                 self.send_err(exc.rid or getattr(ev, "rid", 0), exc.code, exc.message)
+            except StorageError as exc:  # a read or write of this request failed: it alone fails
+                log.warning("request %s failed in the store: %s", type(ev).__name__, exc)
+                code = ErrorCode.STORAGE_FULL if isinstance(exc, StorageFull) else ErrorCode.STORAGE_ERROR
+                self.send_err(getattr(ev, "rid", 0), code, str(exc))
 
     # ------------------------------------------------------------ publish
 

@@ -30,6 +30,7 @@ from .queueconfig import DLQ_SUFFIX, QueueConfig, dlq_config, validate_name
 from .router import Router
 from .store.base import (
     DeleteMessages,
+    DoneCallback,
     DeleteQueue,
     ExpireDedup,
     MoveMessages,
@@ -43,7 +44,7 @@ from .store.base import (
 )
 from .store.sqlite import SqliteStore
 from .store.streams import StreamRow
-from .stream import StreamActor
+from .stream import Partition, StreamActor
 from .streams import Streams
 
 if TYPE_CHECKING:
@@ -93,6 +94,10 @@ class Durable:
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
+        # Store operations changing a message's state (ack, nack, dead-letter move,
+        # offset mark) that failed: the state was restored in memory.
+        self.state_failures = 0
+        self.read_errors = 0  # reads (refills, replays) that failed and are retried
         # Metrics hook: called once per committed publish batch with its admission-to-confirm seconds.
         self.on_confirm_latency: Callable[[float], None] | None = None
 
@@ -334,11 +339,16 @@ class Durable:
                     self._recent.pop(mid_entry[0], None)
                 self._confirm(conn, out)
                 # Offsets assigned to this batch were never stored: the streams'
-                # partitions must not wait for them.
+                # partitions must not wait for them, and a restart must not
+                # assign them again (nothing stored says they were used).
+                nexts: dict[tuple[str, int], int] = {}
                 for _seq, _res, _q, srs in accepted:
                     for st, sr in srs:
                         st.partitions[sr.partition].skip(sr.offset)
                         st.on_committed({})
+                        nexts[(st.name, sr.partition)] = sr.offset + 1
+                if nexts:
+                    self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
                 return
             by_queue: dict[QueueActor, list[StoredMessage]] = {}
             by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
@@ -371,9 +381,19 @@ class Durable:
                 outcome[mid] = (int(code), f"not stored: {exc}")
             done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
             self._confirm(conn, list(early) + done_err)
+            for mid_entry in dedup:
+                self._recent.pop(mid_entry[0], None)  # never stored: a resend must be stored, not deduplicated
+            # Nothing was queued and nothing awaited since these offsets were
+            # assigned, so they are the newest of their partitions: hand them
+            # out again rather than leave gaps (the store never saw them).
+            lowest: dict[Partition, int] = {}
             for _seq, _res, _q, srs in accepted:
                 for st, sr in srs:
-                    st.partitions[sr.partition].skip(sr.offset)
+                    part = st.partitions[sr.partition]
+                    if sr.offset < lowest.get(part, sr.offset + 1):
+                        lowest[part] = sr.offset
+            for part, off in lowest.items():
+                part.next = off
 
     @staticmethod
     def _confirm(conn: ConnectionActor, items: list[Any]) -> None:
@@ -382,11 +402,12 @@ class Durable:
 
     # ----------------------------------------------------- queue-side ops
 
-    async def delete_messages(self, queue: str, ids: list[int]) -> None:
-        await self.store.submit(DeleteMessages(queue, ids))
+    async def delete_messages(self, queue: str, ids: list[int], on_done: DoneCallback | None = None) -> None:
+        await self.store.submit(DeleteMessages(queue, ids, on_done))
 
-    async def update_messages(self, queue: str, updates: list[tuple[int, int, int, str | None]]) -> None:
-        await self.store.submit(UpdateMessages(queue, updates))
+    async def update_messages(self, queue: str, updates: list[tuple[int, int, int, str | None]],
+                              on_done: DoneCallback | None = None) -> None:
+        await self.store.submit(UpdateMessages(queue, updates, on_done))
 
     def dead_letter(self, src: QueueActor, msgs: list[StoredMessage], reason: str) -> None:
         """Move messages to src's dead-letter queue in one transaction, adding
@@ -394,7 +415,7 @@ class Durable:
         target = self.queues.get(src.cfg.dead_letter or "")
         if target is None:
             log.error("queue %s has no dead-letter queue; deleting %d messages (%s)", src.name, len(msgs), reason)
-            src._deletes.extend(m.id for m in msgs)
+            src._deletes.extend(msgs)
             return
         now = self.now_ms()
         moves = []
@@ -410,19 +431,27 @@ class Durable:
             row = StoredMessage(target.name, self.next_id(), m.subject, m.payload, h, m.msg_id, m.published_ms,
                                 now, None, 0, None)
             moves.append((m.id, row))
-        src.ops.append(self._move_op(src.name, moves, target))
+        src.ops.append(self._move_op(src, moves, target, msgs, dead_letter=True))
         src.wake()
 
-    def _move_op(self, src_name: str, moves: list[tuple[int, StoredMessage]], target: QueueActor) -> MoveMessages:
+    def _move_op(self, src: QueueActor, moves: list[tuple[int, StoredMessage]], target: QueueActor,
+                 originals: list[StoredMessage], *, dead_letter: bool = False) -> MoveMessages:
+        """The move of ``originals`` out of ``src``: on a failure they are still
+        stored in ``src``, so ``src`` takes them back and delivers them again."""
         rows = [r for _, r in moves]
+        epoch = src._epoch
 
         def done(error: Exception | None) -> None:
             if error is None:
                 target.on_committed(rows)
             else:
-                log.error("moving %d messages from %s to %s failed: %s", len(rows), src_name, target.name, error)
+                log.error("moving %d messages from %s to %s failed, they stay in %s: %s",
+                          len(rows), src.name, target.name, src.name, error)
+                if dead_letter:
+                    src.dead_lettered -= len(rows)
+                src.restore(originals, epoch)
 
-        return MoveMessages(src_name, moves, done)
+        return MoveMessages(src.name, moves, done)
 
     # ------------------------------------------------------------- admin
 
@@ -495,7 +524,11 @@ class Durable:
         offset = args.get("offset", 0)
         if type(limit) is not int or type(offset) is not int or not 0 < limit <= 10_000 or offset < 0:
             raise _err("limit must be 1..10000 and offset >= 0", ErrorCode.INVALID_ARGUMENT, rid)
-        rows = await self.store.list_messages(q.name, limit, offset)
+        try:
+            rows = await self.store.list_messages(q.name, limit, offset)
+        except StorageError:
+            self.read_errors += 1  # the caller gets STORAGE_ERROR (retriable) and may ask again
+            raise
         return [{"id": r.id, "subject": r.subject, "payload": r.payload, "headers": r.headers,
                  "msg_id": r.msg_id, "published_ms": r.published_ms, "deliveries": r.deliveries} for r in rows]
 
@@ -549,6 +582,7 @@ class Durable:
             if not taken:
                 break
             groups: dict[str, list[tuple[int, StoredMessage]]] = {}
+            originals: dict[str, list[StoredMessage]] = {}
             back: list[StoredMessage] = []
             now = self.now_ms()
             for m in taken:
@@ -564,10 +598,11 @@ class Durable:
                 row = StoredMessage(target, self.next_id(), m.subject, m.payload, h or None, m.msg_id,
                                     m.published_ms, now, None, 0, None)
                 groups.setdefault(target, []).append((m.id, row))
+                originals.setdefault(target, []).append(m)
             for target, moves in groups.items():
                 q.count -= len(moves)
+                await self.store.write(self._move_op(q, moves, self.queues[target], originals[target]))
                 moved += len(moves)
-                await self.store.write(self._move_op(q.name, moves, self.queues[target]))
             if back:
                 # messages whose source queue is gone stay in the DLQ; stop so we do not loop on them
                 skipped += len(back)
@@ -601,15 +636,31 @@ class Durable:
             if ev.rid:
                 raise _err(f"no consumer {ev.cid}", ErrorCode.NOT_FOUND, ev.rid)
             return
+        group = getattr(c, "group", None)
+        needs = group.needs(c, ev.items) if ev.rid and group is not None else None
         codes = c.settle(ev.items)
         if ev.rid:
-            reply = [F.Op.OK, ev.rid, codes]
-            group = getattr(c, "group", None)
+            rid = ev.rid
+
+            def answer(error: Exception | None) -> None:
+                # Answered only once the settlement is committed; items that
+                # were applied (code 0) carry the store's error if it failed.
+                out = codes
+                if error is not None:
+                    if isinstance(error, RemoteProtocolError):  # voided before it was committed
+                        code = int(error.code)
+                    else:
+                        code = int(ErrorCode.STORAGE_FULL if isinstance(error, StorageFull)
+                                   else ErrorCode.STORAGE_ERROR)
+                    out = [code if x == 0 else x for x in codes]
+                conn.push_wire([F.Op.OK, rid, out], 16 + len(out))
+
             if group is not None:
-                # A stream group answers once the offsets are committed to disk.
-                group.on_persisted(lambda: conn.push_wire(reply, 16 + len(codes)))
+                group.on_persisted(answer, needs, codes)
+            elif isinstance(c, Consumer):
+                c.queue.on_persisted(answer)
             else:
-                conn.push_wire(reply, 16 + len(codes))
+                answer(None)  # a stream reader: nothing to commit
         else:
             stale = sum(1 for x in codes if x)
             if stale:

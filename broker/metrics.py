@@ -89,6 +89,8 @@ _QUEUE_COUNTERS: Final = (
     ("rejected", "Messages rejected by a consumer (sent to the dead-letter queue)."),
     ("dead_lettered", "Messages moved from the queue to its dead-letter queue, for any reason."),
     ("expired", "Messages whose time to live ran out in the queue."),
+    ("store_failures", "Store writes changing the queue's messages (acks, nacks, moves) that failed;"
+                       " the messages were restored and are delivered again."),
 )
 _queue_counters = attrgetter(*(name for name, _ in _QUEUE_COUNTERS))
 _STORE_COUNTERS: Final = (
@@ -151,7 +153,8 @@ class BrokerCollector:
             stats={"connections": len(b.connections), "connections_total": s.connections_total,
                    "connections_refused": s.connections_refused, "subscriptions": b.router.count,
                    "published": s.published, "dropped": s.dropped, "slow_disconnects": s.slow_disconnects,
-                   "confirmed": d.confirmed, "duplicates": d.duplicates},
+                   "confirmed": d.confirmed, "duplicates": d.duplicates,
+                   "state_failures": d.state_failures, "read_errors": d.read_errors},
             errors=sorted(s.errors.items()),
             queues=[_queue_row(q) for q in d.queues.values()],
             streams=[x.info() for x in d.streams.streams.values()],
@@ -203,6 +206,14 @@ class BrokerCollector:
         yield CounterMetricFamily("tidings_publish_duplicates",
                                   "Publishes dropped as duplicates of an earlier message id.",
                                   value=s["duplicates"])
+        yield CounterMetricFamily("tidings_store_state_failures",
+                                  "Store writes changing a message's state (ack, nack, dead-letter move, offset"
+                                  " commit) that failed; the state was restored in memory.",
+                                  value=s["state_failures"])
+        yield CounterMetricFamily("tidings_store_read_errors",
+                                  "Store reads (queue refills, group and reader replays, DLQ listings) that"
+                                  " failed; refills and replays are retried with back-off.",
+                                  value=s["read_errors"])
         errors = CounterMetricFamily("tidings_errors", "ERR frames sent to clients, by error code.",
                                      labels=["code", "name"])
         for code, n in snap.errors:

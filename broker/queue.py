@@ -28,7 +28,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
 
@@ -37,7 +37,7 @@ from protocol.errors import ErrorCode
 
 from .limits import MESSAGE_OVERHEAD, WINDOW_MIN
 from .queueconfig import QueueConfig
-from .store.base import StoredMessage, UpdateMessages
+from .store.base import StorageError, StoredMessage, UpdateMessages
 
 if TYPE_CHECKING:
     from .connection import ConnectionActor
@@ -48,6 +48,13 @@ log = logging.getLogger(__name__)
 WINDOW: Final = 10_000  # messages of a queue's backlog held in memory; the rest stays on disk
 DELIVER_FRAME_BUDGET: Final = 512 * 1024  # bytes of payload per DELIVER frame before starting another
 DELIVERY_OVERHEAD: Final = 48  # estimated envelope bytes of one DELIVER item, counted against credit
+#: Seconds a message waits before it is delivered again after a store write
+#: changing its state (ack, nack, dead-letter move) failed: without a pause a
+#: full disk would turn deliver-expire-move-fail into a busy loop.
+STORE_RETRY_DELAY: Final = 1.0
+#: Back-off (seconds, first and longest) between attempts of a failed refill read
+#: (the database locked by a backup or an admin tool, say); the broker serves on.
+READ_RETRY: Final = (0.5, 10.0)
 
 
 class Consumer:
@@ -96,12 +103,19 @@ class QueueActor:
         self._loading = False
         self._load_due: int | None = None  # earliest due time sent beyond the cursor during a refill
         self._arrived: list[StoredMessage] = []
-        self._deletes: list[int] = []
+        self._deletes: list[StoredMessage] = []  # acked/expired: deleted with the next flush
         self._updates: list[tuple[int, int, int, str | None]] = []
+        self._delayed: list[StoredMessage] = []  # sent beyond the cursor by the updates of the next flush
+        self._waiters: list[Callable[[Exception | None], None]] = []  # answered once the next flush commits
+        self._held: list[StoredMessage] = []  # restored after a failed write, until _held_until
+        self._held_until = 0.0
+        self._epoch = 0  # bumped by purge: a failed write from before it restores nothing
+        self._read_retry_at = 0.0
+        self._read_backoff = 0.0
         self.ops: list[Any] = []  # other store operations (moves to the DLQ) awaiting submission
         self._refill_lock = anyio.Lock()
         self._ready_bytes = 0  # payload + MESSAGE_OVERHEAD of every message in ``ready``
-        self._held = 0  # ... as last reported to the broker's window budget
+        self._budget_held = 0  # ... as last reported to the broker's window budget
         self._open = False  # counted as an open window in the budget (has consumers)
         self._did = 0
         self._wake = anyio.Event()
@@ -117,6 +131,7 @@ class QueueActor:
         self.rejected = 0
         self.dead_lettered = 0
         self.expired = 0
+        self.store_failures = 0  # state-changing writes that failed (their messages were restored)
 
     # ------------------------------------------------------------ inputs
 
@@ -171,7 +186,7 @@ class QueueActor:
 
     def _report(self) -> None:
         """Tell the window budget how many bytes ``ready`` holds now."""
-        self._held = self.durable.window_budget.hold(self._held, self._ready_bytes)
+        self._budget_held = self.durable.window_budget.hold(self._budget_held, self._ready_bytes)
 
     def attach(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
@@ -224,7 +239,7 @@ class QueueActor:
             if action == F.AckAction.ACK:
                 self.acked += 1
                 self.count -= 1
-                self._deletes.append(msg.id)
+                self._deletes.append(msg)
             elif action == F.AckAction.NACK:
                 self.nacked += 1
                 delay = None if arg is None else max(0, int(arg)) / 1000.0
@@ -253,6 +268,7 @@ class QueueActor:
             return
         msg.available_ms = self.durable.now_ms() + int(d * 1000)
         self._updates.append((msg.id, msg.available_ms, msg.deliveries, error))
+        self._delayed.append(msg)
         self._to_beyond(msg.available_ms)
 
     def _dead_letter(self, msgs: list[StoredMessage], reason: str) -> None:
@@ -266,7 +282,41 @@ class QueueActor:
             self._dead_letter([msg], "expired")
         else:
             self.count -= 1
-            self._deletes.append(msg.id)
+            self._deletes.append(msg)
+
+    def restore(self, msgs: list[StoredMessage], epoch: int) -> None:
+        """A store write that took ``msgs`` out of the queue (ack, expiry,
+        dead-letter move, redrive) failed: they are still stored, so they are
+        counted again and delivered again after STORE_RETRY_DELAY."""
+        self.store_failures += 1
+        self.durable.state_failures += 1
+        if epoch != self._epoch or self._stopped:
+            return  # purged or deleted since: nothing to bring back
+        self.count += len(msgs)
+        self._hold(msgs)
+
+    def _hold(self, msgs: list[StoredMessage]) -> None:
+        if not self._held:
+            self._held_until = time.monotonic() + STORE_RETRY_DELAY
+        self._held.extend(msgs)
+        self.wake()
+
+    def _updates_failed(self, delayed: list[StoredMessage], epoch: int) -> None:
+        """Updates failed: delayed retries are still stored under their old key,
+        at or below the cursor, where no refill would find them: keep them in
+        memory (they were counted beyond the cursor)."""
+        self.store_failures += 1
+        self.durable.state_failures += 1
+        if epoch != self._epoch or self._stopped or not delayed:
+            return
+        self.beyond = max(0, self.beyond - len(delayed))
+        self._hold(delayed)
+
+    def on_persisted(self, fn: Callable[[Exception | None], None]) -> None:
+        """Call ``fn(error)`` once the store writes of everything settled so far
+        have committed (error None) or one of them failed."""
+        self._waiters.append(fn)
+        self.wake()
 
     def purge(self) -> int:
         """Drop every message, in flight ones included (their acks become stale)."""
@@ -280,6 +330,9 @@ class QueueActor:
         self._report()
         self._deletes.clear()
         self._updates.clear()
+        self._delayed.clear()
+        self._held.clear()
+        self._epoch += 1
         self.count = 0
         self.beyond = 0
         self.next_due = None
@@ -302,18 +355,27 @@ class QueueActor:
 
     async def _run(self) -> None:
         while not self._stopped:
+            if self._held and time.monotonic() >= self._held_until:
+                held, self._held = self._held, []
+                self.ready.extendleft(reversed(held))
+                self._ready_bytes += sum(len(m.payload) for m in held) + MESSAGE_OVERHEAD * len(held)
             self._expire_deadlines()
             self._deliver()
             self._report()
             await self._flush_ops()
-            if self._need_refill():
-                await self._refill()
+            if self._need_refill() and time.monotonic() >= self._read_retry_at:
+                try:
+                    await self._refill()
+                except StorageError as exc:
+                    self._read_failed(exc)
+                else:
+                    self._read_backoff = 0.0
                 continue
             self._trim()
             if self.ready and not self.consumers:
                 self._release()
             timeout = self._next_timer()
-            if self._deletes or self._updates or self.ops or self._dirty:
+            if self._deletes or self._updates or self.ops or self._waiters or self._dirty:
                 self._dirty = False
                 continue
             self._idle = True
@@ -327,11 +389,27 @@ class QueueActor:
         self._stopped = True
         self._wake.set()
 
+    def _read_failed(self, exc: StorageError) -> None:
+        """A refill failed (the database locked past the busy timeout, say): its
+        messages stay on disk and counted beyond the cursor; try again later."""
+        self.durable.read_errors += 1
+        lo, hi = READ_RETRY
+        self._read_backoff = min(hi, self._read_backoff * 2) if self._read_backoff else lo
+        self._read_retry_at = time.monotonic() + self._read_backoff
+        self._due_known = False  # what the failed refill learnt is not to be trusted
+        log.warning("queue %s: reading from the store failed, retrying in %.1f s: %s",
+                    self.name, self._read_backoff, exc)
+
     def _next_timer(self) -> float:
         t = 3600.0
+        mono = time.monotonic()
         if self._deadlines:
-            t = min(t, self._deadlines[0][0] - time.monotonic())
-        if self.beyond and self.consumers:
+            t = min(t, self._deadlines[0][0] - mono)
+        if self._held:
+            t = min(t, self._held_until - mono)
+        if self._read_retry_at > mono:
+            t = min(t, self._read_retry_at - mono)
+        elif self.beyond and self.consumers:
             if not self._due_known:
                 t = 0.0
             elif self.next_due is not None:
@@ -442,16 +520,38 @@ class QueueActor:
             c.conn.push_wire([F.Op.DELIVER, c.cid, batch], size)
 
     async def _flush_ops(self) -> None:
-        if self.ops:
-            ops, self.ops = self.ops, []
-            for op in ops:
-                await self.durable.store.submit(op)
-        if self._deletes:
-            ids, self._deletes = self._deletes, []
-            await self.durable.delete_messages(self.name, ids)
-        if self._updates:
-            ups, self._updates = self._updates, []
-            await self.durable.update_messages(self.name, ups)
+        # Everything is taken before the first await: a settle that arrives
+        # meanwhile (ops and waiter together) goes wholly into the next flush.
+        ops, self.ops = self.ops, []
+        dels, self._deletes = self._deletes, []
+        ups, self._updates = self._updates, []
+        delayed, self._delayed = self._delayed, []
+        waiters, self._waiters = self._waiters, []
+        if not (ops or dels or ups):
+            for fn in waiters:
+                fn(None)
+            return
+        epoch = self._epoch
+        track = _Outcome(waiters) if waiters else None
+        for op in ops:
+            if track is not None:
+                op.on_done = track.wrap(op.on_done)
+            await self.durable.store.submit(op)
+        if dels:
+            def deleted(error: Exception | None) -> None:
+                if error is not None:
+                    log.error("queue %s: deleting %d messages failed, they are delivered again: %s",
+                              self.name, len(dels), error)
+                    self.restore(dels, epoch)
+            cb = deleted if track is None else track.wrap(deleted)
+            await self.durable.delete_messages(self.name, [m.id for m in dels], cb)
+        if ups:
+            def updated(error: Exception | None) -> None:
+                if error is not None:
+                    log.error("queue %s: updating %d messages failed: %s", self.name, len(ups), error)
+                    self._updates_failed(delayed, epoch)
+            cb = updated if track is None else track.wrap(updated)
+            await self.durable.update_messages(self.name, ups, cb)
 
     def _need_refill(self) -> bool:
         if not self.beyond or len(self.ready) >= WINDOW // 2:
@@ -491,7 +591,7 @@ class QueueActor:
         limit, max_bytes, min_rows = self._page_size(want)
         # Reserved while the query runs, so windows paging in at the same time cannot all
         # count on the same room; _report() below replaces it with what was loaded.
-        self._held = self.durable.window_budget.hold(self._held, self._ready_bytes + max_bytes)
+        self._budget_held = self.durable.window_budget.hold(self._budget_held, self._ready_bytes + max_bytes)
         self._loading = True
         self._arrived = []
         self._load_due = None
@@ -576,7 +676,9 @@ class QueueActor:
         in again, in key order. Not while :meth:`take` is paging in."""
         if self.inflight or self._refill_lock.locked():
             return
-        self.beyond += len(self.ready)
+        # held (restored after a failed write) messages are stored too: on disk only, like the rest
+        self.beyond += len(self.ready) + len(self._held)
+        self._held.clear()
         self.ready.clear()
         self._ready_bytes = 0
         self._report()
@@ -617,5 +719,35 @@ class QueueActor:
             "published": self.published, "delivered": self.delivered, "redelivered": self.redelivered,
             "acked": self.acked, "nacked": self.nacked, "rejected": self.rejected,
             "dead_lettered": self.dead_lettered, "expired": self.expired,
+            "store_failures": self.store_failures,
             "config": self.cfg.to_dict(),
         }
+
+
+class _Outcome:
+    """Calls ``waiters(error)`` once every wrapped store callback has run: with
+    the first error any of them got, or None when all committed."""
+
+    __slots__ = ("waiters", "pending", "error")
+
+    def __init__(self, waiters: list[Callable[[Exception | None], None]]) -> None:
+        self.waiters = waiters
+        self.pending = 0
+        self.error: Exception | None = None
+
+    def wrap(self, cb: Callable[[Exception | None], None] | None) -> Callable[[Exception | None], None]:
+        self.pending += 1
+
+        def done(error: Exception | None) -> None:
+            try:
+                if cb is not None:
+                    cb(error)
+            finally:
+                if error is not None and self.error is None:
+                    self.error = error
+                self.pending -= 1
+                if self.pending == 0:
+                    for fn in self.waiters:
+                        fn(self.error)
+
+        return done

@@ -474,6 +474,8 @@ class Broker:
                                                       "pending_ops", "pending_messages", "pending_bytes",
                                                       "failed_ops")
                          if hasattr(st, k)}
+        snap["store"]["state_failures"] = self.durable.state_failures
+        snap["store"]["read_errors"] = self.durable.read_errors
         snap["pid"] = os.getpid()
         snap["limits"] = self.monitor.snapshot()
         snap["auth"] = {"enabled": self.users is not None, "users": len(self.users) if self.users else 0,

@@ -22,7 +22,7 @@ import heapq
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
 
@@ -32,6 +32,7 @@ from protocol.partition import partition_for
 
 from .limits import MESSAGE_OVERHEAD, WINDOW_MIN
 from .queue import DELIVER_FRAME_BUDGET, DELIVERY_OVERHEAD
+from .store.base import StorageError, StorageFull
 from .store.streams import StreamRow
 from .streamconfig import DEFAULT_WINDOW, StreamConfig
 
@@ -47,6 +48,12 @@ READ_PAGE: Final = 1_000  # rows per disk read when replaying (fewer when the wi
 READER_HIGH_WATER: Final = 1024 * 1024  # a reader pauses while its connection has this much queued
 KEY_CACHE: Final = 65_536  # keys whose partition is remembered per stream
 GAP: Final = ""  # subject of a placeholder for an offset whose write failed (never a valid subject)
+#: Seconds a partition pauses after its copy to the DLQ failed, before the
+#: message is delivered (and dead-lettered) again: no busy loop on a full disk.
+STORE_RETRY_DELAY: Final = 1.0
+#: Back-off (seconds, first and longest) between attempts of a failed replay read
+#: (the database locked by a backup or an admin tool, say); the broker serves on.
+READ_RETRY: Final = (0.5, 10.0)
 
 
 class Partition:
@@ -70,7 +77,8 @@ class Partition:
             n = len(r.payload) + 64
             self.tail_bytes += n
             self.bytes += n
-            self.hwm = r.offset + 1
+        if rows and rows[-1].offset >= self.hwm:  # never backwards
+            self.hwm = rows[-1].offset + 1
         while len(tail) > TAIL_MESSAGES or self.tail_bytes > TAIL_BYTES:
             self.tail_bytes -= len(tail.popleft().payload) + 64
         ev, self.changed = self.changed, anyio.Event()
@@ -215,13 +223,17 @@ class GroupActor:
         self.delivered_count = 0
         self.redelivered = 0
         self._out: dict[Member, list[Any]] = {}
-        self._persist_waiters: list[Any] = []
-        self.ops: list[Any] = []  # dead-letter writes, submitted before the offsets they let pass
         # Bytes read from disk into each partition's buffer, held against the broker's window
         # budget until that buffer is empty again (a group with members is one open window).
         self._charges: dict[PState, int] = {}
         self._held = 0
         self._open = False
+        # (answer, {partition: highest offset the answer waits to see committed})
+        self._persist_waiters: list[tuple[Callable[[Exception | None], None], dict[PState, int]]] = []
+        # (dead-letter write, partition, offset, attempts): committed before the offsets passing it
+        self.ops: list[Any] = []
+        self._read_backoff = 0.0
+        self._commit_retry_at = 0.0  # after a failed offset commit: when to try again
 
     def wake(self) -> None:
         self._dirty = True  # seen by the loop even if it is busy awaiting the store right now
@@ -265,6 +277,9 @@ class GroupActor:
                 ps.owner = owner
                 ps.gen = gen
                 ps.reset()
+                if self._persist_waiters:  # out-of-order acks held in memory are gone
+                    self._void_waiters(ps, ps.committed, ErrorCode.STALE_GENERATION,
+                                       "the partition was reassigned before the ack was committed")
         for m in ms:
             mine = [ps.index for ps in self.parts if ps.owner is m]
             m.conn.push_wire([F.Op.NOTICE, "assignment", {"cid": m.cid, "group": self.name,
@@ -311,11 +326,53 @@ class GroupActor:
         self.wake()
         return codes
 
-    def on_persisted(self, fn: Any) -> None:
-        """Call ``fn()`` once the offsets acked so far are committed to the store
-        (an ACK that asked for an answer is answered then: a synchronous commit)."""
-        self._persist_waiters.append(fn)
+    def needs(self, member: Member, items: list[list[Any]]) -> list[tuple[PState, int] | None]:
+        """Before settling ``items``: the (partition, offset) each ack or reject
+        would let the committed offset pass (None for the others)."""
+        out: list[tuple[PState, int] | None] = []
+        for did, action, _arg in items:
+            e = self._dids.get(did)
+            if e is not None and e[3] is member and action in (F.AckAction.ACK, F.AckAction.REJECT):
+                out.append((e[0], e[1]))
+            else:
+                out.append(None)
+        return out
+
+    def on_persisted(self, fn: Callable[[Exception | None], None],
+                     needs: list[tuple[PState, int] | None] | None = None, codes: list[int] | None = None) -> None:
+        """Call ``fn(None)`` once every offset in ``needs`` whose code is 0 is
+        below its partition's committed offset as stored: an out-of-order ack
+        waits for the commit of the contiguous offset that covers it. Calls
+        ``fn(error)`` if that commit fails, or a STALE_* error if a rewind or a
+        rebalance voids the ack before it is covered."""
+        want: dict[PState, int] = {}
+        for n, code in zip(needs or (), codes or ()):
+            if n is not None and code == 0 and n[1] > want.get(n[0], -1):
+                want[n[0]] = n[1]
+        self._persist_waiters.append((fn, want))
         self.wake()
+
+    def _void_waiters(self, ps: PState, offset: int, code: ErrorCode, why: str) -> None:
+        """Acks at or above ``offset`` on ``ps`` were voided: their waiters get ``code``."""
+        keep = []
+        for fn, want in self._persist_waiters:
+            if want.get(ps, -1) >= offset:
+                fn(RemoteProtocolError(why, code))
+            else:
+                keep.append((fn, want))
+        self._persist_waiters = keep
+
+    def _answer_waiters(self, error: Exception | None, failed: set[PState]) -> None:
+        """After a commit of offsets: answer the waiters it covered (or failed)."""
+        keep = []
+        for fn, want in self._persist_waiters:
+            if error is not None and any(ps in failed for ps in want):
+                fn(error)
+            elif all(ps.persisted > off for ps, off in want.items()):
+                fn(None)
+            else:
+                keep.append((fn, want))
+        self._persist_waiters = keep
 
     def _acked(self, ps: PState, offset: int) -> None:
         ps.attempts.pop(offset, None)
@@ -339,6 +396,8 @@ class GroupActor:
         for o in [o for o in ps.inflight if o >= offset]:
             self._dids.pop(ps.inflight.pop(o)[0], None)
         ps.acked = {o for o in ps.acked if o < offset}
+        if self._persist_waiters:
+            self._void_waiters(ps, offset, ErrorCode.STALE_DELIVERY, "voided by the redelivery of an earlier offset")
         ps.buffer.clear()
         ps.cursor = offset
         d = cfg.backoff(n) if delay is None else delay
@@ -346,9 +405,28 @@ class GroupActor:
 
     def _dead_letter(self, ps: PState, row: StreamRow, reason: str, error: str) -> None:
         self.stream.dead_lettered += 1
-        self.ops.append(self.stream.durable.streams.dead_letter(self.stream, row, reason,
-                                                                ps.attempts.get(row.offset, 1), error))
+        attempts = ps.attempts.get(row.offset, 1)
+        self.ops.append((self.stream.durable.streams.dead_letter(self.stream, row, reason, attempts, error),
+                         ps, row.offset, attempts))
         self._acked(ps, row.offset)
+
+    def _dead_letter_failed(self, ps: PState, offset: int, attempts: int, exc: StorageError) -> None:
+        """The copy to the DLQ failed (a full disk, say): the committed offset
+        must not pass the message, so the partition goes back to it and it is
+        delivered again after a pause (and tried for the DLQ again)."""
+        self.stream.dead_lettered -= 1
+        self.stream.durable.state_failures += 1
+        ps.attempts[offset] = attempts  # the next delivery counts on from here
+        if ps.committed > offset:
+            ps.committed = offset
+        for o in [o for o in ps.inflight if o >= offset]:
+            self._dids.pop(ps.inflight.pop(o)[0], None)
+        ps.acked = {o for o in ps.acked if o < offset}
+        ps.buffer.clear()
+        ps.cursor = min(ps.cursor, offset)
+        ps.paused_until = time.monotonic() + STORE_RETRY_DELAY
+        code = ErrorCode.STORAGE_FULL if isinstance(exc, StorageFull) else ErrorCode.STORAGE_ERROR
+        self._void_waiters(ps, offset, code, f"the copy to the dead-letter queue failed: {exc}")
 
     # --------------------------------------------------------------- actor
 
@@ -380,8 +458,17 @@ class GroupActor:
                 hwm = self.stream.partitions[ps.index].hwm
                 self._charges[ps] = per  # reserved while reading: other windows cannot count on it
                 self._held = budget.hold(self._held, sum(self._charges.values()))
-                rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE,
-                                                  per, WINDOW_MIN)
+                try:
+                    rows = await store.read_partition(self.stream.name, ps.index, ps.cursor, READ_PAGE,
+                                                      per, WINDOW_MIN)
+                except StorageError as exc:
+                    self._charges.pop(ps, None)
+                    self._held = budget.hold(self._held, sum(self._charges.values()))
+                    self._read_backoff = read_failed(self.stream.durable, self._read_backoff, exc,
+                                                     f"group {self.stream.name}/{self.name}")
+                    ps.paused_until = time.monotonic() + self._read_backoff
+                    continue
+                self._read_backoff = 0.0
                 ps.buffer.extend(r for r in rows if r.offset < hwm)
                 self._charges[ps] = sum(len(r.payload) for r in rows) + MESSAGE_OVERHEAD * len(rows)
                 self._held = budget.hold(self._held, sum(self._charges.values()))
@@ -414,6 +501,8 @@ class GroupActor:
         for ps in self.parts:
             if ps.paused_until > mono:
                 t = min(t, ps.paused_until - mono)
+        if self._commit_retry_at:
+            t = min(t, self._commit_retry_at - mono)
         return max(t, 0.0)
 
     def _expire(self) -> None:
@@ -559,29 +648,40 @@ class GroupActor:
         ps.cursor = offset
 
     async def _flush_commits(self) -> None:
-        if self.ops:
+        while self.ops:  # again if a reject came in while a copy was being written
+            # Each copy to the DLQ is committed before the offsets that pass it
+            # (rare: a synchronous write each), so a failed copy can hold them back.
             ops, self.ops = self.ops, []
-            for op in ops:
-                await self.stream.durable.store.submit(op)
+            for op, ps, offset, attempts in ops:
+                try:
+                    await self.stream.durable.store.write(op)
+                except StorageError as exc:
+                    self._dead_letter_failed(ps, offset, attempts, exc)
         dirty = [ps for ps in self.parts if ps.dirty]
-        waiters, self._persist_waiters = self._persist_waiters, []
         if not dirty:
-            for fn in waiters:
-                fn()
-        if dirty:
-            rows = [(self.stream.name, self.name, ps.index, ps.committed, ps.delivered) for ps in dirty]
-            values = [(ps, ps.committed) for ps in dirty]
-            for ps in dirty:
-                ps.dirty = False
+            if self._persist_waiters:
+                self._answer_waiters(None, set())
+            return
+        rows = [(self.stream.name, self.name, ps.index, ps.committed, ps.delivered) for ps in dirty]
+        values = [(ps, ps.committed) for ps in dirty]
+        for ps in dirty:
+            ps.dirty = False
+        self._commit_retry_at = 0.0  # set again if this commit fails
 
-            def done(error: Exception | None) -> None:
-                if error is None:
-                    for ps, c in values:
-                        ps.persisted = max(ps.persisted, c)
-                for fn in waiters:
-                    fn()
+        def done(error: Exception | None) -> None:
+            if error is None:
+                for ps, c in values:
+                    ps.persisted = max(ps.persisted, c)
+            else:
+                log.error("group %s/%s: committing offsets failed: %s", self.stream.name, self.name, error)
+                self.stream.durable.state_failures += 1
+                for ps, _c in values:
+                    ps.dirty = True  # tried again with the next flush, at the latest after a pause
+                self._commit_retry_at = time.monotonic() + STORE_RETRY_DELAY
+            if self._persist_waiters:
+                self._answer_waiters(error, {ps for ps, _c in values})
 
-            await self.stream.durable.streams.commit_offsets(rows, done)
+        await self.stream.durable.streams.commit_offsets(rows, done)
 
     def info(self) -> dict[str, Any]:
         parts = []
@@ -656,6 +756,7 @@ class Reader:
         store = self.stream.durable.store
         budget = self.stream.durable.window_budget
         conn = self.conn
+        backoff = 0.0
         while True:
             if self.offset < part.first:
                 self.offset = part.first
@@ -672,8 +773,16 @@ class Reader:
             rows = part.get(self.offset, READ_PAGE)
             if rows is None:
                 self.paged = budget.hold(self.paged, budget.room(0))  # reserved while reading
-                rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE,
-                                                  self.paged, WINDOW_MIN)
+                try:
+                    rows = await store.read_partition(self.stream.name, self.partition, self.offset, READ_PAGE,
+                                                      self.paged, WINDOW_MIN)
+                except StorageError as exc:
+                    self.paged = budget.hold(self.paged, 0)
+                    backoff = read_failed(self.stream.durable, backoff, exc,
+                                          f"reader of {self.stream.name}/{self.partition}")
+                    await anyio.sleep(backoff)
+                    continue
+                backoff = 0.0
                 rows = [r for r in rows if r.offset < part.hwm]
                 self.paged = budget.hold(self.paged, sum(len(r.payload) + MESSAGE_OVERHEAD for r in rows))
                 if not rows:  # only gaps (or retention) between here and hwm
@@ -697,6 +806,16 @@ class Reader:
                 _push(conn, self.cid, items)
             await conn.wait_pending_below(high)
             self.paged = budget.hold(self.paged, 0)  # sent: what is still queued is below `high`
+
+
+def read_failed(durable: Durable, backoff: float, exc: StorageError, who: str) -> float:
+    """Count and log a failed read (the database locked past the busy timeout,
+    say); returns the next back-off, doubling from READ_RETRY[0] to READ_RETRY[1]."""
+    durable.read_errors += 1
+    lo, hi = READ_RETRY
+    backoff = min(hi, backoff * 2) if backoff else lo
+    log.warning("%s: reading from the store failed, retrying in %.1f s: %s", who, backoff, exc)
+    return backoff
 
 
 def resolve_start(part: Partition, start: Any, offset_for_time: int | None, out_of_range: str) -> int:

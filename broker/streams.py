@@ -17,8 +17,8 @@ from protocol import numbers as N
 from protocol.errors import ErrorCode, RemoteProtocolError
 
 from .queueconfig import dlq_config, validate_name
-from .store.base import PutMessages, PutQueue, StoredMessage
-from .store.streams import CommitOffsets, DeleteStream, PutStream, StreamRow, TrimStream
+from .store.base import PutMessages, PutQueue, StorageError, StoredMessage
+from .store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
 from .stream import DEFAULT_WINDOW, GroupActor, Partition, Reader, StreamActor, resolve_start
 from .streamconfig import StreamConfig
 
@@ -53,15 +53,22 @@ class Streams:
             cfg = StreamConfig.from_args(conf)
             bounds = await self.store.partition_bounds(name)
             floors = await self.store.partition_floors(name)
+            marks = await self.store.partition_marks(name)
+            offsets = await self.store.load_offsets(name)
             parts = []
             for i in range(cfg.partitions):
                 floor = floors.get(i, 0)
                 lo, hi, nbytes = bounds.get(i, (floor, floor - 1, 0))
                 first = max(lo, floor)
-                parts.append(Partition(name, i, first, max(hi + 1, first), nbytes))
+                # Offsets are never reused: not those of failed tail writes (marks),
+                # nor any a group already acked past (its offsets commit even when
+                # the mark could not be written).
+                nxt = max(hi + 1, first, marks.get(i, 0),
+                          max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
+                parts.append(Partition(name, i, first, nxt, nbytes))
             st = StreamActor(self.durable, cfg, parts)
             self._register(st)
-            for group, committed in (await self.store.load_offsets(name)).items():
+            for group, committed in offsets.items():
                 await self._start_group(st, group, committed)
         tg.start_soon(self._retention_loop)
 
@@ -94,6 +101,32 @@ class Streams:
         off = part.next
         part.next += 1
         return StreamRow(st.name, part.index, off, m[0], key, m[1], m[2], msg_id, now)
+
+    def mark_next(self, marks: list[tuple[str, int, int]]) -> None:
+        """Record (stream, partition, next) after a failed tail write, so that the
+        offsets it was given are never assigned again after a restart. Called
+        from a store callback: never blocks."""
+        def done(error: Exception | None) -> None:
+            if error is not None:
+                self.durable.state_failures += 1
+                log.error("recording the next offsets %s failed: %s (a restart still takes the groups'"
+                          " committed offsets into account)", marks, error)
+
+        op = MarkStreamNext(marks, done)
+        try:
+            self.store.submit_nowait(op)
+        except anyio.WouldBlock:
+            assert self._tg is not None
+            self._tg.start_soon(self._submit_mark, op)
+        except StorageError as exc:  # closing: the mark is lost, the groups' offsets remain
+            done(exc)
+
+    async def _submit_mark(self, op: MarkStreamNext) -> None:
+        try:
+            await self.store.submit(op)
+        except StorageError as exc:
+            assert op.on_done is not None
+            op.on_done(exc)
 
     def dead_letter(self, st: StreamActor, row: StreamRow, reason: str, attempts: int, error: str) -> PutMessages:
         """The store operation that copies a poison message to the stream's DLQ."""

@@ -69,8 +69,11 @@ class Delivery:
     async def ack(self, *, wait: bool = False) -> None:
         """Acknowledge: the broker deletes the message. Returns once buffered
         (acks travel in batches); with ``wait=True`` returns once the broker
-        accepted it and raises StaleDeliveryError if this delivery is no
-        longer ours (its ack deadline passed and it went to another consumer)."""
+        committed it (in a stream group: once the committed offset covering
+        it is stored) and raises StaleDeliveryError if this delivery is no
+        longer ours (its ack deadline passed and it went to another consumer),
+        StorageError/StorageFullError if the commit failed (the message will
+        be delivered again)."""
         await self._settle(F.AckAction.ACK, None, wait)
 
     async def nack(self, delay: float | None = None, *, wait: bool = False) -> None:

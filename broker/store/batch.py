@@ -27,7 +27,8 @@ import aiosqlite
 import msgpack
 
 from broker.store.streams import (
-    INSERT_STREAM_ROW, UPSERT_OFFSET, CommitOffsets, DeleteStream, PutStream, TrimStream, encode_stream_row,
+    INSERT_STREAM_ROW, UPSERT_OFFSET, CommitOffsets, DeleteStream, MarkStreamNext, PutStream, TrimStream,
+    encode_stream_row,
 )
 from broker.store.base import (
     DedupEntry,
@@ -167,7 +168,7 @@ def _commit_offsets(op: CommitOffsets) -> Item:
 
 
 def _statements(op: Any) -> Item:
-    """Whole-stream operations (declare, delete, trim) run in a stage of their own."""
+    """Whole-stream operations (declare, delete, trim, next-offset marks) run in a stage of their own."""
     return Item(op, 1, grows=isinstance(op, PutStream), statements=op.statements())
 
 
@@ -175,6 +176,7 @@ _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
     PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
     CommitOffsets: _commit_offsets, PutStream: _statements, DeleteStream: _statements, TrimStream: _statements,
+    MarkStreamNext: _statements,
 }
 
 

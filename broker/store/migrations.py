@@ -15,7 +15,7 @@ from typing import Final
 import aiosqlite
 
 from broker.store.base import SchemaTooNew, StorageError
-from broker.store.streams import MIGRATION_V2
+from broker.store.streams import MIGRATION_STREAM_NEXT, MIGRATION_V2
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ INSERT INTO meta (key, value) VALUES ('max_message_id', 0);
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: queues, messages, dedup, meta
     MIGRATION_V2,  # 1 -> 2: streams, stream_messages, stream_floors, stream_offsets
+    MIGRATION_STREAM_NEXT,  # 2 -> 3: stream_next (offsets assigned by failed tail writes)
 )
 
 

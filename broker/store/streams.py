@@ -59,6 +59,18 @@ CREATE TABLE stream_offsets (
 ) WITHOUT ROWID;
 """
 
+#: A partition's next offset, recorded when a write at its tail failed: the
+#: failed offsets left no rows, so without it recovery (max stored offset + 1)
+#: would hand them out again. Written only on that failure path.
+MIGRATION_STREAM_NEXT: Final = """
+CREATE TABLE stream_next (
+    stream    TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next      INTEGER NOT NULL,            -- every offset below was assigned once
+    PRIMARY KEY (stream, partition)
+) WITHOUT ROWID;
+"""
+
 INSERT_STREAM_ROW: Final = (
     "INSERT INTO stream_messages (stream, partition, offset, subject, key, payload, headers, msg_id,"
     " timestamp_ms) VALUES (?,?,?,?,?,?,?,?,?)")
@@ -73,7 +85,11 @@ TRIM: Final = "DELETE FROM stream_messages WHERE stream = ? AND partition = ? AN
 UPSERT_FLOOR: Final = (
     "INSERT INTO stream_floors (stream, partition, first) VALUES (?,?,?)"
     " ON CONFLICT (stream, partition) DO UPDATE SET first = MAX(first, excluded.first)")
+UPSERT_NEXT: Final = (
+    "INSERT INTO stream_next (stream, partition, next) VALUES (?,?,?)"
+    " ON CONFLICT (stream, partition) DO UPDATE SET next = MAX(next, excluded.next)")
 DELETE_STREAM: Final = (
+    ("DELETE FROM stream_next WHERE stream = ?", 1),
     ("DELETE FROM stream_messages WHERE stream = ?", 1),
     ("DELETE FROM stream_offsets WHERE stream = ?", 1),
     ("DELETE FROM stream_floors WHERE stream = ?", 1),
@@ -141,6 +157,20 @@ class CommitOffsets:
 
 
 @dataclass(slots=True)
+class MarkStreamNext:
+    """Record that offsets below ``next`` were assigned in a partition, as
+    (stream, partition, next) triples: after a failed tail write, so that
+    recovery never assigns those offsets again. Needs no new pages once the
+    row exists, so it commits on a full disk too."""
+
+    marks: list[tuple[str, int, int]]
+    on_done: DoneCallback | None = None
+
+    def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
+        return [(UPSERT_NEXT, m) for m in self.marks]
+
+
+@dataclass(slots=True)
 class TrimStream:
     """Retention: delete a partition's rows below ``before`` (an offset)."""
 
@@ -170,6 +200,11 @@ class StreamReads:
 
     async def partition_floors(self: Reads, stream: str) -> dict[int, int]:  # type: ignore[misc]
         rows = await self._fetch("SELECT partition, first FROM stream_floors WHERE stream = ?", (stream,))
+        return {r[0]: r[1] for r in rows}
+
+    async def partition_marks(self: Reads, stream: str) -> dict[int, int]:  # type: ignore[misc]
+        """partition -> next offset recorded by MarkStreamNext (offsets below it were assigned)."""
+        rows = await self._fetch("SELECT partition, next FROM stream_next WHERE stream = ?", (stream,))
         return {r[0]: r[1] for r in rows}
 
     async def read_partition(self: Reads, stream: str, partition: int, from_offset: int,  # type: ignore[misc]
