@@ -326,7 +326,9 @@ class Broker:
         snap["store"] = {k: getattr(st, k) for k in ("commits", "committed_ops", "committed_messages",
                                                       "last_commit_seconds", "last_batch_messages",
                                                       "pending_ops", "pending_messages", "pending_bytes",
-                                                      "failed_ops")
+                                                      "failed_ops", "inflight_ops", "inflight_messages",
+                                                      "inflight_bytes", "transaction_seconds",
+                                                      "transaction_phase", "stalled", "stalls")
                          if hasattr(st, k)}
         snap["pid"] = os.getpid()
         snap["limits"] = self.monitor.snapshot()

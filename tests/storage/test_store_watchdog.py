@@ -1,0 +1,72 @@
+"""A storage transaction that does not return is loud: the batch in flight is
+counted, the watchdog logs an ERROR with the stacks, `stalled` flips while it
+lasts and the store recovers once the transaction ends.
+
+The stall is real, not simulated: another connection holds the database's
+write lock (as a backup or an admin tool can), and the store's busy timeout is
+raised so that its BEGIN waits until the test lets go. The test decides when
+the stall ends, so nothing here depends on timing."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+
+import anyio
+import pytest
+
+from broker.store import PutMessages, sqlite as store_sqlite
+
+WAIT = 30.0  # generous bound on each wait: a loaded machine is slow, never this slow
+
+
+async def wait_until(cond: object) -> None:
+    with anyio.fail_after(WAIT):
+        while not cond():  # type: ignore[operator]
+            await anyio.sleep(0.01)
+
+
+async def test_a_stalled_transaction_is_counted_logged_and_recovers(open_store, row, db_path, monkeypatch, caplog):
+    monkeypatch.setattr(store_sqlite, "BUSY_TIMEOUT_MS", 3_600_000)  # the BEGIN waits until we let go
+    caplog.set_level(logging.WARNING, logger="broker.store.sqlite")
+    async with open_store(stall_timeout=0.05) as store:
+        assert (store.inflight_ops, store.transaction_seconds, store.stalled, store.stalls) == (0, 0.0, False, 0)
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # hold the write lock
+        outcomes: list[Exception | None] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.watchdog)
+            store.submit_nowait(PutMessages([row("q", 1, payload=b"x" * 100), row("q", 2, payload=b"y" * 50)],
+                                            on_done=outcomes.append))
+            await wait_until(lambda: store.stalls == 1)
+            # the batch being committed is visible, and how long it has run
+            assert store.stalled
+            assert (store.inflight_ops, store.inflight_messages, store.inflight_bytes) == (1, 2, 150)
+            assert store.transaction_seconds > store.stall_timeout
+            assert store.transaction_phase == "BEGIN"
+            store.submit_nowait(PutMessages([row("q", 3)], on_done=outcomes.append))
+            assert store.pending_ops == 1  # waiting behind it
+            [rec] = [r for r in caplog.records if r.levelno == logging.ERROR]
+            text = rec.getMessage()
+            assert "phase BEGIN" in text and "1 ops / 2 messages / 150 bytes in flight" in text
+            assert "storage actor task:" in text and "in _transaction" in text  # the actor's await chain
+            assert "SQLite thread" in text and "_connection_worker_thread" in text  # the thread's stack
+            assert outcomes == []
+
+            blocker.execute("COMMIT")  # the stall ends: the batch commits, then the next one
+            await wait_until(lambda: len(outcomes) == 2)
+            assert outcomes == [None, None]
+            assert not store.stalled and store.transaction_seconds == 0.0
+            assert (store.inflight_ops, store.inflight_messages, store.inflight_bytes) == (0, 0, 0)
+            assert store.transaction_phase == "idle"
+            assert any("the stalled batch (1 ops) ended after" in r.getMessage() for r in caplog.records
+                       if r.levelno == logging.WARNING)
+            assert store.stalls == 1  # reported once per stalled batch
+            tg.cancel_scope.cancel()
+        blocker.close()
+        assert await store.count("q") == 3
+
+
+def test_stall_timeout_must_be_positive(db_path):
+    with pytest.raises(ValueError, match="stall_timeout"):
+        store_sqlite.SqliteStore(db_path, stall_timeout=0)
