@@ -175,6 +175,26 @@ async def broker_stats(url: str) -> Any:
         return await tc.call("stats")
 
 
+LOG_TAIL = 60  # broker log lines shown when a round is stuck
+
+
+def stuck_report(broker: Any, stats: Any) -> str:
+    """What tells where a stuck round waits: the store's counters (pending_* is the
+    mailbox; inflight_*, transaction_seconds and transaction_phase the batch being
+    committed: a phase other than "idle" for longer than store_stall_timeout is a
+    transaction that does not return, and the watchdog's ERROR with the stacks is in
+    the log; pending ops with phase "idle" would be an actor that was not woken), the
+    warnings and errors of this broker lifetime, and the log's tail."""
+    lines = broker.stderr().splitlines()
+    starts = [i for i, line in enumerate(lines) if " open (durability=" in line]  # each start opens the store
+    lifetime = lines[starts[-1]:] if starts else lines
+    loud = [line for line in lifetime if " WARNING " in line or " ERROR " in line or line.startswith((" ", "\t"))]
+    store = stats.get("store") if isinstance(stats, dict) else stats
+    return (f"store: {store}; limits: {stats.get('limits') if isinstance(stats, dict) else None}\n"
+            "--- warnings/errors of this broker lifetime ---\n" + "\n".join(loud[-200:]) +
+            f"\n--- broker log tail ({LOG_TAIL} lines) ---\n" + "\n".join(lines[-LOG_TAIL:]))
+
+
 async def run_chaos(broker: Any, kills: int, seed: int) -> dict[str, int]:
     rng = random.Random(seed)
     led = Ledger()
@@ -192,9 +212,11 @@ async def run_chaos(broker: Any, kills: int, seed: int) -> dict[str, int]:
                 with anyio.move_on_after(ROUND_TIMEOUT):
                     await progress.reached.wait()
                 if not progress.reached.is_set():
+                    stats = await broker_stats(broker.url)
                     pytest.fail(f"round {rnd}: stuck at {progress!r} (ledger: {len(led.confirmed)} confirmed, "
                                 f"{len(led.unconfirmed)} unconfirmed, {len(led.deliveries)} delivered); "
-                                f"broker: {await queue_state(broker.url)}; stats: {await broker_stats(broker.url)}")
+                                f"broker: {await queue_state(broker.url)}; stats: {stats}\n"
+                                f"{stuck_report(broker, stats)}")
                 # Confirms and deliveries arrive in batches, so the targets alone would always
                 # kill at a batch boundary; a random extra moment spreads the crash points over
                 # commits, confirms and acks. (It waits for nothing: any moment is a valid crash.)
