@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import linecache
 import logging
 import os
 import sqlite3
@@ -478,7 +479,10 @@ class SqliteStore(Reads, StreamReads):
         if frame is None:
             out.write("SQLite thread: not found\n")
         else:
-            out.write(f"SQLite thread {thread.name}:\n")
+            # Idle in its queue while the actor awaits it: the call's completion was lost
+            # (not SQLite). Inside a call: SQLite itself waits (a lock, I/O).
+            idle = ".get(" in linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            out.write(f"SQLite thread {thread.name} ({'idle, waiting for work' if idle else 'in a call'}):\n")
             out.write("".join(traceback.format_stack(frame)))
         return out.getvalue()
 

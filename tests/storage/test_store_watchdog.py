@@ -50,7 +50,8 @@ async def test_a_stalled_transaction_is_counted_logged_and_recovers(open_store, 
             text = rec.getMessage()
             assert "phase BEGIN" in text and "1 ops / 2 messages / 150 bytes in flight" in text
             assert "storage actor task:" in text and "in _transaction" in text  # the actor's await chain
-            assert "SQLite thread" in text and "_connection_worker_thread" in text  # the thread's stack
+            assert "SQLite thread" in text and "(in a call)" in text  # the thread's stack: SQLite waits
+            assert "_connection_worker_thread" in text
             assert outcomes == []
 
             blocker.execute("COMMIT")  # the stall ends: the batch commits, then the next one
@@ -70,3 +71,11 @@ async def test_a_stalled_transaction_is_counted_logged_and_recovers(open_store, 
 def test_stall_timeout_must_be_positive(db_path):
     with pytest.raises(ValueError, match="stall_timeout"):
         store_sqlite.SqliteStore(db_path, stall_timeout=0)
+
+
+async def test_the_report_tells_an_idle_sqlite_thread_from_a_busy_one(open_store):
+    # Idle while the actor would await it means a lost completion, not SQLite waiting.
+    async with open_store() as store:
+        report = store.stack_report()
+        assert "SQLite thread" in report and "(idle, waiting for work)" in report
+        assert "store lock: free" in report
