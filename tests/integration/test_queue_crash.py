@@ -176,6 +176,7 @@ async def broker_stats(url: str) -> Any:
 
 
 LOG_TAIL = 60  # broker log lines shown when a round is stuck
+STUCK_SECOND_LOOK = 6.0  # seconds between the two stats samples of a stuck round (a diagnosis, not a wait)
 
 
 def stuck_report(broker: Any, stats: Any) -> str:
@@ -212,11 +213,15 @@ async def run_chaos(broker: Any, kills: int, seed: int) -> dict[str, int]:
                 with anyio.move_on_after(ROUND_TIMEOUT):
                     await progress.reached.wait()
                 if not progress.reached.is_set():
+                    first = await broker_stats(broker.url)
+                    # A second look once the store's watchdog has had time to report (its default
+                    # store_stall_timeout is 5 s): slow storage commits meanwhile, stuck storage does not.
+                    await anyio.sleep(STUCK_SECOND_LOOK)
                     stats = await broker_stats(broker.url)
                     pytest.fail(f"round {rnd}: stuck at {progress!r} (ledger: {len(led.confirmed)} confirmed, "
                                 f"{len(led.unconfirmed)} unconfirmed, {len(led.deliveries)} delivered); "
-                                f"broker: {await queue_state(broker.url)}; stats: {stats}\n"
-                                f"{stuck_report(broker, stats)}")
+                                f"broker: {await queue_state(broker.url)}; stats: {first}\n"
+                                f"{STUCK_SECOND_LOOK:.0f} s later: {stuck_report(broker, stats)}")
                 # Confirms and deliveries arrive in batches, so the targets alone would always
                 # kill at a batch boundary; a random extra moment spreads the crash points over
                 # commits, confirms and acks. (It waits for nothing: any moment is a valid crash.)
