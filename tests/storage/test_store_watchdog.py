@@ -73,9 +73,42 @@ def test_stall_timeout_must_be_positive(db_path):
         store_sqlite.SqliteStore(db_path, stall_timeout=0)
 
 
-async def test_the_report_tells_an_idle_sqlite_thread_from_a_busy_one(open_store):
+async def test_the_report_tells_an_idle_sqlite_thread_from_a_busy_one(open_store, row):
     # Idle while the actor would await it means a lost completion, not SQLite waiting.
     async with open_store() as store:
-        report = store.stack_report()
-        assert "SQLite thread" in report and "(idle, waiting for work)" in report
-        assert "store lock: free" in report
+        await store.write(PutMessages([row("q", 1)]))
+        # The thread may still be handing the result back for a moment: a bounded poll.
+        with anyio.fail_after(WAIT):
+            while "(idle, waiting for work)" not in (report := store.stack_report()):
+                await anyio.sleep(0.01)
+        assert "SQLite thread" in report and "store lock: free" in report
+
+
+async def test_cancelled_waiters_and_reads_leave_no_drift(open_store, row):
+    """What the kill -9 test's stall would need and this rules out: a submitter cancelled
+    while it waits for space, or a read cancelled while it holds the store's connection,
+    leaves the mailbox counters off (`_full()` true with nothing queued) or the actor
+    unable to take its lock."""
+    async with open_store(run=False, mailbox_max_messages=10) as store:
+        done: list[Exception | None] = []
+        store.submit_nowait(PutMessages([row("q", i) for i in range(1, 11)], on_done=done.append))
+        assert store._full()
+        async with anyio.create_task_group() as waiters:
+            for i in range(11, 16):
+                waiters.start_soon(store.submit, PutMessages([row("q", i)], on_done=done.append))
+            await anyio.wait_all_tasks_blocked()
+            waiters.cancel_scope.cancel()  # these five never get in
+        with anyio.CancelScope() as reading:  # a read cancelled while it holds the lock
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.check_dedup, [f"m{i}" for i in range(500)])
+                await anyio.wait_all_tasks_blocked()
+                reading.cancel()
+        assert (store.pending_ops, store.pending_messages) == (1, 10)
+        async with anyio.create_task_group() as tg:
+            await tg.start(store.run)
+            await store.write(PutMessages([row("q", 99)]))
+            assert done == [None]
+            assert (store.pending_ops, store.pending_messages, store.pending_bytes) == (0, 0, 0)
+            assert not store._full() and store.inflight_ops == 0
+            assert await store.count("q") == 11
+            await store.close()
