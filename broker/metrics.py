@@ -303,7 +303,8 @@ class BrokerCollector:
         for name, doc in _STORE_INFLIGHT:
             yield GaugeMetricFamily(f"tidings_store_{name}", doc, value=snap.store[name])
         yield GaugeMetricFamily("tidings_store_stalled", "1 while a storage transaction runs longer than "
-                                "store_stall_timeout (the broker is then not ready).", value=snap.store["stalled"])
+                                "store_stall_timeout (the broker is then not ready).",
+                                value=snap.store["stalled"])
 
     @staticmethod
     def _limit_families(snap: Snapshot) -> Iterator[Metric]:

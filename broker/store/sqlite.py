@@ -611,6 +611,7 @@ def _await_chain(task: asyncio.Task[Any]) -> str:
         frame = getattr(aw, frame_attr)
         if frame is None:  # finished, or not started
             break
-        lines.extend(traceback.format_list([(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None)]))
+        code = frame.f_code
+        lines.extend(traceback.format_list([(code.co_filename, frame.f_lineno, code.co_name, None)]))
         aw = getattr(aw, next_attr)
     return "".join(lines)

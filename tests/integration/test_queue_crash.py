@@ -189,7 +189,8 @@ def stuck_report(broker: Any, stats: Any) -> str:
     lines = broker.stderr().splitlines()
     starts = [i for i, line in enumerate(lines) if " open (durability=" in line]  # each start opens the store
     lifetime = lines[starts[-1]:] if starts else lines
-    loud = [line for line in lifetime if " WARNING " in line or " ERROR " in line or line.startswith((" ", "\t"))]
+    loud = [line for line in lifetime
+            if " WARNING " in line or " ERROR " in line or line.startswith((" ", "\t"))]
     store = stats.get("store") if isinstance(stats, dict) else stats
     return (f"store: {store}; limits: {stats.get('limits') if isinstance(stats, dict) else None}\n"
             "--- warnings/errors of this broker lifetime ---\n" + "\n".join(loud[-200:]) +

@@ -69,8 +69,9 @@ async def test_a_stuck_transaction_is_loud_and_recovers(start_broker) -> None:
             assert stats["transaction_phase"] == "BEGIN"
             samples = await anyio.to_thread.run_sync(scrape, host, port)
             assert value(samples, "tidings_store_stalls_total") >= 1
-            for name in ("inflight_ops", "inflight_messages", "inflight_bytes", "transaction_seconds", "stalled"):
-                assert value(samples, f"tidings_store_{name}") >= 0  # exported (the instant may fall in a gap)
+            for name in ("inflight_ops", "inflight_messages", "inflight_bytes", "transaction_seconds",
+                         "stalled"):
+                assert value(samples, f"tidings_store_{name}") >= 0  # exported (may be 0 here)
             holding = False
             blocker.execute("COMMIT")  # the stall ends
             blocker.close()
