@@ -89,6 +89,9 @@ class Config:
     heartbeat: float = 20.0  # server PINGs a silent client this often; 2 missed -> close
     dedup_window: float = 300.0
     max_db_pages: int = 0  # cap the store's size in SQLite pages (4 KiB); 0 = no cap beyond the disk
+    # A storage transaction running longer than this (seconds) is a stall: logged as an ERROR
+    # with the stacks of the storage actor and the SQLite thread, /readyz fails while it lasts.
+    store_stall_timeout: float = 5.0
     # Above this resident set size (bytes) the broker stops reading from connections that
     # publish, until it is below again; consumers, acks and admin calls keep flowing. 0 = off.
     memory_high_water: int = GIB
@@ -157,7 +160,8 @@ class Config:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:
             raise ConfigError("max_payload may be at most 32 MiB")
-        for name in ("hello_timeout", "frame_timeout", "heartbeat", "dedup_window", "resource_check_interval"):
+        for name in ("hello_timeout", "frame_timeout", "heartbeat", "dedup_window", "resource_check_interval",
+                     "store_stall_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if not is_loopback(self.host) and not self.allow_open and not self.security.auth_enabled:

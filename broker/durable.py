@@ -81,7 +81,8 @@ class Durable:
         self.broker = broker
         cfg = broker.config
         self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
-                                 max_page_count=cfg.max_db_pages or None)
+                                 max_page_count=cfg.max_db_pages or None,
+                                 stall_timeout=cfg.store_stall_timeout)
         self.queues: dict[str, QueueActor] = {}
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         self.streams = Streams(self)
@@ -122,6 +123,7 @@ class Durable:
         self._tg = tg
         await self.store.open()
         await tg.start(self.store.run)
+        tg.start_soon(self.store.watchdog)
         self.last_id = await self.store.max_message_id()
         for name, conf, _created in await self.store.load_queues():
             qc = QueueConfig.from_args(conf)

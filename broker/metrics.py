@@ -10,7 +10,8 @@ Endpoints (HTTP/1.1, GET or HEAD, one request per connection, then close):
   docs/OPERATIONS.md lists them.
 - ``/healthz``: liveness, 200 whenever the event loop answers at all.
 - ``/readyz``: readiness, 200 once storage is open and recovered and the
-  client listener is bound, 503 before that and from the start of shutdown.
+  client listener is bound, 503 before that, from the start of shutdown, and
+  while a storage transaction runs past ``store_stall_timeout``.
 
 How the numbers are gathered, and what they cost: almost everything is
 read from the broker's own counters at scrape time (``BrokerCollector``),
@@ -99,6 +100,14 @@ _STORE_COUNTERS: Final = (
     ("committed_messages", "Messages written by committed transactions."),
     ("failed_transactions", "Storage transactions rolled back."),
     ("failed_ops", "Write operations that failed (their publishers got an error)."),
+    ("stalls", "Storage transactions that ran longer than store_stall_timeout (each logged with stacks)."),
+)
+#: Gauges of the batch being committed right now (0 between transactions).
+_STORE_INFLIGHT: Final = (
+    ("inflight_ops", "Write operations in the storage transaction being committed."),
+    ("inflight_messages", "Messages in the storage transaction being committed."),
+    ("inflight_bytes", "Payload bytes in the storage transaction being committed."),
+    ("transaction_seconds", "How long the storage transaction being committed has run (lock wait included)."),
 )
 
 
@@ -159,6 +168,8 @@ class BrokerCollector:
             queues=[_queue_row(q) for q in d.queues.values()],
             streams=[x.info() for x in d.streams.streams.values()],
             store={**{name: getattr(st, name) for name, _ in _STORE_COUNTERS},
+                   **{name: getattr(st, name) for name, _ in _STORE_INFLIGHT},
+                   "stalled": int(st.stalled),
                    "pending_messages": st.pending_messages, "pending_bytes": st.pending_bytes},
             limits=_limits(getattr(b, "monitor", None)),
             histograms=list(self.histograms.collect()) if self.histograms is not None else [])
@@ -304,6 +315,11 @@ class BrokerCollector:
                                 value=snap.store["pending_messages"])
         yield GaugeMetricFamily("tidings_store_pending_bytes", "Payload bytes waiting in the storage mailbox.",
                                 value=snap.store["pending_bytes"])
+        for name, doc in _STORE_INFLIGHT:
+            yield GaugeMetricFamily(f"tidings_store_{name}", doc, value=snap.store[name])
+        yield GaugeMetricFamily("tidings_store_stalled", "1 while a storage transaction runs longer than "
+                                "store_stall_timeout (the broker is then not ready).",
+                                value=snap.store["stalled"])
 
     @staticmethod
     def _limit_families(snap: Snapshot) -> Iterator[Metric]:
@@ -412,12 +428,16 @@ def install_hooks(broker: Broker) -> Metrics:
 def readiness(broker: Any) -> dict[str, bool]:
     """Whether the broker should get traffic: its client listener is bound and it
     finished starting (storage open, every queue/stream/offset recovered: the
-    ready event is set only after that), its store is open, it is not shutting down."""
+    ready event is set only after that), its store is open and no storage transaction
+    has run past store_stall_timeout (durable publishes would not be confirmed), it is
+    not shutting down."""
     listener = broker.ready.is_set() and broker.bound_address is not None
-    storage = bool(getattr(broker.durable.store, "is_open", False))
+    store = broker.durable.store
+    storage = bool(getattr(store, "is_open", False))
+    stalled = bool(getattr(store, "stalled", False))
     shutting_down = bool(broker.shutting_down)
-    return {"ready": listener and storage and not shutting_down, "listener": listener, "storage": storage,
-            "shutting_down": shutting_down}
+    return {"ready": listener and storage and not stalled and not shutting_down, "listener": listener,
+            "storage": storage, "storage_stalled": stalled, "shutting_down": shutting_down}
 
 
 # ------------------------------------------------------------------ HTTP

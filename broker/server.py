@@ -472,7 +472,9 @@ class Broker:
         snap["store"] = {k: getattr(st, k) for k in ("commits", "committed_ops", "committed_messages",
                                                       "last_commit_seconds", "last_batch_messages",
                                                       "pending_ops", "pending_messages", "pending_bytes",
-                                                      "failed_ops")
+                                                      "failed_ops", "inflight_ops", "inflight_messages",
+                                                      "inflight_bytes", "transaction_seconds",
+                                                      "transaction_phase", "stalled", "stalls")
                          if hasattr(st, k)}
         snap["store"]["state_failures"] = self.durable.state_failures
         snap["store"]["read_errors"] = self.durable.read_errors

@@ -16,10 +16,15 @@ a read never sees a half-done transaction and sees everything committed.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import linecache
 import logging
 import os
 import sqlite3
+import sys
 import time
+import traceback
 from collections import deque
 from typing import Any, Callable, Final
 
@@ -66,6 +71,14 @@ FILE_MODE: Final = 0o600
 #: How long a statement waits for a lock held by another connection (a backup, an admin tool).
 BUSY_TIMEOUT_MS: Final = 5_000
 
+#: A batch whose transaction (lock wait included) runs longer than this is a stall: the
+#: watchdog logs it with the actor's and the SQLite thread's stacks and /readyz fails
+#: until it ends. Commits take milliseconds; a busy disk can make one take a second or
+#: two, so 5 s is well past normal but short next to a client's 30 s dead-peer timeout.
+STALL_TIMEOUT: Final = 5.0
+#: The watchdog looks this many times per stall_timeout (at most once a second).
+WATCH_CHECKS_PER_TIMEOUT: Final = 4
+
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 
 
@@ -104,16 +117,24 @@ class SqliteStore(Reads, StreamReads):
 
     Metrics (plain attributes, for the metrics exporter): commits, committed_ops,
     committed_messages, failed_ops, failed_transactions, last_commit_seconds,
-    commit_seconds_total, last_batch_ops, last_batch_messages; and the pending_*
-    properties. `on_commit(seconds, messages)`, if set, is called after each
+    commit_seconds_total, last_batch_ops, last_batch_messages, stalls; the pending_*
+    properties (the mailbox); inflight_ops, inflight_messages, inflight_bytes (the
+    batch being committed), transaction_seconds, transaction_phase and stalled.
+    `on_commit(seconds, messages)`, if set, is called after each
     commit (in the actor, before the confirms go out): it must be quick and not raise.
+
+    A transaction that does not return is loud: `watchdog()` (a task beside `run`)
+    logs an ERROR with the stacks of the storage actor, of the task holding the
+    store lock and of the SQLite thread once a batch has been in flight longer than
+    `stall_timeout`, and `stalled` is true (readiness fails) until it ends.
     """
 
     def __init__(self, path: str | os.PathLike[str], durability: Durability = "full", *,
                  max_page_count: int | None = None,
                  mailbox_max_messages: int = MAILBOX_MAX_MESSAGES,
                  mailbox_max_bytes: int = MAILBOX_MAX_BYTES,
-                 batch_max_messages: int = BATCH_MAX_MESSAGES) -> None:
+                 batch_max_messages: int = BATCH_MAX_MESSAGES,
+                 stall_timeout: float = STALL_TIMEOUT) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         super().__init__()
@@ -123,6 +144,9 @@ class SqliteStore(Reads, StreamReads):
         self.mailbox_max_messages = mailbox_max_messages
         self.mailbox_max_bytes = mailbox_max_bytes
         self.batch_max_messages = batch_max_messages
+        if not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be positive, not {stall_timeout!r}")
+        self.stall_timeout = stall_timeout
         self._lockfile = LockFile(self.path + ".lock")
         self._mailbox: deque[Item] = deque()
         self._pending_messages = 0
@@ -134,6 +158,15 @@ class SqliteStore(Reads, StreamReads):
         self._idle = False  # the actor is parked on _wakeup
         self._closing = False
         self._max_id = 0
+        self._actor_task: asyncio.Task[Any] | None = None  # for the watchdog's stack dump
+        # the batch being committed (taken from the mailbox, not yet resolved)
+        self.inflight_ops = 0
+        self.inflight_messages = 0
+        self.inflight_bytes = 0
+        self._batch_started: float | None = None  # time.monotonic() when it was taken
+        self._batch_serial = 0
+        self._reported_serial = 0  # the batch the watchdog last reported as stalled
+        self.transaction_phase = "idle"  # where the current batch is: lock, BEGIN, write, COMMIT, ROLLBACK
         # metrics
         self.commits = 0
         self.committed_ops = 0
@@ -144,6 +177,7 @@ class SqliteStore(Reads, StreamReads):
         self.commit_seconds_total = 0.0
         self.last_batch_ops = 0
         self.last_batch_messages = 0
+        self.stalls = 0  # batches the watchdog reported as stalled
         self.on_commit: Callable[[float, int], None] | None = None  # the metrics exporter's hook
 
     @classmethod
@@ -237,6 +271,10 @@ class SqliteStore(Reads, StreamReads):
             raise RuntimeError("the store actor is already running")
         self._running = True
         self._stopped = anyio.Event()
+        try:
+            self._actor_task = asyncio.current_task()
+        except RuntimeError:  # not asyncio: the watchdog reports without the actor's stack
+            self._actor_task = None
         task_status.started()
         try:
             while True:
@@ -394,6 +432,9 @@ class SqliteStore(Reads, StreamReads):
             nbytes += it.nbytes
         self._pending_messages -= n
         self._pending_bytes -= nbytes
+        self.inflight_ops, self.inflight_messages, self.inflight_bytes = len(batch), n, nbytes
+        self._batch_serial += 1
+        self._batch_started = time.monotonic()
         if self._space is not None and not self._full():
             self._space.set()
             self._space = None
@@ -403,8 +444,80 @@ class SqliteStore(Reads, StreamReads):
 
     async def _commit_next(self) -> None:
         batch = self._take_batch()
-        async with self._lock:
-            await self._execute(batch)
+        try:
+            self.transaction_phase = "lock"  # a read holds the connection
+            async with self._lock:
+                await self._execute(batch)
+        finally:
+            if self._reported_serial == self._batch_serial:
+                log.warning("store: the stalled batch (%d ops) ended after %.1f s", len(batch),
+                            self.transaction_seconds)
+            self.inflight_ops = self.inflight_messages = self.inflight_bytes = 0
+            self._batch_started = None
+            self.transaction_phase = "idle"
+
+    # --- the watchdog -----------------------------------------------------------
+
+    @property
+    def transaction_seconds(self) -> float:
+        """How long the batch in flight has been (lock wait included); 0 when none is."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
+    def stalled(self) -> bool:
+        """A batch has been in flight longer than `stall_timeout`."""
+        return self.transaction_seconds > self.stall_timeout
+
+    async def watchdog(self) -> None:
+        """Report each stalled batch once (an ERROR with the stacks) until cancelled.
+        Start it beside `run`; it only reads, it never interferes with the actor."""
+        interval = min(1.0, self.stall_timeout / WATCH_CHECKS_PER_TIMEOUT)
+        while True:
+            await anyio.sleep(interval)
+            serial = self._batch_serial
+            if self.stalled and self._reported_serial != serial:
+                self._reported_serial = serial
+                self.stalls += 1
+                log.error("store: a transaction has run %.1f s (stall_timeout %.1f s), phase %s, "
+                          "%d ops / %d messages / %d bytes in flight, %d ops pending; "
+                          "the broker is not ready until it ends\n%s",
+                          self.transaction_seconds, self.stall_timeout, self.transaction_phase,
+                          self.inflight_ops, self.inflight_messages, self.inflight_bytes,
+                          self.pending_ops, self.stack_report())
+
+    def stack_report(self) -> str:
+        """The stacks that tell where a transaction waits: the actor task's await
+        chain, the store lock's holder (if not the actor), the SQLite thread."""
+        out = io.StringIO()
+        tasks = {id(t): t for t in asyncio.all_tasks()} if self._actor_task is not None else {}
+        if self._actor_task is not None:
+            out.write("storage actor task:\n")
+            out.write(_await_chain(self._actor_task))
+        stats = self._lock.statistics()
+        owner = stats.owner
+        out.write(f"store lock: {'held by task ' + repr(owner.name) if owner else 'free'}, "
+                  f"{stats.tasks_waiting} waiting\n")
+        if owner is not None and (self._actor_task is None or owner.id != id(self._actor_task)):
+            holder = tasks.get(owner.id)
+            if holder is not None:
+                out.write(_await_chain(holder))
+        thread = getattr(self._conn, "_thread", None)  # aiosqlite's worker thread (a private attribute)
+        frame = sys._current_frames().get(thread.ident) if thread is not None and thread.ident else None
+        if frame is None:
+            out.write("SQLite thread: not found\n")
+        else:
+            # Idle in its queue while the actor awaits it: the call's completion was lost
+            # (not SQLite). Inside a call: SQLite itself waits (a lock, I/O).
+            worker = frame
+            while worker is not None and worker.f_code.co_name != "_connection_worker_thread":
+                worker = worker.f_back
+            line = linecache.getline(worker.f_code.co_filename, worker.f_lineno) if worker is not None else ""
+            state = ("idle, waiting for work" if ".get(" in line else
+                     "in a call" if "function()" in line else "between calls")
+            out.write(f"SQLite thread {thread.name} ({state}):\n")
+            out.write("".join(traceback.format_stack(frame)))
+        return out.getvalue()
 
     async def _execute(self, items: list[Item]) -> None:
         """Commit `items`, or fail them. A group that failed because of some op's data
@@ -449,13 +562,17 @@ class SqliteStore(Reads, StreamReads):
         started = time.perf_counter()
         try:
             if conn.in_transaction:  # left over from a rollback that failed
+                self.transaction_phase = "ROLLBACK"
                 await conn.execute("ROLLBACK")
+            self.transaction_phase = "BEGIN"
             await conn.execute("BEGIN IMMEDIATE")
+            self.transaction_phase = "write"
             for stage in plan(items):
                 await stage.execute(conn)
             max_id = max(it.max_id for it in items)
             if max_id > self._max_id:
                 await conn.execute(RAISE_MAX_ID, (max_id,))
+            self.transaction_phase = "COMMIT"
             await conn.execute("COMMIT")
         except sqlite3.Error as exc:
             self.failed_transactions += 1
@@ -485,6 +602,7 @@ class SqliteStore(Reads, StreamReads):
         conn = self._conn
         if conn is None or not conn.in_transaction:
             return  # SQLite already rolled back (it does so itself on SQLITE_FULL, for one)
+        self.transaction_phase = "ROLLBACK"
         try:
             await conn.execute("ROLLBACK")
         except sqlite3.Error:
@@ -500,3 +618,28 @@ class SqliteStore(Reads, StreamReads):
                 cb(error)
             except Exception:  # actor boundary: a faulty callback must not stop the store
                 log.exception("store on_done callback raised (op %s)", type(it.op).__name__)
+
+
+def _await_chain(task: asyncio.Task[Any]) -> str:
+    """Where `task` is suspended: every frame of its chain of awaits, innermost last,
+    then what the innermost one waits on (a Future, say). Task.print_stack shows only
+    the outermost frame of a suspended task, which says nothing here."""
+    lines = [f"  {task!r}\n"]
+    aw: Any = task.get_coro()
+    for _ in range(100):  # bounded: a chain is a few dozen awaits deep at most
+        if aw is None:
+            break
+        for frame_attr, next_attr in (("cr_frame", "cr_await"), ("gi_frame", "gi_yieldfrom"),
+                                      ("ag_frame", "ag_await")):
+            if hasattr(aw, frame_attr):
+                break
+        else:
+            lines.append(f"  waiting on {aw!r}\n")
+            break
+        frame = getattr(aw, frame_attr)
+        if frame is None:  # finished, or not started
+            break
+        code = frame.f_code
+        lines.extend(traceback.format_list([(code.co_filename, frame.f_lineno, code.co_name, None)]))
+        aw = getattr(aw, next_attr)
+    return "".join(lines)

@@ -99,9 +99,13 @@ async def test_health_flips_with_the_broker_lifecycle(tmp_path: Path, capsys: py
 def test_readiness_needs_open_storage() -> None:
     stub = SimpleNamespace(ready=SimpleNamespace(is_set=lambda: True), bound_address=("127.0.0.1", 1),
                            shutting_down=False, durable=SimpleNamespace(store=SimpleNamespace(is_open=False)))
-    assert readiness(stub) == {"ready": False, "listener": True, "storage": False, "shutting_down": False}
+    assert readiness(stub) == {"ready": False, "listener": True, "storage": False, "storage_stalled": False,
+                               "shutting_down": False}
     stub.durable.store.is_open = True
     assert readiness(stub)["ready"] is True
+    stub.durable.store.stalled = True  # a storage transaction past store_stall_timeout
+    assert readiness(stub)["ready"] is False
+    stub.durable.store.stalled = False
     stub.shutting_down = True
     assert readiness(stub)["ready"] is False
 
