@@ -409,7 +409,7 @@ class QueueActor:
             t = min(t, self._held_until - mono)
         if self._read_retry_at > mono:
             t = min(t, self._read_retry_at - mono)
-        elif self.beyond and self.consumers:
+        elif self.beyond and self.consumers and not self._budget_bound():
             if not self._due_known:
                 t = 0.0
             elif self.next_due is not None:
@@ -558,13 +558,20 @@ class QueueActor:
             return False
         if not self.consumers and self._overflow() <= len(self.ready):
             return False  # nobody consumes: the backlog stays on disk (max_length trimming aside)
-        if len(self.ready) >= WINDOW_MIN:
-            budget = self.durable.window_budget
-            if 2 * budget.room(self._ready_bytes) < budget.share():
-                return False  # over half of this queue's share is still paged in (or the budget is spent)
+        if self._budget_bound():
+            return False
         if not self._due_known:
             return True
         return self.next_due is not None and self.next_due <= self.durable.now_ms()
+
+    def _budget_bound(self) -> bool:
+        """Paging in waits for the window budget: this queue holds enough to go on
+        delivering and over half of its share is still paged in (or the budget is
+        spent). Deliveries and settles wake the queue, so it looks again then."""
+        if len(self.ready) < WINDOW_MIN:
+            return False
+        budget = self.durable.window_budget
+        return 2 * budget.room(self._ready_bytes) < budget.share()
 
     async def _refill(self, want: int | None = None) -> int:
         """Page due messages in from disk (at most ``want``); returns how many were loaded."""

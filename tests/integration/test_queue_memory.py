@@ -208,9 +208,6 @@ async def test_group_buffers_and_reader_pages_stay_within_the_budget(start_broke
     assert reader.peak - idle <= RSS_SLACK
 
 
-@pytest.mark.xfail(reason="OPEN DEFECT found at the merge of issue 17.5 and 10.3 (h-memory + h-input): queues "
-                   "sharing the window budget stop delivering (consumers time out); passes on h-memory alone. "
-                   "See the stop note; must be fixed, not left xfail.", strict=False)
 async def test_queues_share_one_budget(start_broker) -> None:
     """Four queues with consumers that do not ack: together they page in no more
     than the budget (plus the few messages each may always take), and each of
