@@ -28,9 +28,9 @@ class RunningBroker:
 
 @contextlib.contextmanager
 def broker_process(*extra: str, env: dict[str, str] | None = None) -> Iterator[RunningBroker]:
-    """Start `python -m broker serve --port 0` in a temp data dir; yield it; SIGTERM it after."""
+    """Start `python -m tidings serve --port 0` in a temp data dir; yield it; SIGTERM it after."""
     with tempfile.TemporaryDirectory(prefix="tidings-bench-") as data:
-        cmd = [sys.executable, "-m", "broker", "serve", "--port", "0", "--data-dir", data,
+        cmd = [sys.executable, "-m", "tidings", "serve", "--port", "0", "--data-dir", data,
                "--log-level", "warning", *extra]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 env={**os.environ, **(env or {})})
@@ -52,7 +52,7 @@ def broker_process(*extra: str, env: dict[str, str] | None = None) -> Iterator[R
 
 @contextlib.contextmanager
 def broker(*extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start `python -m broker serve --port 0` in a temp data dir; yield its URL."""
+    """Start `python -m tidings serve --port 0` in a temp data dir; yield its URL."""
     with broker_process(*extra, env=env) as b:
         yield b.url
 

@@ -23,7 +23,7 @@ from ._progress import Progress
 
 
 async def _consumer(url: str, queue: str, expect: int, prefetch: int) -> None:
-    from client import connect
+    from tidings.client import connect
 
     async with connect(url, name="bench-consumer") as tc:
         async with tc.consume(queue, prefetch=prefetch) as deliveries:
@@ -43,7 +43,7 @@ async def _consumer(url: str, queue: str, expect: int, prefetch: int) -> None:
 
 
 async def _producer(url: str, subject: str, count: int, size: int, in_flight: int) -> None:
-    from client import connect
+    from tidings.client import connect
 
     payload = b"x" * size
     async with connect(url, name="bench-producer") as tc:
@@ -77,7 +77,7 @@ async def _producer(url: str, subject: str, count: int, size: int, in_flight: in
 def run(url: str, count: int, size: int, in_flight: int, prefetch: int) -> dict[str, Any]:
     import anyio
 
-    from client import connect
+    from tidings.client import connect
 
     async def setup() -> dict[str, Any]:
         async with connect(url) as tc:
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ns = ap.parse_args()
-    from broker.cli import _run
+    from tidings.cli.main import _run
     if ns.role == "consumer":
         _run(_consumer, ns.url, "bench.durable", ns.messages, ns.prefetch)
         return

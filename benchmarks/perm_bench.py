@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 import timeit
 
-from broker.permissions import ALLOW_ALL, Permissions
+from tidings.broker.security.permissions import ALLOW_ALL, Permissions
 
 ALLOW = {"publish": ["orders.>", "billing.*.created", "audit.*.*.x", "metrics.>"],
          "subscribe": ["orders.>", "_INBOX.>"]}

@@ -27,7 +27,7 @@ STAMP = struct.Struct(">q")
 
 
 async def _subscriber(url: str, subject: str, expect: int, **creds: Any) -> None:
-    from client import connect
+    from tidings.client import connect
 
     async with connect(url, name="bench-sub", **creds) as tc:
         sub = await tc.subscribe(subject, max_pending=1_000_000)
@@ -61,7 +61,7 @@ async def _subscriber(url: str, subject: str, expect: int, **creds: Any) -> None
 
 
 async def _publisher(url: str, subject: str, count: int, size: int, **creds: Any) -> None:
-    from client import connect
+    from tidings.client import connect
 
     pad = b"x" * (size - STAMP.size)
     async with connect(url, name="bench-pub", **creds) as tc:
@@ -164,7 +164,7 @@ def main() -> None:
     if ns.role:
         import functools
 
-        from broker.cli import _run
+        from tidings.cli.main import _run
         creds = {k: v for k, v in (("user", ns.user), ("password", ns.password), ("ca_file", ns.ca_file))
                  if v is not None}
         if ns.ca_file:

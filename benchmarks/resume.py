@@ -69,7 +69,7 @@ class KillableBroker:
         return f"tidings://{self.host}:{self.port}"
 
     def start(self) -> float:
-        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(self.port), "--data-dir", self.data_dir,
+        cmd = [sys.executable, "-m", "tidings", "serve", "--port", str(self.port), "--data-dir", self.data_dir,
                "--log-level", "warning", *self.extra]
         env = {k: v for k, v in os.environ.items() if k != "TIDINGS_CONFIG"}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
@@ -115,7 +115,7 @@ class KillableBroker:
 async def measure_resume(b: KillableBroker, runs: int, reconnect_max: float) -> list[dict[str, Any]]:
     import anyio
 
-    from client import connect
+    from tidings.client import connect
 
     events: dict[str, anyio.Event] = {}
     stamps: dict[str, float] = {}
@@ -200,7 +200,7 @@ async def _drain(deliveries: Any) -> None:
 async def kill_workload(b: KillableBroker, total: int) -> dict[str, Any]:
     import anyio
 
-    from client import connect
+    from tidings.client import connect
 
     confirmed: dict[str, Any] = {}
     queue_ids: dict[str, set[int]] = {}
@@ -312,7 +312,7 @@ def main() -> None:
     ap.add_argument("--reconnect-max", type=float, default=2.0,
                     help="the client's longest wait between redials, s (default 2.0, the client default)")
     ns = ap.parse_args()
-    from broker.cli import _run
+    from tidings.cli.main import _run
 
     with tempfile.TemporaryDirectory(prefix="tidings-resume-") as data:
         b = KillableBroker(os.path.join(data, "resume"))

@@ -47,7 +47,7 @@ def _toml_list(v: list[str]) -> str:
 
 
 def write_config(d: str, tls: bool) -> str:
-    from broker.auth import hash_password
+    from tidings.broker.security.auth import hash_password
 
     lines = [f"[users.{USER}]", f'password = "{hash_password(PASSWORD)}"', f"[users.{USER}.permissions]"]
     lines += [f"{k} = {_toml_list(v)}" for k, v in PERMISSIONS.items()]

@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 
 from benchmarks._common import emit
-from broker.store import DeleteMessages, PutMessages, SqliteStore, StoredMessage, WriteOp
+from tidings.broker.durable.store import DeleteMessages, PutMessages, SqliteStore, StoredMessage, WriteOp
 
 
 class InFlight:

@@ -36,7 +36,7 @@ END = b"END"
 
 def _sentinel_keys(partitions: int) -> list[str]:
     """One key per partition (``end-N`` strings that hash to it)."""
-    from protocol.partition import partition_for
+    from tidings.protocol.partition import partition_for
 
     keys: dict[int, str] = {}
     i = 0
@@ -50,7 +50,7 @@ def _sentinel_keys(partitions: int) -> list[str]:
 async def _consumer(url: str, window: int) -> None:
     import anyio
 
-    from client import connect
+    from tidings.client import connect
 
     async with connect(url, name="bench-stream-consumer") as tc:
         async with tc.stream_consume(STREAM, GROUP, window=window) as msgs:
@@ -95,7 +95,7 @@ async def _consumer(url: str, window: int) -> None:
 
 
 async def _producer(url: str, count: int, size: int, in_flight: int, keys: int, partitions: int) -> None:
-    from client import connect
+    from tidings.client import connect
 
     pad = b"x" * (size - 8)
     names = [f"key-{i}" for i in range(keys)]
@@ -131,7 +131,7 @@ async def _producer(url: str, count: int, size: int, in_flight: int, keys: int, 
 
 
 async def _setup(url: str, partitions: int) -> dict[str, Any]:
-    from client import connect
+    from tidings.client import connect
 
     async with connect(url) as tc:
         await tc.declare_stream(STREAM, partitions=partitions, bind=[STREAM + ".>"])
@@ -139,7 +139,7 @@ async def _setup(url: str, partitions: int) -> dict[str, Any]:
 
 
 async def _replay(url: str, partition: int) -> dict[str, Any]:
-    from client import connect
+    from tidings.client import connect
 
     async with connect(url, name="bench-replay") as tc:
         info = await tc.stream_info(STREAM)
@@ -155,7 +155,7 @@ async def _replay(url: str, partition: int) -> dict[str, Any]:
 
 
 def run(url: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
-    from broker.cli import _run
+    from tidings.cli.main import _run
 
     before = _run(_setup, url, ns.partitions)
     consumers = [spawn("benchmarks.streams", "--role", "consumer", "--url", url, "--window", str(ns.window))
@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ns = ap.parse_args()
-    from broker.cli import _run
+    from tidings.cli.main import _run
     if ns.role == "consumer":
         _run(_consumer, ns.url, ns.window)
         return

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .auth import Security, SecurityConfigError, load_security, split_security
+from tidings.broker.security.auth import Security, SecurityConfigError, load_security, split_security
 
 DEFAULT_PORT = 7421  # not used by NATS (4222), Redis (6379), AMQP (5672), Kafka (9092), MQTT (1883), NSQ (4150)
 ENV_PREFIX = "TIDINGS_"

@@ -1,28 +1,40 @@
-"""tidings client: ``from client import connect``.
+"""tidings: a message broker (pub/sub, durable queues, ordered streams,
+dead-letter queues) and its async client.
+
+    from tidings import connect
 
     async with connect("tidings://127.0.0.1:7421") as tc:
-        sub = await tc.subscribe("orders.>")
         await tc.publish("orders.eu.created", b"{...}")
-        async for msg in sub:
-            ...
 
-Importing this package imports neither the broker, aiosqlite nor uvloop.
+The distribution installs this one import package:
+
+- ``tidings.client``: the async client library (re-exported here);
+- ``tidings.protocol``: the wire protocol both sides share;
+- ``tidings.broker``: the daemon (``tidings serve``, ``python -m tidings.broker``);
+- ``tidings.cli``: the ``tidings`` command.
+
+In the repository these are the folders ``client/client``, ``protocol``,
+``broker`` and ``client/cli``; ``client/`` itself is this package (see
+pyproject.toml's package-dir). Importing ``tidings`` imports neither the
+broker, aiosqlite nor uvloop.
 """
 
 from __future__ import annotations
 
-from .client import DEFAULT_URL, Client, connect
-from .errors import (
+from tidings.client import (
+    DEFAULT_URL,
+    Client,
     ConnectError,
     ConnectionClosedError,
+    Message,
     NoRespondersError,
+    Subscription,
     TidingsError,
     TimeoutError,
+    Worker,
+    connect,
     for_code,
 )
-from .message import Message
-from .subscription import Subscription
-from .worker import Worker
 
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",

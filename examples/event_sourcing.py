@@ -42,8 +42,8 @@ from typing import Any
 
 import anyio
 
-from client import Client, connect
-from client.errors import NotFoundError, TidingsError
+from tidings.client import Client, connect
+from tidings.client.errors import NotFoundError, TidingsError
 
 DEFAULT_URL = "tidings://127.0.0.1:7421"
 PARTITIONS = 4

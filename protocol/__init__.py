@@ -3,9 +3,9 @@ error registry and subject rules. Imports nothing asynchronous."""
 
 from __future__ import annotations
 
-from .connection import CLOSED, NEED_DATA, Connection, Role, State
-from .errors import REGISTRY, ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, describe
-from .frames import PROTOCOL_VERSION, Op
+from tidings.protocol.connection import CLOSED, NEED_DATA, Connection, Role, State
+from tidings.protocol.errors import REGISTRY, ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, describe
+from tidings.protocol.frames import PROTOCOL_VERSION, Op
 
 __all__ = [
     "CLOSED", "NEED_DATA", "Connection", "Role", "State", "REGISTRY", "ErrorCode",

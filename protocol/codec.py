@@ -15,10 +15,10 @@ from typing import Any, Callable, Final
 
 import msgpack
 
-from . import frames as F
-from . import numbers as N
-from .errors import ErrorCode, RemoteProtocolError
-from .subjects import validate_pattern, validate_subject
+from tidings.protocol import frames as F
+from tidings.protocol import numbers as N
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
+from tidings.protocol.subjects import validate_pattern, validate_subject
 
 HEADER: Final = struct.Struct(">I")
 HEADER_SIZE: Final = 4

@@ -19,8 +19,8 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Final
 
-from . import frames as F
-from .codec import (
+from tidings.protocol import frames as F
+from tidings.protocol.codec import (
     DEFAULT_MAX_FRAME,
     HEADER,
     HEADER_SIZE,
@@ -32,7 +32,7 @@ from .codec import (
     unpack,
     unpack_bounded,
 )
-from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from tidings.protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 FRAME_OVERHEAD: Final = 64 * 1024  # room for subject, headers and envelope around one max-size payload
 

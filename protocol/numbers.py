@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from .errors import ErrorCode, RemoteProtocolError
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 MAX_INT: Final = 2**63 - 1  # ids, offsets, counts: SQLite INTEGER is signed 64-bit
 # 9999-12-31T23:59:59.999Z: the last instant a calendar date can name; far below 2**63.

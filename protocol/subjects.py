@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from .errors import ErrorCode, RemoteProtocolError
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 MAX_SUBJECT_LENGTH: Final = 255  # long enough for any real naming scheme, short enough to index cheaply
 MAX_TOKENS: Final = 32  # bounds trie depth and matching work per publish

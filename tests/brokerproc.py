@@ -6,7 +6,7 @@
     def test_y(start_broker):            # custom settings / several brokers
         b = start_broker("--durability", "normal", env={"TIDINGS_MAX_PENDING_BYTES": "65536"})
 
-A broker is started with `python -m broker serve --port 0 --data-dir <tmp>`
+A broker is started with `python -m tidings serve --port 0 --data-dir <tmp>`
 and is ready when it prints its "tidings listening on HOST:PORT" line (no
 sleeps). ``restart()`` starts it again on the same port and data dir
 (after ``kill()`` for crash tests). Only the processes started here are
@@ -53,7 +53,7 @@ class BrokerProcess:
 
     def start(self, port: int | None = None) -> "BrokerProcess":
         p = self.port if port is None else port
-        cmd = [sys.executable, "-m", "broker", "serve", "--port", str(p), "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "tidings", "serve", "--port", str(p), "--data-dir", str(self.data_dir),
                "--log-level", "debug", *self.args]
         env = {**os.environ, **self.env}
         env.pop("TIDINGS_CONFIG", None)

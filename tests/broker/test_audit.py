@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.audit import MAX_DISTINCT, AuditFile, AuditLog, logger_sink
+from tidings.broker.security.audit import MAX_DISTINCT, AuditFile, AuditLog, logger_sink
 
 
 class Clocks:

@@ -12,13 +12,13 @@ from typing import Any
 import anyio
 import pytest
 
-from broker import auth as A
-from broker.auth import (
+from tidings.broker.security import auth as A
+from tidings.broker.security.auth import (
     AuthBusy, AuthFailed, AuthThrottled, SecurityConfigError, Throttle, UserSpec, Users, hash_password,
     load_security, token_hash, verify_password,
 )
-from broker.permissions import Permissions
-from protocol.errors import ErrorCode
+from tidings.broker.security.permissions import Permissions
+from tidings.protocol.errors import ErrorCode
 
 FAST = {"n": 1024, "r": 8, "p": 1}
 PW_HASH = hash_password("s3cret", **FAST)  # alice's password, hashed once for the module
@@ -519,7 +519,7 @@ CERT = {  # getpeercert() form
 
 
 def test_cert_names() -> None:
-    from broker.tls import cert_names
+    from tidings.broker.security.tls import cert_names
     assert cert_names(CERT, "cn") == ("alice",)
     assert cert_names(CERT, "san:dns") == ("alice.clients.example",)
     assert cert_names(CERT, "san:email") == ("bot",)

@@ -10,12 +10,12 @@ from pathlib import Path
 import anyio
 import pytest
 
-from broker.backup import backup_call, backup_handler
-from broker.config import Config
-from broker.server import Broker
-from broker.store import SqliteStore
-from client import connect
-from protocol.errors import ErrorCode, RemoteProtocolError
+from tidings.broker.ops.backup import backup_call, backup_handler
+from tidings.broker.config import Config
+from tidings.broker.app import Broker
+from tidings.broker.durable.store import SqliteStore
+from tidings.client import connect
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 
 def make_broker(tmp_path: Path) -> Broker:

@@ -15,11 +15,11 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.config import Config
-from broker.server import Broker
-from broker.store.base import StorageError
-from client import connect
-from client import errors as E
+from tidings.broker.config import Config
+from tidings.broker.app import Broker
+from tidings.broker.durable.store.base import StorageError
+from tidings.client import connect
+from tidings.client import errors as E
 
 WAIT = 10.0
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import anyio
 
-from broker.config import Config
-from broker.limits import ResourceMonitor, read_rss
-from broker.server import Broker
-from client import Client, connect
-from client import errors as E
+from tidings.broker.config import Config
+from tidings.broker.ops.limits import ResourceMonitor, read_rss
+from tidings.broker.app import Broker
+from tidings.client import Client, connect
+from tidings.client import errors as E
 
 WAIT = 10.0
 
@@ -124,7 +124,7 @@ def test_monitor_measures_rss_and_disk(tmp_path: Path) -> None:
 
 
 def test_window_budget_shares_fairly_and_never_hands_out_more_than_the_total() -> None:
-    from broker.limits import WindowBudget
+    from tidings.broker.ops.limits import WindowBudget
 
     b = WindowBudget(100)
     assert b.room(0) == 100  # nothing open: the whole budget
@@ -147,7 +147,7 @@ def test_window_budget_shares_fairly_and_never_hands_out_more_than_the_total() -
 def test_window_memory_setting() -> None:
     import pytest
 
-    from broker.config import ConfigError, load
+    from tidings.broker.config import ConfigError, load
 
     assert load().window_memory == 256 * 1024 * 1024
     assert load(env={"TIDINGS_WINDOW_MEMORY": "1048576"}).window_memory == 1024 * 1024

@@ -14,13 +14,13 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.config import Config
-from broker.metrics import BrokerCollector, install_hooks, readiness, serve_metrics
-from broker.queue import QueueActor
-from broker.queueconfig import QueueConfig
-from broker.server import Broker
-from client import connect
-from client.errors import TidingsError
+from tidings.broker.config import Config
+from tidings.broker.ops.metrics import BrokerCollector, install_hooks, readiness, serve_metrics
+from tidings.broker.durable.queue import QueueActor
+from tidings.broker.durable.queue_settings import QueueConfig
+from tidings.broker.app import Broker
+from tidings.client import connect
+from tidings.client.errors import TidingsError
 from tests.opshttp import get, parse, request, value
 
 WAIT = 10.0
@@ -280,7 +280,7 @@ def test_install_hooks_feeds_the_histograms(tmp_path: Path) -> None:
 
 
 def test_network_metrics_host_is_refused_without_users() -> None:
-    from broker.config import ConfigError
+    from tidings.broker.config import ConfigError
     with pytest.raises(ConfigError, match="refusing to serve metrics on '10.1.2.3'"):
         Config(metrics_port=9421, metrics_host="10.1.2.3").validate()
     Config(metrics_port=9421, metrics_host="10.1.2.3", allow_open=True).validate()  # the operator's choice

@@ -7,9 +7,9 @@ import itertools
 
 import pytest
 
-from broker import permissions as P
-from broker.permissions import ALLOW_ALL, Need, Permissions, covers, needs_for_call, overlaps, redrive_needs
-from protocol.subjects import matches
+from tidings.broker.security import permissions as P
+from tidings.broker.security.permissions import ALLOW_ALL, Need, Permissions, covers, needs_for_call, overlaps, redrive_needs
+from tidings.protocol.subjects import matches
 
 
 def _patterns(max_len: int) -> list[str]:

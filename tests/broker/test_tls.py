@@ -14,7 +14,7 @@ import pytest
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute, TLSStream
 
-from broker import tls
+from tidings.broker.security import tls
 
 FAILED_HANDSHAKE = (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream)
 
@@ -69,7 +69,7 @@ def client(certs: Any, cafile: Any = "ca", cert: str | None = None, **kw: Any) -
 
 
 def handshake_failures(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "broker.tls" and "TLS handshake" in r.getMessage()]
+    return [r for r in caplog.records if r.name == "tidings.broker.security.tls" and "TLS handshake" in r.getMessage()]
 
 
 async def test_server_auth_only(certs: Any) -> None:
@@ -93,7 +93,7 @@ async def test_client_checks_the_server(certs: Any) -> None:
 async def test_required_client_certificate(certs: Any, caplog: pytest.LogCaptureFixture) -> None:
     ctx = server(certs, client_ca=str(certs.ca), require_client_cert=True)
     assert await exchange(ctx, client(certs, cert="alice")) == "pong alice TLSv1.3"
-    caplog.set_level(logging.INFO, logger="broker.tls")
+    caplog.set_level(logging.INFO, logger="tidings.broker.security.tls")
     with pytest.raises(FAILED_HANDSHAKE):
         await exchange(ctx, client(certs))  # no certificate
     with pytest.raises(FAILED_HANDSHAKE):
@@ -134,14 +134,14 @@ async def test_tls_1_1_client_is_refused(certs: Any, caplog: pytest.LogCaptureFi
     except FAILED_HANDSHAKE as exc:
         pytest.skip(f"this OpenSSL build cannot do TLS 1.1 at all ({exc!r}): nothing to refuse")
     assert control.endswith("TLSv1.1")
-    caplog.set_level(logging.INFO, logger="broker.tls")
+    caplog.set_level(logging.INFO, logger="tidings.broker.security.tls")
     with pytest.raises(FAILED_HANDSHAKE):
         await exchange(server(certs), tls11_client(certs))
     assert "UNSUPPORTED_PROTOCOL" in handshake_failures(caplog)[-1].getMessage()
 
 
 async def test_handshake_timeout_and_plaintext_peers(certs: Any, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="broker.tls")
+    caplog.set_level(logging.INFO, logger="tidings.broker.security.tls")
 
     async def never_called(stream: Any) -> None:
         raise AssertionError("no TLS stream should reach the handler")

@@ -26,8 +26,8 @@ import sys
 # make `protocol` importable when run as a script from anywhere
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Role, State  # noqa: E402
-from protocol import frames as F  # noqa: E402
+from tidings.protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Role, State  # noqa: E402
+from tidings.protocol import frames as F  # noqa: E402
 
 
 def _server_open() -> Connection:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Final
 
-from client import Client
+from tidings.client import Client
 
 WAIT: Final = 5.0  # seconds an expected delivery may take before the test fails (generous, for slow CI)
 

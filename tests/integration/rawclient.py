@@ -15,10 +15,10 @@ from typing import Any, Callable
 import anyio
 from anyio.abc import SocketStream
 
-from protocol import CLOSED, NEED_DATA, Connection, Role, State
-from protocol import frames as F
-from protocol.codec import HEADER, HEADER_SIZE, Decoder, unpack
-from protocol.errors import RemoteProtocolError
+from tidings.protocol import CLOSED, NEED_DATA, Connection, Role, State
+from tidings.protocol import frames as F
+from tidings.protocol.codec import HEADER, HEADER_SIZE, Decoder, unpack
+from tidings.protocol.errors import RemoteProtocolError
 
 READ_CHUNK = 65_536
 DEFAULT_WAIT = 10.0

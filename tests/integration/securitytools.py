@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Final
 
-from broker.auth import hash_password, token_hash
+from tidings.broker.security.auth import hash_password, token_hash
 
 FAST_N: Final = 1024
 WAIT: Final = 10.0

@@ -16,7 +16,7 @@ from typing import AsyncIterator, Iterator
 import anyio
 from anyio.abc import SocketStream
 
-from client import connect
+from tidings.client import connect
 from test_hostile_clients import assert_control_works
 
 WAIT = 20.0

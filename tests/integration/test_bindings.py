@@ -14,11 +14,11 @@ from typing import Any
 import anyio
 import pytest
 
-from client import connect
-from client import errors as E
-from protocol import ErrorCode
-from protocol import frames as F
-from protocol.codec import PRE_HELLO_MAX_FRAME, Encoder
+from tidings.client import connect
+from tidings.client import errors as E
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
+from tidings.protocol.codec import PRE_HELLO_MAX_FRAME, Encoder
 from rawclient import RawClient
 from securitytools import PASSWORDS, WAIT, user, write_config
 

@@ -1,4 +1,4 @@
-"""The `tidings` command as a user runs it (``python -m broker`` is the same
+"""The `tidings` command as a user runs it (``python -m tidings`` is the same
 program): help texts, pub/sub against a running broker, and `serve`
 refusing bad configuration with a message that names the problem."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from client import Client, connect
+from tidings.client import Client, connect
 
-CLI = [sys.executable, "-m", "broker"]
+CLI = [sys.executable, "-m", "tidings"]
 RUN_TIMEOUT = 30.0
 
 

@@ -35,9 +35,9 @@ from typing import Any, Self
 import anyio
 import pytest
 
-from client import connect
-from client.errors import ConnectionClosedError, PublishBufferFullError, TidingsError, TimeoutError
-from client.results import PublishAck
+from tidings.client import connect
+from tidings.client.errors import ConnectionClosedError, PublishBufferFullError, TidingsError, TimeoutError
+from tidings.client.results import PublishAck
 
 WAIT = 10.0  # seconds an expected event may take before the test fails (generous, for slow CI)
 # timeout: long next to any request to a live broker, even a busy one; it only costs time where it

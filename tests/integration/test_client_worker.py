@@ -21,8 +21,8 @@ from typing import Any
 import anyio
 from queuetools import WAIT, broker_time_passes, collect, declare, headers_of
 
-from client import Worker, connect
-from client.consumer import Delivery
+from tidings.client import Worker, connect
+from tidings.client.consumer import Delivery
 
 TOLERANCE = 0.005  # the broker keeps times in whole milliseconds
 

@@ -12,10 +12,10 @@ from typing import Any
 import anyio
 import pytest
 
-from client import Client, connect
-from client.errors import LimitExceededError
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings.client import Client, connect
+from tidings.client.errors import LimitExceededError
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 from rawclient import RawClient
 from securitytools import PASSWORDS, user, write_config
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import struct
 
-from client import connect
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings.client import connect
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 from rawclient import RawClient, frame_bytes
 from test_hostile_clients import WAIT, assert_control_works
 

@@ -84,8 +84,8 @@ def _section(name: str) -> str:
 def client_error_table() -> str:
     """Every class of client/errors.py, in definition order, with the wire
     codes that map to it through BY_CODE / for_code."""
-    from client import errors
-    from protocol.errors import REGISTRY
+    from tidings.client import errors
+    from tidings.protocol.errors import REGISTRY
 
     classes = [c for c in vars(errors).values()
                if inspect.isclass(c) and issubclass(c, errors.TidingsError) and c.__module__ == errors.__name__]
@@ -118,8 +118,8 @@ def test_error_table_matches_client_errors() -> None:
 
 
 def test_every_server_code_maps_to_a_retriable_flag_like_the_registry() -> None:
-    from client import errors
-    from protocol.errors import REGISTRY
+    from tidings.client import errors
+    from tidings.protocol.errors import REGISTRY
 
     for code, info in REGISTRY.items():
         exc = errors.for_code(code, "x")
@@ -140,7 +140,7 @@ def options_defaults() -> dict[str, str]:
 
 
 def test_options_table_matches_the_client_signature() -> None:
-    from client import Client
+    from tidings.client import Client
 
     params = {n: p for n, p in inspect.signature(Client.__init__).parameters.items()
               if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -13,8 +13,8 @@ from typing import Any, Final
 import anyio
 from queuetools import WAIT, declare
 
-from client import Client, connect
-from client import errors as E
+from tidings.client import Client, connect
+from tidings.client import errors as E
 
 #: Pages of 4 KiB the broker may use: the schema and a few dozen messages.
 PAGES: Final = "80"
@@ -232,8 +232,8 @@ async def test_out_of_order_group_ack_waits_for_the_covering_commit(broker) -> N
     it, is answered first)."""
     from rawclient import RawClient
 
-    from protocol import frames as F
-    from protocol.partition import partition_for
+    from tidings.protocol import frames as F
+    from tidings.protocol.partition import partition_for
 
     keys = {p: next(f"k{i}" for i in range(1000) if partition_for(f"k{i}", 2) == p) for p in (0, 1)}
     async with connect(broker.url) as tc:

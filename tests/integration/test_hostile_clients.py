@@ -15,10 +15,10 @@ import anyio
 import msgpack
 import pytest
 
-import client
-from client import Client, connect
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings import client
+from tidings.client import Client, connect
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 from rawclient import EOF, RawClient, frame_bytes
 
 WAIT = 10.0

@@ -15,12 +15,12 @@ import pytest
 from anyio.abc import SocketAttribute, SocketStream
 from rawclient import RawClient
 
-from client import connect
-from client import errors as E
-from client.client import CLIENT_MAX_FRAME
-from protocol import ErrorCode
-from protocol import frames as F
-from protocol.codec import PRE_HELLO_MAX_FRAME
+from tidings.client import connect
+from tidings.client import errors as E
+from tidings.client.client import CLIENT_MAX_FRAME
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
+from tidings.protocol.codec import PRE_HELLO_MAX_FRAME
 
 WAIT = 10.0
 PROMPT = 10.0  # "at once": far below the frame timeout (30 s) the broker would otherwise wait for a body,

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from client import connect
-from client.errors import InvalidArgumentError
-from protocol import ErrorCode
-from protocol import frames as F
-from protocol import numbers as N
+from tidings.client import connect
+from tidings.client.errors import InvalidArgumentError
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
+from tidings.protocol import numbers as N
 from rawclient import RawClient
 
 WAIT = 10.0

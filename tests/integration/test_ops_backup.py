@@ -10,9 +10,9 @@ from typing import Any
 import anyio
 import pytest
 
-from client import connect
-from client.errors import TidingsError
-from protocol.errors import ErrorCode
+from tidings.client import connect
+from tidings.client.errors import TidingsError
+from tidings.protocol.errors import ErrorCode
 from tests.integration.securitytools import audit_lines
 
 WAIT = 20.0

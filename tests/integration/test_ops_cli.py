@@ -1,7 +1,7 @@
 """`tidings stats` and `tidings backup` against a live broker, in both output formats.
 
-They run as `python -m broker.ops_cli ...` (the module on its own) and, once
-the lead registers them in broker/cli.py, as `python -m broker stats|backup`.
+They run as `python -m tidings.cli.ops ...` (the module on its own) and, once
+the lead registers them in broker/cli.py, as `python -m tidings stats|backup`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from broker.auth import hash_password
-from client import connect
+from tidings.broker.security.auth import hash_password
+from tidings.client import connect
 
-OPS = ("-m", "broker.ops_cli")
-TIDINGS = ("-m", "broker")
+OPS = ("-m", "tidings.cli.ops")
+TIDINGS = ("-m", "tidings")
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:

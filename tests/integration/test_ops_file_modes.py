@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from client import connect
+from tidings.client import connect
 
 OTHER_UID = 65534  # "nobody": any uid but ours
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from client import connect
+from tidings.client import connect
 
 SECRET = "payload-that-must-never-be-logged-7f3a"
 

@@ -7,7 +7,7 @@ import socket
 import anyio
 import pytest
 
-from client import connect
+from tidings.client import connect
 from tests.opshttp import get, metrics_address, parse, scrape, value
 
 WAIT = 10.0

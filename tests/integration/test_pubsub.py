@@ -12,11 +12,11 @@ from typing import Any
 import anyio
 import pytest
 
-from client.errors import InvalidArgumentError
+from tidings.client.errors import InvalidArgumentError
 
-import client
-from client import Client, Subscription, connect
-from client.errors import InvalidSubjectError
+from tidings import client
+from tidings.client import Client, Subscription, connect
+from tidings.client.errors import InvalidSubjectError
 
 WAIT = 10.0  # bound on any single wait for a message
 

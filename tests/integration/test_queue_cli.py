@@ -10,10 +10,10 @@ from typing import Any
 import anyio
 import pytest
 
-from client import connect
+from tidings.client import connect
 from queuetools import WAIT, collect, declare, holds
 
-CLI = [sys.executable, "-m", "broker"]
+CLI = [sys.executable, "-m", "tidings"]
 TEXT = '{"id": 1, "name": "Zoë"}'  # a UTF-8 payload
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import anyio
 import pytest
 
-from client import Client, connect
-from client.errors import ConnectionClosedError, StorageFullError
+from tidings.client import Client, connect
+from tidings.client.errors import ConnectionClosedError, StorageFullError
 from queuetools import WAIT, collect, declare
 
 QUEUE = "chaos"

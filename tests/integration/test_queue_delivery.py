@@ -15,8 +15,8 @@ import time
 import anyio
 import pytest
 
-from client import connect
-from client.errors import StaleDeliveryError, TidingsError
+from tidings.client import connect
+from tidings.client.errors import StaleDeliveryError, TidingsError
 from queuetools import WAIT, broker_time_passes, collect, declare, headers_of, holds
 
 TOLERANCE = 0.005  # the broker keeps times in whole milliseconds

@@ -6,8 +6,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from client import connect
-from client.errors import ConflictError, InvalidArgumentError, NotFoundError, QueueFullError
+from tidings.client import connect
+from tidings.client.errors import ConflictError, InvalidArgumentError, NotFoundError, QueueFullError
 from queuetools import WAIT, broker_time_passes, collect, declare, headers_of, holds
 
 # seconds, for the broker of the de-duplication window test: two publishes back to back must fall

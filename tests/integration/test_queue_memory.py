@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from client import Client, connect
+from tidings.client import Client, connect
 from queuetools import WAIT, declare
 
 WINDOW = 10_000  # broker.queue.WINDOW: messages of one queue's backlog held in memory

@@ -7,8 +7,8 @@ import time
 import anyio
 import pytest
 
-import client
-from client import connect
+from tidings import client
+from tidings.client import connect
 
 
 async def _echo(sub: client.Subscription, prefix: bytes) -> None:

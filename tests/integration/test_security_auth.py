@@ -12,11 +12,11 @@ import pytest
 from rawclient import RawClient
 from securitytools import PASSWORDS, TOKENS, WAIT, audit_lines, user, write_config
 
-import client
-from client import connect
-from client import errors as E
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings import client
+from tidings.client import connect
+from tidings.client import errors as E
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 
 ALL = {"publish": [">"], "subscribe": [">"], "consume": [">"], "admin": [">"]}
 

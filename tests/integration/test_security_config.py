@@ -16,11 +16,11 @@ import anyio
 import pytest
 from securitytools import PASSWORDS, WAIT, user, write_config
 
-from broker import security_cli
-from broker.auth import is_token_hash, token_hash, verify_password
-from client import connect
+from tidings.cli import passwd as security_cli
+from tidings.broker.security.auth import is_token_hash, token_hash, verify_password
+from tidings.client import connect
 
-CLI = [sys.executable, "-m", "broker"]
+CLI = [sys.executable, "-m", "tidings"]
 RUN_TIMEOUT = 30.0
 
 

@@ -15,10 +15,10 @@ from queuetools import collect, holds
 from rawclient import RawClient
 from securitytools import PASSWORDS, WAIT, user, write_config
 
-from client import connect
-from client import errors as E
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings.client import connect
+from tidings.client import errors as E
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 
 EVERYTHING = {"publish": [">"], "subscribe": [">"], "consume": [">"], "admin": [">"]}
 T1 = {"publish": ["t1.>"], "subscribe": ["t1.>"], "consume": ["t1.>"], "admin": ["t1.>"]}

@@ -8,8 +8,8 @@ from __future__ import annotations
 import anyio
 from securitytools import WAIT, audit_lines
 
-from client import Client, connect
-from client import errors as E
+from tidings.client import Client, connect
+from tidings.client import errors as E
 
 
 async def until_paused(ctl: Client, n: int) -> dict:

@@ -14,10 +14,10 @@ from queuetools import holds
 from rawclient import RawClient
 from securitytools import PASSWORDS, WAIT, audit_lines, user, write_config
 
-from client import Client, connect
-from client import errors as E
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings.client import Client, connect
+from tidings.client import errors as E
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 
 ADMIN = {"publish": [">"], "subscribe": [">"], "consume": [">"], "admin": [">"]}
 ALICE = {

@@ -13,9 +13,9 @@ import anyio
 import pytest
 from securitytools import PASSWORDS, WAIT, audit_lines, user, write_config
 
-import client
-from client import connect
-from client import errors as E
+from tidings import client
+from tidings.client import connect
+from tidings.client import errors as E
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md"
 EXAMPLE = re.compile(r"<!-- request-reply-example:start -->\n```toml\n(.*?)```\n<!-- request-reply-example:end -->",

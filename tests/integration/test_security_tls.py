@@ -13,9 +13,9 @@ import anyio
 import pytest
 from securitytools import PASSWORDS, WAIT, audit_lines, user, write_config
 
-import client
-from client import connect
-from client import errors as E
+from tidings import client
+from tidings.client import connect
+from tidings.client import errors as E
 
 
 @pytest.fixture(autouse=True)

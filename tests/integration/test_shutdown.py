@@ -9,8 +9,8 @@ import time
 import anyio
 import pytest
 
-from client import ConnectionClosedError, connect
-from protocol import frames as F
+from tidings.client import ConnectionClosedError, connect
+from tidings.protocol import frames as F
 from rawclient import RawClient
 
 # The broker's own drain deadline (broker/server.py SHUTDOWN_GRACE) is 5 s;

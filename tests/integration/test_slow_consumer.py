@@ -15,9 +15,9 @@ import time
 import anyio
 import pytest
 
-from client import connect
-from protocol import ErrorCode
-from protocol import frames as F
+from tidings.client import connect
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
 from rawclient import RawClient
 
 MAX_PENDING = 262_144

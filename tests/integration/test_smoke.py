@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from client import connect
+from tidings.client import connect
 
 
 async def test_publish_subscribe_roundtrip(broker) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import anyio
 
-from client import connect
-from client.errors import TidingsError
+from tidings.client import connect
+from tidings.client.errors import TidingsError
 from queuetools import declare
 from tests.opshttp import get, metrics_address, parse, scrape, value
 

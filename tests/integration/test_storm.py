@@ -35,11 +35,11 @@ import pytest
 from rawclient import RawClient, frame_bytes
 from securitytools import PASSWORDS, user, write_config
 
-from client import Client, connect
-from protocol import ErrorCode
-from protocol import frames as F
-from protocol.codec import PRE_HELLO_MAX_FRAME, Decoder, unpack
-from protocol.errors import RemoteProtocolError
+from tidings.client import Client, connect
+from tidings.protocol import ErrorCode
+from tidings.protocol import frames as F
+from tidings.protocol.codec import PRE_HELLO_MAX_FRAME, Decoder, unpack
+from tidings.protocol.errors import RemoteProtocolError
 
 WAIT = 15.0
 FRAMES_PER_CONNECTION = 100

@@ -13,9 +13,9 @@ from typing import Any
 import anyio
 import pytest
 
-from client import connect
-from client.errors import ConflictError, InvalidArgumentError, NotFoundError
-from protocol.partition import partition_for
+from tidings.client import connect
+from tidings.client.errors import ConflictError, InvalidArgumentError, NotFoundError
+from tidings.protocol.partition import partition_for
 
 WAIT = 5.0
 

@@ -3,7 +3,7 @@
 The commands run in a subprocess through a parser built here with
 ``stream_cli.register`` (the same call broker/cli.py makes), so they are
 tested whether or not the main `tidings` parser has them wired yet; one
-test runs the real `python -m broker streams` once it does.
+test runs the real `python -m tidings streams` once it does.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 import anyio
 import pytest
 
-from client import connect
-from protocol.partition import partition_for
+from tidings.client import connect
+from tidings.protocol.partition import partition_for
 
 RUNNER = """
 import argparse, sys
-from broker import stream_cli
+from tidings.cli import streams as stream_cli
 parser = argparse.ArgumentParser(prog="tidings")
 sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 stream_cli.register(sub)
@@ -36,7 +36,7 @@ async def tidings(*args: str, url: str | None = None, check: bool = True, main: 
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
     if url is not None:
         env["TIDINGS_URL"] = url
-    cmd = [sys.executable, "-m", "broker"] if main else [sys.executable, "-c", RUNNER]
+    cmd = [sys.executable, "-m", "tidings"] if main else [sys.executable, "-c", RUNNER]
     with anyio.fail_after(30):
         r = await anyio.run_process([*cmd, *args], env=env, check=False)
     r.stdout, r.stderr = r.stdout.decode(), r.stderr.decode()
@@ -137,7 +137,7 @@ async def test_unreachable_broker_is_a_clean_error() -> None:
 
 async def test_wired_into_the_tidings_command(broker) -> None:
     """Once broker/cli.py calls stream_cli.register, `tidings streams` is the same command."""
-    from broker.cli import build_parser
+    from tidings.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     if "streams" not in sub.choices:  # type: ignore[operator]

@@ -27,9 +27,9 @@ from typing import Any
 import anyio
 import pytest
 
-from client import Client, connect
-from client.errors import ConnectionClosedError, StaleDeliveryError, StaleGenerationError
-from protocol.partition import partition_for
+from tidings.client import Client, connect
+from tidings.client.errors import ConnectionClosedError, StaleDeliveryError, StaleGenerationError
+from tidings.protocol.partition import partition_for
 
 WAIT = 5.0
 STREAM = "ledger"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import anyio
 
-from client import connect
+from tidings.client import connect
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "event_sourcing.py"
 

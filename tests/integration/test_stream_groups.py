@@ -23,9 +23,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from client import Client, connect
-from client.errors import StaleDeliveryError, StaleGenerationError
-from protocol.partition import partition_for
+from tidings.client import Client, connect
+from tidings.client.errors import StaleDeliveryError, StaleGenerationError
+from tidings.protocol.partition import partition_for
 
 WAIT = 5.0
 
@@ -304,7 +304,7 @@ async def test_order_per_key_holds_while_members_join_and_leave(broker) -> None:
 
 CONSUMER = r"""
 import sys, json, anyio
-from client import connect
+from tidings import connect
 
 async def main(url, hold_after):
     async with connect(url, name="doomed") as tc:

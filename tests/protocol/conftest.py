@@ -9,9 +9,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from protocol import Connection, Role
-from protocol import frames as F
-from protocol.codec import HEADER
+from tidings.protocol import Connection, Role
+from tidings.protocol import frames as F
+from tidings.protocol.codec import HEADER
 
 
 def raw_frame(value: Any) -> bytes:

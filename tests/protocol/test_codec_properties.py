@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from msgpack import ExtType, Timestamp
 
-from protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Role, State
-from protocol import frames as F
-from protocol.codec import HEADER, MAX_NAME_LENGTH
-from protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
-from protocol.subjects import MAX_SUBJECT_LENGTH
+from tidings.protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Role, State
+from tidings.protocol import frames as F
+from tidings.protocol.codec import HEADER, MAX_NAME_LENGTH
+from tidings.protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
+from tidings.protocol.subjects import MAX_SUBJECT_LENGTH
 
 # modest counts: the whole protocol suite stays well under 20 s
 PROPS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

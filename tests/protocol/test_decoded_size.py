@@ -15,9 +15,9 @@ from typing import Any, Callable
 import msgpack
 import pytest
 
-from protocol import Connection, ErrorCode, RemoteProtocolError, Role
-from protocol import frames as F
-from protocol.codec import (BYTES_PER_CONTAINER, COUNT_CONTAINERS_ABOVE, DEFAULT_MAX_FRAME, HEADER,
+from tidings.protocol import Connection, ErrorCode, RemoteProtocolError, Role
+from tidings.protocol import frames as F
+from tidings.protocol.codec import (BYTES_PER_CONTAINER, COUNT_CONTAINERS_ABOVE, DEFAULT_MAX_FRAME, HEADER,
                             PRE_HELLO_MAX_FRAME, unpack_bounded)
 
 MIB = 1024 * 1024

@@ -11,8 +11,8 @@ import pathlib
 
 import pytest
 
-from protocol import REGISTRY, ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, describe
-from protocol.errors import ErrorInfo
+from tidings.protocol import REGISTRY, ErrorCode, LocalProtocolError, ProtocolError, RemoteProtocolError, describe
+from tidings.protocol.errors import ErrorInfo
 
 
 def test_codes_are_unique() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import NEED_DATA, Connection, Op, Role, State
-from protocol import frames as F
-from protocol.frames import AckAction
+from tidings.protocol import NEED_DATA, Connection, Op, Role, State
+from tidings.protocol import frames as F
+from tidings.protocol.frames import AckAction
 
 CLIENT_FRAMES: list[F.Frame] = [
     F.Ping(0),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from protocol import (
+from tidings.protocol import (
     CLOSED,
     NEED_DATA,
     Connection,
@@ -16,8 +16,8 @@ from protocol import (
     Role,
     State,
 )
-from protocol import frames as F
-from protocol.codec import DEFAULT_MAX_FRAME, HEADER, PRE_HELLO_MAX_FRAME
+from tidings.protocol import frames as F
+from tidings.protocol.codec import DEFAULT_MAX_FRAME, HEADER, PRE_HELLO_MAX_FRAME
 
 
 def _client_frames() -> list[F.Frame]:

@@ -8,7 +8,7 @@ import pathlib
 
 import msgpack
 
-from protocol.codec import HEADER
+from tidings.protocol.codec import HEADER
 
 FUZZ = pathlib.Path(__file__).resolve().parents[1] / "fuzz" / "fuzz_decoder.py"
 

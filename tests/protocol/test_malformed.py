@@ -11,9 +11,9 @@ import msgpack
 import pytest
 from msgpack import ExtType, Timestamp
 
-from protocol import Connection, ErrorCode, RemoteProtocolError, Role, State
-from protocol import frames as F
-from protocol.codec import HEADER, MAX_HEADERS, MAX_NAME_LENGTH
+from tidings.protocol import Connection, ErrorCode, RemoteProtocolError, Role, State
+from tidings.protocol import frames as F
+from tidings.protocol.codec import HEADER, MAX_HEADERS, MAX_NAME_LENGTH
 
 PE = ErrorCode.PROTOCOL_ERROR
 IS = ErrorCode.INVALID_SUBJECT
@@ -321,7 +321,7 @@ def test_payload_above_max_payload_is_rejected(make_pair) -> None:
 
 
 def test_default_max_payload_leaves_room_for_the_envelope() -> None:
-    from protocol.connection import FRAME_OVERHEAD
+    from tidings.protocol.connection import FRAME_OVERHEAD
 
     s = Connection(Role.SERVER, max_frame=4 * 1024 * 1024)
     assert s.max_payload == 4 * 1024 * 1024 - FRAME_OVERHEAD

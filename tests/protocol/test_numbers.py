@@ -10,10 +10,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from protocol import ErrorCode, RemoteProtocolError, State
-from protocol import frames as F
-from protocol import numbers as N
-from protocol.codec import HEADER
+from tidings.protocol import ErrorCode, RemoteProtocolError, State
+from tidings.protocol import frames as F
+from tidings.protocol import numbers as N
+from tidings.protocol.codec import HEADER
 
 BIG = 2**64 - 1  # the largest integer msgpack carries
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from protocol.partition import fnv1a_32, partition_for
+from tidings.protocol.partition import fnv1a_32, partition_for
 
 # published FNV-1a 32-bit parameters (http://www.isthe.com/chongo/tech/comp/fnv/)
 OFFSET_BASIS = 0x811C9DC5

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from protocol import ErrorCode, RemoteProtocolError
-from protocol.subjects import (
+from tidings.protocol import ErrorCode, RemoteProtocolError
+from tidings.protocol.subjects import (
     MAX_SUBJECT_LENGTH,
     MAX_TOKENS,
     PatternSet,

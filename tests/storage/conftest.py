@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import pytest
 
-from broker.store import SqliteStore, StoredMessage
+from tidings.broker.durable.store import SqliteStore, StoredMessage
 
 
 def make_row(queue: str, id: int, *, payload: bytes | None = None, available_ms: int = 1_000,

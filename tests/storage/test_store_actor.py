@@ -9,7 +9,7 @@ import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
 
-from broker.store import (
+from tidings.broker.durable.store import (
     DeleteMessages,
     PutMessages,
     SqliteStore,
@@ -202,7 +202,7 @@ def test_bad_durability_is_refused(tmp_path):
 
 
 async def test_normal_durability_warns(open_store, caplog):
-    with caplog.at_level(logging.WARNING, logger="broker.store.sqlite"):
+    with caplog.at_level(logging.WARNING, logger="tidings.broker.durable.store.sqlite"):
         async with open_store(durability="normal") as store:
             assert store.durability == "normal"
             sync = (await store._fetch("PRAGMA synchronous"))[0][0]
@@ -212,7 +212,7 @@ async def test_normal_durability_warns(open_store, caplog):
 
 
 async def test_full_durability_is_default_and_quiet(open_store, caplog):
-    with caplog.at_level(logging.WARNING, logger="broker.store.sqlite"):
+    with caplog.at_level(logging.WARNING, logger="tidings.broker.durable.store.sqlite"):
         async with open_store() as store:
             assert store.durability == "full"
             assert (await store._fetch("PRAGMA synchronous"))[0][0] == 2  # FULL

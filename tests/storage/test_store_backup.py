@@ -8,7 +8,7 @@ import stat
 import anyio
 import pytest
 
-from broker.store import PutMessages, PutQueue, SqliteStore, StorageClosed, StorageError
+from tidings.broker.durable.store import PutMessages, PutQueue, SqliteStore, StorageClosed, StorageError
 
 GROUP = 4
 

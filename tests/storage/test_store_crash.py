@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from broker.store import SqliteStore
+from tidings.broker.durable.store import SqliteStore
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP = 5  # ids per PutMessages in the child
@@ -23,7 +23,7 @@ GROUP = 5  # ids per PutMessages in the child
 # SIGKILLs it at an arbitrary point while writes are in flight.
 CHILD = textwrap.dedent(f"""
     import os, sys, anyio
-    from broker.store import PutMessages, SqliteStore, StoredMessage
+    from tidings.broker.durable.store import PutMessages, SqliteStore, StoredMessage
 
     path, mode = sys.argv[1], sys.argv[2]
     EXIT_AFTER = 150

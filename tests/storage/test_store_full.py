@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.store import DeleteMessages, PutMessages, StorageError, StorageFull
+from tidings.broker.durable.store import DeleteMessages, PutMessages, StorageError, StorageFull
 
 PAGES = 80  # 320 KiB of 4 KiB pages: a fresh database uses about ten
 

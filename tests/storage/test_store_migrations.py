@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.store import PutMessages, SchemaTooNew, SqliteStore, StorageError, migrations
+from tidings.broker.durable.store import PutMessages, SchemaTooNew, SqliteStore, StorageError, migrations
 
 # The version-1 schema exactly as it shipped, written out by hand: a database that
 # an older tidings created. If MIGRATIONS[0] is edited, test_fresh_matches_v1 fails.
@@ -72,7 +72,7 @@ async def test_fresh_matches_a_migrated_v1(open_store, db_path, tmp_path):
     migrated have exactly the same shape."""
     async with open_store():
         pass
-    from broker.store.sqlite import SqliteStore
+    from tidings.broker.durable.store.sqlite import SqliteStore
     old = tmp_path / "v1" / "tidings.db"
     old.parent.mkdir()
     make_v1(old)

@@ -10,7 +10,7 @@ import anyio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.store import (
+from tidings.broker.durable.store import (
     DeleteMessages,
     DeleteQueue,
     MoveMessages,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.store import DeleteMessages, ExpireDedup, PutMessages, PutQueue, UpdateMessages
+from tidings.broker.durable.store import DeleteMessages, ExpireDedup, PutMessages, PutQueue, UpdateMessages
 
 
 async def test_paging_by_available_then_id_with_cursor(open_store, row):
@@ -109,7 +109,7 @@ async def test_queues_and_id_high_water_mark_survive_reopen(open_store, row):
 async def test_pages_bounded_in_bytes_keep_order_and_take_min_rows(open_store, row):
     """max_bytes stops a page once the payloads would pass it; min_rows are
     returned whatever their size (a window always makes progress)."""
-    from broker.store.streams import StreamRow
+    from tidings.broker.durable.store.streams import StreamRow
 
     sizes = [100, 100, 100, 5_000, 100]
     async with open_store() as store:

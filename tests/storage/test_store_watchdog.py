@@ -15,7 +15,7 @@ import sqlite3
 import anyio
 import pytest
 
-from broker.store import PutMessages, sqlite as store_sqlite
+from tidings.broker.durable.store import PutMessages, sqlite as store_sqlite
 
 WAIT = 30.0  # generous bound on each wait: a loaded machine is slow, never this slow
 
@@ -29,7 +29,7 @@ async def wait_until(cond: object) -> None:
 async def test_a_stalled_transaction_is_counted_logged_and_recovers(open_store, row, db_path, monkeypatch,
                                                                     caplog):
     monkeypatch.setattr(store_sqlite, "BUSY_TIMEOUT_MS", 3_600_000)  # the BEGIN waits until we let go
-    caplog.set_level(logging.WARNING, logger="broker.store.sqlite")
+    caplog.set_level(logging.WARNING, logger="tidings.broker.durable.store.sqlite")
     async with open_store(stall_timeout=0.05) as store:
         assert (store.inflight_ops, store.transaction_seconds, store.stalled) == (0, 0.0, False)
         assert store.stalls == 0

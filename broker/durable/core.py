@@ -1,0 +1,690 @@
+"""The durable layer: queues, their bindings, confirms, dead-lettering, DLQ tools.
+
+``Durable`` owns the storage actor and one ``QueueActor`` per queue. A
+publish whose subject matches bound queues is admitted here (de-duplicated,
+checked against max-length), written as one store operation covering every
+target queue, and confirmed to the publisher only from the store's
+commit callback, which also hands the committed rows to the queue actors.
+Message ids are assigned at the moment an operation enters the store's
+mailbox, so commit order equals id order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Final
+
+import anyio
+import msgpack
+from anyio.abc import TaskGroup
+
+from tidings.protocol import frames as F
+from tidings.protocol import numbers as N
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
+
+from tidings.broker.ops.limits import WindowBudget
+from tidings.broker.durable.queue import Consumer, QueueActor
+from tidings.broker.durable.queue_settings import DLQ_SUFFIX, QueueConfig, dlq_config, validate_name
+from tidings.broker.router import Router
+from tidings.broker.durable.store.base import (
+    DeleteMessages,
+    DoneCallback,
+    DeleteQueue,
+    ExpireDedup,
+    MoveMessages,
+    PurgeQueue,
+    PutMessages,
+    PutQueue,
+    StorageError,
+    StorageFull,
+    StoredMessage,
+    UpdateMessages,
+)
+from tidings.broker.durable.store.sqlite import SqliteStore
+from tidings.broker.durable.store.streams import StreamRow
+from tidings.broker.durable.stream import Partition, StreamActor
+from tidings.broker.durable.streams import Streams
+
+if TYPE_CHECKING:
+    from tidings.broker.net.connection import ConnectionActor
+    from tidings.broker.app import Broker
+
+log = logging.getLogger(__name__)
+
+MAX_PREFETCH: Final = N.MAX_PREFETCH  # deliveries one consumer may hold unacked (checked when CONSUME is decoded)
+DEDUP_SWEEP: Final = 30.0  # seconds between sweeps of expired de-duplication entries
+REDRIVE_CHUNK: Final = 5_000  # messages moved per transaction by a redrive
+RECENT_LIMIT: Final = 100_000  # in-memory de-dup entries for publishes not yet swept (bounded)
+HDR_PREFIX: Final = "tidings-"
+
+
+def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
+    return RemoteProtocolError(msg, code, rid=rid)
+
+
+def dedup_key(user: str, msg_id: str) -> str:
+    """The de-duplication key of ``msg_id`` published by ``user``: ids are
+    scoped per user, so one user's msg_id never makes another user's publish
+    a duplicate nor answers it with the first one's result (ids, offsets).
+
+    User names never hold a space (broker/auth.py USER_NAME), so the key is
+    unambiguous. In no-users mode there is one identity (``""``) and the key
+    is the bare msg_id, as it was before scoping: entries stored by an older
+    version keep de-duplicating across an upgrade."""
+    return f"{user} {msg_id}" if user else msg_id
+
+
+class Durable:
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        cfg = broker.config
+        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
+                                 max_page_count=cfg.max_db_pages or None,
+                                 stall_timeout=cfg.store_stall_timeout)
+        self.queues: dict[str, QueueActor] = {}
+        self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
+        self.streams = Streams(self)
+        self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
+        self.last_id = 0
+        self._last_ms = 0
+        self._tg: TaskGroup | None = None
+        self._recent: dict[str, tuple[int, bytes]] = {}  # dedup_key -> (expires_ms, result), until swept
+        self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # dedup_key being stored -> waiting copies
+        self.dedup_window_ms = int(cfg.dedup_window * 1000)
+        self.confirmed = 0
+        self.duplicates = 0
+        # Store operations changing a message's state (ack, nack, dead-letter move,
+        # offset mark) that failed: the state was restored in memory.
+        self.state_failures = 0
+        self.read_errors = 0  # reads (refills, replays) that failed and are retried
+        # Metrics hook: called once per committed publish batch with its admission-to-confirm seconds.
+        self.on_confirm_latency: Callable[[float], None] | None = None
+
+    # ------------------------------------------------------------ clock/ids
+
+    def now_ms(self) -> int:
+        """Wall-clock milliseconds, never going backwards within this process."""
+        now = int(time.time() * 1000)
+        if now < self._last_ms:
+            return self._last_ms
+        self._last_ms = now
+        return now
+
+    def next_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, tg: TaskGroup) -> None:
+        """Open the store, recover every queue, start the actors."""
+        self._tg = tg
+        await self.store.open()
+        await tg.start(self.store.run)
+        tg.start_soon(self.store.watchdog)
+        self.last_id = await self.store.max_message_id()
+        for name, conf, _created in await self.store.load_queues():
+            qc = QueueConfig.from_args(conf)
+            count = await self.store.count(name)
+            await self._start_queue(qc, count)
+        await self.streams.start(tg)
+        tg.start_soon(self._sweeper)
+        log.info("recovered %d queues (%d messages) and %d streams", len(self.queues),
+                 sum(q.count for q in self.queues.values()), len(self.streams.streams))
+
+    async def close(self) -> None:
+        self.streams.stop()
+        for q in self.queues.values():
+            q.stop()
+        await self.store.close()
+
+    async def _start_queue(self, qc: QueueConfig, count: int) -> QueueActor:
+        q = QueueActor(self, qc, count)
+        self.queues[qc.name] = q
+        for p in qc.bind:
+            self.bindings.add(p, q)
+        assert self._tg is not None
+        await self._tg.start(q.run)
+        return q
+
+    async def _sweeper(self) -> None:
+        while True:
+            await anyio.sleep(DEDUP_SWEEP)
+            now = self.now_ms()
+            self._recent = {k: v for k, v in self._recent.items() if v[0] > now}
+            await self.store.submit(ExpireDedup(now))
+
+    # ------------------------------------------------------------- publish
+
+    def match(self, subject: str) -> list[Any]:
+        return self.bindings.match(subject)[0]
+
+    def binding_patterns(self) -> list[str]:
+        return sorted({p for q in self.queues.values() for p in q.cfg.bind} | self.streams.patterns())
+
+    async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]]) -> None:
+        """Store each (PUB message, targets) entry -- queues and streams -- in
+        one store operation, and confirm each after the commit."""
+        admitted = time.perf_counter()
+        confirms: list[Any] = []
+        # A msg_id already being stored by another publish (its commit not done
+        # yet) is not raced: this copy is answered with that publish's outcome.
+        mine: list[str] = []
+        outcome: dict[str, tuple[int, Any]] = {}
+        kept = []
+        scope = conn.user.name
+        for e in entries:
+            o = e[0][F.P_OPTS]
+            mid = o.get(F.OPT_MSG_ID) if o else None
+            if mid is not None:
+                mid = dedup_key(scope, mid)
+                waiting = self._pending_ids.get(mid)
+                if waiting is not None:
+                    waiting.append((conn, e[0][F.P_SEQ]))
+                    continue
+                self._pending_ids[mid] = []
+                mine.append(mid)
+            kept.append(e)
+        entries = kept
+        deferred: set[str] = set()  # ids whose waiters the commit callback answers
+        try:
+            await self._publish(conn, entries, admitted, confirms, outcome, deferred, scope)
+        finally:
+            for mid in mine:
+                if mid not in deferred:
+                    self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+
+    def _release(self, mid: str, code: int, result: Any) -> None:
+        """Answer the publishes that waited for ``mid``'s first publish."""
+        for fconn, fseq in self._pending_ids.pop(mid, ()):
+            if code == 0:
+                self.duplicates += 1
+                r = dict(result) if isinstance(result, dict) else {}
+                r["duplicate"] = True
+                item = [fseq, 0, r]
+            else:
+                item = [fseq, code, result]
+            if fseq:
+                fconn.push_wire([F.Op.CONFIRM, [item]], 64)
+
+    async def _publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]], admitted: float,
+                       confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str],
+                       scope: str) -> None:
+        # Ids the publisher vouches are new (client-generated, first send) are
+        # recorded for later resends but need no look-up now.
+        with_ids = [dedup_key(scope, m[F.P_OPTS][F.OPT_MSG_ID]) for m, _ in entries
+                    if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS] and not m[F.P_OPTS].get(F.OPT_NEW)]
+        known: dict[str, bytes] = {}
+        if with_ids:
+            now = self.now_ms()
+            missing = []
+            for i in with_ids:
+                hit = self._recent.get(i)
+                if hit is not None and hit[0] > now:
+                    known[i] = hit[1]
+                else:
+                    missing.append(i)
+            if missing:
+                try:
+                    known.update(await self.store.check_dedup(missing, now))
+                except StorageError as exc:
+                    for m, _ in entries:
+                        if m[F.P_SEQ]:
+                            confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
+                    self._confirm(conn, confirms)
+                    return
+        # Ids and offsets are assigned only once the store has room, with no
+        # await until the operation is queued: queue order == id order ==
+        # commit order, which keeps stream offsets dense and in order.
+        await self.store.wait_for_space()
+        now = self.now_ms()
+        rows: list[StoredMessage] = []
+        srows: list[StreamRow] = []
+        dedup: list[tuple[str, int, bytes]] = []
+        accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
+                             list[tuple[StreamActor, StreamRow]]]] = []
+        reserved: dict[QueueActor, int] = {}
+        seen_now: set[str] = set()
+        streams = self.streams
+        for m, targets in entries:
+            seq = m[F.P_SEQ]
+            opts = m[F.P_OPTS] or {}
+            msg_id = opts.get(F.OPT_MSG_ID)
+            key = dedup_key(scope, msg_id) if msg_id is not None else None
+            if key is not None and (key in known or key in seen_now):
+                self.duplicates += 1
+                prior = known.get(key) or self._recent.get(key, (0, b""))[1]
+                res = msgpack.unpackb(prior) if prior else {}
+                res = dict(res) if isinstance(res, dict) else {}
+                outcome.setdefault(key, (0, dict(res)))
+                if seq:
+                    res["duplicate"] = True
+                    confirms.append([seq, 0, res])
+                continue
+            full = None
+            for q in targets:
+                if type(q) is not QueueActor:
+                    continue
+                ml = q.cfg.max_length
+                if ml is not None and q.cfg.overflow == "reject" and q.count + reserved.get(q, 0) >= ml:
+                    full = q
+                    break
+            if full is not None:
+                why = f"queue {full.name!r} is at its max_length {full.cfg.max_length}"
+                if seq:
+                    confirms.append([seq, int(ErrorCode.QUEUE_FULL), why])
+                if key is not None:
+                    outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
+                continue
+            mid = self.next_id()
+            avail = now
+            if F.OPT_DELAY in opts:
+                avail = now + opts[F.OPT_DELAY]
+            if F.OPT_AT in opts:
+                avail = max(avail, opts[F.OPT_AT])
+            qrows: list[tuple[QueueActor, StoredMessage]] = []
+            stream_rows: list[tuple[StreamActor, StreamRow]] = []
+            result: dict[str, Any] = {"id": mid, "queues": 0}
+            for t in targets:
+                if type(t) is QueueActor:
+                    ttl = opts.get(F.OPT_TTL)
+                    if ttl is None and t.cfg.message_ttl is not None:
+                        ttl = int(t.cfg.message_ttl * 1000)
+                    row = StoredMessage(t.name, mid, m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS], msg_id,
+                                        now, avail, (now + ttl) if ttl is not None else None, 0, None)
+                    qrows.append((t, row))
+                    rows.append(row)
+                    reserved[t] = reserved.get(t, 0) + 1
+                    result["queues"] += 1
+                else:
+                    srow = streams.row(t, m, opts.get(F.OPT_KEY), msg_id, now)
+                    stream_rows.append((t, srow))
+                    srows.append(srow)
+                    if "stream" not in result:
+                        result["stream"] = t.name
+                        result["partition"] = srow.partition
+                        result["offset"] = srow.offset
+                    else:
+                        result.setdefault("streams", []).append([t.name, srow.partition, srow.offset])
+            if key is not None:
+                seen_now.add(key)
+                packed = msgpack.packb(result)
+                dedup.append((key, now + self.dedup_window_ms, packed))
+                if len(self._recent) < RECENT_LIMIT:
+                    self._recent[key] = (now + self.dedup_window_ms, packed)
+            accepted.append((seq, result, qrows, stream_rows))
+            if key is not None:
+                deferred.add(key)
+                outcome[key] = (0, result)
+        if not accepted:
+            self._confirm(conn, confirms)
+            return
+        early = confirms
+
+        mine = list(deferred)
+
+        def done(error: Exception | None) -> None:
+            out = list(early)
+            for mid in mine:
+                if error is None:
+                    self._release(mid, *outcome[mid])
+                else:
+                    self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
+            if error is not None:
+                code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
+                for seq, _res, _q, _s in accepted:
+                    if seq:
+                        out.append([seq, int(code), f"not stored: {error}"])
+                for mid_entry in dedup:
+                    self._recent.pop(mid_entry[0], None)
+                self._confirm(conn, out)
+                # Offsets assigned to this batch were never stored: the streams'
+                # partitions must not wait for them, and a restart must not
+                # assign them again (nothing stored says they were used).
+                nexts: dict[tuple[str, int], int] = {}
+                for _seq, _res, _q, srs in accepted:
+                    for st, sr in srs:
+                        st.partitions[sr.partition].skip(sr.offset)
+                        st.on_committed({})
+                        nexts[(st.name, sr.partition)] = sr.offset + 1
+                if nexts:
+                    self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
+                return
+            by_queue: dict[QueueActor, list[StoredMessage]] = {}
+            by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
+            for seq, res, qrs, srs in accepted:
+                if seq:
+                    out.append([seq, 0, res])
+                for q, row in qrs:
+                    lst = by_queue.get(q)
+                    if lst is None:
+                        by_queue[q] = [row]
+                    else:
+                        lst.append(row)
+                for st, sr in srs:
+                    by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
+            self.confirmed += len(accepted)
+            self._confirm(conn, out)
+            for q, qrows_ in by_queue.items():
+                q.on_committed(qrows_)
+            for st, parts in by_stream.items():
+                st.on_committed(parts)
+            if self.on_confirm_latency is not None:
+                self.on_confirm_latency(time.perf_counter() - admitted)
+
+        try:
+            self.store.submit_nowait(PutMessages(rows, dedup, done, stream_rows=srows))
+        except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
+            code = ErrorCode.SHUTTING_DOWN if self.broker.shutting_down else ErrorCode.STORAGE_ERROR
+            for mid in mine:
+                deferred.discard(mid)
+                outcome[mid] = (int(code), f"not stored: {exc}")
+            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
+            self._confirm(conn, list(early) + done_err)
+            for mid_entry in dedup:
+                self._recent.pop(mid_entry[0], None)  # never stored: a resend must be stored, not deduplicated
+            # Nothing was queued and nothing awaited since these offsets were
+            # assigned, so they are the newest of their partitions: hand them
+            # out again rather than leave gaps (the store never saw them).
+            lowest: dict[Partition, int] = {}
+            for _seq, _res, _q, srs in accepted:
+                for st, sr in srs:
+                    part = st.partitions[sr.partition]
+                    if sr.offset < lowest.get(part, sr.offset + 1):
+                        lowest[part] = sr.offset
+            for part, off in lowest.items():
+                part.next = off
+
+    @staticmethod
+    def _confirm(conn: ConnectionActor, items: list[Any]) -> None:
+        if items:
+            conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
+
+    # ----------------------------------------------------- queue-side ops
+
+    async def delete_messages(self, queue: str, ids: list[int], on_done: DoneCallback | None = None) -> None:
+        await self.store.submit(DeleteMessages(queue, ids, on_done))
+
+    async def update_messages(self, queue: str, updates: list[tuple[int, int, int, str | None]],
+                              on_done: DoneCallback | None = None) -> None:
+        await self.store.submit(UpdateMessages(queue, updates, on_done))
+
+    def dead_letter(self, src: QueueActor, msgs: list[StoredMessage], reason: str) -> None:
+        """Move messages to src's dead-letter queue in one transaction, adding
+        the reason headers. Called from the source queue's actor (non-blocking)."""
+        target = self.queues.get(src.cfg.dead_letter or "")
+        if target is None:
+            log.error("queue %s has no dead-letter queue; deleting %d messages (%s)", src.name, len(msgs), reason)
+            src._deletes.extend(msgs)
+            return
+        now = self.now_ms()
+        moves = []
+        for m in msgs:
+            h = dict(m.headers or {})
+            h[HDR_PREFIX + "dlq-source"] = src.name
+            h[HDR_PREFIX + "dlq-reason"] = reason
+            h[HDR_PREFIX + "delivery-count"] = m.deliveries
+            h[HDR_PREFIX + "last-error"] = (m.last_error or "")[:1000]
+            h[HDR_PREFIX + "dead-lettered-at"] = now
+            h[HDR_PREFIX + "published-at"] = m.published_ms
+            h[HDR_PREFIX + "original-id"] = m.id
+            row = StoredMessage(target.name, self.next_id(), m.subject, m.payload, h, m.msg_id, m.published_ms,
+                                now, None, 0, None)
+            moves.append((m.id, row))
+        src.ops.append(self._move_op(src, moves, target, msgs, dead_letter=True))
+        src.wake()
+
+    def _move_op(self, src: QueueActor, moves: list[tuple[int, StoredMessage]], target: QueueActor,
+                 originals: list[StoredMessage], *, dead_letter: bool = False) -> MoveMessages:
+        """The move of ``originals`` out of ``src``: on a failure they are still
+        stored in ``src``, so ``src`` takes them back and delivers them again."""
+        rows = [r for _, r in moves]
+        epoch = src._epoch
+
+        def done(error: Exception | None) -> None:
+            if error is None:
+                target.on_committed(rows)
+            else:
+                log.error("moving %d messages from %s to %s failed, they stay in %s: %s",
+                          len(rows), src.name, target.name, src.name, error)
+                if dead_letter:
+                    src.dead_lettered -= len(rows)
+                src.restore(originals, epoch)
+
+        return MoveMessages(src.name, moves, done)
+
+    # ------------------------------------------------------------- admin
+
+    async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        qc = QueueConfig.from_args(args)
+        existing = self.queues.get(qc.name)
+        if existing is not None:
+            if existing.cfg != qc:
+                diff = [k for k, v in qc.to_dict().items() if existing.cfg.to_dict().get(k) != v]
+                raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
+                           "delete it first to change them", ErrorCode.CONFLICT, rid)
+            return {"created": False, **existing.info()}
+        self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
+        if qc.dead_letter and qc.dead_letter not in self.queues:
+            if qc.dead_letter.endswith(DLQ_SUFFIX) or qc.dead_letter == qc.name + DLQ_SUFFIX:
+                dq = dlq_config(qc.dead_letter)
+                await self.store.write(PutQueue(dq.name, dq.to_dict(), self.now_ms()))
+                await self._start_queue(dq, 0)
+            else:
+                raise _err(f"dead-letter queue {qc.dead_letter!r} does not exist; declare it first",
+                           ErrorCode.NOT_FOUND, rid)
+        await self.store.write(PutQueue(qc.name, qc.to_dict(), self.now_ms()))
+        q = await self._start_queue(qc, 0)
+        self.broker.bindings_changed()
+        return {"created": True, **q.info()}
+
+    def _queue(self, args: dict[str, Any], rid: int, key: str = "name") -> QueueActor:
+        name = args.get(key)
+        q = self.queues.get(name) if isinstance(name, str) else None
+        if q is None:
+            raise _err(f"no queue named {name!r}", ErrorCode.NOT_FOUND, rid)
+        return q
+
+    async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        q = self._queue(args, rid)
+        users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
+        if users:
+            raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
+        for c in list(q.consumers):
+            c.conn.consumers.pop(c.cid, None)
+            c.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": c.cid, "reason": "queue deleted"}])
+            q.detach(c)
+        q.stop()
+        for p in q.cfg.bind:
+            self.bindings.remove(p, q)
+        del self.queues[q.name]
+        await self.store.write(DeleteQueue(q.name))
+        self.broker.bindings_changed()
+        return {"deleted": q.name, "messages": q.count}
+
+    async def purge(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        q = self._queue(args, rid)
+        n = q.purge()
+        await self.store.write(PurgeQueue(q.name))
+        return {"purged": n}
+
+    def list_queues(self) -> list[dict[str, Any]]:
+        out = []
+        for q in sorted(self.queues.values(), key=lambda x: x.name):
+            info = q.info()
+            dl = self.queues.get(q.cfg.dead_letter or "")
+            info["dlq_depth"] = dl.count if dl is not None else None
+            del info["config"]
+            out.append(info)
+        return out
+
+    async def dlq_list(self, args: dict[str, Any], rid: int) -> list[dict[str, Any]]:
+        q = self._queue(args, rid)
+        limit = args.get("limit", 100)
+        offset = args.get("offset", 0)
+        if type(limit) is not int or type(offset) is not int or not 0 < limit <= 10_000 or offset < 0:
+            raise _err("limit must be 1..10000 and offset >= 0", ErrorCode.INVALID_ARGUMENT, rid)
+        try:
+            rows = await self.store.list_messages(q.name, limit, offset)
+        except StorageError:
+            self.read_errors += 1  # the caller gets STORAGE_ERROR (retriable) and may ask again
+            raise
+        return [{"id": r.id, "subject": r.subject, "payload": r.payload, "headers": r.headers,
+                 "msg_id": r.msg_id, "published_ms": r.published_ms, "deliveries": r.deliveries} for r in rows]
+
+    def is_dead_letter_queue(self, q: QueueActor) -> bool:
+        """True if ``q`` was created as a DLQ or a queue or stream dead-letters into it."""
+        return (q.cfg.is_dlq or any(o.cfg.dead_letter == q.name for o in self.queues.values() if o is not q)
+                or any(st.cfg.dead_letter == q.name for st in self.streams.streams.values()))
+
+    def redrive_destinations(self, args: dict[str, Any]) -> list[QueueActor]:
+        """The queues a ``dlq.redrive`` call may move messages into: its ``to``
+        queue, or else every queue whose dead-letter queue this is (a message
+        goes back only to such a queue, whatever its headers say). Unknown
+        names give [] (the call itself answers NOT_FOUND)."""
+        name, to = args.get("name"), args.get("to")
+        if to is not None:
+            dest = self.queues.get(to) if isinstance(to, str) else None
+            return [dest] if dest is not None else []
+        if not isinstance(name, str) or name not in self.queues:
+            return []
+        return [o for o in self.queues.values() if o.cfg.dead_letter == name and o.name != name]
+
+    async def redrive(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Move up to ``count`` (default all) ready messages of a DLQ back to
+        their source queue, or to ``to``; delivery counts start again.
+
+        Only a dead-letter queue can be redriven (INVALID_ARGUMENT otherwise).
+        Without ``to`` a message goes back to the queue named in its
+        ``tidings-dlq-source`` header only if that queue dead-letters into
+        this DLQ: publishers cannot write that header (protocol/codec.py), and
+        this check keeps even a message stored before that rule from crossing
+        into another queue. Others stay in the DLQ and are counted as skipped.
+        The caller's rights on each destination are checked by the server
+        (permissions.redrive_needs) before this runs."""
+        q = self._queue(args, rid)
+        if not self.is_dead_letter_queue(q):
+            raise _err(f"queue {q.name!r} is not a dead-letter queue", ErrorCode.INVALID_ARGUMENT, rid)
+        count = args.get("count")
+        if count is not None and (type(count) is not int or count < 1):
+            raise _err("count must be a positive integer", ErrorCode.INVALID_ARGUMENT, rid)
+        dest_name = args.get("to")
+        if dest_name is not None:
+            validate_name(dest_name)
+            if dest_name not in self.queues:
+                raise _err(f"no queue named {dest_name!r}", ErrorCode.NOT_FOUND, rid)
+        sources = {o.name for o in self.redrive_destinations({"name": q.name})}
+        want = count if count is not None else q.count
+        moved = 0
+        skipped = 0
+        while moved + skipped < want:
+            taken = await q.take(min(want - moved - skipped, REDRIVE_CHUNK))
+            if not taken:
+                break
+            groups: dict[str, list[tuple[int, StoredMessage]]] = {}
+            originals: dict[str, list[StoredMessage]] = {}
+            back: list[StoredMessage] = []
+            now = self.now_ms()
+            for m in taken:
+                h = dict(m.headers or {})
+                target = dest_name or h.get(HDR_PREFIX + "dlq-source")
+                if not isinstance(target, str) or target not in self.queues or target == q.name or \
+                        (dest_name is None and target not in sources):
+                    back.append(m)
+                    continue
+                for k in [k for k in h if k.startswith(HDR_PREFIX)]:
+                    del h[k]
+                h[HDR_PREFIX + "redriven-from"] = q.name
+                row = StoredMessage(target, self.next_id(), m.subject, m.payload, h or None, m.msg_id,
+                                    m.published_ms, now, None, 0, None)
+                groups.setdefault(target, []).append((m.id, row))
+                originals.setdefault(target, []).append(m)
+            for target, moves in groups.items():
+                q.count -= len(moves)
+                await self.store.write(self._move_op(q, moves, self.queues[target], originals[target]))
+                moved += len(moves)
+            if back:
+                # messages whose source queue is gone stay in the DLQ; stop so we do not loop on them
+                skipped += len(back)
+                q.give_back(back)
+                break
+        return {"redriven": moved, "skipped": skipped}
+
+    # ---------------------------------------------------------- consuming
+
+    def consume(self, conn: ConnectionActor, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        q = self._queue(args, rid, "queue")
+        prefetch = args.get("prefetch", 100)
+        if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
+            raise _err(f"prefetch must be 1..{MAX_PREFETCH}", ErrorCode.INVALID_ARGUMENT, rid)
+        if cid in conn.consumers:
+            raise _err(f"consumer id {cid} is already in use", ErrorCode.INVALID_ARGUMENT, rid)
+        c = Consumer(conn, cid, q, prefetch)
+        conn.consumers[cid] = c
+        q.attach(c)
+        return {"queue": q.name, "prefetch": prefetch, "ack_deadline": q.cfg.ack_deadline}
+
+    def stop(self, conn: ConnectionActor, cid: int, rid: int) -> None:
+        c = conn.consumers.pop(cid, None)
+        if c is None:
+            raise _err(f"no consumer {cid}", ErrorCode.NOT_FOUND, rid)
+        c.close()
+
+    def settle(self, conn: ConnectionActor, ev: F.Ack) -> None:
+        c = conn.consumers.get(ev.cid)
+        if c is None:
+            if ev.rid:
+                raise _err(f"no consumer {ev.cid}", ErrorCode.NOT_FOUND, ev.rid)
+            return
+        group = getattr(c, "group", None)
+        needs = group.needs(c, ev.items) if ev.rid and group is not None else None
+        codes = c.settle(ev.items)
+        if ev.rid:
+            rid = ev.rid
+
+            def answer(error: Exception | None) -> None:
+                # Answered only once the settlement is committed; items that
+                # were applied (code 0) carry the store's error if it failed.
+                out = codes
+                if error is not None:
+                    if isinstance(error, RemoteProtocolError):  # voided before it was committed
+                        code = int(error.code)
+                    else:
+                        code = int(ErrorCode.STORAGE_FULL if isinstance(error, StorageFull)
+                                   else ErrorCode.STORAGE_ERROR)
+                    out = [code if x == 0 else x for x in codes]
+                conn.push_wire([F.Op.OK, rid, out], 16 + len(out))
+
+            if group is not None:
+                group.on_persisted(answer, needs, codes)
+            elif isinstance(c, Consumer):
+                c.queue.on_persisted(answer)
+            else:
+                answer(None)  # a stream reader: nothing to commit
+        else:
+            stale = sum(1 for x in codes if x)
+            if stale:
+                conn.push_wire([F.Op.NOTICE, "stale_acks", {"cid": ev.cid, "count": stale}])
+
+    def detach_all(self, conn: ConnectionActor) -> None:
+        for c in list(conn.consumers.values()):
+            c.close()
+        conn.consumers.clear()
+
+    # ------------------------------------------------------------- calls
+
+    def calls(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "queue.declare": self.declare,
+            "queue.delete": self.delete,
+            "queue.purge": self.purge,
+            "queue.list": lambda args, rid: self.list_queues(),
+            "queue.info": lambda args, rid: self._queue(args, rid).info(),
+            "dlq.list": self.dlq_list,
+            "dlq.count": lambda args, rid: {"count": self._queue(args, rid).count},
+            "dlq.redrive": self.redrive,
+            "dlq.purge": self.purge,
+            **self.streams.calls(),
+        }

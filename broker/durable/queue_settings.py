@@ -1,0 +1,139 @@
+"""A durable queue's settings: validated, normalised, compared on re-declare."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
+from tidings.protocol.numbers import check_int
+from tidings.protocol.subjects import validate_pattern
+
+DEFAULT_MAX_DELIVERIES: Final = 5  # then the message moves to the DLQ (never silently dropped)
+DEFAULT_ACK_DEADLINE: Final = 30.0
+OVERFLOW_POLICIES: Final = ("reject", "dead_letter_oldest")
+DLQ_SUFFIX: Final = ".dlq"
+MAX_QUEUE_NAME: Final = 200  # leaves room for the ".dlq" suffix within the 255 name limit
+MAX_BACKOFF: Final = 86400 * 7  # seconds: a retry delay longer than a week is a mistake, not a policy
+
+
+def _bad(msg: str) -> RemoteProtocolError:
+    return RemoteProtocolError(msg, ErrorCode.INVALID_ARGUMENT)
+
+
+def validate_name(name: Any, what: str = "queue") -> str:
+    if type(name) is not str or not 0 < len(name) <= MAX_QUEUE_NAME:
+        raise _bad(f"{what} name must be a string of 1..{MAX_QUEUE_NAME} characters")
+    for tok in name.split("."):
+        if not tok or any(c.isspace() or c in "*>" for c in tok):
+            raise _bad(f"invalid {what} name {name!r}: dot-separated tokens, no spaces, '*' or '>'")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    """Settings of one durable queue. Times are seconds (floats)."""
+
+    name: str
+    bind: tuple[str, ...] = ()
+    ack_deadline: float = DEFAULT_ACK_DEADLINE
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES  # 0 = unlimited
+    backoff_initial: float = 1.0
+    backoff_multiplier: float = 2.0
+    backoff_max: float = 60.0
+    backoff_jitter: float = 0.1  # +/- this fraction of the delay, at random
+    backoff_schedule: tuple[float, ...] = ()  # explicit delays per attempt; overrides the formula
+    dead_letter: str | None = None  # default "<name>.dlq"; None only for a DLQ itself
+    message_ttl: float | None = None
+    dead_letter_expired: bool = False
+    max_length: int | None = None
+    overflow: str = "reject"
+    is_dlq: bool = field(default=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bind"] = list(self.bind)
+        d["backoff_schedule"] = list(self.backoff_schedule)
+        return d
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> QueueConfig:
+        """Build from a declare call's arguments; raises RemoteProtocolError(INVALID_ARGUMENT)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = set(args) - known
+        if unknown:
+            raise _bad(f"unknown queue settings: {', '.join(sorted(unknown))}")
+        a = dict(args)
+        name = validate_name(a.get("name"))
+        is_dlq = bool(a.get("is_dlq", False))
+        bind = a.get("bind", [])
+        if not isinstance(bind, (list, tuple)):
+            raise _bad("bind must be a list of subject patterns")
+        try:
+            pats = tuple(dict.fromkeys(validate_pattern(p) for p in bind))
+        except RemoteProtocolError as exc:
+            raise _bad(exc.message) from None
+        sched = a.get("backoff_schedule") or ()
+        if not isinstance(sched, (list, tuple)) or not all(_num(x) and 0 <= x <= MAX_BACKOFF for x in sched):
+            raise _bad(f"backoff_schedule must be a list of numbers of seconds in [0, {MAX_BACKOFF}]")
+
+        def num(key: str, default: float, lo: float, hi: float = float("inf"), optional: bool = False) -> Any:
+            v = a.get(key, default)
+            if v is None and optional:
+                return None
+            if not _num(v) or not lo <= v <= hi:
+                raise _bad(f"{key} must be a number in [{lo}, {hi}]")
+            return float(v)
+
+        md = a.get("max_deliveries", DEFAULT_MAX_DELIVERIES if not is_dlq else 0)
+        check_int(md, "max_deliveries (0 = unlimited)")
+        ml = a.get("max_length")
+        if ml is not None:
+            check_int(ml, "max_length", 1)
+        overflow = a.get("overflow", "reject")
+        if overflow not in OVERFLOW_POLICIES:
+            raise _bad(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+        dl = a.get("dead_letter", None)
+        if is_dlq:
+            dl = None
+        elif dl is None:
+            dl = name + DLQ_SUFFIX
+        else:
+            validate_name(dl, "dead-letter queue")
+            if dl == name:
+                raise _bad("a queue cannot be its own dead-letter queue")
+        return cls(
+            name=name, bind=pats,
+            ack_deadline=num("ack_deadline", DEFAULT_ACK_DEADLINE, 0.01, 86400 * 7),
+            max_deliveries=md,
+            backoff_initial=num("backoff_initial", 1.0, 0.0, 86400),
+            backoff_multiplier=num("backoff_multiplier", 2.0, 1.0, 100),
+            backoff_max=num("backoff_max", 60.0, 0.0, MAX_BACKOFF),
+            backoff_jitter=num("backoff_jitter", 0.1, 0.0, 1.0),
+            backoff_schedule=tuple(float(x) for x in sched),
+            dead_letter=dl,
+            message_ttl=num("message_ttl", None, 0.001, 86400 * 365, optional=True),  # type: ignore[arg-type]
+            dead_letter_expired=bool(a.get("dead_letter_expired", False)),
+            max_length=ml, overflow=overflow, is_dlq=is_dlq,
+        )
+
+    def backoff(self, deliveries: int, rng: random.Random | None = None) -> float:
+        """Delay in seconds before the next attempt after ``deliveries`` failed ones."""
+        n = max(deliveries, 1)
+        if self.backoff_schedule:
+            base = self.backoff_schedule[min(n, len(self.backoff_schedule)) - 1]
+        else:
+            base = min(self.backoff_max, self.backoff_initial * self.backoff_multiplier ** (n - 1))
+        if self.backoff_jitter and base > 0:
+            r = (rng or random).uniform(-self.backoff_jitter, self.backoff_jitter)
+            base = max(0.0, base * (1 + r))
+        return base
+
+
+def dlq_config(name: str) -> QueueConfig:
+    return QueueConfig.from_args({"name": name, "is_dlq": True})
+
+
+def _num(v: Any) -> bool:
+    return (type(v) is int or type(v) is float) and v == v

@@ -1,0 +1,64 @@
+"""Durable storage: the Store contract (base) and its SQLite implementation.
+
+    from tidings.broker.durable.store import SqliteStore, PutMessages, StoredMessage
+"""
+
+from __future__ import annotations
+
+from tidings.broker.durable.store.base import (
+    DURABILITIES,
+    DedupEntry,
+    DeleteMessages,
+    DeleteQueue,
+    DoneCallback,
+    Durability,
+    ExpireDedup,
+    MoveMessages,
+    PageKey,
+    PurgeQueue,
+    PutMessages,
+    PutQueue,
+    SchemaTooNew,
+    StorageClosed,
+    StorageError,
+    StorageFull,
+    Store,
+    StoredMessage,
+    UpdateMessages,
+    WriteOp,
+)
+from tidings.broker.durable.store.sqlite import (
+    BATCH_MAX_MESSAGES,
+    DB_FILENAME,
+    MAILBOX_MAX_BYTES,
+    MAILBOX_MAX_MESSAGES,
+    SqliteStore,
+)
+
+__all__ = [
+    "BATCH_MAX_MESSAGES",
+    "DB_FILENAME",
+    "DURABILITIES",
+    "MAILBOX_MAX_BYTES",
+    "MAILBOX_MAX_MESSAGES",
+    "DedupEntry",
+    "DeleteMessages",
+    "DeleteQueue",
+    "DoneCallback",
+    "Durability",
+    "ExpireDedup",
+    "MoveMessages",
+    "PageKey",
+    "PurgeQueue",
+    "PutMessages",
+    "PutQueue",
+    "SchemaTooNew",
+    "SqliteStore",
+    "StorageClosed",
+    "StorageError",
+    "StorageFull",
+    "Store",
+    "StoredMessage",
+    "UpdateMessages",
+    "WriteOp",
+]

@@ -1,0 +1,258 @@
+"""Turning write operations into few SQL calls: one transaction per batch.
+
+`prepare(op)` converts an operation into SQL parameter tuples once, when it is
+submitted (so a malformed op fails its submitter, not a batch). `plan(items)`
+cuts a batch into stages: a stage is at most four `executemany` calls (insert
+messages, upsert dedup entries, update messages, delete messages, in that fixed
+order), so a batch of interleaved publishes and acks costs a handful of thread
+round trips instead of one per operation.
+
+Reordering must not change the outcome: per key, the batch has to end as if its
+operations had run in submission order. With the fixed stage order, an update
+or delete never conflicts (running it later in the stage, after inserts, gives
+the same end state), and an insert conflicts only with an update or delete of
+the same key earlier in the stage (a delete-then-insert would become
+insert-then-delete); such an insert starts a new stage. Whole-queue and
+dedup-table operations (PutQueue, DeleteQueue, PurgeQueue, ExpireDedup) run in
+a stage of their own, at their place in the order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any, Final
+
+import aiosqlite
+import msgpack
+
+from tidings.broker.durable.store.streams import (
+    INSERT_STREAM_ROW, UPSERT_OFFSET, CommitOffsets, DeleteStream, MarkStreamNext, PutStream, TrimStream,
+    encode_stream_row,
+)
+from tidings.broker.durable.store.base import (
+    DedupEntry,
+    DeleteMessages,
+    DeleteQueue,
+    ExpireDedup,
+    MoveMessages,
+    PurgeQueue,
+    PutMessages,
+    PutQueue,
+    StoredMessage,
+    UpdateMessages,
+    WriteOp,
+)
+
+INSERT_MESSAGE: Final = (
+    "INSERT INTO messages (queue, id, subject, payload, headers, msg_id, published_ms,"
+    " available_ms, expires_ms, deliveries, last_error) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+UPSERT_DEDUP: Final = "INSERT OR REPLACE INTO dedup (msg_id, expires_ms, result) VALUES (?,?,?)"
+# Parameters are (queue, id, available_ms, deliveries, last_error): the key comes first,
+# like every other per-message tuple here, so the planner reads keys the same way.
+UPDATE_MESSAGE: Final = "UPDATE messages SET available_ms = ?3, deliveries = ?4, last_error = ?5 WHERE queue = ?1 AND id = ?2"
+DELETE_MESSAGE: Final = "DELETE FROM messages WHERE queue = ? AND id = ?"
+RAISE_MAX_ID: Final = "UPDATE meta SET value = ?1 WHERE key = 'max_message_id' AND value < ?1"
+UPSERT_QUEUE: Final = (
+    "INSERT INTO queues (name, config, created_ms) VALUES (?,?,?)"
+    " ON CONFLICT (name) DO UPDATE SET config = excluded.config")
+PURGE_QUEUE: Final = "DELETE FROM messages WHERE queue = ?"
+DELETE_QUEUE: Final = "DELETE FROM queues WHERE name = ?"
+EXPIRE_DEDUP: Final = "DELETE FROM dedup WHERE expires_ms <= ?"
+
+Key = tuple[str, int]
+Row = tuple[Any, ...]
+
+
+def encode_row(m: StoredMessage) -> Row:
+    """The INSERT_MESSAGE parameters for one message (headers msgpack-encoded)."""
+    headers = None if m.headers is None else msgpack.packb(m.headers, use_bin_type=True)
+    return (m.queue, m.id, m.subject, m.payload, headers, m.msg_id, m.published_ms,
+            m.available_ms, m.expires_ms, m.deliveries, m.last_error)
+
+
+_NONE: Final[tuple[Any, ...]] = ()  # shared "no rows of this kind" (never mutated)
+
+
+class Item:
+    """One submitted operation in SQL-parameter form, plus its mailbox weight."""
+
+    __slots__ = ("op", "messages", "nbytes", "grows", "inserts", "dedup", "updates", "deletes",
+                 "statements", "max_id", "stream_inserts", "offsets")
+
+    def __init__(self, op: WriteOp, messages: int, *, nbytes: int = 0, grows: bool = False,
+                 inserts: list[Row] | tuple[()] = _NONE, dedup: list[DedupEntry] | tuple[()] = _NONE,
+                 updates: list[Row] | tuple[()] = _NONE, deletes: list[Key] | tuple[()] = _NONE,
+                 statements: list[tuple[str, tuple[Any, ...]]] | None = None, max_id: int = 0,
+                 stream_inserts: list[Row] | tuple[()] = _NONE, offsets: list[Row] | tuple[()] = _NONE) -> None:
+        self.op = op
+        self.messages = messages  # rows it touches: its weight against the mailbox bound
+        self.nbytes = nbytes      # payload bytes it holds in memory
+        self.grows = grows        # may need new pages (fails first when the disk is full)
+        self.inserts = inserts
+        self.dedup = dedup
+        self.updates = updates
+        self.deletes = deletes
+        self.statements = statements  # set for whole-table operations: they run in a stage alone
+        self.max_id = max_id
+        self.stream_inserts = stream_inserts  # stream rows: append-only, never conflict with queue rows
+        self.offsets = offsets  # committed group offsets (upserts)
+
+
+def prepare(op: WriteOp) -> Item:
+    """Encode `op` for execution. Raises TypeError or ValueError if it cannot be stored."""
+    try:
+        fn = _PREPARE[type(op)]
+    except KeyError:
+        raise TypeError(f"not a store write operation: {op!r}") from None
+    return fn(op)
+
+
+def _put(op: PutMessages) -> Item:  # the hot path: one call per publish batch
+    inserts = []
+    nbytes = max_id = 0
+    for m in op.rows:
+        inserts.append(encode_row(m))
+        nbytes += len(m.payload)
+        if m.id > max_id:  # noqa: PLR1730 (cheaper than max() per row)
+            max_id = m.id
+    dedup = [(str(d[0]), int(d[1]), bytes(d[2])) for d in op.dedup] if op.dedup else _NONE
+    sins: list[Row] | tuple[()] = _NONE
+    if op.stream_rows:
+        sins = [encode_stream_row(r) for r in op.stream_rows]
+        nbytes += sum(len(r.payload) for r in op.stream_rows)
+    return Item(op, (len(inserts) + len(sins)) or 1, nbytes=nbytes, grows=True, inserts=inserts, dedup=dedup,
+                max_id=max_id, stream_inserts=sins)
+
+
+def _delete(op: DeleteMessages) -> Item:
+    q = op.queue
+    return Item(op, len(op.ids) or 1, deletes=[(q, i) for i in op.ids])
+
+
+def _update(op: UpdateMessages) -> Item:
+    q = op.queue
+    return Item(op, len(op.updates) or 1, updates=[(q, u[0], u[1], u[2], u[3]) for u in op.updates])
+
+
+def _move(op: MoveMessages) -> Item:
+    q = op.src_queue
+    deletes = [(q, old) for old, _ in op.moves]
+    inserts = [encode_row(new) for _, new in op.moves]
+    for key, row in zip(deletes, inserts):
+        if key == (row[0], row[1]):
+            raise ValueError(f"MoveMessages: {key} would be moved onto itself")
+    return Item(op, len(inserts) or 1, nbytes=sum(len(new.payload) for _, new in op.moves), grows=True,
+                inserts=inserts, deletes=deletes, max_id=max((r[1] for r in inserts), default=0))
+
+
+def _put_queue(op: PutQueue) -> Item:
+    config = json.dumps(op.config, sort_keys=True, separators=(",", ":"))
+    return Item(op, 1, grows=True, statements=[(UPSERT_QUEUE, (op.name, config, op.created_ms))])
+
+
+def _delete_queue(op: DeleteQueue) -> Item:
+    return Item(op, 1, statements=[(PURGE_QUEUE, (op.name,)), (DELETE_QUEUE, (op.name,))])
+
+
+def _purge_queue(op: PurgeQueue) -> Item:
+    return Item(op, 1, statements=[(PURGE_QUEUE, (op.name,))])
+
+
+def _expire_dedup(op: ExpireDedup) -> Item:
+    return Item(op, 1, statements=[(EXPIRE_DEDUP, (op.before_ms,))])
+
+
+def _commit_offsets(op: CommitOffsets) -> Item:
+    return Item(op, len(op.offsets) or 1, offsets=[tuple(o) for o in op.offsets])
+
+
+def _statements(op: Any) -> Item:
+    """Whole-stream operations (declare, delete, trim, next-offset marks) run in a stage of their own."""
+    return Item(op, 1, grows=isinstance(op, PutStream), statements=op.statements())
+
+
+_PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
+    PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
+    PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
+    CommitOffsets: _commit_offsets, PutStream: _statements, DeleteStream: _statements, TrimStream: _statements,
+    MarkStreamNext: _statements,
+}
+
+
+class Stage:
+    """Statements that run back to back; see the module docstring for why this order is safe."""
+
+    __slots__ = ("inserts", "dedup", "updates", "deletes", "touched", "statements", "stream_inserts", "offsets")
+
+    def __init__(self, statements: list[tuple[str, tuple[Any, ...]]] | None = None) -> None:
+        self.stream_inserts: list[Row] = []
+        self.offsets: list[Row] = []
+        self.inserts: list[Row] = []
+        self.dedup: list[DedupEntry] = []
+        self.updates: list[Row] = []
+        self.deletes: list[Key] = []
+        self.touched: set[Key] = set()  # keys updated or deleted in this stage
+        self.statements = statements
+
+    def conflicts(self, it: Item) -> bool:
+        touched = self.touched
+        return bool(touched) and any((r[0], r[1]) in touched for r in it.inserts)
+
+    def add(self, it: Item) -> None:
+        if it.stream_inserts:
+            self.stream_inserts += it.stream_inserts
+        if it.offsets:
+            self.offsets += it.offsets
+        if it.inserts:
+            self.inserts += it.inserts
+        if it.dedup:
+            self.dedup += it.dedup
+        if it.updates:
+            self.updates += it.updates
+            self.touched.update((u[0], u[1]) for u in it.updates)
+        if it.deletes:
+            self.deletes += it.deletes
+            self.touched.update(it.deletes)
+
+    async def execute(self, conn: aiosqlite.Connection) -> None:
+        """Run the stage inside the caller's transaction. Raises sqlite3.Error."""
+        if self.statements is not None:
+            for sql, params in self.statements:
+                await conn.execute(sql, params)
+            return
+        if self.stream_inserts:
+            await conn.executemany(INSERT_STREAM_ROW, self.stream_inserts)
+        if self.inserts:
+            await conn.executemany(INSERT_MESSAGE, self.inserts)
+        if self.dedup:
+            await conn.executemany(UPSERT_DEDUP, self.dedup)
+        updates = self.updates
+        if updates and self.deletes:
+            # An update of a row this stage deletes anyway is wasted work (the
+            # common case: a delivery's count, then its ack, in one commit).
+            gone = set(self.deletes)
+            updates = [u for u in updates if (u[0], u[1]) not in gone]
+        if updates:
+            await conn.executemany(UPDATE_MESSAGE, updates)
+        if self.deletes:
+            await conn.executemany(DELETE_MESSAGE, self.deletes)
+        if self.offsets:
+            await conn.executemany(UPSERT_OFFSET, self.offsets)
+
+
+def plan(items: list[Item]) -> list[Stage]:
+    """Cut `items` (in submission order) into stages whose in-order execution
+    ends in the same state as executing every item in submission order."""
+    stages: list[Stage] = []
+    cur: Stage | None = None
+    for it in items:
+        if it.statements is not None:
+            stages.append(Stage(it.statements))
+            cur = None
+            continue
+        if cur is None or (cur.touched and it.inserts and cur.conflicts(it)):
+            cur = Stage()
+            stages.append(cur)
+        cur.add(it)
+    return stages

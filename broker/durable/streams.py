@@ -1,0 +1,318 @@
+"""The streams half of the durable layer: declare, recover, consume, retain.
+
+Kept apart from durable.py (queues) so each file reads in one sitting;
+``Durable`` owns one ``Streams`` and routes publishes to both.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+from anyio.abc import TaskGroup
+
+from tidings.protocol import frames as F
+from tidings.protocol import numbers as N
+from tidings.protocol.errors import ErrorCode, RemoteProtocolError
+
+from tidings.broker.durable.queue_settings import dlq_config, validate_name
+from tidings.broker.durable.store.base import PutMessages, PutQueue, StorageError, StoredMessage
+from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
+from tidings.broker.durable.stream import DEFAULT_WINDOW, GroupActor, Partition, Reader, StreamActor, resolve_start
+from tidings.broker.durable.stream_settings import StreamConfig
+
+if TYPE_CHECKING:
+    from tidings.broker.net.connection import ConnectionActor
+    from tidings.broker.durable.core import Durable
+
+log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL: Final = 5.0  # seconds between background retention passes
+MAX_WINDOW: Final = N.MAX_WINDOW  # checked when CONSUME is decoded, and here again
+HDR: Final = "tidings-"
+
+
+def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
+    return RemoteProtocolError(msg, code, rid=rid)
+
+
+class Streams:
+    def __init__(self, durable: Durable) -> None:
+        self.durable = durable
+        self.streams: dict[str, StreamActor] = {}
+        self._tg: TaskGroup | None = None
+
+    @property
+    def store(self) -> Any:
+        return self.durable.store
+
+    async def start(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        for name, conf, _created in await self.store.load_streams():
+            cfg = StreamConfig.from_args(conf)
+            bounds = await self.store.partition_bounds(name)
+            floors = await self.store.partition_floors(name)
+            marks = await self.store.partition_marks(name)
+            offsets = await self.store.load_offsets(name)
+            parts = []
+            for i in range(cfg.partitions):
+                floor = floors.get(i, 0)
+                lo, hi, nbytes = bounds.get(i, (floor, floor - 1, 0))
+                first = max(lo, floor)
+                # Offsets are never reused: not those of failed tail writes (marks),
+                # nor any a group already acked past (its offsets commit even when
+                # the mark could not be written).
+                nxt = max(hi + 1, first, marks.get(i, 0),
+                          max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
+                parts.append(Partition(name, i, first, nxt, nbytes))
+            st = StreamActor(self.durable, cfg, parts)
+            self._register(st)
+            for group, committed in offsets.items():
+                await self._start_group(st, group, committed)
+        tg.start_soon(self._retention_loop)
+
+    def _register(self, st: StreamActor) -> None:
+        self.streams[st.name] = st
+        for p in st.cfg.bind:
+            self.durable.bindings.add(p, st)
+
+    async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
+        g = GroupActor(st, name, offsets)
+        st.groups[name] = g
+        assert self._tg is not None
+        await self._tg.start(g.run)
+        return g
+
+    def stop(self) -> None:
+        for st in self.streams.values():
+            for g in st.groups.values():
+                g.stop()
+            for r in list(st.readers):
+                r.close()
+
+    def patterns(self) -> set[str]:
+        return {p for st in self.streams.values() for p in st.cfg.bind}
+
+    # ---------------------------------------------------------- publishing
+
+    def row(self, st: StreamActor, m: list[Any], key: str | None, msg_id: str | None, now: int) -> StreamRow:
+        part = st.pick(key)
+        off = part.next
+        part.next += 1
+        return StreamRow(st.name, part.index, off, m[0], key, m[1], m[2], msg_id, now)
+
+    def mark_next(self, marks: list[tuple[str, int, int]]) -> None:
+        """Record (stream, partition, next) after a failed tail write, so that the
+        offsets it was given are never assigned again after a restart. Called
+        from a store callback: never blocks."""
+        def done(error: Exception | None) -> None:
+            if error is not None:
+                self.durable.state_failures += 1
+                log.error("recording the next offsets %s failed: %s (a restart still takes the groups'"
+                          " committed offsets into account)", marks, error)
+
+        op = MarkStreamNext(marks, done)
+        try:
+            self.store.submit_nowait(op)
+        except anyio.WouldBlock:
+            assert self._tg is not None
+            self._tg.start_soon(self._submit_mark, op)
+        except StorageError as exc:  # closing: the mark is lost, the groups' offsets remain
+            done(exc)
+
+    async def _submit_mark(self, op: MarkStreamNext) -> None:
+        try:
+            await self.store.submit(op)
+        except StorageError as exc:
+            assert op.on_done is not None
+            op.on_done(exc)
+
+    def dead_letter(self, st: StreamActor, row: StreamRow, reason: str, attempts: int, error: str) -> PutMessages:
+        """The store operation that copies a poison message to the stream's DLQ."""
+        d = self.durable
+        target = d.queues.get(st.cfg.dead_letter or "")
+        h = dict(row.headers or {})
+        now = d.now_ms()
+        h.update({HDR + "dlq-source": st.name, HDR + "dlq-reason": reason, HDR + "delivery-count": attempts,
+                  HDR + "last-error": error[:1000], HDR + "dead-lettered-at": now,
+                  HDR + "published-at": row.timestamp_ms, HDR + "stream-partition": row.partition,
+                  HDR + "stream-offset": row.offset})
+        if row.key is not None:
+            h[HDR + "stream-key"] = row.key
+        qname = target.name if target is not None else (st.cfg.dead_letter or st.name + ".dlq")
+        msg = StoredMessage(qname, d.next_id(), row.subject, row.payload, h, row.msg_id, row.timestamp_ms,
+                            now, None, 0, None)
+
+        def done(error: Exception | None) -> None:
+            if error is None and target is not None:
+                target.on_committed([msg])
+            elif error is not None:
+                log.error("dead-lettering %s/%d@%d failed: %s", st.name, row.partition, row.offset, error)
+
+        return PutMessages([msg], [], done)
+
+    async def commit_offsets(self, offsets: list[tuple[str, str, int, int, int]], on_done: Any = None,
+                             wait: bool = False) -> None:
+        op = CommitOffsets(offsets, on_done)
+        if wait:
+            await self.store.write(op)
+        else:
+            await self.store.submit(op)
+
+    # ---------------------------------------------------------------- admin
+
+    async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        cfg = StreamConfig.from_args(args)
+        d = self.durable
+        existing = self.streams.get(cfg.name)
+        if existing is not None:
+            if existing.cfg != cfg:
+                diff = [k for k, v in cfg.to_dict().items() if existing.cfg.to_dict().get(k) != v]
+                raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)})",
+                           ErrorCode.CONFLICT, rid)
+            return {"created": False, **existing.info()}
+        if cfg.name in d.queues:
+            raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
+        d.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
+        dl = cfg.dead_letter or cfg.name + ".dlq"
+        if dl not in d.queues:
+            dq = dlq_config(dl)
+            await self.store.write(PutQueue(dq.name, dq.to_dict(), d.now_ms()))
+            await d._start_queue(dq, 0)
+        await self.store.write(PutStream(cfg.name, cfg.to_dict(), d.now_ms()))
+        st = StreamActor(d, cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
+        self._register(st)
+        d.broker.bindings_changed()
+        return {"created": True, **st.info()}
+
+    def _stream(self, args: dict[str, Any], rid: int, key: str = "name") -> StreamActor:
+        name = args.get(key)
+        st = self.streams.get(name) if isinstance(name, str) else None
+        if st is None:
+            raise _err(f"no stream named {name!r}", ErrorCode.NOT_FOUND, rid)
+        return st
+
+    async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        st = self._stream(args, rid)
+        for g in st.groups.values():
+            for m in list(g.members):
+                m.conn.consumers.pop(m.cid, None)
+                m.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": m.cid, "reason": "stream deleted"}])
+            g.stop()
+        for r in list(st.readers):
+            r.conn.consumers.pop(r.cid, None)
+            r.close()
+        for p in st.cfg.bind:
+            self.durable.bindings.remove(p, st)
+        del self.streams[st.name]
+        await self.store.write(DeleteStream(st.name))
+        self.durable.broker.bindings_changed()
+        return {"deleted": st.name}
+
+    async def enforce_retention(self, st: StreamActor) -> int:
+        """Apply max_age/max_messages/max_bytes to every partition; returns rows removed."""
+        cfg = st.cfg
+        removed = 0
+        now = self.durable.now_ms()
+        for part in st.partitions:
+            cut = part.first
+            if cfg.max_messages is not None:
+                cut = max(cut, part.hwm - cfg.max_messages)
+            if cfg.max_age is not None:
+                c = await self.store.cutoff_by_age(st.name, part.index, now - int(cfg.max_age * 1000))
+                if c is not None:
+                    cut = max(cut, min(c, part.hwm))
+            if cfg.max_bytes is not None:
+                c = await self.store.cutoff_by_bytes(st.name, part.index, cfg.max_bytes)
+                if c is not None:
+                    cut = max(cut, min(c, part.hwm))
+            if cut > part.first:
+                await self.store.write(TrimStream(st.name, part.index, cut))
+                removed += cut - part.first
+                part.trimmed(cut)
+        st.trimmed += removed
+        if removed:
+            for g in st.groups.values():
+                g.wake()
+        return removed
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await anyio.sleep(RETENTION_INTERVAL)
+            for st in list(self.streams.values()):
+                c = st.cfg
+                if c.max_age is None and c.max_messages is None and c.max_bytes is None:
+                    continue
+                try:
+                    await self.enforce_retention(st)
+                except Exception:  # actor boundary: retention must not stop the broker
+                    log.exception("retention of stream %s failed", st.name)
+
+    async def trim_now(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        st = self._stream(args, rid)
+        return {"removed": await self.enforce_retention(st)}
+
+    # ---------------------------------------------------------- consuming
+
+    async def consume(self, conn: ConnectionActor, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        st = self._stream(args, rid, "stream")
+        if cid in conn.consumers:
+            raise _err(f"consumer id {cid} is already in use", ErrorCode.INVALID_ARGUMENT, rid)
+        group = args.get("group")
+        if group is not None:
+            validate_name(group, "group")
+            if "/" in group:  # consume permissions name a group as STREAM/GROUP (broker/permissions.py)
+                raise _err("group names may not contain '/'", ErrorCode.INVALID_ARGUMENT, rid)
+            window = args.get("window", DEFAULT_WINDOW)
+            if type(window) is not int or not 1 <= window <= MAX_WINDOW:
+                raise _err(f"window must be 1..{MAX_WINDOW}", ErrorCode.INVALID_ARGUMENT, rid)
+            g = st.groups.get(group)
+            if g is None:
+                self.durable.broker.caps.check_group(conn, st, rid)
+                start = args.get("start", "earliest")
+                if start not in ("earliest", "latest"):
+                    raise _err("a new group's start must be 'earliest' or 'latest'", ErrorCode.INVALID_ARGUMENT,
+                               rid)
+                committed = {p.index: (p.first if start == "earliest" else p.hwm) for p in st.partitions}
+                g = await self._start_group(st, group, {i: (c, c) for i, c in committed.items()})
+                await self.commit_offsets([(st.name, group, i, c, c) for i, c in committed.items()], wait=True)
+            m = g.join(conn, cid, window)
+            conn.consumers[cid] = m
+            return {"stream": st.name, "group": group, "generation": g.generation,
+                    "ack_deadline": st.cfg.ack_deadline}
+        p = args.get("partition", 0)
+        if type(p) is not int or not 0 <= p < len(st.partitions):
+            raise _err(f"partition must be 0..{len(st.partitions) - 1}", ErrorCode.INVALID_ARGUMENT, rid)
+        part = st.partitions[p]
+        start = args.get("start", "earliest")
+        oor = args.get("out_of_range", "error")
+        if oor not in ("error", "earliest"):
+            raise _err("out_of_range must be 'error' or 'earliest'", ErrorCode.INVALID_ARGUMENT, rid)
+        at_time = None
+        if isinstance(start, dict):
+            ts = N.check_int(start.get("time_ms"), "start.time_ms", 0, N.MAX_TIMESTAMP_MS, rid)
+            at_time = await self.store.offset_for_time(st.name, p, ts)
+            if at_time is None:
+                at_time = part.hwm
+        try:
+            offset = resolve_start(part, start, at_time, oor)
+        except RemoteProtocolError as exc:
+            exc.rid = rid
+            raise
+        r = Reader(conn, cid, st, p, offset, bool(args.get("follow", False)))
+        conn.consumers[cid] = r
+        st.readers.add(r)
+        assert self._tg is not None
+        self._tg.start_soon(r.run)
+        return {"stream": st.name, "partition": p, "offset": offset, "first": part.first, "next": part.hwm}
+
+    def calls(self) -> dict[str, Any]:
+        return {
+            "stream.declare": self.declare,
+            "stream.delete": self.delete,
+            "stream.list": lambda args, rid: [st.info() for st in sorted(self.streams.values(),
+                                                                          key=lambda s: s.name)],
+            "stream.info": lambda args, rid: self._stream(args, rid).info(),
+            "stream.trim": self.trim_now,
+        }

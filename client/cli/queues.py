@@ -1,0 +1,389 @@
+"""Admin commands of `tidings` for durable queues and dead-letter queues.
+
+    tidings queues [--json]                       list queues: depth, in-flight, consumers, DLQ depth
+    tidings queues declare NAME --bind PATTERN .. create a queue (or check an identical one exists)
+    tidings queues info|purge|delete NAME
+    tidings dlq ls|redrive|purge QUEUE            peek at, move back, or drop dead-lettered messages
+
+They talk to a running broker through the client library (``--url``,
+default ``TIDINGS_URL`` or the local default port). ``--json`` prints the
+broker's full answer as JSON for scripts; errors go to stderr with exit
+status 1 (2 for usage errors). Registered on the main parser by
+``broker.cli.build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
+import sys
+from typing import Any, Awaitable, Callable, Final
+
+DEFAULT_URL: Final = "tidings://127.0.0.1:7421"
+PAYLOAD_SHOWN: Final = 1000  # characters of a payload `dlq ls` prints before cutting it (--json has all)
+BASE64_MARKER: Final = "base64:"  # prefixes a payload or header value that is not UTF-8 text
+
+Command = Callable[[Any, argparse.Namespace], Awaitable[Any]]
+
+
+# --------------------------------------------------------------- plumbing
+
+
+def _common(p: argparse.ArgumentParser, *, leaf: bool) -> None:
+    """--url/--json/--timeout. A leaf (sub-subcommand) parser uses SUPPRESS
+    defaults so that `tidings queues --json declare X` keeps the --json given
+    before the leaf name (argparse would otherwise reset it to the leaf default)."""
+    url_default = argparse.SUPPRESS if leaf else os.environ.get("TIDINGS_URL", DEFAULT_URL)
+    p.add_argument("--url", default=url_default,
+                   help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if leaf else False,
+                   help="print the broker's full answer as JSON (for scripts)")
+    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS if leaf else 10.0,
+                   help="seconds to wait for the broker (default 10)")
+    credentials(p, leaf=leaf)
+
+
+def credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
+    """--user/--password/--token, defaulting to $TIDINGS_USER/_PASSWORD/_TOKEN."""
+    env = os.environ
+
+    def default(name: str) -> Any:
+        return argparse.SUPPRESS if leaf else env.get(name)
+
+    p.add_argument("--user", default=default("TIDINGS_USER"), help="user name (default: $TIDINGS_USER)")
+    p.add_argument("--password", default=default("TIDINGS_PASSWORD"),
+                   help="password (default: $TIDINGS_PASSWORD; the environment keeps it out of `ps`)")
+    p.add_argument("--token", default=default("TIDINGS_TOKEN"), help="access token (default: $TIDINGS_TOKEN)")
+
+
+def _execute(ns: argparse.Namespace, command: Command, *, interrupted: int = 130) -> int:
+    """Connect with ns's URL and credentials, run ``command(client, ns)``; map
+    errors to exit codes (``interrupted`` is the one for Ctrl-C)."""
+    from tidings.client import connect
+    from tidings.client.errors import TidingsError
+
+    from tidings.cli.main import _run
+
+    async def go() -> Any:
+        # An admin command fails fast: it does not ride through a broker restart.
+        async with connect(ns.url, name="tidings-cli", timeout=ns.timeout, reconnect=False,
+                           user=getattr(ns, "user", None), password=getattr(ns, "password", None),
+                           token=getattr(ns, "token", None)) as tc:
+            return await command(tc, ns)
+
+    try:
+        _run(go)
+    except BaseException as exc:  # noqa: BLE001 - sorted by kind below; the rest is re-raised
+        err = _unwrap(exc)
+        if isinstance(err, TidingsError):
+            print(f"tidings: {err}", file=sys.stderr)
+            return 1
+        if isinstance(err, ValueError):  # a malformed --url
+            print(f"tidings: {err}", file=sys.stderr)
+            return 2
+        if isinstance(err, BrokenPipeError):  # `tidings queues | head`: the reader left, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        if isinstance(err, KeyboardInterrupt):
+            return interrupted
+        raise
+    return 0
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single error inside (nested) one-error ExceptionGroups: an error
+    raised inside `async with connect()` leaves it wrapped by the client's
+    task group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
+    return lambda ns: _execute(ns, command)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(_jsonable(value), indent=2, sort_keys=True))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return _text_or_base64(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _text_or_base64(b: bytes) -> str:
+    """UTF-8 text as is; anything else as ``base64:<data>``."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return BASE64_MARKER + base64.b64encode(b).decode("ascii")
+
+
+def _shown(text: str) -> str:
+    """``text`` safe for a terminal: control characters other than newline and
+    tab appear as escapes, so a dead-lettered payload cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def _table(rows: list[list[str]], head: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:  # names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join(line(r) for r in [head, *rows])
+
+
+def _when(ms: Any) -> str:
+    if type(ms) is not int:
+        return "?"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+# ----------------------------------------------------------------- queues
+
+
+async def _queues_ls(tc: Any, ns: argparse.Namespace) -> None:
+    queues = await tc.list_queues()
+    if ns.json:
+        _print_json(queues)
+        return
+    if not queues:
+        print("no queues")
+        return
+    rows = [[q["name"], str(q["depth"]), str(q["in_flight"]), str(q["consumers"]),
+             "-" if q.get("dlq_depth") is None else str(q["dlq_depth"])] for q in queues]
+    print(_table(rows, ["NAME", "DEPTH", "IN-FLIGHT", "CONSUMERS", "DLQ DEPTH"]))
+
+
+#: declare flags -> queue settings (see QueueConfig); None values are not sent.
+_DECLARE_SETTINGS: Final = ("ack_deadline", "max_deliveries", "backoff_initial", "backoff_multiplier",
+                            "backoff_max", "backoff_jitter", "backoff_schedule", "dead_letter",
+                            "message_ttl", "dead_letter_expired", "max_length", "overflow")
+
+
+async def _queues_declare(tc: Any, ns: argparse.Namespace) -> None:
+    settings = {k: getattr(ns, k) for k in _DECLARE_SETTINGS if getattr(ns, k) is not None}
+    info = await tc.declare_queue(ns.name, bind=ns.bind or [], **settings)
+    if ns.json:
+        _print_json(info)
+        return
+    what = "created" if info.get("created") else "already exists with these settings,"
+    bind = ", ".join(info.get("bind") or []) or "no subject"
+    print(f"queue {info['name']} {what} bound to {bind}; dead-letter queue {info.get('dead_letter') or '-'}")
+
+
+async def _queues_info(tc: Any, ns: argparse.Namespace) -> None:
+    info = await tc.queue_info(ns.name)
+    if ns.json:
+        _print_json(info)
+        return
+    conf = info.pop("config", {})
+    for k, v in info.items():
+        print(f"{k:>16}: {v}")
+    print("          config:")
+    for k, v in conf.items():
+        print(f"{k:>24}: {v}")
+
+
+async def _queues_purge(tc: Any, ns: argparse.Namespace) -> None:
+    n = await tc.purge_queue(ns.name)
+    if ns.json:
+        _print_json({"queue": ns.name, "purged": n})
+    else:
+        print(f"purged {n} messages from {ns.name}")
+
+
+async def _queues_delete(tc: Any, ns: argparse.Namespace) -> None:
+    res = await tc.delete_queue(ns.name)
+    if ns.json:
+        _print_json(res)
+    else:
+        print(f"deleted queue {res['deleted']} and its {res['messages']} messages")
+
+
+def _schedule(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of seconds, e.g. 1,5,30") from None
+
+
+def _add_queues(sp: Any) -> None:
+    q = sp.add_parser(
+        "queues", help="list, declare and inspect durable queues",
+        description="Without a subcommand: list every queue with its depth (stored messages, in flight "
+        "included), in-flight deliveries, consumers and the depth of its dead-letter queue. "
+        "Declare a queue with `tidings queues declare NAME --bind PATTERN`.")
+    _common(q, leaf=False)
+    q.set_defaults(fn=_runner(_queues_ls))
+    qs = q.add_subparsers(dest="queues_command", metavar="SUBCOMMAND")
+
+    s = qs.add_parser("ls", help="list queues (the default)", description="List every queue.")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_queues_ls))
+
+    s = qs.add_parser(
+        "declare", help="create a durable queue",
+        description="Create the durable queue NAME bound to the given subject patterns, so every publish "
+        "to a matching subject is stored in it. Declaring a queue that exists with the same settings is a "
+        "no-op; with different settings it fails (delete it first). Unset options keep the broker's "
+        "defaults (max 5 deliveries, 30 s ack deadline, exponential backoff from 1 s, "
+        "dead-letter queue NAME.dlq).")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--bind", action="append", metavar="PATTERN",
+                   help="subject pattern to store in the queue (repeatable; `*` one token, `>` the rest)")
+    s.add_argument("--ack-deadline", type=float, metavar="S", help="seconds a delivery may stay unsettled")
+    s.add_argument("--max-deliveries", type=int, metavar="N",
+                   help="deliveries before the message is dead-lettered (0 = unlimited)")
+    s.add_argument("--backoff-initial", type=float, metavar="S", help="delay before the first retry")
+    s.add_argument("--backoff-multiplier", type=float, metavar="X", help="growth of the delay per attempt")
+    s.add_argument("--backoff-max", type=float, metavar="S", help="largest retry delay")
+    s.add_argument("--backoff-jitter", type=float, metavar="F", help="random +/- fraction of each delay")
+    s.add_argument("--backoff-schedule", type=_schedule, metavar="S,S,..",
+                   help="explicit retry delays per attempt (overrides the formula), e.g. 1,5,30")
+    s.add_argument("--dead-letter", metavar="QUEUE", help="dead-letter queue (default NAME.dlq)")
+    s.add_argument("--message-ttl", type=float, metavar="S", help="messages not delivered in time expire")
+    s.add_argument("--dead-letter-expired", action="store_const", const=True,
+                   help="move expired messages to the dead-letter queue instead of dropping them")
+    s.add_argument("--max-length", type=int, metavar="N", help="most messages the queue holds")
+    s.add_argument("--overflow", choices=["reject", "dead_letter_oldest"],
+                   help="at max length: reject new publishes (QUEUE_FULL, default) or dead-letter the oldest")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_queues_declare))
+
+    for name, fn, text in (("info", _queues_info, "show a queue's counters and settings"),
+                           ("purge", _queues_purge, "drop every message of a queue"),
+                           ("delete", _queues_delete, "delete a queue and its messages")):
+        s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        s.add_argument("name", metavar="NAME")
+        _common(s, leaf=True)
+        s.set_defaults(fn=_runner(fn))
+
+
+# -------------------------------------------------------------------- dlq
+
+
+async def _dlq_name(tc: Any, queue: str) -> str:
+    """``queue`` itself if it is a dead-letter queue (of the broker's making or
+    named as some queue's dead_letter), else the dead-letter queue of ``queue``."""
+    queues = {q["name"]: q for q in await tc.list_queues()}
+    q = queues.get(queue)
+    if q is None:
+        from tidings.client.errors import NotFoundError
+        raise NotFoundError(f"no queue named {queue!r}")
+    if q.get("is_dlq") or any(o.get("dead_letter") == queue for o in queues.values()):
+        return queue
+    if not q.get("dead_letter"):
+        from tidings.client.errors import NotFoundError
+        raise NotFoundError(f"queue {queue!r} has no dead-letter queue")
+    return str(q["dead_letter"])
+
+
+async def _dlq_ls(tc: Any, ns: argparse.Namespace) -> None:
+    name = await _dlq_name(tc, ns.queue)
+    msgs = await tc.dlq_list(name, limit=ns.limit, offset=ns.offset)
+    if ns.json:
+        for m in msgs:  # say how the payload is encoded, so a text payload starting "base64:" is not misread
+            text = _text_or_base64(m["payload"])
+            binary = text.startswith(BASE64_MARKER) and not m["payload"].startswith(BASE64_MARKER.encode())
+            m["payload"] = text[len(BASE64_MARKER):] if binary else text
+            m["payload_encoding"] = "base64" if binary else "utf-8"
+        _print_json({"dlq": name, "messages": msgs})
+        return
+    total = (await tc.queue_info(name))["depth"]
+    print(f"{name}: {total} messages" + (f", showing {len(msgs)} from #{ns.offset + 1}" if msgs else ""))
+    for m in msgs:
+        h = dict(m.get("headers") or {})
+        tid = {k[len("tidings-"):]: h.pop(k) for k in list(h) if k.startswith("tidings-")}
+        print()
+        msg_id = f"  msg_id {_shown(m['msg_id'])}" if m.get("msg_id") else ""
+        print(f"id {m['id']}  subject {m['subject']}{msg_id}")
+        print(f"  reason {tid.get('dlq-reason', '-')}  source {tid.get('dlq-source', '-')}  "
+              f"deliveries {tid.get('delivery-count', m.get('deliveries', 0))}  "
+              f"dead-lettered {_when(tid.get('dead-lettered-at'))}  published {_when(m.get('published_ms'))}")
+        if tid.get("last-error"):
+            print(f"  last error: {_shown(str(tid['last-error']))}")
+        if h:
+            print("  headers: " + ", ".join(f"{k}={_shown(str(_jsonable(v)))}" for k, v in h.items()))
+        text = _shown(_text_or_base64(m["payload"]))
+        if len(text) > PAYLOAD_SHOWN:
+            text = f"{text[:PAYLOAD_SHOWN]}... ({len(m['payload'])} bytes; --json shows all)"
+        print(f"  payload: {text}")
+
+
+async def _dlq_redrive(tc: Any, ns: argparse.Namespace) -> None:
+    name = await _dlq_name(tc, ns.queue)
+    args: dict[str, Any] = {"name": name}
+    if ns.count is not None:
+        args["count"] = ns.count
+    if ns.to is not None:
+        args["to"] = ns.to
+    res = await tc.call("dlq.redrive", args, timeout=max(ns.timeout, 60.0))
+    if ns.json:
+        _print_json({"dlq": name, **res})
+        return
+    dest = ns.to or "their source queues"
+    print(f"redrove {res['redriven']} messages from {name} to {dest}")
+    if res.get("skipped"):
+        print(f"{res['skipped']} messages stayed in {name}: their source queue no longer exists (use --to)")
+
+
+async def _dlq_purge(tc: Any, ns: argparse.Namespace) -> None:
+    name = await _dlq_name(tc, ns.queue)
+    n = await tc.dlq_purge(name)
+    if ns.json:
+        _print_json({"dlq": name, "purged": n})
+    else:
+        print(f"purged {n} messages from {name}")
+
+
+def _add_dlq(sp: Any) -> None:
+    d = sp.add_parser(
+        "dlq", help="inspect, redrive and purge dead-letter queues",
+        description="QUEUE is a dead-letter queue, or a queue whose dead-letter queue is meant "
+        "(`tidings dlq ls orders` and `tidings dlq ls orders.dlq` are the same).")
+    _common(d, leaf=False)
+    ds = d.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)
+
+    s = ds.add_parser("ls", help="peek at dead-lettered messages (they stay)",
+                      description="Print dead-lettered messages, oldest first, with the reason, source "
+                      "queue, delivery count and last error; payloads print as UTF-8 text, or as base64 "
+                      f"prefixed with {BASE64_MARKER!r} when they are not text. They stay in the queue.")
+    s.add_argument("queue", metavar="QUEUE")
+    s.add_argument("--limit", type=int, default=20, help="messages to show (1..10000, default 20)")
+    s.add_argument("--offset", type=int, default=0, help="skip this many messages first")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_dlq_ls))
+
+    s = ds.add_parser("redrive", help="move dead-lettered messages back to be processed again",
+                      description="Move messages (oldest first) from the dead-letter queue back to the queue "
+                      "each came from, or to --to; their delivery counts start again.")
+    s.add_argument("queue", metavar="QUEUE")
+    s.add_argument("--count", type=int, help="move at most this many (default all)")
+    s.add_argument("--to", metavar="QUEUE", help="move them to this queue instead of their source")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_dlq_redrive))
+
+    s = ds.add_parser("purge", help="drop every dead-lettered message", description="Drop every message "
+                      "of the dead-letter queue.")
+    s.add_argument("queue", metavar="QUEUE")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_dlq_purge))
+
+
+def register(sp: Any) -> None:
+    """Add the `queues` and `dlq` commands to the `tidings` subparsers ``sp``."""
+    _add_queues(sp)
+    _add_dlq(sp)

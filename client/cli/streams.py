@@ -1,0 +1,164 @@
+"""Admin commands of `tidings` for streams.
+
+    tidings streams [--json]                      partitions (first/next offset) and consumer groups
+                                                  (members, assignments, committed offsets, lag)
+    tidings streams declare NAME --partitions P --bind PATTERN ..
+                         [--max-age S --max-messages N --max-bytes N ...]
+    tidings streams info|trim|delete NAME
+
+They talk to a running broker through the client library (``--url``,
+default ``TIDINGS_URL`` or the local default port), exactly like the
+queue commands in admin_cli.py, whose plumbing (flags, exit codes, JSON
+output) they share. Register them with :func:`register` on the `tidings`
+subparsers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Final
+
+from tidings.cli.queues import _common, _print_json, _runner, _table
+
+#: declare flags -> stream settings (see StreamConfig); None values are not sent.
+_DECLARE_SETTINGS: Final = ("max_age", "max_messages", "max_bytes", "max_deliveries", "ack_deadline",
+                            "backoff_initial", "backoff_multiplier", "backoff_max", "dead_letter")
+
+
+def _member_label(m: dict[str, Any]) -> str:
+    return f"{m.get('client') or '?'}#{m.get('connection')}/{m.get('cid')}"
+
+
+def _owner_label(st: dict[str, Any], group: dict[str, Any], p: dict[str, Any]) -> str:
+    for m in group.get("members") or []:
+        if m.get("connection") == p.get("owner_connection") and m.get("cid") == p.get("owner"):
+            return _member_label(m)
+    return "-"
+
+
+def _render(streams: list[dict[str, Any]]) -> str:
+    """The two tables `tidings streams` prints: partitions, then groups."""
+    prows = []
+    for st in streams:
+        for p in st["partitions"]:
+            prows.append([st["name"], str(p["partition"]), str(p["first"]), str(p["next"]), str(p["messages"])])
+    out = [_table(prows, ["STREAM", "PARTITION", "FIRST", "NEXT", "MESSAGES"])]
+    grows = []
+    for st in streams:
+        for gname, g in sorted((st.get("groups") or {}).items()):
+            members = len(g.get("members") or [])
+            for p in g["partitions"]:
+                grows.append([f"{st['name']}/{gname}", str(g.get("generation", 0)), str(members),
+                              str(p["partition"]), _owner_label(st, g, p), str(p["committed"]), str(p["lag"]),
+                              str(p.get("in_flight", 0))])
+    out.append("")
+    if grows:
+        out.append(_table(grows, ["STREAM/GROUP", "GENERATION", "MEMBERS", "PARTITION", "ASSIGNED TO",
+                                  "COMMITTED", "LAG", "IN-FLIGHT"]))
+    else:
+        out.append("no consumer groups")
+    mrows = [[f"{st['name']}/{gname}", _member_label(m), ",".join(str(i) for i in m.get("partitions") or []) or "-"]
+             for st in streams for gname, g in sorted((st.get("groups") or {}).items())
+             for m in g.get("members") or []]
+    if mrows:  # every member, also those left without a partition (more members than partitions)
+        out += ["", _table(mrows, ["STREAM/GROUP", "MEMBER", "PARTITIONS"])]
+    return "\n".join(out)
+
+
+async def _streams_ls(tc: Any, ns: argparse.Namespace) -> None:
+    streams = await tc.list_streams()
+    if ns.json:
+        _print_json(streams)
+        return
+    if not streams:
+        print("no streams")
+        return
+    print(_render(streams))
+
+
+async def _streams_declare(tc: Any, ns: argparse.Namespace) -> None:
+    settings = {k: getattr(ns, k) for k in _DECLARE_SETTINGS if getattr(ns, k) is not None}
+    info = await tc.declare_stream(ns.name, partitions=ns.partitions, bind=ns.bind or [], **settings)
+    if ns.json:
+        _print_json(info)
+        return
+    what = "created" if info.get("created") else "exists with these settings:"
+    conf = info.get("config") or {}
+    bind = ", ".join(info.get("bind") or []) or "nothing"
+    limits = [f"{k}={conf[k]}" for k in ("max_age", "max_messages", "max_bytes") if conf.get(k) is not None]
+    print(f"stream {info['name']} {what} {len(info['partitions'])} partitions bound to {bind}; "
+          f"retention {', '.join(limits) or 'unlimited'}; dead-letter queue {conf.get('dead_letter') or '-'}")
+
+
+async def _streams_info(tc: Any, ns: argparse.Namespace) -> None:
+    info = await tc.stream_info(ns.name)
+    if ns.json:
+        _print_json(info)
+        return
+    print(_render([info]))
+    print()
+    for k in ("bind", "published", "dead_lettered", "trimmed", "readers"):
+        print(f"{k:>16}: {info.get(k)}")
+    print("          config:")
+    for k, v in (info.get("config") or {}).items():
+        print(f"{k:>24}: {v}")
+
+
+async def _streams_trim(tc: Any, ns: argparse.Namespace) -> None:
+    res = await tc.call("stream.trim", {"name": ns.name}, timeout=max(ns.timeout, 60.0))
+    if ns.json:
+        _print_json({"stream": ns.name, **res})
+    else:
+        print(f"retention removed {res['removed']} messages from {ns.name}")
+
+
+async def _streams_delete(tc: Any, ns: argparse.Namespace) -> None:
+    res = await tc.delete_stream(ns.name)
+    _print_json(res) if ns.json else print(f"deleted stream {res['deleted']}")
+
+
+def register(sp: Any) -> None:
+    """Add the `streams` command to the `tidings` subparsers ``sp``."""
+    q = sp.add_parser(
+        "streams", help="list, declare and inspect streams and their consumer groups",
+        description="Without a subcommand: list every stream partition with its first (oldest retained) "
+        "and next offset, then every consumer group with its generation, member count, and per partition "
+        "the member it is assigned to, the committed offset and the lag (next - committed). "
+        "Declare a stream with `tidings streams declare NAME --partitions P --bind PATTERN`.")
+    _common(q, leaf=False)
+    q.set_defaults(fn=_runner(_streams_ls))
+    qs = q.add_subparsers(dest="streams_command", metavar="SUBCOMMAND")
+
+    s = qs.add_parser("ls", help="list streams and groups (the default)", description="List every stream.")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_streams_ls))
+
+    s = qs.add_parser(
+        "declare", help="create a stream",
+        description="Create the stream NAME with P ordered partitions, bound to the given subject patterns "
+        "(a publish's key picks its partition). Declaring a stream that exists with the same settings is a "
+        "no-op; with different settings it fails. Retention limits apply per partition.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--partitions", "-p", type=int, default=1, metavar="P", help="number of partitions (default 1)")
+    s.add_argument("--bind", action="append", metavar="PATTERN",
+                   help="subject pattern to store in the stream (repeatable; `*` one token, `>` the rest)")
+    s.add_argument("--max-age", type=float, metavar="S", help="retention: drop messages older than S seconds")
+    s.add_argument("--max-messages", type=int, metavar="N", help="retention: keep at most N messages per partition")
+    s.add_argument("--max-bytes", type=int, metavar="N", help="retention: keep at most N bytes per partition")
+    s.add_argument("--max-deliveries", type=int, metavar="N",
+                   help="group deliveries of one message before it goes to the DLQ (0 = unlimited; default 5)")
+    s.add_argument("--ack-deadline", type=float, metavar="S", help="seconds a group delivery may stay unacked")
+    s.add_argument("--backoff-initial", type=float, metavar="S", help="delay before the first retry")
+    s.add_argument("--backoff-multiplier", type=float, metavar="X", help="growth of the delay per attempt")
+    s.add_argument("--backoff-max", type=float, metavar="S", help="largest retry delay")
+    s.add_argument("--dead-letter", metavar="QUEUE", help="dead-letter queue (default NAME.dlq)")
+    _common(s, leaf=True)
+    s.set_defaults(fn=_runner(_streams_declare))
+
+    for name, fn, text in (("info", _streams_info, "show a stream's partitions, groups, counters and settings"),
+                           ("trim", _streams_trim, "apply the stream's retention limits now"),
+                           ("delete", _streams_delete, "delete a stream, its messages and its groups")):
+        s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        s.add_argument("name", metavar="NAME")
+        _common(s, leaf=True)
+        s.set_defaults(fn=_runner(fn))

@@ -1,0 +1,1082 @@
+"""The tidings client: one connection, coalesced writes, requests matched by id,
+and a supervisor that rides through broker restarts.
+
+Hot path (see docs/CLIENT.md): ``publish`` appends the message to a pending
+batch and returns; one writer task turns everything pending into as few
+frames and one socket write per wake-up. A publisher that never yields is
+made to wait once the pending batch reaches ``FLUSH_BYTES``, so a plain
+loop of awaited publishes runs at full speed with bounded memory. The
+reader task decodes whole 64 KiB chunks and hands each MSG batch to its
+subscription in one step.
+
+Resilience: a heartbeat task PINGs an idle broker and declares it dead
+after ``dead_after`` seconds of silence; a lost connection is re-dialled
+with exponential backoff and jitter, every subscription and consumer is
+restored, and unconfirmed durable publishes are resent with their message
+ids (generated when the application gave none), so the broker's
+de-duplication makes the resend invisible.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import logging
+import os
+import random
+import secrets
+import ssl
+import time
+from typing import Any, Callable, Final
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import ByteStream, TaskGroup
+
+from tidings.protocol import CLOSED, NEED_DATA, Connection, Role
+from tidings.protocol import frames as F
+from tidings.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tidings.protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
+from tidings.protocol.subjects import PatternSet, validate_pattern, validate_subject
+
+from tidings.client.admin import AdminMixin
+from tidings.client.consumer import QueueConsumer, _ms
+from tidings.client.errors import (
+    ConnectError,
+    ConnectionClosedError,
+    InvalidArgumentError,
+    InvalidSubjectError,
+    NoRespondersError,
+    NotFoundError,
+    ProtocolViolationError,
+    PublishBufferFullError,
+    TidingsError,
+    TimeoutError,
+    for_code,
+)
+from tidings.client.message import Message
+from tidings.client.results import Confirmation, PublishAck, _Waiter
+from tidings.client.subscription import DEFAULT_MAX_PENDING, Subscription
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT: Final = 7421
+DEFAULT_URL: Final = f"tidings://127.0.0.1:{DEFAULT_PORT}"
+READ_CHUNK: Final = 65_536
+FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
+DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise
+MSG_OVERHEAD: Final = 16
+# PUB frames are cut to about this size (still one write): the broker counts the arrays and maps
+# of frames over 128 KiB as it decodes them (protocol/codec.py), which costs it a little per
+# message; frames this size are as cheap per message and need no counting.
+PUB_FRAME_TARGET: Final = 96 * 1024
+CLIENT_MAX_FRAME: Final = 32 * 1024 * 1024 + 64 * 1024  # any frame a broker may send (max_payload <= 32 MiB)
+DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one client keeps before publish waits
+DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
+DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
+REPLY_ID_BYTES: Final = 12  # random bytes per request's reply subject (96 bits: not guessable)
+
+# A new connection's binding set: (epoch, patterns, frames that arrived before its last chunk).
+_Initial = tuple[int, list[str], list[F.Frame]]
+
+
+def _add_chunk(building: tuple[int, list[str]] | None, info: dict[str, Any]) -> tuple[int, list[str]] | None:
+    """Add one bindings NOTICE's patterns to the set being built (a new
+    epoch starts a new set); a malformed notice leaves it as it was."""
+    epoch, patterns = info.get("epoch"), info.get("patterns")
+    if type(epoch) is not int or not isinstance(patterns, list):
+        return building
+    if building is None or building[0] != epoch:
+        building = (epoch, [])
+    building[1].extend(p for p in patterns if isinstance(p, str))
+    return building
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """``tidings://host:port`` (or ``tidings+tls://``) -> (host, port, tls)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("tidings", "tidings+tls"):
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use tidings://HOST:PORT")
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, parts.scheme == "tidings+tls"
+
+
+class Client(AdminMixin):
+    """A connection to a tidings broker. Create it with :func:`connect`.
+
+    ``state`` is "connected", "disconnected" (reconnecting) or "closed";
+    ``on_state_change(state)`` is called on each change with "connected",
+    "disconnected", "reconnected" or "closed".
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, name: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, reconnect: bool = True,
+                 reconnect_wait: tuple[float, float] = (0.05, 2.0), max_reconnects: int | None = None,
+                 heartbeat: float = 1.5, dead_after: float = 6.0,
+                 outage_buffer: int = DEFAULT_OUTAGE_BUFFER, auto_msg_id: bool = False,
+                 on_state_change: Callable[[str], Any] | None = None,
+                 user: str | None = None, password: str | None = None, token: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None,
+                 inbox_prefix: str | None = None) -> None:
+        if dead_after <= heartbeat:
+            raise ValueError("dead_after must be longer than heartbeat")
+        if inbox_prefix is not None:
+            try:
+                validate_subject(inbox_prefix.rstrip("."))
+            except ProtocolError:
+                raise ValueError(f"inbox_prefix {inbox_prefix!r} is not a valid subject prefix") from None
+        self.inbox_prefix = inbox_prefix
+        self.url = url
+        self.name = name or f"python-client/{os.getpid()}"
+        self.timeout = timeout
+        self.reconnect = reconnect
+        self.reconnect_wait = reconnect_wait
+        self.max_reconnects = max_reconnects
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self.outage_buffer = outage_buffer
+        self.auto_msg_id = auto_msg_id
+        self.on_state_change = on_state_change
+        self._auth: dict[str, Any] | None = None
+        if token is not None:
+            self._auth = {"token": token}
+        elif user is not None:
+            self._auth = {"user": user, "password": password or ""}
+        self._ssl_context = ssl_context
+        self._ca_file = ca_file
+        self.state = "connecting"
+        self.reconnects = 0
+        self.server_info: dict[str, Any] = {}
+        self.last_server_error: TidingsError | None = None
+        self._conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        self._stream: ByteStream | None = None
+        self._tg: TaskGroup | None = None
+        self._conn_scope: anyio.CancelScope | None = None
+        self._restoring: list[tuple[Any, _Waiter]] | None = None
+        self._loss: TidingsError | None = None
+        self._closed = False
+        self._error: TidingsError | None = None
+        self._last_rx = time.monotonic()
+        self._connected = anyio.Event()
+        # Outbound frames in the order the application issued them. Publishes
+        # (and acks) extend the trailing PUB (ACK) frame while it is the last one.
+        self._out: list[list[Any]] = []
+        self._cur_pub: list[list[Any]] | None = None
+        self._cur_ack: tuple[int, list[list[Any]]] | None = None
+        self._pub_bytes = 0
+        self._wake = anyio.Event()
+        self._writer_idle = False
+        self._drained: anyio.Event | None = None
+        # correlation
+        self._rids = itertools.count(1)
+        self._seqs = itertools.count(1)
+        self._sids = itertools.count(1)
+        self._requests: dict[int, _Waiter] = {}
+        self._confirms: dict[int, _Waiter] = {}
+        self._unconfirmed: dict[int, list[Any]] = {}
+        self._id_prefix = f"{secrets.token_hex(6)}-"
+        self._subs: dict[int, Subscription] = {}
+        self._consumers: dict[int, QueueConsumer] = {}
+        self._cids = itertools.count(1)
+        self._in_flight = 0
+        self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
+        self.max_in_flight_bytes = DEFAULT_MAX_IN_FLIGHT_BYTES
+        self._unconfirmed_bytes = 0  # payload bytes kept for a resend until confirmed
+        self._in_flight_space: anyio.Event | None = None
+        self._subjects: set[str] = set()
+        self._bindings = PatternSet()
+        self._bindings_epoch = -1
+        self._bindings_building: tuple[int, list[str]] | None = None  # a set whose last chunk is still due
+        self._early: list[F.Frame] = []  # frames that arrived while connect() waited for the bindings
+        # request/reply
+        self._inbox = ""  # chosen at the first request, once the broker has said who we are
+        self._inbox_sid = 0
+        self._replies: dict[str, _Waiter] = {}
+
+    # ----------------------------------------------------------- lifecycle
+
+    def _set_state(self, state: str) -> None:
+        self.state = "connected" if state == "reconnected" else state
+        if self.on_state_change is not None:
+            try:
+                self.on_state_change(state)
+            except Exception:  # a user callback must not break the connection
+                log.exception("on_state_change callback failed")
+
+    async def _start(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        stream, conn, welcome, initial = await self._dial()
+        self._attach(stream, conn, welcome, initial)
+        self._set_state("connected")
+        tg.start_soon(self._supervise)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is not None:
+            return self._ssl_context
+        ctx = ssl.create_default_context(cafile=self._ca_file)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome, _Initial]:
+        """Connect, handshake and receive the durable binding patterns (so the
+        first publish already knows whether it needs a confirm); raises
+        ConnectError (or the broker's refusal)."""
+        host, port, tls = parse_url(self.url)
+        conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
+        stream: ByteStream | None = None
+        try:
+            with anyio.fail_after(self.timeout):
+                if tls:
+                    stream = await anyio.connect_tcp(host, port, tls=True, ssl_context=self._tls_context(),
+                                                     tls_hostname=host, tls_standard_compatible=False)
+                else:
+                    stream = await anyio.connect_tcp(host, port)
+                hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
+                await stream.send(conn.send(hello))
+                welcome = await self._read_welcome(stream, conn)
+                initial = await self._read_bindings(stream, conn, welcome)
+        except builtins.TimeoutError as exc:
+            await _aclose(stream)
+            if isinstance(exc, TidingsError):
+                raise
+            raise ConnectError(f"no answer from {host}:{port} within {self.timeout}s") from exc
+        except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
+            await _aclose(stream)
+            raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        except BaseException:
+            await _aclose(stream)
+            raise
+        assert stream is not None
+        return stream, conn, welcome, initial
+
+    def _attach(self, stream: ByteStream, conn: Connection, welcome: F.Welcome, initial: _Initial) -> None:
+        self._stream = stream
+        self._conn = conn
+        self.server_info = welcome.info
+        # A new connection's set replaces the old one whatever its epoch (a restarted broker
+        # counts epochs from 0 again).
+        epoch, patterns, self._early = initial
+        self._bindings_epoch = epoch
+        self._bindings = PatternSet(patterns)
+        self._bindings_building = None
+        self._last_rx = time.monotonic()
+        self._connected.set()
+
+    @staticmethod
+    async def _read_bindings(stream: ByteStream, conn: Connection, welcome: F.Welcome) -> _Initial:
+        """Read frames after WELCOME until the broker's bindings set (epoch at
+        least the one WELCOME announced) is complete; other frames that come
+        first are returned to be handled once the connection runs."""
+        info = welcome.info.get("bindings")
+        if not isinstance(info, dict) or type(info.get("epoch")) is not int:
+            return -1, [], []  # a broker that announces no bindings
+        if isinstance(info.get("patterns"), list):  # a broker that still sends them in WELCOME
+            return info["epoch"], [p for p in info["patterns"] if isinstance(p, str)], []
+        announced: int = info["epoch"]
+        early: list[F.Frame] = []
+        building: tuple[int, list[str]] | None = None
+        while True:
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ProtocolViolationError(f"bad frame from the broker: {exc}") from exc
+            if ev is NEED_DATA:
+                try:
+                    data = await stream.receive(READ_CHUNK)
+                except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                    raise ConnectError("the broker closed the connection during the handshake") from exc
+                conn.receive_data(data)
+                continue
+            if ev is CLOSED:
+                raise ConnectError("the broker closed the connection during the handshake")
+            if isinstance(ev, F.Notice) and ev.kind == "bindings":
+                building = _add_chunk(building, ev.info)
+                if building is not None and not ev.info.get("more") and building[0] >= announced:
+                    return building[0], building[1], early
+                if not ev.info.get("more"):
+                    building = None
+                continue
+            early.append(ev)  # type: ignore[arg-type]
+
+    @staticmethod
+    async def _read_welcome(stream: ByteStream, conn: Connection) -> F.Welcome:
+        while True:
+            try:
+                data = await stream.receive(READ_CHUNK)
+            except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                raise ConnectError("the broker closed the connection during the handshake") from exc
+            conn.receive_data(data)
+            try:
+                ev = conn.next_event()
+            except RemoteProtocolError as exc:
+                raise ProtocolViolationError(f"bad handshake from the broker: {exc}") from exc
+            if ev is NEED_DATA:
+                continue
+            if isinstance(ev, F.Err):
+                raise for_code(ev.code, ev.message)
+            if isinstance(ev, F.Welcome):
+                return ev
+            raise ProtocolViolationError("the broker did not answer HELLO")  # pragma: no cover
+
+    async def _supervise(self) -> None:
+        """Serve the connection; on loss, reconnect and restore, or give up."""
+        while True:
+            reason = await self._serve_connection()
+            if self._closed:
+                return
+            if not self.reconnect:
+                self._shutdown(reason)
+                return
+            log.warning("connection to %s lost (%s); reconnecting", self.url, reason)
+            self._connected = anyio.Event()
+            self._set_state("disconnected")
+            self._lost(reason)
+            if not await self._redial():
+                return
+            self._restoring = self._restore()
+
+    async def _serve_connection(self) -> TidingsError:
+        self._loss = None
+        scope = self._conn_scope = anyio.CancelScope()
+        try:
+            with scope:
+                async with anyio.create_task_group() as ctg:
+                    ctg.start_soon(self._reader)
+                    ctg.start_soon(self._writer)
+                    ctg.start_soon(self._heartbeat)
+                    if self._restoring is not None:
+                        waits, self._restoring = self._restoring, None
+                        ctg.start_soon(self._finish_restore, waits)
+        finally:
+            await _aclose(self._stream)  # shielded; also when close() cancels us
+        return self._loss or ConnectionClosedError("the connection ended")
+
+    async def _finish_restore(self, waits: list[tuple[Any, _Waiter]]) -> None:
+        """Wait for the broker to accept the re-registrations, then say "reconnected"."""
+        try:
+            with anyio.fail_after(self.timeout):
+                for what, w in waits:
+                    try:
+                        await w.wait()
+                    except ConnectionClosedError:
+                        return  # this connection broke too: the supervisor redials
+                    except TidingsError as exc:
+                        log.warning("could not restore %r after reconnect: %s", what, exc)
+                        if isinstance(what, (Subscription, QueueConsumer)):
+                            what._end(exc)
+        except builtins.TimeoutError:
+            self._lose(ConnectionClosedError("the broker did not accept the restored session in time"))
+            return
+        self.reconnects += 1
+        self._set_state("reconnected")
+
+    def _lose(self, error: TidingsError) -> None:
+        """The current connection is unusable: stop its tasks (the supervisor decides what next)."""
+        if self._loss is None:
+            self._loss = error
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+
+    def _lost(self, reason: TidingsError) -> None:
+        """Forget what died with the connection; keep what a reconnect restores."""
+        err = ConnectionClosedError(f"connection lost ({reason}); the request may or may not have run")
+        for w in list(self._requests.values()):
+            w.fail(err)
+        self._requests.clear()
+        # Keep only plain publishes (durable ones are resent from _unconfirmed);
+        # acks and requests of the old connection are void.
+        plain = [m for w in self._out if w[0] == F.Op.PUB for m in w[1] if not m[4]]
+        self._out = []
+        self._cur_pub = None
+        self._cur_ack = None
+        self._pub_bytes = 0
+        for m in plain:
+            self._queue_pub(m)
+        for cons in self._consumers.values():
+            cons._connection_lost()
+
+    async def _redial(self) -> bool:
+        lo, hi = self.reconnect_wait
+        attempt = 0
+        while not self._closed:
+            attempt += 1
+            if self.max_reconnects is not None and attempt > self.max_reconnects:
+                self._shutdown(ConnectionClosedError(f"gave up reconnecting to {self.url} after "
+                                                     f"{self.max_reconnects} attempts"))
+                return False
+            delay = min(hi, lo * 2 ** (attempt - 1))
+            await anyio.sleep(delay * random.uniform(0.5, 1.0))  # jitter spreads reconnect storms
+            try:
+                stream, conn, welcome, initial = await self._dial()
+            except ConnectError as exc:
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self.url, exc)
+                continue
+            except TidingsError as exc:
+                if exc.retriable:
+                    log.info("reconnect attempt %d refused: %s", attempt, exc)
+                    continue
+                self._shutdown(exc)
+                return False
+            self._attach(stream, conn, welcome, initial)
+            return True
+        return False
+
+    def _restore(self) -> list[tuple[Any, _Waiter]]:
+        """Queue the re-registration of subscriptions and consumers, then the
+        unconfirmed durable publishes, then what was published meanwhile;
+        returns the answers to wait for (the reader is not running yet)."""
+        # Durable publishes made while disconnected are both queued and in
+        # _unconfirmed: send them once, from _unconfirmed.
+        pending = [[F.Op.PUB, [m for m in w[1] if not m[4]]] if w[0] == F.Op.PUB else w for w in self._out]
+        pending = [w for w in pending if w[0] != F.Op.PUB or w[1]]
+        self._out = []
+        self._cur_pub = None
+        self._cur_ack = None
+        self._pub_bytes = 0
+        waits: list[tuple[Any, _Waiter]] = []
+
+        def request(wire: list[Any], what: Any) -> None:
+            rid = next(self._rids)
+            wire[1] = rid
+            w = _Waiter()
+            self._requests[rid] = w
+            self._out.append(wire)
+            waits.append((what, w))
+
+        if self._inbox_sid:
+            request([F.Op.SUB, 0, self._inbox_sid, self._inbox + ".>", None], None)
+        for sub in self._subs.values():
+            request([F.Op.SUB, 0, sub.sid, sub.pattern, sub.group], sub)
+        for cons in list(self._consumers.values()):
+            self._consumers.pop(cons.cid, None)
+            cons.cid = next(self._cids)  # deliveries of the old registration must never ack new ones
+            self._consumers[cons.cid] = cons
+            request([F.Op.CONSUME, 0, cons.cid, cons._resume_args()], cons)
+        for _seq, m in sorted(self._unconfirmed.items()):
+            if m[5]:
+                m[5].pop(F.OPT_NEW, None)  # it may have been stored: let the broker look
+            self._queue_pub(m)
+        self._cur_pub = None
+        self._out.extend(pending)
+        self._wake_writer()
+        return waits
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat)
+            idle = time.monotonic() - self._last_rx
+            if idle >= self.dead_after:
+                self._lose(ConnectionClosedError(f"no data from the broker for {idle:.1f}s: dead or frozen"))
+                return
+            if idle >= self.heartbeat:
+                self._send([F.Op.PING, 0])
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the client is connected (e.g. after a reconnect); raises
+        client TimeoutError, or the error the client closed with."""
+        try:
+            with anyio.fail_after(timeout):
+                while not self._connected.is_set():
+                    await self._connected.wait()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TimeoutError(f"not connected within {timeout}s") from exc
+        self._check_open()
+
+    async def close(self) -> None:
+        """Send what is pending, then close. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._error is None and self._out and self.state == "connected":
+                with anyio.move_on_after(self.timeout, shield=True):
+                    await self._wait_drained()
+        finally:
+            # Stops the connection's tasks; the supervisor closes the socket
+            # (once: a TLS stream must not be closed from two tasks).
+            self._shutdown(ConnectionClosedError("the client was closed"))
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+
+    def _shutdown(self, error: TidingsError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._error is None:
+            self._error = error
+        waiters = list(self._requests.values()) + list(self._confirms.values()) + list(self._replies.values())
+        for w in waiters:
+            w.fail(error)
+        self._requests.clear()
+        self._confirms.clear()
+        self._unconfirmed.clear()
+        self._unconfirmed_bytes = 0
+        self._replies.clear()
+        clean = isinstance(error, ConnectionClosedError) and str(error) == "the client was closed"
+        for sub in list(self._subs.values()):
+            sub._end(None if clean else error)
+        for cons in list(self._consumers.values()):
+            cons._end(None if clean else error)
+        if self._in_flight_space is not None:
+            self._in_flight_space.set()
+        self._wake.set()
+        if self._drained is not None:
+            self._drained.set()
+        self._connected.set()
+        if self._conn_scope is not None:
+            self._conn_scope.cancel()
+        self._set_state("closed")
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise self._error or ConnectionClosedError("the connection is closed")
+
+    # ------------------------------------------------------------- writer
+
+    def _wake_writer(self) -> None:
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+
+    async def _writer(self) -> None:
+        conn = self._conn
+        stream = self._stream
+        assert stream is not None
+        try:
+            while True:
+                if not self._out:
+                    if self._drained is not None:
+                        self._drained.set()
+                        self._drained = None
+                    self._writer_idle = True
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                out, self._out = self._out, []
+                self._cur_pub = None
+                self._cur_ack = None
+                pub_bytes, self._pub_bytes = self._pub_bytes, 0
+                per_frame = 0  # messages per PUB frame, from their average size; 0: no split
+                if pub_bytes > PUB_FRAME_TARGET:
+                    n = sum(len(w[1]) for w in out if w[0] == F.Op.PUB)
+                    per_frame = max(1, n * PUB_FRAME_TARGET // pub_bytes)
+                parts: list[bytes] = []
+                for w in out:
+                    if w[0] == F.Op.PUB:
+                        pubs = w[1]
+                        if per_frame and len(pubs) > per_frame:
+                            for i in range(0, len(pubs), per_frame):
+                                self._encode_pubs(pubs[i:i + per_frame], parts)
+                        else:
+                            self._encode_pubs(pubs, parts)
+                    else:
+                        conn.encode_wire(w, parts)
+                await stream.send(b"".join(parts))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._lose(ConnectionClosedError(f"connection lost: {exc}"))
+
+    async def _wait_drained(self) -> None:
+        """Wait until the writer has handed everything pending to the socket."""
+        while self._out and not self._closed:
+            if self._drained is None:
+                self._drained = anyio.Event()
+            ev = self._drained
+            self._wake_writer()
+            await ev.wait()
+
+    def _encode_pubs(self, pubs: list[list[Any]], parts: list[bytes]) -> None:
+        try:
+            self._conn.encode_wire([F.Op.PUB, pubs], parts)
+            return
+        except LocalProtocolError:
+            if len(pubs) == 1:
+                raise
+        half = len(pubs) // 2
+        self._encode_pubs(pubs[:half], parts)
+        self._encode_pubs(pubs[half:], parts)
+
+    def _send(self, wire: list[Any]) -> None:
+        self._out.append(wire)
+        self._cur_pub = None
+        self._cur_ack = None
+        self._wake_writer()
+
+    def _queue_pub(self, m: list[Any]) -> None:
+        cur = self._cur_pub
+        if cur is None:
+            cur = self._cur_pub = []
+            self._out.append([F.Op.PUB, cur])
+            self._cur_ack = None
+        cur.append(m)
+        self._pub_bytes += len(m[1]) + len(m[0]) + MSG_OVERHEAD
+        if self._writer_idle:
+            self._writer_idle = False
+            self._wake.set()
+
+    def _queue_ack(self, cid: int, item: list[Any]) -> None:
+        cur = self._cur_ack
+        if cur is None or cur[0] != cid:
+            items: list[list[Any]] = []
+            self._out.append([F.Op.ACK, 0, cid, items])
+            cur = self._cur_ack = (cid, items)
+            self._cur_pub = None
+        cur[1].append(item)
+        self._wake_writer()
+
+    # ------------------------------------------------------------- reader
+
+    async def _reader(self) -> None:
+        conn = self._conn
+        stream = self._stream
+        assert stream is not None
+        error: TidingsError
+        try:
+            data = b""  # first, frames that arrived together with WELCOME
+            early, self._early = self._early, []
+            for ev in early:
+                self._dispatch(ev)
+            while True:
+                if data:
+                    conn.receive_data(data)
+                while True:
+                    ev = conn.next_event()
+                    if ev is NEED_DATA:
+                        break
+                    if ev is CLOSED:
+                        raise anyio.EndOfStream
+                    self._dispatch(ev)  # type: ignore[arg-type]
+                data = await stream.receive(READ_CHUNK)
+                self._last_rx = time.monotonic()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            last = self.last_server_error
+            error = last or ConnectionClosedError(f"the broker closed the connection ({exc.__class__.__name__})")
+        except ProtocolError as exc:
+            log.error("protocol violation from the broker: %s", exc)
+            error = ProtocolViolationError(str(exc))
+        self._lose(error)
+
+    def _dispatch(self, ev: F.Frame) -> None:
+        t = type(ev)
+        if t is F.Msg:
+            sid = ev.sid  # type: ignore[union-attr]
+            sub = self._subs.get(sid)
+            if sub is not None:
+                sub._push(ev.messages)  # type: ignore[union-attr]
+            elif sid == self._inbox_sid:
+                self._on_replies(ev.messages)  # type: ignore[union-attr]
+        elif t is F.Deliver:
+            cons = self._consumers.get(ev.cid)  # type: ignore[union-attr]
+            if cons is not None:
+                cons._push(ev.items)  # type: ignore[union-attr]
+        elif t is F.Confirm:
+            confirms = self._confirms
+            n = 0
+            for seq, code, result in ev.items:  # type: ignore[union-attr]
+                w = confirms.pop(seq, None)
+                if w is not None:
+                    n += 1
+                    um = self._unconfirmed.pop(seq, None)
+                    if um is not None:
+                        self._unconfirmed_bytes -= len(um[1])
+                    if code:
+                        w.fail(for_code(code, result if isinstance(result, str) else "publish failed"))
+                    else:
+                        w.set(PublishAck.from_wire(result))
+            if n:
+                self._in_flight -= n
+                sp = self._in_flight_space
+                if sp is not None and not self._in_flight_full():
+                    self._in_flight_space = None
+                    sp.set()
+        elif t is F.Ok:
+            w = self._requests.pop(ev.rid, None)  # type: ignore[union-attr]
+            if w is not None:
+                w.set(ev.result)  # type: ignore[union-attr]
+        elif t is F.Err:
+            err = for_code(ev.code, ev.message)  # type: ignore[union-attr]
+            w = self._requests.pop(ev.rid, None) if ev.rid else None  # type: ignore[union-attr]
+            if w is not None:
+                w.fail(err)
+            else:
+                # A connection-level error: the broker closes the connection after
+                # fatal ones (then this becomes the reason); others are notices.
+                log.warning("broker error: %s (code %s)", ev.message, ev.code)  # type: ignore[union-attr]
+                self.last_server_error = err
+        elif t is F.Ping:
+            self._send([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
+        elif t is F.Pong:
+            w = self._requests.pop(ev.rid, None)  # type: ignore[union-attr]
+            if w is not None:
+                w.set(None)
+        elif t is F.Notice:
+            self._on_notice(ev.kind, ev.info)  # type: ignore[union-attr]
+
+    def _on_notice(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "bindings":
+            self._apply_bindings(info)
+        elif kind == "slow_consumer":
+            sub = self._subs.get(info.get("sid", -1))
+            n = info.get("dropped", 0)
+            if sub is not None and isinstance(n, int):
+                sub.dropped_by_broker += n
+            log.warning("the broker dropped %s messages for subscription %s: this client is too slow", n,
+                        info.get("sid"))
+        elif kind == "shutdown":
+            log.info("the broker is shutting down")
+        elif kind == "consumer_closed":
+            cons = self._consumers.pop(info.get("cid", -1), None)
+            if cons is not None:
+                cons._end(None)
+        elif kind == "assignment":
+            cons = self._consumers.get(info.get("cid", -1))
+            if cons is not None:
+                cons.assignment = (info.get("generation", 0), list(info.get("partitions", [])))
+        elif kind == "stale_acks":
+            cons = self._consumers.get(info.get("cid", -1))
+            if cons is not None:
+                cons._stale(int(info.get("count", 0)))
+
+    def _apply_bindings(self, info: Any) -> None:
+        """One bindings NOTICE: a chunk of a set; the set replaces the one in
+        use when its last chunk ("more" false) arrives, unless it is older."""
+        if not isinstance(info, dict) or type(info.get("epoch")) is not int \
+                or not isinstance(info.get("patterns"), list):
+            return
+        building = _add_chunk(self._bindings_building, info)
+        if building is None or info.get("more"):
+            self._bindings_building = building
+            return
+        self._bindings_building = None
+        if building[0] >= self._bindings_epoch:
+            self._bindings_epoch = building[0]
+            self._bindings = PatternSet(building[1])
+
+    # ------------------------------------------------------------ publish
+
+    def _check_subject(self, subject: str) -> None:
+        if subject not in self._subjects:
+            try:
+                validate_subject(subject)
+            except RemoteProtocolError as exc:
+                raise InvalidSubjectError(exc.message) from None
+            if len(self._subjects) > 4096:
+                self._subjects.clear()
+            self._subjects.add(subject)
+
+    def _message(self, subject: str, payload: Any, headers: dict[str, Any] | None, reply: str | None,
+                 msg_id: str | None, key: str | None, delay: float | None, at: Any,
+                 ttl: float | None) -> list[Any]:
+        if type(payload) is not bytes:
+            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+        if headers is not None:
+            _check_headers(headers)
+        if len(payload) > self._conn.max_payload:
+            raise InvalidArgumentError(
+                f"payload of {len(payload)} bytes exceeds the broker's max_payload of {self._conn.max_payload}")
+        self._check_subject(subject)
+        if reply is not None:
+            self._check_subject(reply)
+        opts: dict[str, Any] | None = None
+        if msg_id is not None or key is not None or delay is not None or at is not None or ttl is not None:
+            opts = {}
+            if msg_id is not None:
+                opts[F.OPT_MSG_ID] = str(msg_id)
+            if key is not None:
+                opts[F.OPT_KEY] = str(key)
+            if delay is not None:
+                opts[F.OPT_DELAY] = _ms(delay, "delay", 0, MAX_DURATION_MS)
+            if at is not None:
+                ts = at.timestamp() if hasattr(at, "timestamp") else at
+                opts[F.OPT_AT] = _ms(ts, "at", 0, MAX_TIMESTAMP_MS)
+            if ttl is not None:
+                opts[F.OPT_TTL] = max(1, _ms(ttl, "ttl", 0, MAX_DURATION_MS))
+        return [subject, payload, headers, reply, 0, opts]
+
+    def _wants_confirm(self, m: list[Any], confirm: bool | None) -> bool:
+        if confirm is not None:
+            return confirm
+        return m[5] is not None or bool(self._bindings and self._bindings.match(m[0]))
+
+    def publish_nowait(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+                       headers: dict[str, Any] | None = None, reply: str | None = None,
+                       msg_id: str | None = None, key: str | None = None, delay: float | None = None,
+                       at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> Confirmation:
+        """Queue a publish without waiting and return a :class:`Confirmation`
+        to await later, so one task can keep many confirms in flight.
+
+        Raises PublishBufferFullError when ``max_in_flight`` publishes are
+        already unconfirmed (await some confirmations first), and
+        ConnectionClosedError when the connection is gone.
+        """
+        if self._closed:
+            self._check_open()
+        m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if self._outage_bytes_full():
+            raise PublishBufferFullError(f"{self._pub_bytes} bytes are buffered while disconnected")
+        if not self._wants_confirm(m, confirm):
+            self._queue_pub(m)
+            return Confirmation(None)
+        if self._in_flight_full():
+            raise PublishBufferFullError(f"{self._in_flight} publishes ({self._unconfirmed_bytes} bytes) are "
+                                         "waiting for confirms")
+        return Confirmation(self._queue_confirmed(m))
+
+    def _queue_confirmed(self, m: list[Any]) -> _Waiter:
+        seq = next(self._seqs)
+        m[4] = seq
+        if self.auto_msg_id:
+            # A fresh id per durable publish makes a resend after a reconnect
+            # harmless; "new" spares the broker the look-up on the first send.
+            opts = m[5]
+            if opts is None:
+                m[5] = {F.OPT_MSG_ID: f"{self._id_prefix}{seq}", F.OPT_NEW: 1}
+            elif F.OPT_MSG_ID not in opts:
+                opts[F.OPT_MSG_ID] = f"{self._id_prefix}{seq}"
+                opts[F.OPT_NEW] = 1
+        w = _Waiter()
+        self._confirms[seq] = w
+        self._unconfirmed[seq] = m  # resent after a reconnect until confirmed
+        self._in_flight += 1
+        self._unconfirmed_bytes += len(m[1])
+        self._queue_pub(m)
+        return w
+
+    async def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+                      headers: dict[str, Any] | None = None, reply: str | None = None,
+                      msg_id: str | None = None, key: str | None = None, delay: float | None = None,
+                      at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> PublishAck | None:
+        """Publish ``payload`` to ``subject``.
+
+        When no durable queue or stream is bound to the subject this returns
+        None as soon as the message is buffered (the writer sends it with
+        others in one frame); :meth:`flush` waits until the broker has it.
+        When the subject is bound to a durable target (the broker tells the
+        client which patterns are bound), or ``confirm=True``, or a durable
+        option is given, it returns only after the broker committed the
+        message to storage, with a :class:`PublishAck`; it raises the mapped
+        error (e.g. QueueFullError, StorageFullError) if it was not stored.
+
+        ``msg_id`` de-duplicates within the broker's window; ``delay``
+        (seconds) or ``at`` (datetime or epoch seconds) defer delivery;
+        ``ttl`` (seconds) expires the message if not delivered in time;
+        ``key`` picks a stream partition.
+        """
+        if self._closed:
+            self._check_open()
+        m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if self._outage_bytes_full():
+            await self._wait_buffer_room()
+        if self._wants_confirm(m, confirm):
+            while self._in_flight_full() and not self._closed:
+                if self._in_flight_space is None:
+                    self._in_flight_space = anyio.Event()
+                await self._in_flight_space.wait()
+            self._check_open()
+            result: PublishAck = await self._queue_confirmed(m).wait()
+            return result
+        self._queue_pub(m)
+        if self._pub_bytes >= FLUSH_BYTES:
+            await self._wait_drained()
+        return None
+
+    def _in_flight_full(self) -> bool:
+        """Unconfirmed durable publishes are kept for a resend: bounded in count and bytes."""
+        return self._in_flight >= self.max_in_flight or self._unconfirmed_bytes >= self.max_in_flight_bytes
+
+    def _outage_bytes_full(self) -> bool:
+        return self.state != "connected" and self._pub_bytes >= self.outage_buffer
+
+    async def _wait_buffer_room(self) -> None:
+        """While disconnected with a full outage buffer, wait for the reconnect."""
+        while self._outage_bytes_full() and not self._closed:
+            await self._connected.wait()
+            await anyio.lowlevel.checkpoint()
+        self._check_open()
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the broker has received and processed everything sent so far
+        (a PING/PONG round trip behind all pending frames)."""
+        await self._request([F.Op.PING, 0], timeout, rid_index=1)
+
+    async def _request(self, wire: list[Any], timeout: float | None = None, rid_index: int = 1) -> Any:
+        self._check_open()
+        rid = next(self._rids)
+        wire[rid_index] = rid
+        w = _Waiter()
+        self._requests[rid] = w
+        self._send(wire)
+        t = self.timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(t):
+                return await w.wait()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TimeoutError(f"no answer from the broker within {t}s") from exc
+        finally:
+            self._requests.pop(rid, None)
+
+    async def call(self, method: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Invoke a named broker method (admin and introspection); returns its result."""
+        return await self._request([F.Op.CALL, 0, method, args or {}], timeout)
+
+    # ---------------------------------------------------------- subscribe
+
+    async def subscribe(self, pattern: str, group: str | None = None, *,
+                        max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+        """Subscribe to ``pattern`` (``*`` one token, ``>`` the rest).
+
+        With ``group``, the subscription joins that queue group: each
+        message goes to one member of the group. Returns once the broker
+        has registered it, so messages published afterwards are received.
+        """
+        try:
+            validate_pattern(pattern)
+        except RemoteProtocolError as exc:
+            raise InvalidSubjectError(exc.message) from None
+        sid = next(self._sids)
+        sub = Subscription(self, sid, pattern, group, max_pending)
+        self._subs[sid] = sub
+        try:
+            await self._request([F.Op.SUB, 0, sid, pattern, group])
+        except BaseException:
+            self._subs.pop(sid, None)
+            raise
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.sid, None) is None or self._closed or self.state != "connected":
+            return  # while disconnected it is simply not restored
+        try:
+            await self._request([F.Op.UNSUB, 0, sub.sid])
+        except (ConnectionClosedError, NotFoundError):
+            pass  # the connection went (taking the subscription with it)
+
+    # ------------------------------------------------------ request/reply
+
+    def _default_inbox_prefix(self) -> str:
+        """``_INBOX.<user>.`` for the user the broker logged us in as (password,
+        token or certificate alike), ``_INBOX.`` without one (no-users mode),
+        so a permission ``subscribe = ["_INBOX.<user>.>"]`` fits every user."""
+        user = self.server_info.get("user")
+        if isinstance(user, str) and user:
+            try:
+                return f"_INBOX.{validate_subject(user)}."
+            except ProtocolError:
+                pass  # not usable in a subject (the broker's user names always are): no user part
+        return "_INBOX."
+
+    async def _ensure_inbox(self) -> None:
+        if self._inbox_sid:
+            return
+        if not self._inbox:
+            prefix = self.inbox_prefix if self.inbox_prefix is not None else self._default_inbox_prefix()
+            self._inbox = f"{prefix.rstrip('.')}.{secrets.token_hex(8)}"
+        sid = next(self._sids)
+        await self._request([F.Op.SUB, 0, sid, self._inbox + ".>", None])
+        self._inbox_sid = sid
+
+    def _on_replies(self, msgs: list[list[Any]]) -> None:
+        for m in msgs:
+            w = self._replies.pop(m[0], None)
+            if w is not None:
+                w.set(Message(m[0], m[1], m[2], m[3], self))
+
+    async def request(self, subject: str, payload: bytes | str = b"", *, headers: dict[str, Any] | None = None,
+                      timeout: float = 5.0) -> Message:
+        """Publish a request and return the first reply.
+
+        The reply subject is ``<inbox>.<random>`` (the inbox: ``inbox_prefix``,
+        default ``_INBOX.<user>``, plus a random token per connection), so
+        a user may be granted ``subscribe`` on its own inboxes alone.
+        Raises NoRespondersError at once if no subscriber matches
+        ``subject``, PermissionDeniedError if the user may not subscribe to
+        its inbox, and client TimeoutError if no reply comes in time."""
+        await self._ensure_inbox()
+        # Unguessable, not a counter: whoever sees one reply subject cannot aim at the next request's.
+        reply = f"{self._inbox}.{secrets.token_hex(REPLY_ID_BYTES)}"
+        w = _Waiter()
+        self._replies[reply] = w
+        try:
+            await self.publish(subject, payload, headers=headers, reply=reply)
+            with anyio.fail_after(timeout):
+                msg: Message = await w.wait()
+        except builtins.TimeoutError as exc:
+            if isinstance(exc, TidingsError):
+                raise
+            raise TimeoutError(f"no reply on {subject!r} within {timeout}s") from exc
+        finally:
+            self._replies.pop(reply, None)
+        if not msg.payload and msg.headers and msg.headers.get("status") == "503":
+            raise NoRespondersError(f"no responders for {subject!r}")
+        return msg
+
+
+def _check_headers(headers: Any) -> None:
+    """The broker refuses a whole PUB frame with a bad header; refuse it here,
+    for this publish alone."""
+    if not isinstance(headers, dict):
+        raise InvalidArgumentError("headers must be a dict of str -> str | int | bytes")
+    for k, v in headers.items():
+        if type(k) is not str or not k:
+            raise InvalidArgumentError("header names must be non-empty strings")
+        if k[:8].lower() == F.RESERVED_HEADER_PREFIX:
+            raise InvalidArgumentError(f"header {k!r} is reserved: names starting with "
+                                       f"{F.RESERVED_HEADER_PREFIX!r} are set by the broker only")
+        if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):
+            raise InvalidArgumentError(f"header {k!r} must be a str, an int or bytes, not {type(v).__name__}")
+
+
+async def _aclose(stream: ByteStream | None) -> None:
+    if stream is not None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await stream.aclose()
+            except (OSError, anyio.BrokenResourceError):
+                pass
+
+
+class connect:
+    """``async with connect(url) as tc:`` opens a :class:`Client` and closes it on exit.
+
+    ``url`` is ``tidings://HOST:PORT`` (default ``tidings://127.0.0.1:7421``)
+    or ``tidings+tls://HOST:PORT``. Keyword arguments go to :class:`Client`
+    (reconnect policy, heartbeat, credentials, TLS). Raises ConnectError if
+    the broker cannot be reached, or the broker's refusal (e.g.
+    AuthenticationError).
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, **kwargs: Any) -> None:
+        self._client = Client(url, **kwargs)
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> Client:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            await self._client._start(tg)
+        except BaseException:
+            # Close the (still empty) task group without handing it the error,
+            # so the caller sees ConnectError itself, not an ExceptionGroup.
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
+        self._tg = tg
+        return self._client
+
+    async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool:
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._client.close()
+        finally:
+            # The client's own tasks are done; the block's exception (if any)
+            # propagates as itself, not wrapped in an ExceptionGroup.
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(None, None, None)
+        return False

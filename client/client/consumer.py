@@ -1,0 +1,221 @@
+"""Queue consumers: deliveries with ack/nack/reject/in_progress, batched acks."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from tidings.protocol import frames as F
+from tidings.protocol.numbers import MAX_DURATION_MS
+
+from tidings.client.errors import ConnectionClosedError, InvalidArgumentError, StaleDeliveryError, TidingsError, for_code
+from tidings.client.inbox import Inbox
+
+if TYPE_CHECKING:
+    from tidings.client.client import Client
+
+log = logging.getLogger(__name__)
+
+
+def _ms(seconds: Any, what: str, lo: int, hi: int) -> int:
+    """Seconds as whole milliseconds, raised to ``lo`` if below it; above ``hi`` (the
+    broker's range, protocol/numbers.py) or not a number: InvalidArgumentError, before
+    anything is sent."""
+    try:
+        ms = float(seconds) * 1000
+    except (TypeError, ValueError):
+        ms = float("nan")
+    if type(seconds) is bool or not ms <= hi:  # NaN fails the comparison
+        raise InvalidArgumentError(f"{what} must be a number of seconds up to {hi // 1000}")
+    return max(lo, int(ms))
+
+
+class Delivery:
+    """One delivery of a durable message to this consumer.
+
+    ``delivery_id`` identifies this delivery (not the message);
+    ``message_id`` is the broker's id of the stored message; ``msg_id`` the
+    publisher's de-duplication id, if any. ``delivery_count`` counts every
+    delivery of the message so far, this one included.
+    """
+
+    __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
+                 "message_id", "msg_id", "_consumer", "settled", "_cid")
+
+    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+        self._cid = consumer.cid  # the registration it came through: acks go there (stale after a reconnect)
+        self.delivery_id: int = item[0]
+        self.subject: str = item[1]
+        self.payload: bytes = item[2]
+        self.headers: dict[str, Any] | None = item[3]
+        self.delivery_count: int = item[4]
+        self.published_ms: int = item[5]
+        meta = item[6] or {}
+        self.message_id: int | None = meta.get("id")
+        self.msg_id: str | None = meta.get("msg_id")
+        self._consumer = consumer
+        self.settled = False
+
+    def __repr__(self) -> str:
+        return (f"Delivery(subject={self.subject!r}, delivery_id={self.delivery_id}, "
+                f"delivery_count={self.delivery_count}, payload={self.payload[:32]!r})")
+
+    @property
+    def redelivered(self) -> bool:
+        return self.delivery_count > 1
+
+    async def ack(self, *, wait: bool = False) -> None:
+        """Acknowledge: the broker deletes the message. Returns once buffered
+        (acks travel in batches); with ``wait=True`` returns once the broker
+        committed it (in a stream group: once the committed offset covering
+        it is stored) and raises StaleDeliveryError if this delivery is no
+        longer ours (its ack deadline passed and it went to another consumer),
+        StorageError/StorageFullError if the commit failed (the message will
+        be delivered again)."""
+        await self._settle(F.AckAction.ACK, None, wait)
+
+    async def nack(self, delay: float | None = None, *, wait: bool = False) -> None:
+        """Return the message for another attempt after ``delay`` seconds, or
+        after the queue's backoff for this attempt when ``delay`` is None. After
+        max_deliveries the broker moves it to the dead-letter queue instead."""
+        arg = None if delay is None else _ms(delay, "delay", 0, MAX_DURATION_MS)
+        await self._settle(F.AckAction.NACK, arg, wait)
+
+    async def reject(self, reason: str | None = None, *, wait: bool = False) -> None:
+        """Send the message straight to the dead-letter queue with ``reason``."""
+        await self._settle(F.AckAction.REJECT, reason[:1000] if reason else None, wait)
+
+    async def in_progress(self, *, wait: bool = False) -> None:
+        """Extend the ack deadline: the handler is still working on it."""
+        await self._consumer._settle(self, F.AckAction.IN_PROGRESS, None, wait)
+
+    async def _settle(self, action: int, arg: Any, wait: bool) -> None:
+        if self.settled:
+            raise TidingsError("this delivery was already settled")
+        self.settled = True
+        await self._consumer._settle(self, action, arg, wait)
+
+
+class StreamMessage(Delivery):
+    """A message from a stream: ``partition``, ``offset`` and ``key`` say
+    where it sits; ``generation`` is the group generation it was delivered
+    under (0 for readers outside a group). In a group, ``ack()`` lets the
+    committed offset advance past it; readers need no acks."""
+
+    __slots__ = ("partition", "offset", "key", "generation", "timestamp_ms")
+
+    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+        self._cid = consumer.cid
+        self.delivery_id = item[0]
+        self.subject = item[1]
+        self.payload = item[2]
+        self.headers = item[3]
+        self.delivery_count = item[4]
+        self.published_ms = self.timestamp_ms = item[5]
+        meta = item[6] or [0, 0, None, 0]
+        self.partition: int = meta[0]
+        self.offset: int = meta[1]
+        self.key: str | None = meta[2]
+        self.generation: int = meta[3]
+        self.message_id = None
+        self.msg_id = None
+        self._consumer = consumer
+        self.settled = False
+
+    def __repr__(self) -> str:
+        return (f"StreamMessage(subject={self.subject!r}, partition={self.partition}, offset={self.offset}, "
+                f"key={self.key!r}, delivery_count={self.delivery_count})")
+
+
+class QueueConsumer(Inbox):
+    """Async iterator of :class:`Delivery`; use via ``async with tc.consume(queue)``.
+
+    The broker never has more than ``prefetch`` unsettled deliveries out to
+    this consumer, so the local buffer is bounded by it. Leaving the
+    ``async with`` block stops the consumer; the broker returns its
+    unsettled messages to the queue at once.
+    """
+
+    def __init__(self, client: Client, cid: int, queue: str, prefetch: int,
+                 kind: type[Delivery] = Delivery) -> None:
+        super().__init__()
+        self._what = f"delivery from {queue!r}"
+        self._client = client
+        self._kind = kind
+        self.assignment: tuple[int, list[int]] = (0, [])  # (generation, partitions) in a stream group
+        self.args: dict[str, Any] = {}  # the CONSUME arguments, re-sent after a reconnect
+        self._next_offset: int | None = None
+        self.info: Any = None  # what the broker answered to CONSUME
+        self.cid = cid
+        self.queue = queue
+        self.prefetch = prefetch
+        self.stale_acks = 0
+
+    def _push(self, items: list[list[Any]]) -> None:
+        if self._kind is StreamMessage and items:
+            self._next_offset = items[-1][6][1] + 1  # readers resume after what they received
+        self._q.extend(items)
+        self._wake()
+
+    def _connection_lost(self) -> None:
+        """Unsettled deliveries are void (the broker redelivers them); a reader
+        keeps what it has and resumes after it."""
+        if not self._is_reader():
+            self._q.clear()
+
+    def _is_reader(self) -> bool:
+        return "stream" in self.args and self.args.get("group") is None
+
+    def _resume_args(self) -> dict[str, Any]:
+        args = dict(self.args)
+        if self._is_reader() and self._next_offset is not None:
+            args["start"] = self._next_offset
+            args["out_of_range"] = "earliest"
+        return args
+
+    def _wrap(self, raw: list[Any]) -> Delivery:
+        return self._kind(raw, self)
+
+    async def _settle(self, d: Delivery, action: int, arg: Any, wait: bool) -> None:
+        c = self._client
+        if c.is_closed:
+            raise c._error or ConnectionClosedError("the connection is closed")
+        item = [d.delivery_id, int(action), arg]
+        if d._cid != self.cid:
+            # Delivered before a reconnect: the broker already returned it for redelivery.
+            if wait:
+                raise StaleDeliveryError(f"delivery {d.delivery_id} was made on a connection that was lost")
+            return
+        if not wait:
+            c._queue_ack(self.cid, item)
+            return
+        codes = await c._request([F.Op.ACK, 0, self.cid, [item]])
+        if codes and codes[0]:
+            raise for_code(codes[0], f"delivery {d.delivery_id} of {self.queue!r} was not settled")
+
+    def _stale(self, n: int) -> None:
+        self.stale_acks += n
+        log.warning("%d acks on %r were refused as stale (ack deadline passed?)", n, self.queue)
+
+
+class ConsumeContext:
+    """``async with tc.consume(queue, prefetch=N) as deliveries:`` (and the
+    stream forms): starts the consumer on entry, stops it on exit."""
+
+    def __init__(self, client: Client, name: str, args: dict[str, Any], kind: type[Delivery] = Delivery) -> None:
+        self._client = client
+        self._name = name
+        self._args = args
+        self._kind = kind
+        self._consumer: QueueConsumer | None = None
+
+    async def __aenter__(self) -> QueueConsumer:
+        self._consumer = await self._client._start_consumer(self._name, self._args, self._kind)
+        return self._consumer
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._consumer is not None:
+            with anyio.CancelScope(shield=True):
+                await self._client._stop_consumer(self._consumer)

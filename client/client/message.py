@@ -1,0 +1,40 @@
+"""What a subscriber receives."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    from tidings.client.client import Client
+
+HeaderValue = Union[str, int, bytes]
+
+
+class Message:
+    """A pub/sub message: ``subject``, ``payload`` (bytes), ``headers``
+    (dict or None) and ``reply`` (the subject to answer to, or None)."""
+
+    __slots__ = ("subject", "payload", "headers", "reply", "_client")
+
+    def __init__(self, subject: str, payload: bytes, headers: dict[str, HeaderValue] | None,
+                 reply: str | None, client: Client | None = None) -> None:
+        self.subject = subject
+        self.payload = payload
+        self.headers = headers
+        self.reply = reply
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"Message(subject={self.subject!r}, payload={self.payload[:32]!r}, reply={self.reply!r})"
+
+    @property
+    def data(self) -> bytes:
+        return self.payload
+
+    async def respond(self, payload: bytes | str, *, headers: dict[str, Any] | None = None) -> None:
+        """Publish ``payload`` to this message's reply subject.
+
+        Raises ValueError if the message has no reply subject."""
+        if self.reply is None or self._client is None:
+            raise ValueError("this message has no reply subject")
+        await self._client.publish(self.reply, payload, headers=headers)

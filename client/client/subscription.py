@@ -1,0 +1,76 @@
+"""Subscriptions: bounded, async-iterable streams of messages."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+
+from tidings.client.errors import ConnectionClosedError
+from tidings.client.inbox import Inbox
+from tidings.client.message import Message
+
+if TYPE_CHECKING:
+    from tidings.client.client import Client
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PENDING: Final = 65_536  # messages buffered per subscription before it drops (and counts)
+
+
+class Subscription(Inbox):
+    """An async iterator of :class:`Message` for one pattern.
+
+    Messages wait in a bounded buffer (``max_pending`` messages); when the
+    application falls that far behind, further messages are dropped and
+    counted in ``dropped`` (the broker applies the same rule to the
+    connection: see ``dropped_by_broker``). Iteration ends when the
+    subscription is closed; it raises ConnectionClosedError if the
+    connection is lost.
+    """
+
+    def __init__(self, client: Client, sid: int, pattern: str, group: str | None,
+                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+        super().__init__()
+        self._what = f"message on {pattern!r}"
+        self._client = client
+        self.sid = sid
+        self.pattern = pattern
+        self.group = group
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.dropped_by_broker = 0
+        self.received = 0
+    # called by the client's reader task
+    def _push(self, msgs: list[list[Any]]) -> None:
+        room = self.max_pending - len(self._q)
+        if len(msgs) > room:
+            if room <= 0:
+                self.dropped += len(msgs)
+                return
+            self.dropped += len(msgs) - room
+            msgs = msgs[:room]
+        self._q.extend(msgs)
+        self.received += len(msgs)
+        self._wake()
+
+    def _wrap(self, m: list[Any]) -> Message:
+        return Message(m[0], m[1], m[2], m[3], self._client)
+
+    async def close(self) -> None:
+        """Unsubscribe. Messages already buffered are discarded; iteration ends."""
+        if self._closed:
+            return
+        self._end(None)
+        self._q.clear()
+        await self._client._unsubscribe(self)
+
+    async def __aenter__(self) -> Subscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        except ConnectionClosedError:
+            pass
+
