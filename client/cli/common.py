@@ -97,7 +97,7 @@ def run(ns: argparse.Namespace, command: Command, *, reconnect: bool = False,
 
     try:
         run_loop(go)
-    except BaseException as exc:  # noqa: BLE001 - sorted by kind below; the rest is re-raised
+    except BaseException as exc:  # sorted by kind below; the rest is re-raised
         err = _unwrap(exc)
         if isinstance(err, TidingsError):
             print(f"tidings: {err}", file=sys.stderr)

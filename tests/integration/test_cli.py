@@ -268,6 +268,6 @@ async def test_pub_and_sub_authenticate_like_the_admin_commands(start_broker, tm
     for args, env in ((["pub", "cli.x", "y"], clean_env()),  # no credentials
                       (["pub", "cli.x", "y", "--user", "alice", "--password", "wrong"], clean_env()),
                       (["sub", "other.>"], alice)):  # not alice's subjects
-        r = await anyio.to_thread.run_sync(lambda: run_cli(*args, "--url", b.url, env=env))
+        r = await anyio.to_thread.run_sync(lambda a=args, e=env: run_cli(*a, "--url", b.url, env=e))
         assert r.returncode == 1, (args, r.stderr)
         assert r.stderr.startswith("tidings: ") and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
