@@ -1,6 +1,6 @@
 """What every `tidings` command that talks to a broker shares.
 
-    add_url, add_credentials  --url; --user/--password/--token (defaults from $TIDINGS_URL/_USER/...)
+    add_url, add_credentials  --url; --user/--password/--token/--ca-file (defaults from $TIDINGS_URL/_USER/...)
     add_options               both, plus --json and --timeout: the set every admin command takes
     run, runner               connect, run one command on uvloop, turn errors into exit statuses
     print_json, jsonable, text_or_base64, table    output for people and for scripts
@@ -51,7 +51,8 @@ def add_url(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
 
 
 def add_credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
-    """--user/--password/--token, defaulting to $TIDINGS_USER/_PASSWORD/_TOKEN (``leaf``: see add_url)."""
+    """--user/--password/--token, defaulting to $TIDINGS_USER/_PASSWORD/_TOKEN, and --ca-file
+    ($TIDINGS_CA_FILE), the CA that verifies a tidings+tls:// broker (``leaf``: see add_url)."""
     env = os.environ
 
     def default(name: str) -> Any:
@@ -61,6 +62,9 @@ def add_credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
     p.add_argument("--password", default=default("TIDINGS_PASSWORD"),
                    help="password (default: $TIDINGS_PASSWORD; the environment keeps it out of `ps`)")
     p.add_argument("--token", default=default("TIDINGS_TOKEN"), help="access token (default: $TIDINGS_TOKEN)")
+    p.add_argument("--ca-file", default=default("TIDINGS_CA_FILE"), metavar="PEM",
+                   help="CA certificates that verify a tidings+tls:// broker (default: $TIDINGS_CA_FILE, "
+                   "else the system's)")
 
 
 def add_options(p: argparse.ArgumentParser, *, leaf: bool = False, timeout: float = 10.0,
@@ -87,7 +91,8 @@ def run(ns: argparse.Namespace, command: Command, *, reconnect: bool = False,
     from tidings.client import TidingsError, connect
 
     options: dict[str, Any] = {"reconnect": reconnect, "user": getattr(ns, "user", None),
-                               "password": getattr(ns, "password", None), "token": getattr(ns, "token", None)}
+                               "password": getattr(ns, "password", None), "token": getattr(ns, "token", None),
+                               "ca_file": getattr(ns, "ca_file", None)}
     if getattr(ns, "timeout", None) is not None:
         options["timeout"] = ns.timeout
 

@@ -271,3 +271,23 @@ async def test_pub_and_sub_authenticate_like_the_admin_commands(start_broker, tm
         r = await anyio.to_thread.run_sync(lambda a=args, e=env: run_cli(*a, "--url", b.url, env=e))
         assert r.returncode == 1, (args, r.stderr)
         assert r.stderr.startswith("tidings: ") and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_commands_verify_a_tls_broker_with_the_ca_file(start_broker, tmp_path: Path, certs) -> None:
+    """--ca-file, or TIDINGS_CA_FILE, names the CA that verifies a tidings+tls:// broker;
+    without it the system's CAs do not know the test CA and the command fails in one line."""
+    from securitytools import write_config
+
+    conf = write_config(tmp_path / "tidings.toml", tls={"cert": certs.server, "key": certs.server_key})
+    b = start_broker("--config", str(conf))
+    url = f"tidings+tls://127.0.0.1:{b.port}"  # the test server certificate lists IP:127.0.0.1
+    r = run_cli("pub", "tls.x", "y", "--url", url, "--ca-file", str(certs.ca))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("queues", "declare", "tlsq", "--bind", "tls.>", "--url", url,
+                env=clean_env(TIDINGS_CA_FILE=str(certs.ca)))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("queues", "--url", url, "--json", "--ca-file", str(certs.ca))
+    assert r.returncode == 0, r.stderr
+    assert "tlsq" in [q["name"] for q in json.loads(r.stdout)]
+    r = run_cli("queues", "--url", url, "--timeout", "5")
+    assert r.returncode == 1 and r.stderr.startswith("tidings: ") and "Traceback" not in r.stderr, r.stderr
