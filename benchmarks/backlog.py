@@ -146,7 +146,7 @@ def main() -> None:
     ap.add_argument("--verbose", "-v", action="store_true", help="print the RSS timeline to stderr")
     ap.add_argument("--max-growth-mb", type=float, default=100.0, help="the bar for RSS growth (default 100)")
     ns = ap.parse_args()
-    from tidings.cli.main import _run as run_loop
+    from tidings.broker.serve import run_loop
 
     with broker_process("--durability", ns.durability) as b:
         row = run_loop(_run, b, ns.messages, ns.payload, ns.in_flight, ns.prefetch, ns.ack_deadline,

@@ -127,12 +127,12 @@ def main() -> None:
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ns = ap.parse_args()
-    from tidings.cli.main import _run
+    from tidings.broker.serve import run_loop
     if ns.role == "consumer":
-        _run(_consumer, ns.url, "bench.durable", ns.messages, ns.prefetch)
+        run_loop(_consumer, ns.url, "bench.durable", ns.messages, ns.prefetch)
         return
     if ns.role == "producer":
-        _run(_producer, ns.url, "bench.durable.x", ns.messages, ns.payload, ns.in_flight)
+        run_loop(_producer, ns.url, "bench.durable.x", ns.messages, ns.payload, ns.in_flight)
         return
     with broker("--durability", ns.durability) as url:
         row = run(url, ns.messages, ns.payload, ns.in_flight, ns.prefetch)

@@ -164,15 +164,15 @@ def main() -> None:
     if ns.role:
         import functools
 
-        from tidings.cli.main import _run
+        from tidings.broker.serve import run_loop
         creds = {k: v for k, v in (("user", ns.user), ("password", ns.password), ("ca_file", ns.ca_file))
                  if v is not None}
         if ns.ca_file:
             _tls_without_close_notify()
         if ns.role == "sub":
-            _run(functools.partial(_subscriber, **creds), ns.url, ns.subject, ns.messages)
+            run_loop(functools.partial(_subscriber, **creds), ns.url, ns.subject, ns.messages)
         else:
-            _run(functools.partial(_publisher, **creds), ns.url, ns.subject, ns.messages, ns.payload)
+            run_loop(functools.partial(_publisher, **creds), ns.url, ns.subject, ns.messages, ns.payload)
         return
     rows = []
     with broker() as url:

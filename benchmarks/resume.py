@@ -312,19 +312,19 @@ def main() -> None:
     ap.add_argument("--reconnect-max", type=float, default=2.0,
                     help="the client's longest wait between redials, s (default 2.0, the client default)")
     ns = ap.parse_args()
-    from tidings.cli.main import _run
+    from tidings.broker.serve import run_loop
 
     with tempfile.TemporaryDirectory(prefix="tidings-resume-") as data:
         b = KillableBroker(os.path.join(data, "resume"))
         b.start()
         try:
-            runs = _run(measure_resume, b, ns.runs, ns.reconnect_max)
+            runs = run_loop(measure_resume, b, ns.runs, ns.reconnect_max)
         finally:
             b.stop()
         k = KillableBroker(os.path.join(data, "kill"))
         k.start()
         try:
-            workload = _run(kill_workload, k, ns.messages)
+            workload = run_loop(kill_workload, k, ns.messages)
         finally:
             k.stop()
     rec = sorted(r["reconnected_ms"] for r in runs)

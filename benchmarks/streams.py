@@ -155,9 +155,9 @@ async def _replay(url: str, partition: int) -> dict[str, Any]:
 
 
 def run(url: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
-    from tidings.cli.main import _run
+    from tidings.broker.serve import run_loop
 
-    before = _run(_setup, url, ns.partitions)
+    before = run_loop(_setup, url, ns.partitions)
     consumers = [spawn("benchmarks.streams", "--role", "consumer", "--url", url, "--window", str(ns.window))
                  for _ in range(ns.consumers)]
     for c in consumers:
@@ -200,7 +200,7 @@ def run(url: str, ns: argparse.Namespace) -> list[dict[str, Any]]:
         "redelivered": sum(c["redelivered"] for c in cs),
         "assignments": "/".join(",".join(map(str, c["partitions"])) for c in cs),
     }
-    r = _run(_replay, url, 0)
+    r = run_loop(_replay, url, 0)
     replay = {
         "scenario": f"replay 1 partition of {r['stored']:,} to 1 reader",
         "messages": r["stored"],
@@ -225,12 +225,12 @@ def main() -> None:
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ns = ap.parse_args()
-    from tidings.cli.main import _run
+    from tidings.broker.serve import run_loop
     if ns.role == "consumer":
-        _run(_consumer, ns.url, ns.window)
+        run_loop(_consumer, ns.url, ns.window)
         return
     if ns.role == "producer":
-        _run(_producer, ns.url, ns.messages, ns.payload, ns.in_flight, ns.keys, ns.partitions)
+        run_loop(_producer, ns.url, ns.messages, ns.payload, ns.in_flight, ns.keys, ns.partitions)
         return
     if ns.payload < 8:
         ap.error("--payload must be at least 8 bytes (the sequence number)")

@@ -1,4 +1,4 @@
-"""Operations commands of `tidings`: a live view of a running broker, and online backup.
+"""`tidings stats` and `tidings backup`: a live view of a running broker, and online backup.
 
     tidings stats [--once] [--interval S] [--count N] [--json]
         rates (published, confirmed, delivered, acked, nacked, redelivered,
@@ -10,34 +10,32 @@
     tidings backup NAME [--json]
         ask the broker for a consistent copy of its store, written as the
         file NAME in its backup directory (setting backup_dir) on the
-        broker's machine; never over an existing file (see broker/backup.py).
+        broker's machine; never over an existing file (see
+        tidings.broker.ops.backup).
 
-Both talk to a running broker through the client library like every other
-admin command: ``--url`` (default ``$TIDINGS_URL`` or the local default
-port) and, when the broker has users, ``--user``/``--password`` or
-``--token`` (default ``$TIDINGS_USER``, ``$TIDINGS_PASSWORD``,
-``$TIDINGS_TOKEN``; prefer the environment to flags, which other local
-users can see in the process list). Errors go to stderr with exit status
-1 (2 for usage errors).
-
-Register them with :func:`register` on the `tidings` subparsers; ``python
--m tidings.cli.ops`` runs them on their own.
+Both talk to a running broker through the client library with the options,
+runner and exit statuses of common.py: ``--url`` (default ``$TIDINGS_URL``
+or the client's default URL) and, when the broker has users,
+``--user``/``--password`` or ``--token`` (default ``$TIDINGS_USER``,
+``$TIDINGS_PASSWORD``, ``$TIDINGS_TOKEN``; prefer the environment to
+flags, which other local users can see in the process list). Errors go to
+stderr with exit status 1 (2 for usage errors); Ctrl-C, which ends the live
+view, exits 0. :func:`register` adds them to the `tidings` parser (main.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Final
 
-from tidings.cli.queues import _execute as admin_execute
-from tidings.cli.queues import _table, credentials
+from tidings.cli.common import add_options, runner, table
 
-DEFAULT_URL: Final = "tidings://127.0.0.1:7421"
+JSON_HELP: Final = "print JSON (for scripts)"
+BACKUP_TIMEOUT: Final = 600.0  # seconds: copying a large store takes a while
 CLEAR: Final = "\x1b[H\x1b[2J"  # cursor home + clear screen, for the live view on a terminal
 
 #: Broker-wide totals that `stats` turns into rates: name -> how to read it from a sample.
@@ -57,22 +55,6 @@ _TOTALS: Final[tuple[tuple[str, Callable[[dict[str, Any]], float]], ...]] = (
     ("errors", lambda s: sum((s["stats"].get("errors") or {}).values())),
     ("commits", lambda s: (s["stats"].get("store") or {}).get("commits", 0)),
 )
-
-
-# --------------------------------------------------------------- plumbing
-
-def _connection_args(p: argparse.ArgumentParser, timeout: float) -> None:
-    p.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL),
-                   help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
-    credentials(p)
-    p.add_argument("--timeout", type=float, default=timeout,
-                   help=f"seconds to wait for the broker's answer (default {timeout:g})")
-    p.add_argument("--json", action="store_true", help="print JSON (for scripts)")
-
-
-def _execute(ns: argparse.Namespace, command: Callable[[Any, argparse.Namespace], Awaitable[None]]) -> int:
-    """admin_cli's runner; Ctrl-C (how the live view ends) exits 0."""
-    return admin_execute(ns, command, interrupted=0)
 
 
 # ------------------------------------------------------------------ stats
@@ -153,13 +135,13 @@ def render(f: dict[str, Any], url: str) -> str:
             f"subscriptions {_n(f['subscriptions'])}  (rates over {f['interval']:.1f} s)"), ""]
     keys = ("published", "confirmed", "delivered", "acked", "nacked", "redelivered", "dead_lettered", "expired",
             "dropped", "errors")
-    out.append(_table([["per second", *(_n(r[k]) for k in keys)]],
+    out.append(table([["per second", *(_n(r[k]) for k in keys)]],
                       ["MESSAGES", *(k.upper().replace("_", "-") for k in keys)]))
     out.append("")
     if f["queues"]:
         rows = [[q["name"], _n(q["depth"]), _n(q["in_flight"]), _n(q["consumers"]), _n(q["rates"]["published"]),
                  _n(q["rates"]["delivered"]), _n(q["rates"]["acked"]), _n(q["dlq_depth"])] for q in f["queues"]]
-        out.append(_table(rows, ["QUEUE", "DEPTH", "IN-FLIGHT", "CONSUMERS", "IN/S", "OUT/S", "ACK/S",
+        out.append(table(rows, ["QUEUE", "DEPTH", "IN-FLIGHT", "CONSUMERS", "IN/S", "OUT/S", "ACK/S",
                                  "DLQ DEPTH"]))
     else:
         out.append("no queues")
@@ -171,7 +153,7 @@ def render(f: dict[str, Any], url: str) -> str:
             lag = max((g["lag"] for g in groups.values()), default=None)
             rows.append([st["name"], _n(st["partitions"]), _n(st["messages"]), _n(st["rates"]["published"]),
                          _n(len(groups)), _n(lag), _n(st["readers"])])
-        out.append(_table(rows, ["STREAM", "PARTITIONS", "MESSAGES", "IN/S", "GROUPS", "MAX GROUP LAG",
+        out.append(table(rows, ["STREAM", "PARTITIONS", "MESSAGES", "IN/S", "GROUPS", "MAX GROUP LAG",
                                  "READERS"]))
     else:
         out.append("no streams")
@@ -233,8 +215,8 @@ def register(sp: Any) -> None:
     s.add_argument("--once", action="store_true", help="print one frame and exit")
     s.add_argument("--count", type=int, default=0, help="exit after this many frames (default: run until Ctrl-C)")
     s.add_argument("--interval", type=_positive, default=1.0, help="seconds between frames (default 1)")
-    _connection_args(s, 10.0)
-    s.set_defaults(fn=lambda ns: _execute(ns, _stats))
+    add_options(s, json_help=JSON_HELP)
+    s.set_defaults(fn=runner(_stats, interrupted=0))
 
     b = sp.add_parser("backup", help="copy the running broker's store (online, consistent)",
                       description="Ask the running broker for a consistent copy of its store while it keeps "
@@ -245,16 +227,6 @@ def register(sp: Any) -> None:
                       "holding the copy, named tidings.db, to restore it.")
     b.add_argument("name", metavar="NAME", help="file name of the copy in the broker's backup directory "
                    "(A-Z a-z 0-9 . _ -, no path)")
-    _connection_args(b, 600.0)
-    b.set_defaults(fn=lambda ns: _execute(ns, _backup))
+    add_options(b, timeout=BACKUP_TIMEOUT, json_help=JSON_HELP)
+    b.set_defaults(fn=runner(_backup, interrupted=0))
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tidings", description="tidings operations commands")
-    register(p.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    ns = p.parse_args(argv)
-    return int(ns.fn(ns))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,10 +4,11 @@
     tidings passwd --stdin    read the password as one line from stdin (scripts)
     tidings passwd --token    print a new random token (for the client) and its hash (for the config)
 
-The work is done by :func:`broker.auth.passwd_main`; this module only
-registers the command on the main parser (``register(subparsers)``, called
-from ``broker.cli.build_parser``). Exit status 0, or 1 for a refused
-password (empty, too long, the two entries differ).
+The work is done by :func:`tidings.broker.security.auth.passwd_main` (it
+needs no broker running, so nothing from common.py); this module only
+registers the command on the `tidings` parser (``register(subparsers)``,
+called from main.py). Exit status 0, or 1 for a refused password (empty,
+too long, the two entries differ).
 """
 
 from __future__ import annotations

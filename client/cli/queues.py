@@ -1,131 +1,36 @@
-"""Admin commands of `tidings` for durable queues and dead-letter queues.
+"""`tidings queues` and `tidings dlq`: the admin commands for durable queues and dead-letter queues.
 
     tidings queues [--json]                       list queues: depth, in-flight, consumers, DLQ depth
     tidings queues declare NAME --bind PATTERN .. create a queue (or check an identical one exists)
     tidings queues info|purge|delete NAME
     tidings dlq ls|redrive|purge QUEUE            peek at, move back, or drop dead-lettered messages
 
-They talk to a running broker through the client library (``--url``,
-default ``TIDINGS_URL`` or the local default port). ``--json`` prints the
-broker's full answer as JSON for scripts; errors go to stderr with exit
-status 1 (2 for usage errors). Registered on the main parser by
-``broker.cli.build_parser``.
+They talk to a running broker through the client library with the options,
+runner, exit statuses and JSON output of common.py (``--json`` prints the
+broker's full answer for scripts). :func:`register` adds them to the
+`tidings` parser (main.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime as dt
-import json
-import os
-import sys
-from typing import Any, Awaitable, Callable, Final
+from typing import Any, Final
 
-DEFAULT_URL: Final = "tidings://127.0.0.1:7421"
+from tidings.cli.common import (
+    BASE64_MARKER,
+    add_options,
+    jsonable,
+    print_json,
+    runner,
+    table,
+    text_or_base64,
+)
+
 PAYLOAD_SHOWN: Final = 1000  # characters of a payload `dlq ls` prints before cutting it (--json has all)
-BASE64_MARKER: Final = "base64:"  # prefixes a payload or header value that is not UTF-8 text
-
-Command = Callable[[Any, argparse.Namespace], Awaitable[Any]]
 
 
-# --------------------------------------------------------------- plumbing
-
-
-def _common(p: argparse.ArgumentParser, *, leaf: bool) -> None:
-    """--url/--json/--timeout. A leaf (sub-subcommand) parser uses SUPPRESS
-    defaults so that `tidings queues --json declare X` keeps the --json given
-    before the leaf name (argparse would otherwise reset it to the leaf default)."""
-    url_default = argparse.SUPPRESS if leaf else os.environ.get("TIDINGS_URL", DEFAULT_URL)
-    p.add_argument("--url", default=url_default,
-                   help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if leaf else False,
-                   help="print the broker's full answer as JSON (for scripts)")
-    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS if leaf else 10.0,
-                   help="seconds to wait for the broker (default 10)")
-    credentials(p, leaf=leaf)
-
-
-def credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
-    """--user/--password/--token, defaulting to $TIDINGS_USER/_PASSWORD/_TOKEN."""
-    env = os.environ
-
-    def default(name: str) -> Any:
-        return argparse.SUPPRESS if leaf else env.get(name)
-
-    p.add_argument("--user", default=default("TIDINGS_USER"), help="user name (default: $TIDINGS_USER)")
-    p.add_argument("--password", default=default("TIDINGS_PASSWORD"),
-                   help="password (default: $TIDINGS_PASSWORD; the environment keeps it out of `ps`)")
-    p.add_argument("--token", default=default("TIDINGS_TOKEN"), help="access token (default: $TIDINGS_TOKEN)")
-
-
-def _execute(ns: argparse.Namespace, command: Command, *, interrupted: int = 130) -> int:
-    """Connect with ns's URL and credentials, run ``command(client, ns)``; map
-    errors to exit codes (``interrupted`` is the one for Ctrl-C)."""
-    from tidings.client import connect
-    from tidings.client.errors import TidingsError
-
-    from tidings.cli.main import _run
-
-    async def go() -> Any:
-        # An admin command fails fast: it does not ride through a broker restart.
-        async with connect(ns.url, name="tidings-cli", timeout=ns.timeout, reconnect=False,
-                           user=getattr(ns, "user", None), password=getattr(ns, "password", None),
-                           token=getattr(ns, "token", None)) as tc:
-            return await command(tc, ns)
-
-    try:
-        _run(go)
-    except BaseException as exc:  # noqa: BLE001 - sorted by kind below; the rest is re-raised
-        err = _unwrap(exc)
-        if isinstance(err, TidingsError):
-            print(f"tidings: {err}", file=sys.stderr)
-            return 1
-        if isinstance(err, ValueError):  # a malformed --url
-            print(f"tidings: {err}", file=sys.stderr)
-            return 2
-        if isinstance(err, BrokenPipeError):  # `tidings queues | head`: the reader left, not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        if isinstance(err, KeyboardInterrupt):
-            return interrupted
-        raise
-    return 0
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The single error inside (nested) one-error ExceptionGroups: an error
-    raised inside `async with connect()` leaves it wrapped by the client's
-    task group."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def _runner(command: Command) -> Callable[[argparse.Namespace], int]:
-    return lambda ns: _execute(ns, command)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(_jsonable(value), indent=2, sort_keys=True))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return _text_or_base64(v)
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-def _text_or_base64(b: bytes) -> str:
-    """UTF-8 text as is; anything else as ``base64:<data>``."""
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return BASE64_MARKER + base64.b64encode(b).decode("ascii")
+# ----------------------------------------------------------------- output
 
 
 def _shown(text: str) -> str:
@@ -134,15 +39,6 @@ def _shown(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
-
-
-def _table(rows: list[list[str]], head: list[str]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-
-    def line(cells: list[str]) -> str:  # names left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join(line(r) for r in [head, *rows])
 
 
 def _when(ms: Any) -> str:
@@ -157,14 +53,14 @@ def _when(ms: Any) -> str:
 async def _queues_ls(tc: Any, ns: argparse.Namespace) -> None:
     queues = await tc.list_queues()
     if ns.json:
-        _print_json(queues)
+        print_json(queues)
         return
     if not queues:
         print("no queues")
         return
     rows = [[q["name"], str(q["depth"]), str(q["in_flight"]), str(q["consumers"]),
              "-" if q.get("dlq_depth") is None else str(q["dlq_depth"])] for q in queues]
-    print(_table(rows, ["NAME", "DEPTH", "IN-FLIGHT", "CONSUMERS", "DLQ DEPTH"]))
+    print(table(rows, ["NAME", "DEPTH", "IN-FLIGHT", "CONSUMERS", "DLQ DEPTH"]))
 
 
 #: declare flags -> queue settings (see QueueConfig); None values are not sent.
@@ -177,7 +73,7 @@ async def _queues_declare(tc: Any, ns: argparse.Namespace) -> None:
     settings = {k: getattr(ns, k) for k in _DECLARE_SETTINGS if getattr(ns, k) is not None}
     info = await tc.declare_queue(ns.name, bind=ns.bind or [], **settings)
     if ns.json:
-        _print_json(info)
+        print_json(info)
         return
     what = "created" if info.get("created") else "already exists with these settings,"
     bind = ", ".join(info.get("bind") or []) or "no subject"
@@ -187,7 +83,7 @@ async def _queues_declare(tc: Any, ns: argparse.Namespace) -> None:
 async def _queues_info(tc: Any, ns: argparse.Namespace) -> None:
     info = await tc.queue_info(ns.name)
     if ns.json:
-        _print_json(info)
+        print_json(info)
         return
     conf = info.pop("config", {})
     for k, v in info.items():
@@ -200,7 +96,7 @@ async def _queues_info(tc: Any, ns: argparse.Namespace) -> None:
 async def _queues_purge(tc: Any, ns: argparse.Namespace) -> None:
     n = await tc.purge_queue(ns.name)
     if ns.json:
-        _print_json({"queue": ns.name, "purged": n})
+        print_json({"queue": ns.name, "purged": n})
     else:
         print(f"purged {n} messages from {ns.name}")
 
@@ -208,7 +104,7 @@ async def _queues_purge(tc: Any, ns: argparse.Namespace) -> None:
 async def _queues_delete(tc: Any, ns: argparse.Namespace) -> None:
     res = await tc.delete_queue(ns.name)
     if ns.json:
-        _print_json(res)
+        print_json(res)
     else:
         print(f"deleted queue {res['deleted']} and its {res['messages']} messages")
 
@@ -226,13 +122,13 @@ def _add_queues(sp: Any) -> None:
         description="Without a subcommand: list every queue with its depth (stored messages, in flight "
         "included), in-flight deliveries, consumers and the depth of its dead-letter queue. "
         "Declare a queue with `tidings queues declare NAME --bind PATTERN`.")
-    _common(q, leaf=False)
-    q.set_defaults(fn=_runner(_queues_ls))
+    add_options(q)
+    q.set_defaults(fn=runner(_queues_ls))
     qs = q.add_subparsers(dest="queues_command", metavar="SUBCOMMAND")
 
     s = qs.add_parser("ls", help="list queues (the default)", description="List every queue.")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_queues_ls))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_queues_ls))
 
     s = qs.add_parser(
         "declare", help="create a durable queue",
@@ -260,16 +156,16 @@ def _add_queues(sp: Any) -> None:
     s.add_argument("--max-length", type=int, metavar="N", help="most messages the queue holds")
     s.add_argument("--overflow", choices=["reject", "dead_letter_oldest"],
                    help="at max length: reject new publishes (QUEUE_FULL, default) or dead-letter the oldest")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_queues_declare))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_queues_declare))
 
     for name, fn, text in (("info", _queues_info, "show a queue's counters and settings"),
                            ("purge", _queues_purge, "drop every message of a queue"),
                            ("delete", _queues_delete, "delete a queue and its messages")):
         s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         s.add_argument("name", metavar="NAME")
-        _common(s, leaf=True)
-        s.set_defaults(fn=_runner(fn))
+        add_options(s, leaf=True)
+        s.set_defaults(fn=runner(fn))
 
 
 # -------------------------------------------------------------------- dlq
@@ -296,11 +192,11 @@ async def _dlq_ls(tc: Any, ns: argparse.Namespace) -> None:
     msgs = await tc.dlq_list(name, limit=ns.limit, offset=ns.offset)
     if ns.json:
         for m in msgs:  # say how the payload is encoded, so a text payload starting "base64:" is not misread
-            text = _text_or_base64(m["payload"])
+            text = text_or_base64(m["payload"])
             binary = text.startswith(BASE64_MARKER) and not m["payload"].startswith(BASE64_MARKER.encode())
             m["payload"] = text[len(BASE64_MARKER):] if binary else text
             m["payload_encoding"] = "base64" if binary else "utf-8"
-        _print_json({"dlq": name, "messages": msgs})
+        print_json({"dlq": name, "messages": msgs})
         return
     total = (await tc.queue_info(name))["depth"]
     print(f"{name}: {total} messages" + (f", showing {len(msgs)} from #{ns.offset + 1}" if msgs else ""))
@@ -316,8 +212,8 @@ async def _dlq_ls(tc: Any, ns: argparse.Namespace) -> None:
         if tid.get("last-error"):
             print(f"  last error: {_shown(str(tid['last-error']))}")
         if h:
-            print("  headers: " + ", ".join(f"{k}={_shown(str(_jsonable(v)))}" for k, v in h.items()))
-        text = _shown(_text_or_base64(m["payload"]))
+            print("  headers: " + ", ".join(f"{k}={_shown(str(jsonable(v)))}" for k, v in h.items()))
+        text = _shown(text_or_base64(m["payload"]))
         if len(text) > PAYLOAD_SHOWN:
             text = f"{text[:PAYLOAD_SHOWN]}... ({len(m['payload'])} bytes; --json shows all)"
         print(f"  payload: {text}")
@@ -332,7 +228,7 @@ async def _dlq_redrive(tc: Any, ns: argparse.Namespace) -> None:
         args["to"] = ns.to
     res = await tc.call("dlq.redrive", args, timeout=max(ns.timeout, 60.0))
     if ns.json:
-        _print_json({"dlq": name, **res})
+        print_json({"dlq": name, **res})
         return
     dest = ns.to or "their source queues"
     print(f"redrove {res['redriven']} messages from {name} to {dest}")
@@ -344,7 +240,7 @@ async def _dlq_purge(tc: Any, ns: argparse.Namespace) -> None:
     name = await _dlq_name(tc, ns.queue)
     n = await tc.dlq_purge(name)
     if ns.json:
-        _print_json({"dlq": name, "purged": n})
+        print_json({"dlq": name, "purged": n})
     else:
         print(f"purged {n} messages from {name}")
 
@@ -354,7 +250,7 @@ def _add_dlq(sp: Any) -> None:
         "dlq", help="inspect, redrive and purge dead-letter queues",
         description="QUEUE is a dead-letter queue, or a queue whose dead-letter queue is meant "
         "(`tidings dlq ls orders` and `tidings dlq ls orders.dlq` are the same).")
-    _common(d, leaf=False)
+    add_options(d)
     ds = d.add_subparsers(dest="dlq_command", metavar="SUBCOMMAND", required=True)
 
     s = ds.add_parser("ls", help="peek at dead-lettered messages (they stay)",
@@ -364,8 +260,8 @@ def _add_dlq(sp: Any) -> None:
     s.add_argument("queue", metavar="QUEUE")
     s.add_argument("--limit", type=int, default=20, help="messages to show (1..10000, default 20)")
     s.add_argument("--offset", type=int, default=0, help="skip this many messages first")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_dlq_ls))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_dlq_ls))
 
     s = ds.add_parser("redrive", help="move dead-lettered messages back to be processed again",
                       description="Move messages (oldest first) from the dead-letter queue back to the queue "
@@ -373,14 +269,14 @@ def _add_dlq(sp: Any) -> None:
     s.add_argument("queue", metavar="QUEUE")
     s.add_argument("--count", type=int, help="move at most this many (default all)")
     s.add_argument("--to", metavar="QUEUE", help="move them to this queue instead of their source")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_dlq_redrive))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_dlq_redrive))
 
     s = ds.add_parser("purge", help="drop every dead-lettered message", description="Drop every message "
                       "of the dead-letter queue.")
     s.add_argument("queue", metavar="QUEUE")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_dlq_purge))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_dlq_purge))
 
 
 def register(sp: Any) -> None:

@@ -1,4 +1,4 @@
-"""Admin commands of `tidings` for streams.
+"""`tidings streams`: the admin commands for streams and their consumer groups.
 
     tidings streams [--json]                      partitions (first/next offset) and consumer groups
                                                   (members, assignments, committed offsets, lag)
@@ -6,11 +6,9 @@
                          [--max-age S --max-messages N --max-bytes N ...]
     tidings streams info|trim|delete NAME
 
-They talk to a running broker through the client library (``--url``,
-default ``TIDINGS_URL`` or the local default port), exactly like the
-queue commands in admin_cli.py, whose plumbing (flags, exit codes, JSON
-output) they share. Register them with :func:`register` on the `tidings`
-subparsers.
+They talk to a running broker through the client library with the options,
+runner, exit statuses and JSON output of common.py, like the queue commands
+(queues.py). :func:`register` adds them to the `tidings` parser (main.py).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Final
 
-from tidings.cli.queues import _common, _print_json, _runner, _table
+from tidings.cli.common import add_options, print_json, runner, table
 
 #: declare flags -> stream settings (see StreamConfig); None values are not sent.
 _DECLARE_SETTINGS: Final = ("max_age", "max_messages", "max_bytes", "max_deliveries", "ack_deadline",
@@ -42,7 +40,7 @@ def _render(streams: list[dict[str, Any]]) -> str:
     for st in streams:
         for p in st["partitions"]:
             prows.append([st["name"], str(p["partition"]), str(p["first"]), str(p["next"]), str(p["messages"])])
-    out = [_table(prows, ["STREAM", "PARTITION", "FIRST", "NEXT", "MESSAGES"])]
+    out = [table(prows, ["STREAM", "PARTITION", "FIRST", "NEXT", "MESSAGES"])]
     grows = []
     for st in streams:
         for gname, g in sorted((st.get("groups") or {}).items()):
@@ -53,7 +51,7 @@ def _render(streams: list[dict[str, Any]]) -> str:
                               str(p.get("in_flight", 0))])
     out.append("")
     if grows:
-        out.append(_table(grows, ["STREAM/GROUP", "GENERATION", "MEMBERS", "PARTITION", "ASSIGNED TO",
+        out.append(table(grows, ["STREAM/GROUP", "GENERATION", "MEMBERS", "PARTITION", "ASSIGNED TO",
                                   "COMMITTED", "LAG", "IN-FLIGHT"]))
     else:
         out.append("no consumer groups")
@@ -61,14 +59,14 @@ def _render(streams: list[dict[str, Any]]) -> str:
              for st in streams for gname, g in sorted((st.get("groups") or {}).items())
              for m in g.get("members") or []]
     if mrows:  # every member, also those left without a partition (more members than partitions)
-        out += ["", _table(mrows, ["STREAM/GROUP", "MEMBER", "PARTITIONS"])]
+        out += ["", table(mrows, ["STREAM/GROUP", "MEMBER", "PARTITIONS"])]
     return "\n".join(out)
 
 
 async def _streams_ls(tc: Any, ns: argparse.Namespace) -> None:
     streams = await tc.list_streams()
     if ns.json:
-        _print_json(streams)
+        print_json(streams)
         return
     if not streams:
         print("no streams")
@@ -80,7 +78,7 @@ async def _streams_declare(tc: Any, ns: argparse.Namespace) -> None:
     settings = {k: getattr(ns, k) for k in _DECLARE_SETTINGS if getattr(ns, k) is not None}
     info = await tc.declare_stream(ns.name, partitions=ns.partitions, bind=ns.bind or [], **settings)
     if ns.json:
-        _print_json(info)
+        print_json(info)
         return
     what = "created" if info.get("created") else "exists with these settings:"
     conf = info.get("config") or {}
@@ -93,7 +91,7 @@ async def _streams_declare(tc: Any, ns: argparse.Namespace) -> None:
 async def _streams_info(tc: Any, ns: argparse.Namespace) -> None:
     info = await tc.stream_info(ns.name)
     if ns.json:
-        _print_json(info)
+        print_json(info)
         return
     print(_render([info]))
     print()
@@ -107,14 +105,14 @@ async def _streams_info(tc: Any, ns: argparse.Namespace) -> None:
 async def _streams_trim(tc: Any, ns: argparse.Namespace) -> None:
     res = await tc.call("stream.trim", {"name": ns.name}, timeout=max(ns.timeout, 60.0))
     if ns.json:
-        _print_json({"stream": ns.name, **res})
+        print_json({"stream": ns.name, **res})
     else:
         print(f"retention removed {res['removed']} messages from {ns.name}")
 
 
 async def _streams_delete(tc: Any, ns: argparse.Namespace) -> None:
     res = await tc.delete_stream(ns.name)
-    _print_json(res) if ns.json else print(f"deleted stream {res['deleted']}")
+    print_json(res) if ns.json else print(f"deleted stream {res['deleted']}")
 
 
 def register(sp: Any) -> None:
@@ -125,13 +123,13 @@ def register(sp: Any) -> None:
         "and next offset, then every consumer group with its generation, member count, and per partition "
         "the member it is assigned to, the committed offset and the lag (next - committed). "
         "Declare a stream with `tidings streams declare NAME --partitions P --bind PATTERN`.")
-    _common(q, leaf=False)
-    q.set_defaults(fn=_runner(_streams_ls))
+    add_options(q)
+    q.set_defaults(fn=runner(_streams_ls))
     qs = q.add_subparsers(dest="streams_command", metavar="SUBCOMMAND")
 
     s = qs.add_parser("ls", help="list streams and groups (the default)", description="List every stream.")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_streams_ls))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_streams_ls))
 
     s = qs.add_parser(
         "declare", help="create a stream",
@@ -152,13 +150,13 @@ def register(sp: Any) -> None:
     s.add_argument("--backoff-multiplier", type=float, metavar="X", help="growth of the delay per attempt")
     s.add_argument("--backoff-max", type=float, metavar="S", help="largest retry delay")
     s.add_argument("--dead-letter", metavar="QUEUE", help="dead-letter queue (default NAME.dlq)")
-    _common(s, leaf=True)
-    s.set_defaults(fn=_runner(_streams_declare))
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_streams_declare))
 
     for name, fn, text in (("info", _streams_info, "show a stream's partitions, groups, counters and settings"),
                            ("trim", _streams_trim, "apply the stream's retention limits now"),
                            ("delete", _streams_delete, "delete a stream, its messages and its groups")):
         s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         s.add_argument("name", metavar="NAME")
-        _common(s, leaf=True)
-        s.set_defaults(fn=_runner(fn))
+        add_options(s, leaf=True)
+        s.set_defaults(fn=runner(fn))

@@ -201,3 +201,93 @@ def test_config_file_settings_take_effect_and_flags_win(start_broker, tmp_path: 
 def test_serve_ignores_the_cli_url_variable(start_broker) -> None:
     broker = start_broker(env={"TIDINGS_URL": "tidings://127.0.0.1:7421"})
     assert broker.alive()
+
+
+# -------------------------------------------------------------- the package
+
+def test_cli_modules_share_common_and_import_no_private_names() -> None:
+    """Every command module takes its plumbing from tidings.cli.common by public
+    name: no module imports another's private (underscore) name, renames a module
+    on import, or writes its own default URL (the client's DEFAULT_URL is the one)."""
+    import ast
+
+    import tidings.cli
+
+    found: list[str] = []
+    for path in sorted(Path(tidings.cli.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tidings"):
+                found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                          if a.name.startswith("_")]
+                found += [f"{path.name}: {a.name} as {a.asname}" for a in node.names if a.asname]
+            elif isinstance(node, ast.Import):
+                found += [f"{path.name}: import {a.name} as {a.asname}" for a in node.names
+                          if a.name.startswith("tidings") and a.asname]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "tidings://" in node.value:
+                found.append(f"{path.name}:{node.lineno}: a URL of its own {node.value!r}")
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                found += [f"{path.name}:{node.lineno}: defines DEFAULT_URL" for t in targets
+                          if isinstance(t, ast.Name) and t.id == "DEFAULT_URL"]
+    assert found == []
+
+
+async def test_pub_and_sub_authenticate_like_the_admin_commands(start_broker, tmp_path: Path) -> None:
+    """pub and sub take --user/--password (or TIDINGS_USER/TIDINGS_PASSWORD) like every
+    command that talks to a broker; a refusal is one line on stderr and exit status 1."""
+    from securitytools import PASSWORDS, user, write_config
+
+    conf = write_config(tmp_path / "tidings.toml",
+                        users={**user("admin", publish=[">"], subscribe=[">"], admin=[">"]),
+                               **user("alice", publish=["cli.>"], subscribe=["cli.>"])})
+    b = start_broker("--config", str(conf))
+    alice = clean_env(TIDINGS_USER="alice", TIDINGS_PASSWORD=PASSWORDS["alice"])
+    async with connect(b.url, user="admin", password=PASSWORDS["admin"]) as tc:
+        sub = await tc.subscribe("cli.>")
+        await tc.flush()
+        r = await anyio.to_thread.run_sync(lambda: run_cli("pub", "cli.auth", "by env", "--url", b.url, env=alice))
+        assert r.returncode == 0, r.stderr
+        r = await anyio.to_thread.run_sync(lambda: run_cli(
+            "pub", "cli.auth", "by flags", "--url", b.url, "--user", "alice", "--password", PASSWORDS["alice"]))
+        assert r.returncode == 0, r.stderr
+        assert [(await sub.next(timeout=10)).payload for _ in range(2)] == [b"by env", b"by flags"]
+
+        async with await anyio.open_process(
+                [*CLI, "sub", "cli.>", "--count", "1", "--url", b.url],
+                env=alice, stdin=subprocess.DEVNULL, stderr=None) as proc:
+            await _wait_for_subscriptions(tc, 2)
+            await tc.publish("cli.x", b"to alice")
+            await tc.flush()
+            assert proc.stdout is not None
+            with anyio.fail_after(RUN_TIMEOUT):
+                out = b"".join([chunk async for chunk in proc.stdout])
+                assert await proc.wait() == 0
+        assert out.decode().strip() == "[cli.x] to alice"
+
+    for args, env in ((["pub", "cli.x", "y"], clean_env()),  # no credentials
+                      (["pub", "cli.x", "y", "--user", "alice", "--password", "wrong"], clean_env()),
+                      (["sub", "other.>"], alice)):  # not alice's subjects
+        r = await anyio.to_thread.run_sync(lambda a=args, e=env: run_cli(*a, "--url", b.url, env=e))
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.startswith("tidings: ") and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_commands_verify_a_tls_broker_with_the_ca_file(start_broker, tmp_path: Path, certs) -> None:
+    """--ca-file, or TIDINGS_CA_FILE, names the CA that verifies a tidings+tls:// broker;
+    without it the system's CAs do not know the test CA and the command fails in one line."""
+    from securitytools import write_config
+
+    conf = write_config(tmp_path / "tidings.toml", tls={"cert": certs.server, "key": certs.server_key})
+    b = start_broker("--config", str(conf))
+    url = f"tidings+tls://127.0.0.1:{b.port}"  # the test server certificate lists IP:127.0.0.1
+    r = run_cli("pub", "tls.x", "y", "--url", url, "--ca-file", str(certs.ca))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("queues", "declare", "tlsq", "--bind", "tls.>", "--url", url,
+                env=clean_env(TIDINGS_CA_FILE=str(certs.ca)))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("queues", "--url", url, "--json", "--ca-file", str(certs.ca))
+    assert r.returncode == 0, r.stderr
+    assert "tlsq" in [q["name"] for q in json.loads(r.stdout)]
+    r = run_cli("queues", "--url", url, "--timeout", "5")
+    assert r.returncode == 1 and r.stderr.startswith("tidings: ") and "Traceback" not in r.stderr, r.stderr

@@ -1,7 +1,7 @@
 """`tidings stats` and `tidings backup` against a live broker, in both output formats.
 
-They run as `python -m tidings.cli.ops ...` (the module on its own) and, once
-the lead registers them in broker/cli.py, as `python -m tidings stats|backup`.
+They run as a user runs them, `python -m tidings stats|backup` (the commands
+live in client/cli/ops.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import pytest
 from tidings.broker.security.auth import hash_password
 from tidings.client import connect
 
-OPS = ("-m", "tidings.cli.ops")
 TIDINGS = ("-m", "tidings")
 
 
@@ -59,17 +58,16 @@ def check_json_frame(frame: dict) -> None:
     assert streams["audit"]["groups"]["indexer"]["lag"] == 2
 
 
-@pytest.mark.parametrize("entry", [OPS, TIDINGS], ids=["ops_cli", "tidings"])
-async def test_stats_once_json_and_text(broker, entry: tuple[str, ...]) -> None:
+async def test_stats_once_json_and_text(broker) -> None:
     await workload(broker.url)
-    p = await anyio.to_thread.run_sync(lambda: run(*entry, "stats", "--once", "--json", "--interval", "0.2",
+    p = await anyio.to_thread.run_sync(lambda: run(*TIDINGS, "stats", "--once", "--json", "--interval", "0.2",
                                                    "--url", broker.url))
     assert p.returncode == 0, p.stderr
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 1
     check_json_frame(json.loads(lines[0]))
 
-    p = await anyio.to_thread.run_sync(lambda: run(*entry, "stats", "--once", "--interval", "0.2",
+    p = await anyio.to_thread.run_sync(lambda: run(*TIDINGS, "stats", "--once", "--interval", "0.2",
                                                    "--url", broker.url))
     assert p.returncode == 0, p.stderr
     out = p.stdout
@@ -88,7 +86,7 @@ def test_stats_refreshes_and_reports_rates(broker) -> None:
     The publishes may span any number of frames (a busy machine): frames are read until one
     has seen them all, and the rates of all frames add up to them."""
     frames_max = 120  # 60 s of frames: bounds the loop below
-    proc = subprocess.Popen([sys.executable, *OPS, "stats", "--json", "--count", str(frames_max),
+    proc = subprocess.Popen([sys.executable, *TIDINGS, "stats", "--json", "--count", str(frames_max),
                              "--interval", "0.5", "--url", broker.url],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -113,36 +111,34 @@ def test_stats_refreshes_and_reports_rates(broker) -> None:
 
 
 def test_stats_without_a_broker_fails_cleanly(tmp_path: Path) -> None:
-    p = run(*OPS, "stats", "--once", "--url", "tidings://127.0.0.1:1", "--timeout", "2")
+    p = run(*TIDINGS, "stats", "--once", "--url", "tidings://127.0.0.1:1", "--timeout", "2")
     assert p.returncode == 1
     assert "tidings: cannot connect" in p.stderr and "Traceback" not in p.stderr
-    p = run(*OPS, "stats", "--once", "--url", "http://nope")
+    p = run(*TIDINGS, "stats", "--once", "--url", "http://nope")
     assert p.returncode == 2
 
 
-@pytest.mark.parametrize("entry", [OPS,
-                                   TIDINGS], ids=["ops_cli", "tidings"])
-def test_backup_command_both_formats(broker, tmp_path: Path, entry: tuple[str, ...]) -> None:
+def test_backup_command_both_formats(broker, tmp_path: Path) -> None:
     anyio.run(workload, broker.url)
     target = broker.data_dir / "backups" / "copy.db"
-    p = run(*entry, "backup", "copy.db", "--url", broker.url)
+    p = run(*TIDINGS, "backup", "copy.db", "--url", broker.url)
     assert p.returncode == 0, p.stderr
     assert f"backed up to {target} on the broker's machine" in p.stdout
     size = target.stat().st_size
     assert f"{size:,} bytes" in p.stdout
 
-    p = run(*entry, "backup", "copy.db", "--url", broker.url)  # exists: refused, left alone
+    p = run(*TIDINGS, "backup", "copy.db", "--url", broker.url)  # exists: refused, left alone
     assert p.returncode == 1 and "already exists" in p.stderr
 
-    p = run(*entry, "backup", "copy2.db", "--json", "--url", broker.url)
+    p = run(*TIDINGS, "backup", "copy2.db", "--json", "--url", broker.url)
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)
     assert result["path"] == str(target.parent / "copy2.db") and result["bytes"] > 0
     assert set(result) == {"name", "path", "bytes", "seconds"}
 
-    p = run(*entry, "backup", str(tmp_path / "copy.db"), "--url", broker.url)
+    p = run(*TIDINGS, "backup", str(tmp_path / "copy.db"), "--url", broker.url)
     assert p.returncode == 1 and "not a path" in p.stderr
-    p = run(*entry, "backup", "copy.db", "--overwrite", "--url", broker.url)
+    p = run(*TIDINGS, "backup", "copy.db", "--overwrite", "--url", broker.url)
     assert p.returncode == 2  # there is no --overwrite: a backup never replaces a file
 
 
@@ -154,11 +150,11 @@ def test_ops_commands_pass_credentials(start_broker, tmp_path: Path) -> None:
                     'consume = [">"]\n')
     b = start_broker("--config", str(conf))
     anyio.run(lambda: workload(b.url, user="ops", password="s3cret"))
-    p = run(*OPS, "stats", "--once", "--json", "--interval", "0.2", "--url", b.url)
+    p = run(*TIDINGS, "stats", "--once", "--json", "--interval", "0.2", "--url", b.url)
     assert p.returncode == 1 and "tidings: " in p.stderr  # no credentials: refused
-    p = run(*OPS, "stats", "--once", "--json", "--interval", "0.2", "--url", b.url,
+    p = run(*TIDINGS, "stats", "--once", "--json", "--interval", "0.2", "--url", b.url,
             env={"TIDINGS_USER": "ops", "TIDINGS_PASSWORD": "s3cret"})
     assert p.returncode == 0, p.stderr
     check_json_frame(json.loads(p.stdout))
-    p = run(*OPS, "stats", "--once", "--interval", "0.2", "--url", b.url, "--user", "ops", "--password", "wrong")
+    p = run(*TIDINGS, "stats", "--once", "--interval", "0.2", "--url", b.url, "--user", "ops", "--password", "wrong")
     assert p.returncode == 1

@@ -1,11 +1,10 @@
 """Security settings fail closed: `tidings serve` refuses to start, with exit
 status 2 and a message naming the problem, for every security section it
 does not fully understand; with no users it listens on loopback only unless
-told it may run open. Also `tidings passwd` (broker/security_cli.py)."""
+told it may run open. Also `tidings passwd` (client/cli/passwd.py)."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import subprocess
@@ -16,8 +15,8 @@ import anyio
 import pytest
 from securitytools import PASSWORDS, WAIT, user, write_config
 
-from tidings.cli import passwd as security_cli
 from tidings.broker.security.auth import is_token_hash, token_hash, verify_password
+from tidings.cli.main import main
 from tidings.client import connect
 
 CLI = [sys.executable, "-m", "tidings"]
@@ -125,11 +124,8 @@ def test_with_users_a_non_loopback_host_is_allowed(start_broker, tmp_path: Path)
 
 def run_passwd(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str,
                stdin: str = "") -> tuple[int, str]:
-    parser = argparse.ArgumentParser(prog="tidings")
-    security_cli.register(parser.add_subparsers(dest="command"))
-    ns = parser.parse_args(["passwd", *argv])
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = ns.fn(ns)
+    code = main(["passwd", *argv])
     return code, capsys.readouterr().out
 
 

@@ -1,9 +1,6 @@
-"""`tidings streams` (broker/stream_cli.py) as an operator runs it, against a real broker.
+"""`tidings streams` (client/cli/streams.py) as an operator runs it, against a real broker.
 
-The commands run in a subprocess through a parser built here with
-``stream_cli.register`` (the same call broker/cli.py makes), so they are
-tested whether or not the main `tidings` parser has them wired yet; one
-test runs the real `python -m tidings streams` once it does.
+The commands run in a subprocess as `python -m tidings streams ...`.
 """
 
 from __future__ import annotations
@@ -14,29 +11,19 @@ import sys
 from typing import Any
 
 import anyio
-import pytest
 
 from tidings.client import connect
 from tidings.protocol.partition import partition_for
 
-RUNNER = """
-import argparse, sys
-from tidings.cli import streams as stream_cli
-parser = argparse.ArgumentParser(prog="tidings")
-sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-stream_cli.register(sub)
-ns = parser.parse_args(sys.argv[1:])
-sys.exit(ns.fn(ns))
-"""
 WAIT = 5.0
 
 
-async def tidings(*args: str, url: str | None = None, check: bool = True, main: bool = False) -> Any:
-    """Run `tidings ARGS` (via the test parser, or the real one with ``main``); stdout/stderr as text."""
+async def tidings(*args: str, url: str | None = None, check: bool = True) -> Any:
+    """Run `tidings ARGS`; stdout/stderr as text."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
     if url is not None:
         env["TIDINGS_URL"] = url
-    cmd = [sys.executable, "-m", "tidings"] if main else [sys.executable, "-c", RUNNER]
+    cmd = [sys.executable, "-m", "tidings"]
     with anyio.fail_after(30):
         r = await anyio.run_process([*cmd, *args], env=env, check=False)
     r.stdout, r.stderr = r.stdout.decode(), r.stderr.decode()
@@ -134,14 +121,3 @@ async def test_unreachable_broker_is_a_clean_error() -> None:
     r = await tidings("streams", "--url", "tidings://127.0.0.1:1", "--timeout", "2", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("tidings:")
 
-
-async def test_wired_into_the_tidings_command(broker) -> None:
-    """Once broker/cli.py calls stream_cli.register, `tidings streams` is the same command."""
-    from tidings.cli.main import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    if "streams" not in sub.choices:  # type: ignore[operator]
-        pytest.skip("broker/cli.py does not register the streams commands yet")
-    await tidings("streams", "declare", "wired", "--bind", "wired.>", url=broker.url, main=True)
-    out = (await tidings("streams", url=broker.url, main=True)).stdout
-    assert rows(out, "STREAM ") == [["wired", "0", "0", "0", "0"]]

@@ -1,0 +1,171 @@
+"""What every `tidings` command that talks to a broker shares.
+
+    add_url, add_credentials  --url; --user/--password/--token/--ca-file (defaults from $TIDINGS_URL/_USER/...)
+    add_options               both, plus --json and --timeout: the set every admin command takes
+    run, runner               connect, run one command on uvloop, turn errors into exit statuses
+    print_json, jsonable, text_or_base64, table    output for people and for scripts
+
+The default URL is the client library's (:data:`tidings.client.DEFAULT_URL`).
+Exit statuses: 0 done, 1 the broker or the connection said no (one line on
+stderr, ``tidings: ...``), 2 a usage error (argparse's, or a malformed URL),
+130 interrupted by Ctrl-C (0 for the commands that run until interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+from tidings.broker.serve import run_loop
+from tidings.client import DEFAULT_URL
+
+if TYPE_CHECKING:
+    from tidings.client import Client
+
+FAILED: Final = 1  # the broker refused, or could not be reached
+USAGE: Final = 2  # argparse's status for a bad command line
+INTERRUPTED: Final = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
+BASE64_MARKER: Final = "base64:"  # prefixes a payload or header value that is not UTF-8 text
+CLIENT_NAME: Final = "tidings-cli"  # how the broker lists the command's connection
+
+#: A command: runs against a connected client, prints its result.
+Command = Callable[["Client", argparse.Namespace], Awaitable[Any]]
+
+
+# ---------------------------------------------------------------- options
+
+
+def add_url(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
+    """--url, defaulting to $TIDINGS_URL or the client's default URL.
+
+    ``leaf`` is for a sub-subcommand's parser (`tidings queues declare`): its
+    defaults are SUPPRESS, so an option given before the leaf name (`tidings
+    queues --url U declare X`) is kept instead of being reset by the leaf's default."""
+    p.add_argument("--url", default=argparse.SUPPRESS if leaf else os.environ.get("TIDINGS_URL", DEFAULT_URL),
+                   help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
+
+
+def add_credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
+    """--user/--password/--token, defaulting to $TIDINGS_USER/_PASSWORD/_TOKEN, and --ca-file
+    ($TIDINGS_CA_FILE), the CA that verifies a tidings+tls:// broker (``leaf``: see add_url)."""
+    env = os.environ
+
+    def default(name: str) -> Any:
+        return argparse.SUPPRESS if leaf else env.get(name)
+
+    p.add_argument("--user", default=default("TIDINGS_USER"), help="user name (default: $TIDINGS_USER)")
+    p.add_argument("--password", default=default("TIDINGS_PASSWORD"),
+                   help="password (default: $TIDINGS_PASSWORD; the environment keeps it out of `ps`)")
+    p.add_argument("--token", default=default("TIDINGS_TOKEN"), help="access token (default: $TIDINGS_TOKEN)")
+    p.add_argument("--ca-file", default=default("TIDINGS_CA_FILE"), metavar="PEM",
+                   help="CA certificates that verify a tidings+tls:// broker (default: $TIDINGS_CA_FILE, "
+                   "else the system's)")
+
+
+def add_options(p: argparse.ArgumentParser, *, leaf: bool = False, timeout: float = 10.0,
+                json_help: str = "print the broker's full answer as JSON (for scripts)") -> None:
+    """--url, --json, --timeout (default ``timeout`` seconds) and the credentials (``leaf``: see add_url)."""
+    add_url(p, leaf=leaf)
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if leaf else False, help=json_help)
+    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS if leaf else timeout,
+                   help=f"seconds to wait for the broker (default {timeout:g})")
+    add_credentials(p, leaf=leaf)
+
+
+# ----------------------------------------------------------------- runner
+
+
+def run(ns: argparse.Namespace, command: Command, *, reconnect: bool = False,
+        interrupted: int = INTERRUPTED) -> int:
+    """Connect to ``ns.url`` with ``ns``'s credentials and timeout, run
+    ``command(client, ns)`` on uvloop, and return the exit status.
+
+    ``reconnect``: ride through a broker restart (for `sub`, which runs until
+    interrupted); an admin command fails fast instead. ``interrupted`` is the
+    status for Ctrl-C."""
+    from tidings.client import TidingsError, connect
+
+    options: dict[str, Any] = {"reconnect": reconnect, "user": getattr(ns, "user", None),
+                               "password": getattr(ns, "password", None), "token": getattr(ns, "token", None),
+                               "ca_file": getattr(ns, "ca_file", None)}
+    if getattr(ns, "timeout", None) is not None:
+        options["timeout"] = ns.timeout
+
+    async def go() -> Any:
+        async with connect(ns.url, name=CLIENT_NAME, **options) as tc:
+            return await command(tc, ns)
+
+    try:
+        run_loop(go)
+    except BaseException as exc:  # sorted by kind below; the rest is re-raised
+        err = _unwrap(exc)
+        if isinstance(err, TidingsError):
+            print(f"tidings: {err}", file=sys.stderr)
+            return FAILED
+        if isinstance(err, ValueError):  # a malformed --url
+            print(f"tidings: {err}", file=sys.stderr)
+            return USAGE
+        if isinstance(err, BrokenPipeError):  # `tidings queues | head`: the reader left, not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        if isinstance(err, KeyboardInterrupt):
+            return interrupted
+        raise
+    return 0
+
+
+def runner(command: Command, *, reconnect: bool = False,
+           interrupted: int = INTERRUPTED) -> Callable[[argparse.Namespace], int]:
+    """``run`` bound to ``command``, for ``parser.set_defaults(fn=runner(command))``."""
+    return lambda ns: run(ns, command, reconnect=reconnect, interrupted=interrupted)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single error inside (nested) one-error ExceptionGroups: an error
+    raised inside `async with connect()` leaves it wrapped by the client's
+    task group."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+# ----------------------------------------------------------------- output
+
+
+def print_json(value: Any) -> None:
+    """``value`` as indented JSON with sorted keys; bytes as :func:`text_or_base64`."""
+    print(json.dumps(jsonable(value), indent=2, sort_keys=True))
+
+
+def jsonable(v: Any) -> Any:
+    """``v`` with bytes made text (:func:`text_or_base64`) and keys made strings, all the way down."""
+    if isinstance(v, bytes):
+        return text_or_base64(v)
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def text_or_base64(b: bytes) -> str:
+    """UTF-8 text as is; anything else as ``base64:<data>``."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return BASE64_MARKER + base64.b64encode(b).decode("ascii")
+
+
+def table(rows: list[list[str]], head: list[str]) -> str:
+    """Rows under a header, columns padded: the first (names) left-aligned, the rest (numbers) right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join(line(r) for r in [head, *rows])
