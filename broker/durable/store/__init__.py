@@ -1,4 +1,5 @@
-"""Durable storage: the Store contract (base) and its SQLite implementation.
+"""Durable storage: the Store contract (base), its SQLite implementation and
+an in-memory one for unit tests (memory, not durable).
 
     from tidings.broker.durable.store import SqliteStore, PutMessages, StoredMessage
 """
@@ -27,6 +28,7 @@ from tidings.broker.durable.store.base import (
     UpdateMessages,
     WriteOp,
 )
+from tidings.broker.durable.store.memory import MemoryData, MemoryStore
 from tidings.broker.durable.store.sqlite import (
     BATCH_MAX_MESSAGES,
     DB_FILENAME,
@@ -41,6 +43,8 @@ __all__ = [
     "DURABILITIES",
     "MAILBOX_MAX_BYTES",
     "MAILBOX_MAX_MESSAGES",
+    "MemoryData",
+    "MemoryStore",
     "DedupEntry",
     "DeleteMessages",
     "DeleteQueue",
