@@ -112,3 +112,9 @@ class Backend:
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     return Backend(request.param, tmp_path)
+
+
+@pytest.fixture
+def backend_memory(tmp_path: Path) -> Backend:
+    """The memory backend alone (MemoryStore's own hooks)."""
+    return Backend("memory", tmp_path)
