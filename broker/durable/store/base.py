@@ -17,7 +17,8 @@ backend:
 * Callbacks: `on_done` is called exactly once per accepted operation, from the
   store's actor task, after the transaction covering it committed (`None`)
   or failed (a `StorageError`): never synchronously from `submit`, never
-  before the commit. Callbacks run in submission order within a batch.
+  before the commit. The callbacks of operations that commit run in their
+  submission order (a failed one may be called back earlier).
 * Reads see every committed write (every operation whose `on_done` has
   fired with None) and nothing of a transaction in progress or failed.
 * Validation happens at submit: an operation that cannot be stored at all

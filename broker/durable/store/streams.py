@@ -101,6 +101,9 @@ _COLS: Final = "stream, partition, offset, subject, key, payload, headers, msg_i
 
 @dataclass(slots=True)
 class StreamRow:
+    """One stream message; `(stream, partition, offset)` is its key (a repeated key
+    fails the operation that inserts it). Offsets are assigned by the broker."""
+
     stream: str
     partition: int
     offset: int
@@ -125,7 +128,7 @@ def decode_stream_row(t: Any) -> StreamRow:
 
 @dataclass(slots=True)
 class PutStream:
-    """Create a stream or replace its config."""
+    """Create a stream, or replace the config of an existing one (keeping its created_ms)."""
 
     name: str
     config: dict[str, Any]
@@ -138,6 +141,8 @@ class PutStream:
 
 @dataclass(slots=True)
 class DeleteStream:
+    """Delete a stream: its config, rows, floors, next-offset marks and group offsets."""
+
     name: str
     on_done: DoneCallback | None = None
 
@@ -147,7 +152,8 @@ class DeleteStream:
 
 @dataclass(slots=True)
 class CommitOffsets:
-    """Upsert group offsets: (stream, group, partition, committed, delivered)."""
+    """Upsert group offsets: (stream, group, partition, committed, delivered). Each
+    stored value only grows: a lower value than the one stored is ignored."""
 
     offsets: list[tuple[str, str, int, int, int]]
     on_done: DoneCallback | None = None
