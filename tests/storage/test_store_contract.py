@@ -19,28 +19,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tidings.broker.durable.store import (
+    CommitOffsets,
     DeleteMessages,
     DeleteQueue,
+    DeleteStream,
     ExpireDedup,
+    MarkStreamNext,
     MemoryData,
     MemoryStore,
     MoveMessages,
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutStream,
     SqliteStore,
     StorageClosed,
     StorageError,
     Store,
-    UpdateMessages,
-)
-from tidings.broker.durable.store.streams import (
-    CommitOffsets,
-    DeleteStream,
-    MarkStreamNext,
-    PutStream,
     StreamRow,
     TrimStream,
+    UpdateMessages,
 )
 
 from tests.storage.storetools import BACKENDS, make_row

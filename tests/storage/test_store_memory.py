@@ -7,6 +7,7 @@ import anyio
 import pytest
 
 from tidings.broker.durable.store import (
+    CommitOffsets,
     DeleteMessages,
     MemoryData,
     MemoryStore,
@@ -16,7 +17,6 @@ from tidings.broker.durable.store import (
     UpdateMessages,
 )
 from tidings.broker.durable.store.memory import MEMORY_PATH
-from tidings.broker.durable.store.streams import CommitOffsets
 
 
 async def test_constructible_with_no_arguments_and_runs_like_sqlite(row):

@@ -93,6 +93,22 @@ class StoredMessage:
     last_error: str | None = None
 
 
+@dataclass(slots=True)
+class StreamRow:
+    """One stream message; `(stream, partition, offset)` is its key (a repeated key
+    fails the operation that inserts it). Offsets are assigned by the broker."""
+
+    stream: str
+    partition: int
+    offset: int
+    subject: str
+    key: str | None
+    payload: bytes
+    headers: dict[str, Any] | None
+    msg_id: str | None
+    timestamp_ms: int
+
+
 # --- write operations --------------------------------------------------------
 # Any mix of them can share one transaction; per queue they take effect in
 # submission order (a put then a delete of the same id in one batch ends deleted).
@@ -106,9 +122,9 @@ class PutMessages:
     rows: list[StoredMessage]
     dedup: list[DedupEntry] = field(default_factory=list)
     on_done: DoneCallback | None = None
-    #: Stream appends (broker.store.streams.StreamRow) committed in the same
-    #: transaction, so a publish bound to queues and streams is atomic.
-    stream_rows: list[Any] = field(default_factory=list)
+    #: Stream appends committed in the same transaction, so a publish bound to
+    #: queues and streams is atomic.
+    stream_rows: list[StreamRow] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -176,20 +192,66 @@ class ExpireDedup:
     on_done: DoneCallback | None = None
 
 
+# --- stream write operations ---------------------------------------------------
+# A stream partition is a run of rows keyed (stream, partition, offset); offsets
+# are assigned by the broker before the write is submitted, so a store only inserts.
+
+
+@dataclass(slots=True)
+class PutStream:
+    """Create a stream, or replace the config of an existing one (keeping its created_ms)."""
+
+    name: str
+    config: dict[str, Any]
+    created_ms: int
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
+class DeleteStream:
+    """Delete a stream: its config, rows, floors, next-offset marks and group offsets."""
+
+    name: str
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
+class CommitOffsets:
+    """Upsert group offsets: (stream, group, partition, committed, delivered). Each
+    stored value only grows: a lower value than the one stored is ignored."""
+
+    offsets: list[tuple[str, str, int, int, int]]
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
+class MarkStreamNext:
+    """Record that offsets below ``next`` were assigned in a partition, as
+    (stream, partition, next) triples: after a failed tail write, so that
+    recovery never assigns those offsets again. Needs no new pages once the
+    row exists, so it commits on a full disk too."""
+
+    marks: list[tuple[str, int, int]]
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
+class TrimStream:
+    """Retention: delete a partition's rows below ``before`` (an offset)."""
+
+    stream: str
+    partition: int
+    before: int
+    on_done: DoneCallback | None = None
+
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
-    from tidings.broker.durable.store.streams import (
-        CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream,
-    )
-
-#: Every write operation a store accepts: the queue operations above and the
-#: stream operations of store/streams.py. (A name for type checking only: the
-#: stream operations import this module, so the union is spelled as a string.)
+#: Every write operation a store accepts.
 WriteOp: TypeAlias = (
-    "PutMessages | DeleteMessages | UpdateMessages | MoveMessages"
-    " | PutQueue | DeleteQueue | PurgeQueue | ExpireDedup"
-    " | PutStream | DeleteStream | CommitOffsets | MarkStreamNext | TrimStream"
+    PutMessages | DeleteMessages | UpdateMessages | MoveMessages
+    | PutQueue | DeleteQueue | PurgeQueue | ExpireDedup
+    | PutStream | DeleteStream | CommitOffsets | MarkStreamNext | TrimStream
 )
 
 #: A paging cursor: the (available_ms, id) of the last message already read.

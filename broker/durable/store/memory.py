@@ -45,34 +45,32 @@ from anyio.abc import TaskStatus
 
 from tidings.broker.durable.store.base import (
     DURABILITIES,
+    CommitOffsets,
     DeleteMessages,
     DeleteQueue,
+    DeleteStream,
     Durability,
     ExpireDedup,
+    MarkStreamNext,
     MoveMessages,
     PageKey,
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutStream,
     StorageClosed,
     StorageError,
     Store,
     StoredMessage,
+    StreamRow,
+    TrimStream,
     UpdateMessages,
     WriteOp,
 )
 from tidings.broker.durable.store.batch import Item, prepare
 from tidings.broker.durable.store.reads import decode_message
 from tidings.broker.durable.store.sqlite import BATCH_MAX_MESSAGES, MAILBOX_MAX_BYTES, MAILBOX_MAX_MESSAGES
-from tidings.broker.durable.store.streams import (
-    CommitOffsets,
-    DeleteStream,
-    MarkStreamNext,
-    PutStream,
-    StreamRow,
-    TrimStream,
-    decode_stream_row,
-)
+from tidings.broker.durable.store.streams import decode_stream_row
 
 log = logging.getLogger(__name__)
 
