@@ -223,6 +223,20 @@ async def test_close_commits_pending_and_refuses_more(backend, row, tmp_path):
     assert await backend.count_after_reopen() == 100
 
 
+async def test_nothing_works_before_open(backend, row):
+    store = backend.new()
+    assert not store.is_open
+    with pytest.raises(StorageClosed):
+        store.submit_nowait(PutMessages([row("q", 1)]))
+    with pytest.raises(StorageClosed):
+        await store.count("q")
+    with pytest.raises(StorageClosed):
+        await store.load_offsets("s")
+    with pytest.raises(StorageClosed):
+        await store.run()
+    await store.close()  # a no-op
+
+
 async def test_blocked_submitter_sees_close(backend, row):
     async with backend.open(run=False, mailbox_max_messages=1) as store:
         store.submit_nowait(PutMessages([row("q", 1)]))
