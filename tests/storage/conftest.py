@@ -1,8 +1,18 @@
-"""Fixtures for the storage tests: real SQLite files under tmp_path.
+"""Fixtures for the storage tests.
+
+`open_store`: a real SQLite file under tmp_path (the SQLite-specific tests).
 
     async def test_x(open_store, row):
         async with open_store() as store:       # opened, actor running
             await store.write(PutMessages([row("q", 1)]))
+
+`backend`: the contract tests' store, once per backend (sqlite, memory).
+`backend.open()` opens a store over the backend's one data set, so opening
+again after a close is a restart that sees what was committed.
+
+    async def test_y(backend, row):
+        async with backend.open() as store:
+            ...
 """
 
 from __future__ import annotations
@@ -16,14 +26,8 @@ from typing import Any
 import anyio
 import pytest
 
-from tidings.broker.durable.store import SqliteStore, StoredMessage
-
-
-def make_row(queue: str, id: int, *, payload: bytes | None = None, available_ms: int = 1_000,
-             headers: dict[str, Any] | None = None, msg_id: str | None = None, **kw: Any) -> StoredMessage:
-    """A message with predictable contents: payload defaults to b"<queue>:<id>"."""
-    return StoredMessage(queue, id, f"subj.{queue}", payload if payload is not None else f"{queue}:{id}".encode(),
-                         headers, msg_id, kw.pop("published_ms", 500), available_ms, **kw)
+from tests.storage.storetools import BACKENDS, make_row
+from tidings.broker.durable.store import MemoryData, MemoryStore, SqliteStore, Store, StoredMessage
 
 
 @pytest.fixture
@@ -70,3 +74,47 @@ def peek(db_path: Path) -> Callable[..., list[Any]]:
             conn.close()
 
     return _peek
+
+
+class Backend:
+    """One store backend over one data set (a file, or a MemoryData)."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.path = tmp_path / "data" / "tidings.db"
+        self.data = MemoryData()
+
+    def new(self, **kw: Any) -> Store:
+        """A store over this backend's data, not opened."""
+        if self.kind == "sqlite":
+            return SqliteStore(self.path, **kw)
+        return MemoryStore(self.data, **kw)
+
+    @contextlib.asynccontextmanager
+    async def open(self, *, run: bool = True, **kw: Any) -> AsyncIterator[Store]:
+        """An open store whose actor runs in a task group (unless run=False); closed on exit."""
+        store = self.new(**kw)
+        await store.open()
+        try:
+            async with anyio.create_task_group() as tg:
+                if run:
+                    await tg.start(store.run)
+                yield store
+                await store.close()
+        finally:
+            await store.close()
+
+    async def count_after_reopen(self, queue: str = "q") -> int:
+        async with self.open(run=False) as store:
+            return await store.count(queue)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return Backend(request.param, tmp_path)
+
+
+@pytest.fixture
+def backend_memory(tmp_path: Path) -> Backend:
+    """The memory backend alone (MemoryStore's own hooks)."""
+    return Backend("memory", tmp_path)

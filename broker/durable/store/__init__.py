@@ -1,4 +1,5 @@
-"""Durable storage: the Store contract (base) and its SQLite implementation.
+"""Durable storage: the Store contract (base), its SQLite implementation and
+an in-memory one for unit tests (memory, not durable).
 
     from tidings.broker.durable.store import SqliteStore, PutMessages, StoredMessage
 """
@@ -7,26 +8,33 @@ from __future__ import annotations
 
 from tidings.broker.durable.store.base import (
     DURABILITIES,
+    CommitOffsets,
     DedupEntry,
     DeleteMessages,
     DeleteQueue,
+    DeleteStream,
     DoneCallback,
     Durability,
     ExpireDedup,
+    MarkStreamNext,
     MoveMessages,
     PageKey,
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutStream,
     SchemaTooNew,
     StorageClosed,
     StorageError,
     StorageFull,
     Store,
     StoredMessage,
+    StreamRow,
+    TrimStream,
     UpdateMessages,
     WriteOp,
 )
+from tidings.broker.durable.store.memory import MemoryData, MemoryStore
 from tidings.broker.durable.store.sqlite import (
     BATCH_MAX_MESSAGES,
     DB_FILENAME,
@@ -39,19 +47,25 @@ __all__ = [
     "BATCH_MAX_MESSAGES",
     "DB_FILENAME",
     "DURABILITIES",
+    "CommitOffsets",
     "MAILBOX_MAX_BYTES",
     "MAILBOX_MAX_MESSAGES",
+    "MemoryData",
+    "MemoryStore",
     "DedupEntry",
     "DeleteMessages",
     "DeleteQueue",
+    "DeleteStream",
     "DoneCallback",
     "Durability",
     "ExpireDedup",
+    "MarkStreamNext",
     "MoveMessages",
     "PageKey",
     "PurgeQueue",
     "PutMessages",
     "PutQueue",
+    "PutStream",
     "SchemaTooNew",
     "SqliteStore",
     "StorageClosed",
@@ -59,6 +73,8 @@ __all__ = [
     "StorageFull",
     "Store",
     "StoredMessage",
+    "StreamRow",
+    "TrimStream",
     "UpdateMessages",
     "WriteOp",
 ]

@@ -26,22 +26,27 @@ from typing import Any, Final
 import aiosqlite
 import msgpack
 
-from tidings.broker.durable.store.streams import (
-    INSERT_STREAM_ROW, UPSERT_OFFSET, CommitOffsets, DeleteStream, MarkStreamNext, PutStream, TrimStream,
-    encode_stream_row,
-)
 from tidings.broker.durable.store.base import (
+    CommitOffsets,
     DedupEntry,
     DeleteMessages,
     DeleteQueue,
+    DeleteStream,
     ExpireDedup,
+    MarkStreamNext,
     MoveMessages,
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutStream,
     StoredMessage,
+    TrimStream,
     UpdateMessages,
     WriteOp,
+)
+from tidings.broker.durable.store.streams import (
+    DELETE_STREAM, INSERT_STREAM_ROW, TRIM, UPSERT_FLOOR, UPSERT_NEXT, UPSERT_OFFSET, UPSERT_STREAM,
+    encode_stream_row,
 )
 
 INSERT_MESSAGE: Final = (
@@ -167,16 +172,31 @@ def _commit_offsets(op: CommitOffsets) -> Item:
     return Item(op, len(op.offsets) or 1, offsets=[tuple(o) for o in op.offsets])
 
 
-def _statements(op: Any) -> Item:
-    """Whole-stream operations (declare, delete, trim, next-offset marks) run in a stage of their own."""
-    return Item(op, 1, grows=isinstance(op, PutStream), statements=op.statements())
+# Whole-stream operations (declare, delete, trim, next-offset marks) run in a stage of their own.
+
+def _put_stream(op: PutStream) -> Item:
+    config = json.dumps(op.config, sort_keys=True)
+    return Item(op, 1, grows=True, statements=[(UPSERT_STREAM, (op.name, config, op.created_ms))])
+
+
+def _delete_stream(op: DeleteStream) -> Item:
+    return Item(op, 1, statements=[(sql, (op.name,)) for sql, _ in DELETE_STREAM])
+
+
+def _trim_stream(op: TrimStream) -> Item:
+    return Item(op, 1, statements=[(TRIM, (op.stream, op.partition, op.before)),
+                                   (UPSERT_FLOOR, (op.stream, op.partition, op.before))])
+
+
+def _mark_stream_next(op: MarkStreamNext) -> Item:
+    return Item(op, 1, statements=[(UPSERT_NEXT, tuple(m)) for m in op.marks])
 
 
 _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
     PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
-    CommitOffsets: _commit_offsets, PutStream: _statements, DeleteStream: _statements, TrimStream: _statements,
-    MarkStreamNext: _statements,
+    CommitOffsets: _commit_offsets, PutStream: _put_stream, DeleteStream: _delete_stream,
+    TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next,
 }
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import aiosqlite
 import anyio
@@ -40,6 +40,7 @@ from tidings.broker.durable.store.base import (
     StorageClosed,
     StorageError,
     StorageFull,
+    Store,
     WriteOp,
 )
 from tidings.broker.durable.store.batch import RAISE_MAX_ID, Item, plan, prepare
@@ -643,3 +644,7 @@ def _await_chain(task: asyncio.Task[Any]) -> str:
         lines.extend(traceback.format_list([(code.co_filename, frame.f_lineno, code.co_name, None)]))
         aw = getattr(aw, next_attr)
     return "".join(lines)
+
+
+if TYPE_CHECKING:
+    _: type[Store] = SqliteStore  # mypy checks that SqliteStore meets the whole contract

@@ -1,19 +1,26 @@
-"""Stream storage: the schema step, the rows, the write operations and the reads.
+"""SQLite's stream storage: the schema steps, the SQL of the stream write
+operations, the row encoding and the reads.
 
-A stream partition is a run of rows keyed (stream, partition, offset);
-offsets are assigned by the broker before the write is submitted, so the
-store only inserts. Committed group offsets live in stream_offsets.
+The rows and the operations themselves (StreamRow, PutStream, DeleteStream,
+CommitOffsets, MarkStreamNext, TrimStream) are part of the store contract and
+live in base.py; they are re-exported here. Committed group offsets live in
+stream_offsets.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import msgpack
 
-from tidings.broker.durable.store.base import DoneCallback
+# The contract's stream types, re-exported for the modules that import them from here.
+from tidings.broker.durable.store.base import CommitOffsets as CommitOffsets
+from tidings.broker.durable.store.base import DeleteStream as DeleteStream
+from tidings.broker.durable.store.base import MarkStreamNext as MarkStreamNext
+from tidings.broker.durable.store.base import PutStream as PutStream
+from tidings.broker.durable.store.base import StreamRow as StreamRow
+from tidings.broker.durable.store.base import TrimStream as TrimStream
 
 if TYPE_CHECKING:
     from tidings.broker.durable.store.reads import Reads
@@ -99,19 +106,6 @@ DELETE_STREAM: Final = (
 _COLS: Final = "stream, partition, offset, subject, key, payload, headers, msg_id, timestamp_ms"
 
 
-@dataclass(slots=True)
-class StreamRow:
-    stream: str
-    partition: int
-    offset: int
-    subject: str
-    key: str | None
-    payload: bytes
-    headers: dict[str, Any] | None
-    msg_id: str | None
-    timestamp_ms: int
-
-
 def encode_stream_row(r: StreamRow) -> tuple[Any, ...]:
     h = None if r.headers is None else msgpack.packb(r.headers, use_bin_type=True)
     return (r.stream, r.partition, r.offset, r.subject, r.key, r.payload, h, r.msg_id, r.timestamp_ms)
@@ -121,67 +115,6 @@ def decode_stream_row(t: Any) -> StreamRow:
     h = t[6]
     return StreamRow(t[0], t[1], t[2], t[3], t[4], t[5], None if h is None else msgpack.unpackb(h, raw=False),
                      t[7], t[8])
-
-
-@dataclass(slots=True)
-class PutStream:
-    """Create a stream or replace its config."""
-
-    name: str
-    config: dict[str, Any]
-    created_ms: int
-    on_done: DoneCallback | None = None
-
-    def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(UPSERT_STREAM, (self.name, json.dumps(self.config, sort_keys=True), self.created_ms))]
-
-
-@dataclass(slots=True)
-class DeleteStream:
-    name: str
-    on_done: DoneCallback | None = None
-
-    def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(sql, (self.name,)) for sql, _ in DELETE_STREAM]
-
-
-@dataclass(slots=True)
-class CommitOffsets:
-    """Upsert group offsets: (stream, group, partition, committed, delivered)."""
-
-    offsets: list[tuple[str, str, int, int, int]]
-    on_done: DoneCallback | None = None
-
-    def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(UPSERT_OFFSET, o) for o in self.offsets]
-
-
-@dataclass(slots=True)
-class MarkStreamNext:
-    """Record that offsets below ``next`` were assigned in a partition, as
-    (stream, partition, next) triples: after a failed tail write, so that
-    recovery never assigns those offsets again. Needs no new pages once the
-    row exists, so it commits on a full disk too."""
-
-    marks: list[tuple[str, int, int]]
-    on_done: DoneCallback | None = None
-
-    def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(UPSERT_NEXT, m) for m in self.marks]
-
-
-@dataclass(slots=True)
-class TrimStream:
-    """Retention: delete a partition's rows below ``before`` (an offset)."""
-
-    stream: str
-    partition: int
-    before: int
-    on_done: DoneCallback | None = None
-
-    def statements(self) -> list[tuple[str, tuple[Any, ...]]]:
-        return [(TRIM, (self.stream, self.partition, self.before)),
-                (UPSERT_FLOOR, (self.stream, self.partition, self.before))]
 
 
 class StreamReads:
