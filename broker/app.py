@@ -81,9 +81,10 @@ class Broker:
         self.connections: dict[int, ConnectionActor] = {}
         self._next_conn = 0
         self.durable = Durable(self)
-        self.caps = Caps(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
-        self.bindings = BindingsFeed(self)
+        # The connection's port (net/ports.py) hands durable publishes straight to the durable layer.
+        self.publish_durable = self.durable.publish
+        self.bindings = BindingsFeed(config, self.durable, self.connections)
         self.bound_address: tuple[str, int] | None = None
         self._tg: TaskGroup | None = None
         self._shutting_down = False
@@ -116,6 +117,7 @@ class Broker:
                             else "password_upgrade is off: regenerate them with `tidings passwd`")
         # Lines go to the logger until serve() opens the audit file.
         self.audit = AuditLog(logger_sink())
+        self.caps = Caps(config, self.audit)
         self._audit_file: AuditFile | None = None
         self.monitor = ResourceMonitor(memory_high_water=config.memory_high_water,
                                        min_free_disk=config.min_free_disk, data_dir=config.data_dir,
@@ -176,6 +178,7 @@ class Broker:
             return (ErrorCode.TOO_MANY_CONNECTIONS,
                     f"user {user.name!r} holds its maximum of {user.max_connections} connections")
         actor.set_user(user, counted=True)
+        self.caps.joined(actor)
         self._handshake_done(actor)
         self.audit.auth_ok(user.name, actor.peer, method, actor.number)
         return None
@@ -251,6 +254,10 @@ class Broker:
             # handshake reply stays small whatever is declared.
             "bindings": {"epoch": self.bindings.epoch},
         }
+
+    def opened(self, actor: ConnectionActor) -> None:
+        """WELCOME is queued for ``actor``: the durable bindings it may see follow (NOTICEs)."""
+        self.bindings.send(actor)
 
     def bindings_changed(self) -> None:
         """Tell every client the new set of durably bound patterns (before the
@@ -394,18 +401,11 @@ class Broker:
         c = actor.consumers.get(ev.cid)
         if c is None:
             return  # settle() answers an unknown consumer
-        # queue Consumer: .queue; stream Reader: .stream; group Member: .group.stream
-        target = getattr(c, "queue", None)
-        if target is None:
-            target = getattr(c, "stream", None)
-        if target is None:
-            target = getattr(getattr(c, "group", None), "stream", None)
-        name = getattr(target, "name", None)
-        group = getattr(getattr(c, "group", None), "name", None)
-        if isinstance(name, str) and isinstance(group, str):
+        name, group = c.source, c.group_name
+        if group is not None:
             if not actor.perms.allows_group(name, group):
                 raise self.denied(actor, "consume", f"{name}/{group}", ev.rid)
-        elif isinstance(name, str) and not actor.perms.allows("consume", name):
+        elif not actor.perms.allows("consume", name):
             raise self.denied(actor, "consume", name, ev.rid)
 
     def _subscribe(self, actor: ConnectionActor, ev: F.Sub) -> None:
