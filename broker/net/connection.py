@@ -22,7 +22,7 @@ the publish path costs one attribute check per PUB frame; otherwise each
 published subject is checked (a cached lookup) and denied messages are
 neither routed nor stored.
 
-Resource limits (broker/limits.py): while the broker is above its memory
+Resource limits (broker/ops/limits.py): while the broker is above its memory
 high-water mark the reader pauses before each PUB frame, so publishers
 stop being read while consumers keep draining; below the free-disk mark
 durable publishes are refused with STORAGE_FULL.

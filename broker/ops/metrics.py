@@ -112,7 +112,7 @@ _STORE_INFLIGHT: Final = (
 
 
 def _limits(monitor: Any) -> dict[str, float]:
-    """The resource monitor's flags (broker/limits.py), where the broker has one."""
+    """The resource monitor's flags (broker/ops/limits.py), where the broker has one."""
     if monitor is None:
         return {}
     return {"memory_high": int(bool(monitor.memory_high)), "disk_low": int(bool(monitor.disk_low)),

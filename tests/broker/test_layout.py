@@ -94,7 +94,8 @@ def module_files(dirs: Mapping[str, Path]) -> dict[str, Path]:
                 parts.pop()
             name = ".".join([pkg, *parts])
             # a nested mapped folder wins over its parent's view of it
-            owner = max((p for p, f in dirs.items() if path.is_relative_to(f)), key=lambda p: len(str(dirs[p])))
+            owner = max((p for p, f in dirs.items() if path.is_relative_to(f)),
+                        key=lambda p: len(str(dirs[p])))
             if owner == pkg:
                 out[name] = path
     return out
@@ -279,7 +280,8 @@ def violations(root: Path) -> dict[str, str]:
                     and node.value.id in aliases and is_private(node.attr)):
                 target = aliases[node.value.id]
                 if target != m:
-                    found[f"private: {m} uses {target}.{node.attr}"] = f"{path.relative_to(root)}:{node.lineno}"
+                    where = f"{path.relative_to(root)}:{node.lineno}"
+                    found[f"private: {m} uses {target}.{node.attr}"] = where
     return found
 
 
@@ -334,7 +336,8 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
         "broker/durable/core.py": ("def f():\n    from tidings.broker.net import conn\n"
                                    "    from tidings.broker import app\n"),
         "broker/ops/__init__.py": "",
-        "broker/ops/m.py": ("from tidings.broker.app import Broker\nfrom tidings.broker.durable.core import _x\n"
+        "broker/ops/m.py": ("from tidings.broker.app import Broker\n"
+                            "from tidings.broker.durable.core import _x\n"
                             "from tidings.broker.durable import core as c\nc._y\n"),
         "broker/security/__init__.py": "",
         "broker/security/a.py": "import tidings.client.x\n",
@@ -358,7 +361,8 @@ def test_a_clean_project_passes(tmp_path: Path) -> None:
         "client/client/__init__.py": "",
         "client/client/x.py": "def connect(): ...\n",
         "broker/__init__.py": "",
-        "broker/app.py": "from tidings.broker.net import conn\nfrom tidings.broker.durable.core import __all__\n",
+        "broker/app.py": ("from tidings.broker.net import conn\n"
+                          "from tidings.broker.durable.core import __all__\n"),
         "broker/net/__init__.py": "",
         "broker/net/conn.py": "from tidings.broker.durable import core\n",
         "broker/durable/__init__.py": "",
