@@ -1,4 +1,5 @@
-"""The broker: listener, shared registries, request dispatch, ordered shutdown.
+"""The broker: the composition root. It builds the shared registries, the
+durable layer, security and ops, serves the listener and owns ordered shutdown.
 
 ``Broker.serve()`` binds the listener, prints the ready line
 ``tidings listening on HOST:PORT`` (the real bound port, so ``--port 0``
@@ -7,12 +8,14 @@ and on SIGINT/SIGTERM shuts down in a fixed order: stop accepting, tell
 every client (NOTICE shutdown), let each connection flush for a bounded
 time, then cancel what is left.
 
-Security lives here too: HELLO credentials are checked against the
-configured users (``admit``), every request is checked against the
-connection's permissions before it is dispatched (PUB messages are
-checked by the connection actor itself, on its hot path), the listener
-speaks TLS when ``[tls]`` is configured, and the audit log records logins,
-denials, administrative operations and limit refusals.
+Each connection actor gets the Broker as its port (net/ports.py: admit,
+welcome_info, opened, handle_request, publish_durable, detach), never more.
+HELLO credentials are checked here against the configured users
+(``admit``); every request is checked against the connection's permissions
+and dispatched by net/dispatch.py (PUB messages are checked by the
+connection actor itself, on its hot path); the listener speaks TLS when
+``[tls]`` is configured, and the audit log records logins, denials,
+administrative operations and limit refusals.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import anyio
 from anyio.abc import Listener, SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.tls import TLSStream
 
-from tidings.protocol import ErrorCode, RemoteProtocolError
+from tidings.protocol import ErrorCode
 from tidings.protocol import frames as F
 
 from tidings.broker.security import tls
@@ -43,9 +46,9 @@ from tidings.broker.net.connection import ConnectionActor, Subscription
 from tidings.broker.ops.backup import backup_handler
 from tidings.broker.net.bindings import BindingsFeed
 from tidings.broker.net.caps import Caps
+from tidings.broker.net.dispatch import Dispatcher
 from tidings.broker.durable.core import Durable
 from tidings.broker.ops.limits import ResourceMonitor
-from tidings.broker.security.permissions import redrive_needs
 from tidings.broker.router import Router
 from tidings.broker.ops.stats import Stats
 
@@ -64,11 +67,6 @@ ACCEPT_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 # The peer went away between the SYN and our accept(): nothing to do but accept the next one.
 ACCEPT_PEER_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
-# Every call is written to the audit log except these, which read only counters and settings (a
-# dashboard polling them would drown the log). Calls that change state or read messages (dlq.list,
-# backup) are audited, and so is any call added later unless it is listed here: fail closed.
-UNAUDITED_CALLS: Final = frozenset({"stats", "server.info", "queue.list", "queue.info", "dlq.count",
-                                    "stream.list", "stream.info"})
 
 
 class Broker:
@@ -81,17 +79,16 @@ class Broker:
         self.connections: dict[int, ConnectionActor] = {}
         self._next_conn = 0
         self.durable = Durable(self)
-        self.caps = Caps(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
-        self.bindings = BindingsFeed(self)
+        # The connection's port (net/ports.py) hands durable publishes straight to the durable layer.
+        self.publish_durable = self.durable.publish
+        self.bindings = BindingsFeed(config, self.durable, self.connections)
         self.bound_address: tuple[str, int] | None = None
         self._tg: TaskGroup | None = None
         self._shutting_down = False
         self.ready = anyio.Event()
-        self._calls: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "stats": self._stats_call, "server.info": self._info_call}
-        self._durable_calls = self.durable.calls()
-        self._durable_calls["backup"] = backup_handler(self)
+        durable_calls = self.durable.calls()
+        durable_calls["backup"] = backup_handler(self)
         self._live = 0  # connection actors still running (closing ones included)
         # Connections that have not completed HELLO, oldest first: number -> (peer ip, evict callback).
         self._pending: dict[int, tuple[str, Callable[[], None]]] = {}
@@ -116,6 +113,12 @@ class Broker:
                             else "password_upgrade is off: regenerate them with `tidings passwd`")
         # Lines go to the logger until serve() opens the audit file.
         self.audit = AuditLog(logger_sink())
+        self.caps = Caps(config, self.audit)
+        # Requests (everything but PUB and PING) of every connection: net/dispatch.py.
+        self.dispatcher = Dispatcher(
+            router=self.router, caps=self.caps, durable=self.durable, audit=self.audit,
+            calls={"stats": self._stats_call, "server.info": self._info_call}, durable_calls=durable_calls)
+        self.handle_request = self.dispatcher.handle_request  # the connection's port (net/ports.py)
         self._audit_file: AuditFile | None = None
         self.monitor = ResourceMonitor(memory_high_water=config.memory_high_water,
                                        min_free_disk=config.min_free_disk, data_dir=config.data_dir,
@@ -176,6 +179,7 @@ class Broker:
             return (ErrorCode.TOO_MANY_CONNECTIONS,
                     f"user {user.name!r} holds its maximum of {user.max_connections} connections")
         actor.set_user(user, counted=True)
+        self.caps.joined(actor)
         self._handshake_done(actor)
         self.audit.auth_ok(user.name, actor.peer, method, actor.number)
         return None
@@ -231,12 +235,6 @@ class Broker:
     def pending_handshakes(self) -> int:
         return len(self._pending)
 
-    def denied(self, actor: ConnectionActor, action: str, name: str, rid: int) -> RemoteProtocolError:
-        """Audit a permission denial and return the error to answer it with."""
-        self.audit.permission_denied(actor.user.name, actor.peer, action, name)
-        return RemoteProtocolError(f"permission denied: {action} on {name!r}", ErrorCode.PERMISSION_DENIED,
-                                   rid=rid)
-
     def welcome_info(self, actor: ConnectionActor) -> dict[str, Any]:
         cfg = self.config
         return {
@@ -247,10 +245,14 @@ class Broker:
             "heartbeat_ms": int(cfg.heartbeat * 1000),
             "connection_id": actor.number,
             "user": actor.user.name or None,
-            # Only the epoch: the patterns follow in bindings NOTICEs (broker/bindings.py), so the
+            # Only the epoch: the patterns follow in bindings NOTICEs (broker/net/bindings.py), so the
             # handshake reply stays small whatever is declared.
             "bindings": {"epoch": self.bindings.epoch},
         }
+
+    def opened(self, actor: ConnectionActor) -> None:
+        """WELCOME is queued for ``actor``: the durable bindings it may see follow (NOTICEs)."""
+        self.bindings.send(actor)
 
     def bindings_changed(self) -> None:
         """Tell every client the new set of durably bound patterns (before the
@@ -324,136 +326,7 @@ class Broker:
             await tls.BrokerTLSListener.handle_handshake_error(exc, stream)
             return None
 
-    # ---------------------------------------------------------- requests
-
-    async def handle_request(self, actor: ConnectionActor, ev: Any) -> None:
-        """Dispatch a non-PUB frame. Raises RemoteProtocolError for bad requests."""
-        t = type(ev)
-        if t is F.Ack:
-            if actor.restricted:
-                self._check_ack(actor, ev)
-            self.durable.settle(actor, ev)
-        elif t is F.Sub:
-            self._subscribe(actor, ev)
-        elif t is F.Unsub:
-            sub = actor.subs.pop(ev.sid, None)
-            if sub is None:
-                raise RemoteProtocolError(f"no subscription {ev.sid}", ErrorCode.NOT_FOUND, rid=ev.rid)
-            self.router.remove(sub.pattern, sub, sub.group)
-            if ev.rid:
-                actor.push_wire([F.Op.OK, ev.rid, None])
-        elif t is F.Call:
-            result = await self.call(actor, ev.method, ev.args, ev.rid)
-            actor.push_wire([F.Op.OK, ev.rid, result], 256)
-        elif t is F.Consume:
-            if actor.restricted:
-                name = ev.args.get("queue", ev.args.get("stream"))
-                group = ev.args.get("group") if "queue" not in ev.args else None
-                if isinstance(group, str) and isinstance(name, str):
-                    # a group member: its group is part of the permission (it commits the group's offsets)
-                    if not actor.perms.allows_group(name, group):
-                        raise self.denied(actor, "consume", f"{name}/{group}", ev.rid)
-                elif isinstance(name, str) and not actor.perms.allows("consume", name):
-                    raise self.denied(actor, "consume", name, ev.rid)
-            self.caps.check_consumer(actor, ev.rid)
-            if "queue" in ev.args:
-                result = self.durable.consume(actor, ev.cid, ev.args, ev.rid)
-            elif "stream" in ev.args and ev.args.get("group") is not None:
-                result = await self._join_group(actor, ev)
-            elif "stream" in ev.args:
-                result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
-            else:
-                raise RemoteProtocolError("CONSUME needs a 'queue' or a 'stream'", ErrorCode.INVALID_ARGUMENT,
-                                          rid=ev.rid)
-            actor.push_wire([F.Op.OK, ev.rid, result], 128)
-        elif t is F.Stop:
-            self.durable.stop(actor, ev.cid, ev.rid)
-            actor.push_wire([F.Op.OK, ev.rid, None])
-        else:
-            raise RemoteProtocolError(f"unexpected {t.__name__}", ErrorCode.BAD_STATE, rid=getattr(ev, "rid", 0))
-
-    async def _join_group(self, actor: ConnectionActor, ev: F.Consume) -> Any:
-        """A stream CONSUME with a group: joining (maybe creating) a consumer
-        group moves its partition assignments and commits its offsets, which
-        other users' members share, so every join is audited with its outcome."""
-        stream, group = ev.args.get("stream"), ev.args.get("group")
-        target = f"{stream}/{group}" if isinstance(stream, str) and isinstance(group, str) else None
-        try:
-            result = await self.durable.streams.consume(actor, ev.cid, ev.args, ev.rid)
-        except Exception as exc:  # audited whatever the failure, then re-raised unchanged
-            self.audit.admin(actor.user.name, actor.peer, "group.join", target,
-                             getattr(getattr(exc, "code", None), "name", "INTERNAL"))
-            raise
-        self.audit.admin(actor.user.name, actor.peer, "group.join", target, "ok")
-        return result
-
-    def _check_ack(self, actor: ConnectionActor, ev: F.Ack) -> None:
-        """Acks are covered by the consume check made when the consumer was
-        created; checked again here (a cached lookup) so that no path
-        settles deliveries of a name the user may not consume."""
-        c = actor.consumers.get(ev.cid)
-        if c is None:
-            return  # settle() answers an unknown consumer
-        # queue Consumer: .queue; stream Reader: .stream; group Member: .group.stream
-        target = getattr(c, "queue", None)
-        if target is None:
-            target = getattr(c, "stream", None)
-        if target is None:
-            target = getattr(getattr(c, "group", None), "stream", None)
-        name = getattr(target, "name", None)
-        group = getattr(getattr(c, "group", None), "name", None)
-        if isinstance(name, str) and isinstance(group, str):
-            if not actor.perms.allows_group(name, group):
-                raise self.denied(actor, "consume", f"{name}/{group}", ev.rid)
-        elif isinstance(name, str) and not actor.perms.allows("consume", name):
-            raise self.denied(actor, "consume", name, ev.rid)
-
-    def _subscribe(self, actor: ConnectionActor, ev: F.Sub) -> None:
-        if actor.restricted and not actor.perms.allows("subscribe", ev.pattern):
-            raise self.denied(actor, "subscribe", ev.pattern, ev.rid)
-        if ev.sid in actor.subs:
-            raise RemoteProtocolError(f"subscription id {ev.sid} is already in use", ErrorCode.INVALID_ARGUMENT,
-                                      rid=ev.rid)
-        self.caps.check_subscription(actor, ev.rid)
-        sub = Subscription(actor, ev.sid, ev.pattern, ev.group)
-        actor.subs[ev.sid] = sub
-        self.router.add(ev.pattern, sub, ev.group)
-        if ev.rid:
-            actor.push_wire([F.Op.OK, ev.rid, None])
-
-    async def call(self, actor: ConnectionActor, method: str, args: dict[str, Any], rid: int) -> Any:
-        """Run a CALL after checking the user may; raises RemoteProtocolError.
-        State-changing calls are audited with their outcome."""
-        if actor.restricted:
-            need = actor.perms.check_call(method, args)
-            if need is None and method == "dlq.redrive":  # these needs depend on the queues that exist
-                dests = self.durable.redrive_destinations(args)
-                need = actor.perms.first_unmet(redrive_needs((q.name, q.cfg.bind) for q in dests))
-            if need is not None:
-                raise self.denied(actor, need.action, need.name, rid)
-        if method in UNAUDITED_CALLS:
-            return await self._dispatch_call(actor, method, args, rid)
-        target = args.get("name")  # for backup: the file name in backup_dir
-        try:
-            result = await self._dispatch_call(actor, method, args, rid)
-        except Exception as exc:  # audited whatever the failure, then re-raised unchanged
-            outcome = getattr(getattr(exc, "code", None), "name", "INTERNAL")
-            self.audit.admin(actor.user.name, actor.peer, method, target, outcome)
-            raise
-        self.audit.admin(actor.user.name, actor.peer, method, target, "ok")
-        return result
-
-    async def _dispatch_call(self, actor: ConnectionActor, method: str, args: dict[str, Any], rid: int) -> Any:
-        handler = self._calls.get(method)
-        if handler is not None:
-            return handler(args)
-        dhandler = self._durable_calls.get(method)
-        if dhandler is None:
-            raise RemoteProtocolError(f"unknown method {method!r}", ErrorCode.UNKNOWN_OPERATION, rid=rid)
-        result = dhandler(args, rid)
-        if hasattr(result, "__await__"):
-            result = await result
-        return result
+    # ------------------------------------------------------------- calls
 
     def _stats_call(self, args: dict[str, Any]) -> dict[str, Any]:
         snap = self.stats.snapshot()

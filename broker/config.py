@@ -7,7 +7,7 @@ a default). Every limit is a named setting with its reason in
 docs/OPERATIONS.md.
 
 The security sections of the TOML file (``auth``, ``[users.*]``, ``[tls]``;
-see broker/auth.py) are validated by :func:`auth.load_security` and kept
+see broker/security/auth.py) are validated by :func:`auth.load_security` and kept
 as ``Config.security``; they have no environment variables or flags
 (secrets and certificate paths belong in a file). Without users the broker
 (client port and metrics port) only listens on a loopback address unless
@@ -118,7 +118,8 @@ class Config:
     # their own port: -1 = off, 0 = a free port (printed), e.g. 9421.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = -1
-    # users, permissions and TLS from the config file's auth/[users]/[tls] sections (see broker/auth.py)
+    # users, permissions and TLS from the config file's auth/[users]/[tls] sections
+    # (see broker/security/auth.py)
     security: Security = dataclasses.field(default_factory=Security)
 
     @property

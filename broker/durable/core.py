@@ -44,12 +44,11 @@ from tidings.broker.durable.store.base import (
 )
 from tidings.broker.durable.store.sqlite import SqliteStore
 from tidings.broker.durable.store.streams import StreamRow
-from tidings.broker.durable.stream import Partition, StreamActor
+from tidings.broker.durable.stream import Member, Partition, StreamActor
 from tidings.broker.durable.streams import Streams
 
 if TYPE_CHECKING:
-    from tidings.broker.net.connection import ConnectionActor
-    from tidings.broker.app import Broker
+    from tidings.broker.durable.ports import Host, Peer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def dedup_key(user: str, msg_id: str) -> str:
 
 
 class Durable:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Host) -> None:
         self.broker = broker
         cfg = broker.config
         self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
@@ -164,7 +163,7 @@ class Durable:
     def binding_patterns(self) -> list[str]:
         return sorted({p for q in self.queues.values() for p in q.cfg.bind} | self.streams.patterns())
 
-    async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]]) -> None:
+    async def publish(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]]) -> None:
         """Store each (PUB message, targets) entry -- queues and streams -- in
         one store operation, and confirm each after the commit."""
         admitted = time.perf_counter()
@@ -209,7 +208,7 @@ class Durable:
             if fseq:
                 fconn.push_wire([F.Op.CONFIRM, [item]], 64)
 
-    async def _publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]], admitted: float,
+    async def _publish(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]], admitted: float,
                        confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str],
                        scope: str) -> None:
         # Ids the publisher vouches are new (client-generated, first send) are
@@ -398,7 +397,7 @@ class Durable:
                 part.next = off
 
     @staticmethod
-    def _confirm(conn: ConnectionActor, items: list[Any]) -> None:
+    def _confirm(conn: Peer, items: list[Any]) -> None:
         if items:
             conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
 
@@ -614,7 +613,7 @@ class Durable:
 
     # ---------------------------------------------------------- consuming
 
-    def consume(self, conn: ConnectionActor, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
+    def consume(self, conn: Peer, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
         q = self._queue(args, rid, "queue")
         prefetch = args.get("prefetch", 100)
         if type(prefetch) is not int or not 1 <= prefetch <= MAX_PREFETCH:
@@ -626,20 +625,20 @@ class Durable:
         q.attach(c)
         return {"queue": q.name, "prefetch": prefetch, "ack_deadline": q.cfg.ack_deadline}
 
-    def stop(self, conn: ConnectionActor, cid: int, rid: int) -> None:
+    def stop(self, conn: Peer, cid: int, rid: int) -> None:
         c = conn.consumers.pop(cid, None)
         if c is None:
             raise _err(f"no consumer {cid}", ErrorCode.NOT_FOUND, rid)
         c.close()
 
-    def settle(self, conn: ConnectionActor, ev: F.Ack) -> None:
+    def settle(self, conn: Peer, ev: F.Ack) -> None:
         c = conn.consumers.get(ev.cid)
         if c is None:
             if ev.rid:
                 raise _err(f"no consumer {ev.cid}", ErrorCode.NOT_FOUND, ev.rid)
             return
-        group = getattr(c, "group", None)
-        needs = group.needs(c, ev.items) if ev.rid and group is not None else None
+        member = c if isinstance(c, Member) else None
+        needs = member.group.needs(member, ev.items) if ev.rid and member is not None else None
         codes = c.settle(ev.items)
         if ev.rid:
             rid = ev.rid
@@ -657,8 +656,8 @@ class Durable:
                     out = [code if x == 0 else x for x in codes]
                 conn.push_wire([F.Op.OK, rid, out], 16 + len(out))
 
-            if group is not None:
-                group.on_persisted(answer, needs, codes)
+            if member is not None:
+                member.group.on_persisted(answer, needs, codes)
             elif isinstance(c, Consumer):
                 c.queue.on_persisted(answer)
             else:
@@ -668,7 +667,7 @@ class Durable:
             if stale:
                 conn.push_wire([F.Op.NOTICE, "stale_acks", {"cid": ev.cid, "count": stale}])
 
-    def detach_all(self, conn: ConnectionActor) -> None:
+    def detach_all(self, conn: Peer) -> None:
         for c in list(conn.consumers.values()):
             c.close()
         conn.consumers.clear()

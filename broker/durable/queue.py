@@ -40,7 +40,7 @@ from tidings.broker.durable.queue_settings import QueueConfig
 from tidings.broker.durable.store.base import StorageError, StoredMessage, UpdateMessages
 
 if TYPE_CHECKING:
-    from tidings.broker.net.connection import ConnectionActor
+    from tidings.broker.durable.ports import Peer
     from tidings.broker.durable.core import Durable
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Consumer:
 
     __slots__ = ("conn", "cid", "queue", "prefetch", "inflight")
 
-    def __init__(self, conn: ConnectionActor, cid: int, queue: QueueActor, prefetch: int) -> None:
+    def __init__(self, conn: Peer, cid: int, queue: QueueActor, prefetch: int) -> None:
         self.conn = conn
         self.cid = cid
         self.queue = queue
@@ -74,6 +74,12 @@ class Consumer:
 
     def close(self) -> None:
         self.queue.detach(self)
+
+    @property
+    def source(self) -> str:
+        return self.queue.name
+
+    group_name = None  # a queue has no consumer groups
 
 
 class Inflight:
@@ -444,7 +450,7 @@ class QueueActor:
         # max_pending_bytes. A connection without credit is skipped (the queue is woken
         # when it drains); the others keep being served.
         wake = self.wake
-        left: dict[ConnectionActor, int] = {}
+        left: dict[Peer, int] = {}
         cons = []
         for c in self.consumers:
             if len(c.inflight) < c.prefetch:

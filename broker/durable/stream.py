@@ -37,7 +37,7 @@ from tidings.broker.durable.store.streams import StreamRow
 from tidings.broker.durable.stream_settings import DEFAULT_WINDOW, StreamConfig
 
 if TYPE_CHECKING:
-    from tidings.broker.net.connection import ConnectionActor
+    from tidings.broker.durable.ports import Peer
     from tidings.broker.durable.core import Durable
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Member:
 
     __slots__ = ("conn", "cid", "group", "window", "seq")
 
-    def __init__(self, conn: ConnectionActor, cid: int, group: GroupActor, window: int, seq: int) -> None:
+    def __init__(self, conn: Peer, cid: int, group: GroupActor, window: int, seq: int) -> None:
         self.conn = conn
         self.cid = cid
         self.group = group
@@ -169,6 +169,14 @@ class Member:
 
     def close(self) -> None:
         self.group.leave(self)
+
+    @property
+    def source(self) -> str:
+        return self.group.stream.name
+
+    @property
+    def group_name(self) -> str:
+        return self.group.name
 
 
 class PState:
@@ -247,7 +255,7 @@ class GroupActor:
 
     # ------------------------------------------------------------ members
 
-    def join(self, conn: ConnectionActor, cid: int, window: int) -> Member:
+    def join(self, conn: Peer, cid: int, window: int) -> Member:
         self._seq += 1
         m = Member(conn, cid, self, window, self._seq)
         self.members.append(m)
@@ -530,12 +538,12 @@ class GroupActor:
         cfg = self.stream.cfg
         deadline = mono + cfg.ack_deadline
         out: dict[Member, list[Any]] = {}
-        # Credit per connection (see ConnectionActor.credit): a member whose connection
+        # Credit per connection (see Peer.credit): a member whose connection
         # is full is skipped and the group is woken when it drains. What is taken here is
         # pushed only after the store call in _send, so it is reserved on the connection.
         wake = self.wake
-        left: dict[ConnectionActor, int] = {}
-        taken: dict[ConnectionActor, int] = {}
+        left: dict[Peer, int] = {}
+        taken: dict[Peer, int] = {}
         for ps in self.parts:
             m = ps.owner
             if m is None or ps.paused_until > mono:
@@ -697,7 +705,7 @@ class GroupActor:
             "partitions": parts, "delivered": self.delivered_count, "redelivered": self.redelivered}
 
 
-def _push(conn: ConnectionActor, cid: int, items: list[Any]) -> int:
+def _push(conn: Peer, cid: int, items: list[Any]) -> int:
     """Queue ``items`` as DELIVER frames of at most DELIVER_FRAME_BUDGET; returns their bytes."""
     batch: list[Any] = []
     size = 0
@@ -722,7 +730,7 @@ class Reader:
 
     __slots__ = ("conn", "cid", "stream", "partition", "offset", "follow", "scope", "paged")
 
-    def __init__(self, conn: ConnectionActor, cid: int, stream: StreamActor, partition: int, offset: int,
+    def __init__(self, conn: Peer, cid: int, stream: StreamActor, partition: int, offset: int,
                  follow: bool) -> None:
         self.conn = conn
         self.cid = cid
@@ -806,6 +814,12 @@ class Reader:
                 _push(conn, self.cid, items)
             await conn.wait_pending_below(high)
             self.paged = budget.hold(self.paged, 0)  # sent: what is still queued is below `high`
+
+    @property
+    def source(self) -> str:
+        return self.stream.name
+
+    group_name = None  # reads without a group
 
 
 def read_failed(durable: Durable, backoff: float, exc: StorageError, who: str) -> float:

@@ -23,7 +23,7 @@ from tidings.broker.durable.stream import DEFAULT_WINDOW, GroupActor, Partition,
 from tidings.broker.durable.stream_settings import StreamConfig
 
 if TYPE_CHECKING:
-    from tidings.broker.net.connection import ConnectionActor
+    from tidings.broker.durable.ports import Peer
     from tidings.broker.durable.core import Durable
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class Streams:
 
     # ---------------------------------------------------------- consuming
 
-    async def consume(self, conn: ConnectionActor, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
+    async def consume(self, conn: Peer, cid: int, args: dict[str, Any], rid: int) -> dict[str, Any]:
         st = self._stream(args, rid, "stream")
         if cid in conn.consumers:
             raise _err(f"consumer id {cid} is already in use", ErrorCode.INVALID_ARGUMENT, rid)

@@ -17,6 +17,7 @@ a user without publish rights learns nothing about other tenants' names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from tidings.protocol import ErrorCode, RemoteProtocolError
@@ -25,8 +26,9 @@ from tidings.protocol import frames as F
 from tidings.broker.security.permissions import Permissions, covers, overlaps
 
 if TYPE_CHECKING:
+    from tidings.broker.config import Config
+    from tidings.broker.durable.core import Durable
     from tidings.broker.net.connection import ConnectionActor
-    from tidings.broker.app import Broker
 
 # Pattern characters per bindings NOTICE: a few KiB per frame keeps each well under any frame
 # limit (patterns are at most 255 characters) without sending thousands of tiny frames.
@@ -39,17 +41,20 @@ class BindingsFeed:
 
     Owned by the Broker (event loop thread). The per-permissions frames
     are computed once per epoch and shared by every connection of a user.
+    ``connections`` is the broker's live registry (number -> connection).
     """
 
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    def __init__(self, config: Config, durable: Durable, connections: Mapping[int, ConnectionActor]) -> None:
+        self.config = config
+        self.durable = durable
+        self.connections = connections
         self.epoch = 0
         self._all: list[str] | None = None
         self._frames: dict[int, tuple[Permissions, list[list[Any]]]] = {}  # id(perms) -> (perms, frames)
 
     def patterns(self) -> list[str]:
         if self._all is None:
-            self._all = self.broker.durable.binding_patterns()
+            self._all = self.durable.binding_patterns()
         return self._all
 
     def visible(self, perms: Permissions) -> list[str]:
@@ -95,19 +100,19 @@ class BindingsFeed:
         self.epoch += 1
         self._all = None
         self._frames.clear()
-        for actor in self.broker.connections.values():
+        for actor in self.connections.values():
             if actor.admitted:
                 self.send(actor)
 
     def check_declare(self, kind: str, name: str, bind: tuple[str, ...] | list[str], rid: int) -> None:
         """Refuse a declare whose bind patterns exceed ``max_bind_patterns``,
         or would take the broker past ``max_bindings`` in total."""
-        cfg = self.broker.config
+        cfg = self.config
         if len(bind) > cfg.max_bind_patterns:
             raise RemoteProtocolError(
                 f"{kind} {name!r} has {len(bind)} bind patterns; at most {cfg.max_bind_patterns} are allowed "
                 "(max_bind_patterns)", ErrorCode.INVALID_ARGUMENT, rid=rid)
-        d = self.broker.durable
+        d = self.durable
         total = (sum(len(q.cfg.bind) for q in d.queues.values())
                  + sum(len(st.cfg.bind) for st in d.streams.streams.values()))
         if total + len(bind) > cfg.max_bindings:

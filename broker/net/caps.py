@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, Any
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 if TYPE_CHECKING:
+    from tidings.broker.config import Config
+    from tidings.broker.durable.ports import Peer
     from tidings.broker.net.connection import ConnectionActor
-    from tidings.broker.app import Broker
+    from tidings.broker.security.audit import AuditLog
 
 
 class Caps:
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
+    def __init__(self, config: Config, audit: AuditLog) -> None:
+        self.config = config
+        self.audit = audit
         self._by_user: dict[str, set[ConnectionActor]] = {}
 
     def joined(self, actor: ConnectionActor) -> None:
@@ -43,7 +46,7 @@ class Caps:
 
     def check_subscription(self, actor: ConnectionActor, rid: int) -> None:
         """Raise LIMIT_EXCEEDED if ``actor`` may not add one more subscription."""
-        cfg = self.broker.config
+        cfg = self.config
         self._check(actor, rid, "max_subscriptions_per_connection", cfg.max_subscriptions_per_connection,
                     len(actor.subs), "subscriptions")
         conns = self._by_user.get(actor.user.name)
@@ -54,7 +57,7 @@ class Caps:
     def check_consumer(self, actor: ConnectionActor, rid: int) -> None:
         """Raise LIMIT_EXCEEDED if ``actor`` may not start one more consumer (queue
         consumer, group member or stream reader)."""
-        cfg = self.broker.config
+        cfg = self.config
         self._check(actor, rid, "max_consumers_per_connection", cfg.max_consumers_per_connection,
                     len(actor.consumers), "consumers")
         conns = self._by_user.get(actor.user.name)
@@ -62,15 +65,15 @@ class Caps:
             self._check(actor, rid, "max_consumers_per_user", cfg.max_consumers_per_user,
                         sum(len(a.consumers) for a in conns), "consumers")
 
-    def check_group(self, actor: ConnectionActor, stream: Any, rid: int) -> None:
+    def check_group(self, actor: Peer, stream: Any, rid: int) -> None:
         """Raise LIMIT_EXCEEDED if ``stream`` may not get one more consumer group."""
-        self._check(actor, rid, "max_groups_per_stream", self.broker.config.max_groups_per_stream,
+        self._check(actor, rid, "max_groups_per_stream", self.config.max_groups_per_stream,
                     len(stream.groups), f"consumer groups on stream {stream.name!r}")
 
-    def _check(self, actor: ConnectionActor, rid: int, setting: str, cap: int, count: int, what: str) -> None:
+    def _check(self, actor: Peer, rid: int, setting: str, cap: int, count: int, what: str) -> None:
         if count < cap:
             return
-        self.broker.audit.limit_refused(actor.user.name, actor.peer, setting, **{setting: cap})
+        self.audit.limit_refused(actor.user.name, actor.peer, setting, **{setting: cap})
         scope = "this user" if setting.endswith("_per_user") else (
             "this connection" if setting.endswith("_per_connection") else "the broker")
         raise RemoteProtocolError(f"{what}: {scope} holds its maximum of {cap} ({setting})",

@@ -22,7 +22,7 @@ the publish path costs one attribute check per PUB frame; otherwise each
 published subject is checked (a cached lookup) and denied messages are
 neither routed nor stored.
 
-Resource limits (broker/limits.py): while the broker is above its memory
+Resource limits (broker/ops/limits.py): while the broker is above its memory
 high-water mark the reader pauses before each PUB frame, so publishers
 stop being read while consumers keep draining; below the free-disk mark
 durable publishes are refused with STORAGE_FULL.
@@ -45,7 +45,8 @@ from tidings.broker.security.auth import ANONYMOUS, User
 from tidings.broker.durable.store.base import StorageError, StorageFull
 
 if TYPE_CHECKING:
-    from tidings.broker.app import Broker
+    from tidings.broker.durable.ports import DurableConsumer
+    from tidings.broker.net.ports import BrokerPort
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ def _headers_size(h: dict[str, Any]) -> int:
 class ConnectionActor:
     """Serves one client. ``run()`` returns when the connection is over."""
 
-    def __init__(self, broker: Broker, stream: ByteStream, number: int, peer: str, peer_ip: str = "?") -> None:
-        cfg = broker.config
-        self.broker = broker
+    def __init__(self, port: BrokerPort[ConnectionActor], stream: ByteStream, number: int, peer: str,
+                 peer_ip: str = "?") -> None:
+        cfg = port.config
+        self.port = port  # what this connection may ask of the broker (never the Broker itself)
         self.stream = stream
         self.number = number
         self.peer = peer
@@ -95,7 +97,7 @@ class ConnectionActor:
         self._pub_ok: dict[str, bool] = {}  # subject -> may publish (restricted users only)
         self.conn = Connection(Role.SERVER, max_frame=cfg.max_payload + 64 * 1024, max_payload=cfg.max_payload)
         self.subs: dict[int, Subscription] = {}
-        self.consumers: dict[int, Any] = {}  # cid -> durable consumer (queue or stream)
+        self.consumers: dict[int, DurableConsumer] = {}  # cid -> queue consumer, group member or reader
         self.opened = time.time()
         self.msgs_in = 0
         self.msgs_out = 0
@@ -126,7 +128,6 @@ class ConnectionActor:
         self.perms = user.permissions
         self.restricted = not user.permissions.unrestricted
         self.counted = counted
-        self.broker.caps.joined(self)
 
     # ---------------------------------------------------------- mailbox
 
@@ -138,7 +139,7 @@ class ConnectionActor:
             if self._drop:
                 self._dropped[sid] = self._dropped.get(sid, 0) + 1
                 self.dropped_total += 1
-                self.broker.stats.dropped += 1
+                self.port.stats.dropped += 1
                 return
             self._slow_disconnect()
             return
@@ -201,14 +202,14 @@ class ConnectionActor:
         return self._pending
 
     def send_err(self, rid: int, code: int, message: str) -> None:
-        self.broker.stats.count_error(code)
+        self.port.stats.count_error(code)
         self.push_wire([F.Op.ERR, rid, int(code), message], 64 + len(message))
 
     def _slow_disconnect(self) -> None:
         log.warning("closing slow consumer %s (%s): outbound buffer over %d bytes",
                     self.number, self.peer, self._limit)
-        self.broker.stats.slow_disconnects += 1
-        self.broker.audit.limit_refused(self.user.name, self.peer, "max_pending_bytes",
+        self.port.stats.slow_disconnects += 1
+        self.port.audit.limit_refused(self.user.name, self.peer, "max_pending_bytes",
                                         max_pending_bytes=self._limit)
         self._msgs.clear()
         self._msg_bytes.clear()
@@ -226,7 +227,7 @@ class ConnectionActor:
         """Ask the actor to stop reading, flush its mailbox and close."""
         if not self._closing:
             self._closing = True
-            self.broker.detach(self)
+            self.port.detach(self)
             self._wake.set()
             if self._space is not None:
                 self._space.set()
@@ -253,20 +254,20 @@ class ConnectionActor:
                         await self._writer_done.wait()
                     tg.cancel_scope.cancel()
         finally:
-            self.broker.detach(self)
+            self.port.detach(self)
             with anyio.CancelScope(shield=True):
                 await self.stream.aclose()
 
     async def _reader(self) -> None:
         conn = self.conn
-        cfg = self.broker.config
+        cfg = self.port.config
         stream = self.stream
         try:
             with anyio.move_on_after(cfg.hello_timeout) as scope:
                 hello = await self._read_hello()
             if scope.cancelled_caught:
                 self.send_err(0, ErrorCode.HELLO_TIMEOUT, f"no HELLO within {cfg.hello_timeout}s")
-                self.broker.audit.limit_refused("", self.peer, "hello_timeout", seconds=cfg.hello_timeout)
+                self.port.audit.limit_refused("", self.peer, "hello_timeout", seconds=cfg.hello_timeout)
                 return
             if hello is None or not await self._accept_hello(hello):
                 return
@@ -284,7 +285,7 @@ class ConnectionActor:
                     if left <= 0:
                         self.send_err(0, ErrorCode.FRAME_TIMEOUT,
                                       f"partial frame not completed within {cfg.frame_timeout}s")
-                        self.broker.audit.limit_refused(self.user.name, self.peer, "frame_timeout",
+                        self.port.audit.limit_refused(self.user.name, self.peer, "frame_timeout",
                                                         seconds=cfg.frame_timeout)
                         return
                     timeout = min(timeout, left)
@@ -349,17 +350,17 @@ class ConnectionActor:
 
     async def _accept_hello(self, hello: F.Hello) -> bool:
         self.name = hello.client_name
-        broker = self.broker
-        refusal = await broker.admit(self, hello)
+        port = self.port
+        refusal = await port.admit(self, hello)
         if refusal is not None:
             code, message = refusal
             self.send_err(0, code, message)
             return False
-        info = broker.welcome_info(self)
-        self.conn.send_parts(F.Welcome(F.PROTOCOL_VERSION, broker.config.server_name, info), [])
+        info = port.welcome_info(self)
+        self.conn.send_parts(F.Welcome(F.PROTOCOL_VERSION, port.config.server_name, info), [])
         # send_parts moved the state to OPEN; now queue the real frame bytes.
-        self.push_wire([F.Op.WELCOME, F.PROTOCOL_VERSION, broker.config.server_name, info], 256)
-        broker.bindings.send(self)
+        self.push_wire([F.Op.WELCOME, F.PROTOCOL_VERSION, port.config.server_name, info], 256)
+        port.opened(self)
         log.debug("connection %s (%s) open: client %r", self.number, self.peer, self.name)
         return await self._process()
 
@@ -370,7 +371,7 @@ class ConnectionActor:
         (one store operation, one commit); any other frame first flushes the
         batch, so this connection's requests keep their order."""
         conn = self.conn
-        monitor = self.broker.monitor
+        monitor = self.port.monitor
         durable: list[Any] = []
         try:
             while True:
@@ -407,26 +408,22 @@ class ConnectionActor:
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
         self.send_err(exc.rid, exc.code, exc.message)
         if exc.code == ErrorCode.FRAME_TOO_LARGE:
-            self.broker.audit.limit_refused(self.user.name, self.peer, "max_frame", inbound_limit=self.conn.inbound_limit)
+            self.port.audit.limit_refused(self.user.name, self.peer, "max_frame", inbound_limit=self.conn.inbound_limit)
 
     async def _pause_for_memory(self) -> None:
         """Wait (not reading this socket) until the broker is below its memory high-water mark."""
-        monitor = self.broker.monitor
-        monitor.paused_readers += 1
-        monitor.pauses += 1
-        try:
+        monitor = self.port.monitor
+        with monitor.reader_paused():
             while monitor.memory_high and not self._closing:
                 with anyio.move_on_after(PAUSE_KEEPALIVE):
                     await monitor.wait_memory_ok()
                 if monitor.memory_high:
                     self.push_wire([F.Op.PING, 0])
-        finally:
-            monitor.paused_readers -= 1
 
     async def _store(self, batch: list[Any]) -> None:
         """Hand durable publishes to the store, unless the disk is nearly full."""
-        if not self.broker.monitor.disk_low:
-            await self.broker.durable.publish(self, batch)
+        if not self.port.monitor.disk_low:
+            await self.port.publish_durable(self, batch)
             return
         msg = "not stored: free disk space below min_free_disk"
         confirms = [[m[F.P_SEQ], int(ErrorCode.STORAGE_FULL), msg] for m, _targets in batch if m[F.P_SEQ]]
@@ -434,7 +431,7 @@ class ConnectionActor:
             self.push_wire([F.Op.CONFIRM, confirms], 64 * len(confirms))
         if len(confirms) < len(batch):
             self.send_err(0, ErrorCode.STORAGE_FULL, f"{len(batch) - len(confirms)} messages {msg}")
-        self.broker.audit.limit_refused(self.user.name, self.peer, "min_free_disk", refused=len(batch))
+        self.port.audit.limit_refused(self.user.name, self.peer, "min_free_disk", refused=len(batch))
 
     async def _handle(self, ev: F.Frame) -> None:
         t = type(ev)
@@ -442,7 +439,7 @@ class ConnectionActor:
             self.push_wire([F.Op.PONG, ev.rid])  # type: ignore[union-attr]
         elif t is not F.Pong:
             try:
-                await self.broker.handle_request(self, ev)
+                await self.port.handle_request(self, ev)
             except RemoteProtocolError as exc:
                 # Errors raised deep in a handler may not know the request id: it is this frame's.
                 self.send_err(exc.rid or getattr(ev, "rid", 0), exc.code, exc.message)
@@ -456,13 +453,13 @@ class ConnectionActor:
     def _on_pub(self, msgs: list[list[Any]]) -> list[Any] | None:
         """Route a PUB batch to subscribers now; return the messages that
         durable targets must store (with their targets), if any."""
-        broker = self.broker
+        port = self.port
         if self.restricted:
             msgs = self._permitted(msgs)
         self.msgs_in += len(msgs)
-        broker.stats.published += len(msgs)
-        match = broker.router.match
-        durable = broker.durable_match
+        port.stats.published += len(msgs)
+        match = port.router.match
+        durable = port.durable_match
         confirms: list[Any] | None = None
         entries: list[Any] | None = None
         for m in msgs:
@@ -533,7 +530,7 @@ class ConnectionActor:
             else:
                 silent.append(what)
         if first is not None:
-            self.broker.audit.permission_denied(self.user.name, self.peer, *first)
+            self.port.audit.permission_denied(self.user.name, self.peer, *first)
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 64 * len(confirms))
         if silent:
@@ -555,7 +552,7 @@ class ConnectionActor:
         return self.perms.allows("subscribe", reply)
 
     def _no_responders(self, reply: str) -> None:
-        plain, groups = self.broker.router.match(reply)
+        plain, groups = self.port.router.match(reply)
         item = [reply, b"", {"status": "503"}, None]
         for s in plain:
             s.conn.push_msg(s.sid, item, 64)
@@ -626,7 +623,7 @@ class ConnectionActor:
         if op == F.Op.OK:
             rid = w[1]
             msg = f"the reply is larger than this connection's max_frame of {conn.peer_max_frame} bytes"
-            self.broker.stats.count_error(ErrorCode.REPLY_TOO_LARGE)
+            self.port.stats.count_error(ErrorCode.REPLY_TOO_LARGE)
             conn.encode_wire([F.Op.ERR, rid, int(ErrorCode.REPLY_TOO_LARGE), msg], out)
             return
         if op == F.Op.DELIVER and len(w[2]) > 1:

@@ -43,7 +43,7 @@ import re
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 
@@ -52,11 +52,23 @@ from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 from tidings.broker.durable.store.base import StorageError
 
 if TYPE_CHECKING:
-    from tidings.broker.app import Broker
+    from tidings.broker.config import Config
+    from tidings.broker.durable.core import Durable
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], int], Awaitable[dict[str, Any]]]
+
+
+class Backupable(Protocol):
+    """What a backup reads of the broker (ops/ does not import the composition root):
+    its settings (``backup_dir``) and the durable layer's store."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def durable(self) -> Durable: ...
 
 #: A backup's file name: 128 characters leave room for the temporary name's suffix
 #: within NAME_MAX (255); the character set keeps separators, "..", control and
@@ -117,7 +129,7 @@ def _prepare(directory: str, store_path: str, name: str) -> tuple[ErrorCode, str
     return path
 
 
-async def backup_call(broker: Broker, args: dict[str, Any], rid: int, *, running: set[str]) -> dict[str, Any]:
+async def backup_call(broker: Backupable, args: dict[str, Any], rid: int, *, running: set[str]) -> dict[str, Any]:
     """Copy the broker's store to ``args["name"]`` in its backup directory; see the
     module docstring. ``running`` is the handler's set of backups in progress (one
     at a time). Raises RemoteProtocolError with the codes listed above.
@@ -148,7 +160,7 @@ async def backup_call(broker: Broker, args: dict[str, Any], rid: int, *, running
     return {"name": name, "path": path, "bytes": size, "seconds": round(seconds, 3)}
 
 
-def backup_handler(broker: Broker) -> Handler:
+def backup_handler(broker: Backupable) -> Handler:
     """The ``backup`` method for ``Broker._durable_calls`` (called as ``h(args, rid)``)."""
     running: set[str] = set()
 

@@ -20,9 +20,11 @@ the event loop thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Final
 
 import anyio
@@ -102,6 +104,16 @@ class ResourceMonitor:
         else:
             self._memory_ok.set()
             log.warning("resident memory %d bytes is below memory_high_water again: publishers resume", self.rss)
+
+    @contextlib.contextmanager
+    def reader_paused(self) -> Iterator[None]:
+        """Count a connection reader as paused for memory while the block runs."""
+        self.paused_readers += 1
+        self.pauses += 1
+        try:
+            yield
+        finally:
+            self.paused_readers -= 1
 
     async def wait_memory_ok(self) -> None:
         """Return once ``memory_high`` is clear (at once if it is)."""

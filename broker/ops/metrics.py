@@ -50,7 +50,7 @@ from prometheus_client.exposition import choose_encoder
 from tidings.protocol.errors import ErrorCode
 
 if TYPE_CHECKING:
-    from tidings.broker.app import Broker
+    from tidings.broker.ops.view import BrokerView
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ _STORE_INFLIGHT: Final = (
 
 
 def _limits(monitor: Any) -> dict[str, float]:
-    """The resource monitor's flags (broker/limits.py), where the broker has one."""
+    """The resource monitor's flags (broker/ops/limits.py), where the broker has one."""
     if monitor is None:
         return {}
     return {"memory_high": int(bool(monitor.memory_high)), "disk_low": int(bool(monitor.disk_low)),
@@ -147,7 +147,7 @@ class BrokerCollector:
     ``families(snapshot)`` anywhere (building the families costs ~20x the
     reads, so it runs in the formatting thread, off the loop)."""
 
-    def __init__(self, broker: Broker, histograms: CollectorRegistry | None = None) -> None:
+    def __init__(self, broker: BrokerView, histograms: CollectorRegistry | None = None) -> None:
         self.broker = broker
         self.histograms = histograms
 
@@ -381,7 +381,7 @@ class Metrics:
     thread.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: BrokerView) -> None:
         self.broker = broker
         self.histograms = CollectorRegistry(auto_describe=True)
         self.offloop = CollectorRegistry(auto_describe=True)
@@ -416,7 +416,7 @@ class Metrics:
         return body, content_type
 
 
-def install_hooks(broker: Broker) -> Metrics:
+def install_hooks(broker: BrokerView) -> Metrics:
     """Create the broker's Metrics and connect its histograms to the storage actor
     and the publish path. Idempotent in effect: a second call replaces the hooks."""
     metrics = Metrics(broker)
@@ -584,7 +584,7 @@ class _Server:
         return _response(404, _TEXT, b"Not Found\n", head=head)
 
 
-async def serve_metrics(broker: Broker, host: str, port: int, *, metrics: Metrics | None = None,
+async def serve_metrics(broker: BrokerView, host: str, port: int, *, metrics: Metrics | None = None,
                         read_timeout: float = READ_TIMEOUT,
                         task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED) -> None:
     """Serve /metrics, /healthz and /readyz on ``host:port`` (0 = a free port) until cancelled.

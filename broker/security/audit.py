@@ -8,7 +8,7 @@ Events (field ``event``) and their fields besides ``ts``, ``user``, ``peer``:
 * ``auth_throttled``    retry_after (seconds)
 * ``permission_denied`` action, name
 * ``admin``             method, target, outcome ("ok" or an error code name): every CALL
-                        except those reading only counters and settings (broker/server.py
+                        except those reading only counters and settings (broker/net/dispatch.py
                         UNAUDITED_CALLS), so dlq.list and backup too; and ``group.join``
                         (a stream CONSUME with a group; target "stream/group")
 * ``limit_refused``     limit (e.g. "max_connections", "user.max_connections"), details

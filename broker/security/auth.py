@@ -50,7 +50,7 @@ AUTH_FAILED (``cert_ambiguous``). A certificate that names no configured
 user only authenticated the connection: the HELLO needs credentials as
 without one. Without ``client_cert_user`` certificates never name a user.
 
-Actions, names and the allow/deny rule are defined in broker/permissions.py.
+Actions, names and the allow/deny rule are defined in broker/security/permissions.py.
 With no users the broker runs in no-users mode: every connection is
 :data:`ANONYMOUS` with :data:`permissions.ALLOW_ALL`.
 

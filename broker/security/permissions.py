@@ -286,7 +286,7 @@ DECLARE_CALLS: Final = frozenset({"queue.declare", "stream.declare"})  # may cre
 # Calls that return message payloads: reading messages is what consume grants, so
 # they need consume on the name, not admin (admin manages a queue, it does not read it).
 READ_CALLS: Final = frozenset({"dlq.list"})
-DLQ_SUFFIX: Final = ".dlq"  # the default dead-letter name is "<name>.dlq" (broker/queueconfig.py)
+DLQ_SUFFIX: Final = ".dlq"  # the default dead-letter name is "<name>.dlq" (broker/durable/queue_settings.py)
 
 
 def needs_for_call(method: str, args: Mapping[str, Any]) -> list[Need]:
@@ -314,7 +314,7 @@ def needs_for_call(method: str, args: Mapping[str, Any]) -> list[Need]:
         name = args.get("name")
         dl = args.get("dead_letter")
         if method == "queue.declare" and args.get("is_dlq"):
-            pass  # a DLQ itself gets no dead-letter queue (broker/queueconfig.py)
+            pass  # a DLQ itself gets no dead-letter queue (broker/durable/queue_settings.py)
         elif isinstance(dl, str) and dl:
             needs.append(Need("admin", dl))
         elif isinstance(name, str) and name:

@@ -9,7 +9,7 @@ Client certificates: with ``client_ca`` set, a certificate a client presents
 is verified against it (CERT_OPTIONAL); with ``require_client_cert`` too, a
 client without a valid one is refused during the handshake (CERT_REQUIRED).
 What a verified certificate means is decided by ``[tls] client_cert_user``
-(broker/auth.py): unset, it only authenticates the connection; set to one
+(broker/security/auth.py): unset, it only authenticates the connection; set to one
 of :data:`CERT_USER_SOURCES`, the names :func:`cert_names` reads from that
 field of the certificate may log the client in as the user of that name.
 """
