@@ -49,15 +49,6 @@ KNOWN_VIOLATIONS: dict[str, str] = {
     "tidings.client.subscription": "h-client",
     "private: tidings.client.client imports tidings.client.consumer._ms": "h-client",
     "private: tidings.client.client imports tidings.client.results._Waiter": "h-client",
-    # command line
-    "cycle: tidings.cli.main, tidings.cli.ops, tidings.cli.queues, tidings.cli.streams": "h-cli",
-    "private: tidings.cli.ops imports tidings.cli.queues._execute": "h-cli",
-    "private: tidings.cli.ops imports tidings.cli.queues._table": "h-cli",
-    "private: tidings.cli.queues imports tidings.cli.main._run": "h-cli",
-    "private: tidings.cli.streams imports tidings.cli.queues._common": "h-cli",
-    "private: tidings.cli.streams imports tidings.cli.queues._print_json": "h-cli",
-    "private: tidings.cli.streams imports tidings.cli.queues._runner": "h-cli",
-    "private: tidings.cli.streams imports tidings.cli.queues._table": "h-cli",
 }
 
 BROKER = "tidings.broker"
