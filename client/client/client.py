@@ -36,9 +36,11 @@ from anyio.abc import ByteStream, TaskGroup
 
 from tidings.protocol import CLOSED, NEED_DATA, Connection, Role
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from tidings.protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
 from tidings.protocol.subjects import PatternSet, validate_pattern, validate_subject
+from tidings.protocol.vocabulary import DEFAULT_PORT
 
 from tidings.client.admin import AdminMixin
 from tidings.client.consumer import QueueConsumer, _ms
@@ -61,7 +63,6 @@ from tidings.client.subscription import DEFAULT_MAX_PENDING, Subscription
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT: Final = 7421
 DEFAULT_URL: Final = f"tidings://127.0.0.1:{DEFAULT_PORT}"
 READ_CHUNK: Final = 65_536
 FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
@@ -289,7 +290,7 @@ class Client(AdminMixin):
                 continue
             if ev is CLOSED:
                 raise ConnectError("the broker closed the connection during the handshake")
-            if isinstance(ev, F.Notice) and ev.kind == "bindings":
+            if isinstance(ev, F.Notice) and ev.kind == V.NOTICE_BINDINGS:
                 building = _add_chunk(building, ev.info)
                 if building is not None and not ev.info.get("more") and building[0] >= announced:
                     return building[0], building[1], early
@@ -717,26 +718,26 @@ class Client(AdminMixin):
             self._on_notice(ev.kind, ev.info)  # type: ignore[union-attr]
 
     def _on_notice(self, kind: str, info: dict[str, Any]) -> None:
-        if kind == "bindings":
+        if kind == V.NOTICE_BINDINGS:
             self._apply_bindings(info)
-        elif kind == "slow_consumer":
+        elif kind == V.NOTICE_SLOW_CONSUMER:
             sub = self._subs.get(info.get("sid", -1))
             n = info.get("dropped", 0)
             if sub is not None and isinstance(n, int):
                 sub.dropped_by_broker += n
             log.warning("the broker dropped %s messages for subscription %s: this client is too slow", n,
                         info.get("sid"))
-        elif kind == "shutdown":
+        elif kind == V.NOTICE_SHUTDOWN:
             log.info("the broker is shutting down")
-        elif kind == "consumer_closed":
+        elif kind == V.NOTICE_CONSUMER_CLOSED:
             cons = self._consumers.pop(info.get("cid", -1), None)
             if cons is not None:
                 cons._end(None)
-        elif kind == "assignment":
+        elif kind == V.NOTICE_ASSIGNMENT:
             cons = self._consumers.get(info.get("cid", -1))
             if cons is not None:
                 cons.assignment = (info.get("generation", 0), list(info.get("partitions", [])))
-        elif kind == "stale_acks":
+        elif kind == V.NOTICE_STALE_ACKS:
             cons = self._consumers.get(info.get("cid", -1))
             if cons is not None:
                 cons._stale(int(info.get("count", 0)))
@@ -1012,7 +1013,7 @@ class Client(AdminMixin):
             raise TimeoutError(f"no reply on {subject!r} within {timeout}s") from exc
         finally:
             self._replies.pop(reply, None)
-        if not msg.payload and msg.headers and msg.headers.get("status") == "503":
+        if not msg.payload and msg.headers and msg.headers.get(V.HDR_STATUS) == V.STATUS_NO_RESPONDERS:
             raise NoRespondersError(f"no responders for {subject!r}")
         return msg
 
@@ -1025,9 +1026,9 @@ def _check_headers(headers: Any) -> None:
     for k, v in headers.items():
         if type(k) is not str or not k:
             raise InvalidArgumentError("header names must be non-empty strings")
-        if k[:8].lower() == F.RESERVED_HEADER_PREFIX:
+        if k[:8].lower() == V.RESERVED_HEADER_PREFIX:
             raise InvalidArgumentError(f"header {k!r} is reserved: names starting with "
-                                       f"{F.RESERVED_HEADER_PREFIX!r} are set by the broker only")
+                                       f"{V.RESERVED_HEADER_PREFIX!r} are set by the broker only")
         if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):
             raise InvalidArgumentError(f"header {k!r} must be a str, an int or bytes, not {type(v).__name__}")
 
