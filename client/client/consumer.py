@@ -3,33 +3,29 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
-
-import anyio
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from tidings.protocol import frames as F
+from tidings.protocol.frames import (D_COUNT, D_HEADERS, D_ID, D_META, D_PAYLOAD, D_SUBJECT, D_TIMESTAMP,
+                                     SM_GENERATION, SM_KEY, SM_OFFSET, SM_PARTITION)
 from tidings.protocol.numbers import MAX_DURATION_MS
 
-from tidings.client.errors import ConnectionClosedError, InvalidArgumentError, StaleDeliveryError, TidingsError, for_code
+from tidings.client.errors import StaleDeliveryError, TidingsError, for_code
 from tidings.client.inbox import Inbox
-
-if TYPE_CHECKING:
-    from tidings.client.client import Client
+from tidings.client.units import seconds_to_ms
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True, slots=True)
+class ConsumerPort:
+    """What a consumer may ask of its connection: raise if it is closed,
+    buffer an ack for the next ACK frame, or send one ACK and await the
+    broker's per-item codes."""
 
-def _ms(seconds: Any, what: str, lo: int, hi: int) -> int:
-    """Seconds as whole milliseconds, raised to ``lo`` if below it; above ``hi`` (the
-    broker's range, protocol/numbers.py) or not a number: InvalidArgumentError, before
-    anything is sent."""
-    try:
-        ms = float(seconds) * 1000
-    except (TypeError, ValueError):
-        ms = float("nan")
-    if type(seconds) is bool or not ms <= hi:  # NaN fails the comparison
-        raise InvalidArgumentError(f"{what} must be a number of seconds up to {hi // 1000}")
-    return max(lo, int(ms))
+    check_open: Callable[[], None]
+    queue_ack: Callable[[int, list[Any]], None]
+    settle_now: Callable[[int, list[Any]], Awaitable[list[int]]]
 
 
 class Delivery:
@@ -46,13 +42,13 @@ class Delivery:
 
     def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
         self._cid = consumer.cid  # the registration it came through: acks go there (stale after a reconnect)
-        self.delivery_id: int = item[0]
-        self.subject: str = item[1]
-        self.payload: bytes = item[2]
-        self.headers: dict[str, Any] | None = item[3]
-        self.delivery_count: int = item[4]
-        self.published_ms: int = item[5]
-        meta = item[6] or {}
+        self.delivery_id: int = item[D_ID]
+        self.subject: str = item[D_SUBJECT]
+        self.payload: bytes = item[D_PAYLOAD]
+        self.headers: dict[str, Any] | None = item[D_HEADERS]
+        self.delivery_count: int = item[D_COUNT]
+        self.published_ms: int = item[D_TIMESTAMP]
+        meta = item[D_META] or {}
         self.message_id: int | None = meta.get("id")
         self.msg_id: str | None = meta.get("msg_id")
         self._consumer = consumer
@@ -80,7 +76,7 @@ class Delivery:
         """Return the message for another attempt after ``delay`` seconds, or
         after the queue's backoff for this attempt when ``delay`` is None. After
         max_deliveries the broker moves it to the dead-letter queue instead."""
-        arg = None if delay is None else _ms(delay, "delay", 0, MAX_DURATION_MS)
+        arg = None if delay is None else seconds_to_ms(delay, "delay", 0, MAX_DURATION_MS)
         await self._settle(F.AckAction.NACK, arg, wait)
 
     async def reject(self, reason: str | None = None, *, wait: bool = False) -> None:
@@ -108,17 +104,17 @@ class StreamMessage(Delivery):
 
     def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
         self._cid = consumer.cid
-        self.delivery_id = item[0]
-        self.subject = item[1]
-        self.payload = item[2]
-        self.headers = item[3]
-        self.delivery_count = item[4]
-        self.published_ms = self.timestamp_ms = item[5]
-        meta = item[6] or [0, 0, None, 0]
-        self.partition: int = meta[0]
-        self.offset: int = meta[1]
-        self.key: str | None = meta[2]
-        self.generation: int = meta[3]
+        self.delivery_id = item[D_ID]
+        self.subject = item[D_SUBJECT]
+        self.payload = item[D_PAYLOAD]
+        self.headers = item[D_HEADERS]
+        self.delivery_count = item[D_COUNT]
+        self.published_ms = self.timestamp_ms = item[D_TIMESTAMP]
+        meta = item[D_META] or [0, 0, None, 0]
+        self.partition: int = meta[SM_PARTITION]
+        self.offset: int = meta[SM_OFFSET]
+        self.key: str | None = meta[SM_KEY]
+        self.generation: int = meta[SM_GENERATION]
         self.message_id = None
         self.msg_id = None
         self._consumer = consumer
@@ -138,11 +134,11 @@ class QueueConsumer(Inbox):
     unsettled messages to the queue at once.
     """
 
-    def __init__(self, client: Client, cid: int, queue: str, prefetch: int,
+    def __init__(self, port: ConsumerPort, cid: int, queue: str, prefetch: int,
                  kind: type[Delivery] = Delivery) -> None:
         super().__init__()
         self._what = f"delivery from {queue!r}"
-        self._client = client
+        self._port = port
         self._kind = kind
         self.assignment: tuple[int, list[int]] = (0, [])  # (generation, partitions) in a stream group
         self.args: dict[str, Any] = {}  # the CONSUME arguments, re-sent after a reconnect
@@ -155,7 +151,7 @@ class QueueConsumer(Inbox):
 
     def _push(self, items: list[list[Any]]) -> None:
         if self._kind is StreamMessage and items:
-            self._next_offset = items[-1][6][1] + 1  # readers resume after what they received
+            self._next_offset = items[-1][D_META][SM_OFFSET] + 1  # readers resume after what they received
         self._q.extend(items)
         self._wake()
 
@@ -179,9 +175,8 @@ class QueueConsumer(Inbox):
         return self._kind(raw, self)
 
     async def _settle(self, d: Delivery, action: int, arg: Any, wait: bool) -> None:
-        c = self._client
-        if c.is_closed:
-            raise c._error or ConnectionClosedError("the connection is closed")
+        port = self._port
+        port.check_open()
         item = [d.delivery_id, int(action), arg]
         if d._cid != self.cid:
             # Delivered before a reconnect: the broker already returned it for redelivery.
@@ -189,33 +184,12 @@ class QueueConsumer(Inbox):
                 raise StaleDeliveryError(f"delivery {d.delivery_id} was made on a connection that was lost")
             return
         if not wait:
-            c._queue_ack(self.cid, item)
+            port.queue_ack(self.cid, item)
             return
-        codes = await c._request([F.Op.ACK, 0, self.cid, [item]])
+        codes = await port.settle_now(self.cid, item)
         if codes and codes[0]:
             raise for_code(codes[0], f"delivery {d.delivery_id} of {self.queue!r} was not settled")
 
     def _stale(self, n: int) -> None:
         self.stale_acks += n
         log.warning("%d acks on %r were refused as stale (ack deadline passed?)", n, self.queue)
-
-
-class ConsumeContext:
-    """``async with tc.consume(queue, prefetch=N) as deliveries:`` (and the
-    stream forms): starts the consumer on entry, stops it on exit."""
-
-    def __init__(self, client: Client, name: str, args: dict[str, Any], kind: type[Delivery] = Delivery) -> None:
-        self._client = client
-        self._name = name
-        self._args = args
-        self._kind = kind
-        self._consumer: QueueConsumer | None = None
-
-    async def __aenter__(self) -> QueueConsumer:
-        self._consumer = await self._client._start_consumer(self._name, self._args, self._kind)
-        return self._consumer
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._consumer is not None:
-            with anyio.CancelScope(shield=True):
-                await self._client._stop_consumer(self._consumer)
