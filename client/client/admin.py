@@ -11,11 +11,18 @@ consumer, close one), and nothing else. ``Client`` keeps one as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Awaitable, Callable
+from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, Protocol
 
 import anyio
 
-from tidings.client.consumer import Delivery, QueueConsumer, StreamMessage
+from tidings.client.consumer import Delivery, DeliveryT, QueueConsumer, StreamMessage
+
+
+class ConsumerOpener(Protocol):
+    """Register a consumer of ``kind`` deliveries on the connection and CONSUME."""
+
+    def __call__(self, name: str, args: dict[str, Any], kind: type[DeliveryT]) -> Awaitable[QueueConsumer[DeliveryT]]:
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,22 +30,22 @@ class DurablePort:
     """What the durable API may ask of its connection."""
 
     call: Callable[[str, dict[str, Any]], Awaitable[Any]]  # a named CALL; returns the broker's result
-    open_consumer: Callable[[str, dict[str, Any], type[Delivery]], Awaitable[QueueConsumer]]
-    close_consumer: Callable[[QueueConsumer], Awaitable[None]]
+    open_consumer: ConsumerOpener
+    close_consumer: Callable[[QueueConsumer[Any]], Awaitable[None]]
 
 
-class ConsumeContext:
+class ConsumeContext(Generic[DeliveryT]):
     """``async with tc.consume(queue, prefetch=N) as deliveries:`` (and the
     stream forms): starts the consumer on entry, stops it on exit."""
 
-    def __init__(self, port: DurablePort, name: str, args: dict[str, Any], kind: type[Delivery] = Delivery) -> None:
+    def __init__(self, port: DurablePort, name: str, args: dict[str, Any], kind: type[DeliveryT]) -> None:
         self._port = port
         self._name = name
         self._args = args
         self._kind = kind
-        self._consumer: QueueConsumer | None = None
+        self._consumer: QueueConsumer[DeliveryT] | None = None
 
-    async def __aenter__(self) -> QueueConsumer:
+    async def __aenter__(self) -> QueueConsumer[DeliveryT]:
         self._consumer = await self._port.open_consumer(self._name, self._args, self._kind)
         return self._consumer
 
@@ -109,10 +116,10 @@ class Durable:
         purged: int = (await self._call("dlq.purge", {"name": queue}))["purged"]
         return purged
 
-    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext:
+    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext[Delivery]:
         """``async with tc.consume(queue, prefetch=N) as deliveries:`` then
         ``async for d in deliveries:``; settle each with ack/nack/reject."""
-        return ConsumeContext(self._port, queue, {"queue": queue, "prefetch": prefetch})
+        return ConsumeContext(self._port, queue, {"queue": queue, "prefetch": prefetch}, Delivery)
 
     # ----------------------------------------------------------- streams
 
@@ -140,7 +147,7 @@ class Durable:
         return streams
 
     def stream_consume(self, stream: str, group: str, *, window: int = 100,
-                       start: str = "earliest") -> ConsumeContext:
+                       start: str = "earliest") -> ConsumeContext[StreamMessage]:
         """``async with tc.stream_consume(stream, group=...) as msgs:`` joins a
         consumer group. Partitions are shared among the group's members and
         each is delivered in order, at most ``window`` unacked at a time;

@@ -44,7 +44,7 @@ from tidings.protocol.subjects import PatternSet, validate_pattern, validate_sub
 from tidings.protocol.vocabulary import DEFAULT_PORT
 
 from tidings.client.admin import ConsumeContext, Durable, DurablePort
-from tidings.client.consumer import ConsumerPort, Delivery, QueueConsumer, StreamMessage
+from tidings.client.consumer import ConsumerPort, Delivery, DeliveryT, QueueConsumer, StreamMessage
 from tidings.client.errors import (
     ConnectError,
     ConnectionClosedError,
@@ -181,7 +181,7 @@ class Client:
         self._unconfirmed: dict[int, list[Any]] = {}
         self._id_prefix = f"{secrets.token_hex(6)}-"
         self._subs: dict[int, Subscription] = {}
-        self._consumers: dict[int, QueueConsumer] = {}
+        self._consumers: dict[int, QueueConsumer[Any]] = {}
         self._cids = itertools.count(1)
         self._in_flight = 0
         self.max_in_flight = DEFAULT_MAX_IN_FLIGHT
@@ -944,8 +944,7 @@ class Client:
 
     # ----------------------------------------------------------- consumers
 
-    async def _open_consumer(self, name: str, args: dict[str, Any],
-                             kind: type[Delivery] = Delivery) -> QueueConsumer:
+    async def _open_consumer(self, name: str, args: dict[str, Any], kind: type[DeliveryT]) -> QueueConsumer[DeliveryT]:
         """Register consumer ``cid`` here (DELIVERs find it, a reconnect restores
         it), then CONSUME; the durable API's way to open one (DurablePort)."""
         cid = next(self._cids)
@@ -959,7 +958,7 @@ class Client:
             raise
         return cons
 
-    async def _close_consumer(self, cons: QueueConsumer) -> None:
+    async def _close_consumer(self, cons: QueueConsumer[Any]) -> None:
         cons._end(None)
         if self._consumers.pop(cons.cid, None) is None or self._closed:
             return
@@ -1005,7 +1004,7 @@ class Client:
     async def dlq_purge(self, queue: str) -> int:
         return await self.durable.dlq_purge(queue)
 
-    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext:
+    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext[Delivery]:
         """``async with tc.consume(queue) as deliveries:``; see :meth:`Durable.consume`."""
         return self.durable.consume(queue, prefetch=prefetch)
 
@@ -1024,7 +1023,7 @@ class Client:
         return await self.durable.list_streams()
 
     def stream_consume(self, stream: str, group: str, *, window: int = 100,
-                       start: str = "earliest") -> ConsumeContext:
+                       start: str = "earliest") -> ConsumeContext[StreamMessage]:
         """Join a stream's consumer group; see :meth:`Durable.stream_consume`."""
         return self.durable.stream_consume(stream, group, window=window, start=start)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from tidings.protocol import frames as F
 from tidings.protocol.frames import (D_COUNT, D_HEADERS, D_ID, D_META, D_PAYLOAD, D_SUBJECT, D_TIMESTAMP,
@@ -40,7 +40,7 @@ class Delivery:
     __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
                  "message_id", "msg_id", "_consumer", "settled", "_cid")
 
-    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+    def __init__(self, item: list[Any], consumer: QueueConsumer[Any]) -> None:
         self._cid = consumer.cid  # the registration it came through: acks go there (stale after a reconnect)
         self.delivery_id: int = item[D_ID]
         self.subject: str = item[D_SUBJECT]
@@ -102,7 +102,7 @@ class StreamMessage(Delivery):
 
     __slots__ = ("partition", "offset", "key", "generation", "timestamp_ms")
 
-    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+    def __init__(self, item: list[Any], consumer: QueueConsumer[Any]) -> None:
         self._cid = consumer.cid
         self.delivery_id = item[D_ID]
         self.subject = item[D_SUBJECT]
@@ -125,8 +125,13 @@ class StreamMessage(Delivery):
                 f"key={self.key!r}, delivery_count={self.delivery_count})")
 
 
-class QueueConsumer(Inbox):
-    """Async iterator of :class:`Delivery`; use via ``async with tc.consume(queue)``.
+# What a consumer hands out: Delivery for queues, StreamMessage for streams.
+DeliveryT = TypeVar("DeliveryT", bound=Delivery)
+
+
+class QueueConsumer(Inbox[DeliveryT]):
+    """Async iterator of :class:`Delivery` (:class:`StreamMessage` on a stream);
+    use via ``async with tc.consume(queue)``.
 
     The broker never has more than ``prefetch`` unsettled deliveries out to
     this consumer, so the local buffer is bounded by it. Leaving the
@@ -134,8 +139,7 @@ class QueueConsumer(Inbox):
     unsettled messages to the queue at once.
     """
 
-    def __init__(self, port: ConsumerPort, cid: int, queue: str, prefetch: int,
-                 kind: type[Delivery] = Delivery) -> None:
+    def __init__(self, port: ConsumerPort, cid: int, queue: str, prefetch: int, kind: type[DeliveryT]) -> None:
         super().__init__()
         self._what = f"delivery from {queue!r}"
         self._port = port
@@ -171,7 +175,7 @@ class QueueConsumer(Inbox):
             args["out_of_range"] = "earliest"
         return args
 
-    def _wrap(self, raw: list[Any]) -> Delivery:
+    def _wrap(self, raw: list[Any]) -> DeliveryT:
         return self._kind(raw, self)
 
     async def _settle(self, d: Delivery, action: int, arg: Any, wait: bool) -> None:

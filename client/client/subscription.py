@@ -26,7 +26,7 @@ class SubscriptionPort:
     unsubscribe: Callable[[int], Awaitable[None]]
 
 
-class Subscription(Inbox):
+class Subscription(Inbox[Message]):
     """An async iterator of :class:`Message` for one pattern.
 
     Messages wait in a bounded buffer (``max_pending`` messages); when the

@@ -206,7 +206,7 @@ async def _keep_extending(d: Delivery, every: float) -> None:
             return
 
 
-def _default_extend(deliveries: QueueConsumer) -> float:
+def _default_extend(deliveries: QueueConsumer[Any]) -> float:
     info = deliveries.info if isinstance(deliveries.info, dict) else {}
     deadline = info.get("ack_deadline") or 30.0
     return max(float(deadline) / 3.0, 0.01)
