@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 from tidings.protocol import frames as F
-from tidings.protocol.frames import (D_COUNT, D_HEADERS, D_ID, D_META, D_PAYLOAD, D_SUBJECT, D_TIMESTAMP,
-                                     SM_GENERATION, SM_KEY, SM_OFFSET, SM_PARTITION)
+from tidings.protocol.frames import D_META, SM_GENERATION, SM_KEY, SM_OFFSET, SM_PARTITION
 from tidings.protocol.numbers import MAX_DURATION_MS
 
 from tidings.client.errors import StaleDeliveryError, TidingsError, for_code
@@ -40,15 +39,20 @@ class Delivery:
     __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
                  "message_id", "msg_id", "_consumer", "settled", "_cid")
 
+    delivery_id: int
+    subject: str
+    payload: bytes
+    headers: dict[str, Any] | None
+    delivery_count: int
+    published_ms: int
+
     def __init__(self, item: list[Any], consumer: QueueConsumer[Any]) -> None:
         self._cid = consumer.cid  # the registration it came through: acks go there (stale after a reconnect)
-        self.delivery_id: int = item[D_ID]
-        self.subject: str = item[D_SUBJECT]
-        self.payload: bytes = item[D_PAYLOAD]
-        self.headers: dict[str, Any] | None = item[D_HEADERS]
-        self.delivery_count: int = item[D_COUNT]
-        self.published_ms: int = item[D_TIMESTAMP]
-        meta = item[D_META] or {}
+        # The codec passed only items of exactly frames.DELIVER_FIELDS (the D_* positions);
+        # unpacking them is cheaper per delivery than indexing by those constants.
+        (self.delivery_id, self.subject, self.payload, self.headers, self.delivery_count, self.published_ms,
+         meta) = item
+        meta = meta or {}
         self.message_id: int | None = meta.get("id")
         self.msg_id: str | None = meta.get("msg_id")
         self._consumer = consumer
@@ -104,13 +108,10 @@ class StreamMessage(Delivery):
 
     def __init__(self, item: list[Any], consumer: QueueConsumer[Any]) -> None:
         self._cid = consumer.cid
-        self.delivery_id = item[D_ID]
-        self.subject = item[D_SUBJECT]
-        self.payload = item[D_PAYLOAD]
-        self.headers = item[D_HEADERS]
-        self.delivery_count = item[D_COUNT]
-        self.published_ms = self.timestamp_ms = item[D_TIMESTAMP]
-        meta = item[D_META] or [0, 0, None, 0]
+        (self.delivery_id, self.subject, self.payload, self.headers, self.delivery_count, self.published_ms,
+         meta) = item
+        self.timestamp_ms = self.published_ms
+        meta = meta or [0, 0, None, 0]
         self.partition: int = meta[SM_PARTITION]
         self.offset: int = meta[SM_OFFSET]
         self.key: str | None = meta[SM_KEY]

@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Final
 
-from tidings.protocol.frames import M_HEADERS, M_PAYLOAD, M_REPLY, M_SUBJECT
-
 from tidings.client.errors import ConnectionClosedError
 from tidings.client.inbox import Inbox
 from tidings.client.message import Message, Responder
@@ -65,7 +63,10 @@ class Subscription(Inbox[Message]):
         self._wake()
 
     def _wrap(self, m: list[Any]) -> Message:
-        return Message(m[M_SUBJECT], m[M_PAYLOAD], m[M_HEADERS], m[M_REPLY], self._responder)
+        # The codec passed only messages of exactly frames.MSG_FIELDS; unpacking them is
+        # cheaper per message than indexing by the module's M_* constants.
+        subject, payload, headers, reply = m
+        return Message(subject, payload, headers, reply, self._responder)
 
     async def close(self) -> None:
         """Unsubscribe. Messages already buffered are discarded; iteration ends."""
