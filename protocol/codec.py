@@ -217,11 +217,11 @@ class SubjectCache:
         # type first: an unhashable peer value (list, map) must not reach the set lookup
         if type(s) is str and s in self._seen:
             return s
-        validate_subject(s)
+        subject = validate_subject(s)
         if len(self._seen) >= self.LIMIT:
             self._seen.clear()
-        self._seen.add(s)
-        return s  # type: ignore[no-any-return]
+        self._seen.add(subject)
+        return subject
 
 
 def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None:
