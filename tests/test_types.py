@@ -28,7 +28,30 @@ def _package(tmp: Path) -> Path:
     (pkg / "py.typed").symlink_to(ROOT / "client" / "py.typed")
     (pkg / "client").symlink_to(ROOT / "client" / "client", target_is_directory=True)
     (pkg / "protocol").symlink_to(ROOT / "protocol", target_is_directory=True)
+    (pkg / "_contracts.py").write_text(CONTRACTS)
     return tmp
+
+
+# Structural promises no module of the package states itself (they would need an import
+# against the arrows): checked along with it.
+CONTRACTS = """
+from tidings.client.admin import Durable
+from tidings.client.client import Client
+from tidings.client.message import Responder
+from tidings.client.worker import ConsumerSource
+
+
+def client_feeds_a_worker(c: Client) -> ConsumerSource:
+    return c
+
+
+def durable_feeds_a_worker(d: Durable) -> ConsumerSource:
+    return d
+
+
+def client_answers_requests(c: Client) -> Responder:
+    return c
+"""
 
 
 def test_protocol_and_client_pass_mypy_strict(tmp_path: Path) -> None:
