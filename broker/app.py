@@ -37,6 +37,7 @@ from anyio.streams.tls import TLSStream
 
 from tidings.protocol import ErrorCode
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 
 from tidings.broker.security import tls
 from tidings.broker.security.audit import AuditFile, AuditLog, logger_sink
@@ -518,7 +519,7 @@ class Broker:
         """Tell every client we are going, and give them SHUTDOWN_GRACE to flush."""
         self._shutting_down = True
         for actor in list(self.connections.values()):
-            actor.push_wire([F.Op.NOTICE, "shutdown", {}])
+            actor.push_wire([F.Op.NOTICE, V.NOTICE_SHUTDOWN, {}])
             actor.close()
         if self._live:
             with anyio.move_on_after(SHUTDOWN_GRACE):

@@ -24,9 +24,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from tidings.protocol.vocabulary import DEFAULT_PORT  # the port the client dials by default too
+
 from tidings.broker.security.auth import Security, SecurityConfigError, load_security, split_security
 
-DEFAULT_PORT = 7421  # not used by NATS (4222), Redis (6379), AMQP (5672), Kafka (9092), MQTT (1883), NSQ (4150)
 ENV_PREFIX = "TIDINGS_"
 # TIDINGS_* variables that belong to the client-side commands, not to the server.
 CLIENT_ENV = frozenset({"TIDINGS_CONFIG", "TIDINGS_URL", "TIDINGS_USER", "TIDINGS_PASSWORD", "TIDINGS_TOKEN",

@@ -17,6 +17,7 @@ import msgpack
 
 from tidings.protocol import frames as F
 from tidings.protocol import numbers as N
+from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 from tidings.protocol.subjects import validate_pattern, validate_subject
 
@@ -184,7 +185,7 @@ def check_headers(h: Any, published: bool = False) -> None:
     """Headers are a map of str -> str | int | bytes, at most MAX_HEADERS entries.
 
     ``published``: they come from a publisher (PUB), who may not use the
-    broker's reserved names (F.RESERVED_HEADER_PREFIX, any letter case):
+    broker's reserved names (V.RESERVED_HEADER_PREFIX, any letter case):
     INVALID_ARGUMENT. Checked in this one loop, so it costs a test per header."""
     if type(h) is not dict:
         raise _fail("headers must be a map or nil")
@@ -194,8 +195,8 @@ def check_headers(h: Any, published: bool = False) -> None:
         if type(k) is not str or not 0 < len(k) <= MAX_NAME_LENGTH:
             raise _fail("header names must be non-empty strings")
         # k[7] first: one index per header; the slice only for likely hits
-        if published and len(k) >= 8 and k[7] == "-" and k[:8].lower() == F.RESERVED_HEADER_PREFIX:
-            raise _fail(f"header {k!r} is reserved: names starting with {F.RESERVED_HEADER_PREFIX!r} "
+        if published and len(k) >= 8 and k[7] == "-" and k[:8].lower() == V.RESERVED_HEADER_PREFIX:
+            raise _fail(f"header {k!r} is reserved: names starting with {V.RESERVED_HEADER_PREFIX!r} "
                         "are set by the broker only", code=ErrorCode.INVALID_ARGUMENT)
         tv = type(v)
         if tv is not str and tv is not int and tv is not bytes:
@@ -215,12 +216,12 @@ class SubjectCache:
     def subject(self, s: Any) -> str:
         # type first: an unhashable peer value (list, map) must not reach the set lookup
         if type(s) is str and s in self._seen:
-            return s  # type: ignore[no-any-return]
-        validate_subject(s)
+            return s
+        subject = validate_subject(s)
         if len(self._seen) >= self.LIMIT:
             self._seen.clear()
-        self._seen.add(s)
-        return s  # type: ignore[no-any-return]
+        self._seen.add(subject)
+        return subject
 
 
 def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None:
@@ -280,7 +281,7 @@ def _check_ack_item(it: Any) -> None:
 def _rid_of(v: list[Any]) -> int:
     """Best-effort request id of a frame that failed validation."""
     if len(v) > 1 and type(v[1]) is int and v[0] in _HAS_RID and 0 <= v[1] < 2**63:
-        return v[1]  # type: ignore[no-any-return]
+        return v[1]
     return 0
 
 

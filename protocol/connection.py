@@ -50,19 +50,20 @@ class State(Enum):
     CLOSED = "closed"  # a fatal error happened, or the stream ended
 
 
-class _Sentinel:
-    __slots__ = ("name",)
+class Signal(Enum):
+    """What next_event() returns when it has no frame. An enum, so a type
+    checker narrows ``ev`` to a frame once both members are ruled out."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    NEED_DATA = "NEED_DATA"
+    CLOSED = "CLOSED"
 
     def __repr__(self) -> str:
-        return self.name
+        return self.value
 
 
-NEED_DATA: Final = _Sentinel("NEED_DATA")
+NEED_DATA: Final = Signal.NEED_DATA
 """next_event() needs more bytes before it can produce a frame."""
-CLOSED: Final = _Sentinel("CLOSED")
+CLOSED: Final = Signal.CLOSED
 """The peer ended the stream cleanly (between frames)."""
 
 
@@ -154,7 +155,7 @@ class Connection:
         self._pending_len = 0
         return True
 
-    def next_event(self) -> F.Frame | _Sentinel:
+    def next_event(self) -> F.Frame | Signal:
         """Return the next frame, NEED_DATA, or CLOSED.
 
         Raises :class:`RemoteProtocolError`. When its ``fatal`` is False the
@@ -195,7 +196,7 @@ class Connection:
         self._handshake_guard(frame)
         return frame
 
-    def _end_or_need(self) -> _Sentinel:
+    def _end_or_need(self) -> Signal:
         if not self._eof:
             return NEED_DATA
         if self.buffered:

@@ -43,10 +43,6 @@ class Op(IntEnum):
 # Positions inside one PUB message: [subject, payload, headers, reply, seq, opts]
 P_SUBJECT, P_PAYLOAD, P_HEADERS, P_REPLY, P_SEQ, P_OPTS = range(6)
 PUB_FIELDS: Final = 6
-# Header names the broker writes itself (dead-letter origin and reason, redrive
-# marks, ...). A publisher may not set them, in any letter case: a PUB message
-# carrying one is refused, so a consumer can trust every such header it sees.
-RESERVED_HEADER_PREFIX: Final = "tidings-"
 # Positions inside one MSG message: [subject, payload, headers, reply]
 M_SUBJECT, M_PAYLOAD, M_HEADERS, M_REPLY = range(4)
 MSG_FIELDS: Final = 4
@@ -54,6 +50,9 @@ MSG_FIELDS: Final = 4
 # [delivery_id, subject, payload, headers, delivery_count, timestamp_ms, meta]
 D_ID, D_SUBJECT, D_PAYLOAD, D_HEADERS, D_COUNT, D_TIMESTAMP, D_META = range(7)
 DELIVER_FIELDS: Final = 7
+# Positions inside the meta of a stream DELIVER item: [partition, offset, key, generation]
+# (a queue's meta is a map: {"id": message id, "msg_id": publisher's id}).
+SM_PARTITION, SM_OFFSET, SM_KEY, SM_GENERATION = range(4)
 # Positions inside one ACK item: [delivery_id, action, arg]
 A_ID, A_ACTION, A_ARG = range(3)
 ACK_FIELDS: Final = 3

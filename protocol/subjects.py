@@ -10,7 +10,7 @@ more trailing tokens).
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, TypeAlias
 
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
@@ -77,6 +77,10 @@ def matches(pattern: str, subject: str) -> bool:
     return len(ptoks) == len(stoks)
 
 
+# A node of the pattern trie: token -> child node; the key "" marks a pattern's end.
+_Node: TypeAlias = dict[str, "_Node"]
+
+
 class PatternSet:
     """A set of patterns answering "does any pattern match this subject?".
 
@@ -88,7 +92,7 @@ class PatternSet:
     __slots__ = ("_root", "_patterns")
 
     def __init__(self, patterns: list[str] | tuple[str, ...] = ()) -> None:
-        self._root: dict[str, dict] = {}
+        self._root: _Node = {}
         self._patterns: set[str] = set()
         for p in patterns:
             self.add(p)
@@ -115,7 +119,7 @@ class PatternSet:
     def match(self, subject: str) -> bool:
         return self._match(self._root, subject.split("."), 0)
 
-    def _match(self, node: dict[str, dict], toks: list[str], i: int) -> bool:
+    def _match(self, node: _Node, toks: list[str], i: int) -> bool:
         if i == len(toks):
             return "" in node
         full = node.get(">")

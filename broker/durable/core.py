@@ -21,6 +21,7 @@ import msgpack
 from anyio.abc import TaskGroup
 
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
@@ -56,7 +57,6 @@ MAX_PREFETCH: Final = N.MAX_PREFETCH  # deliveries one consumer may hold unacked
 DEDUP_SWEEP: Final = 30.0  # seconds between sweeps of expired de-duplication entries
 REDRIVE_CHUNK: Final = 5_000  # messages moved per transaction by a redrive
 RECENT_LIMIT: Final = 100_000  # in-memory de-dup entries for publishes not yet swept (bounded)
-HDR_PREFIX: Final = "tidings-"
 
 
 def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
@@ -422,13 +422,13 @@ class Durable:
         moves = []
         for m in msgs:
             h = dict(m.headers or {})
-            h[HDR_PREFIX + "dlq-source"] = src.name
-            h[HDR_PREFIX + "dlq-reason"] = reason
-            h[HDR_PREFIX + "delivery-count"] = m.deliveries
-            h[HDR_PREFIX + "last-error"] = (m.last_error or "")[:1000]
-            h[HDR_PREFIX + "dead-lettered-at"] = now
-            h[HDR_PREFIX + "published-at"] = m.published_ms
-            h[HDR_PREFIX + "original-id"] = m.id
+            h[V.H_DLQ_SOURCE] = src.name
+            h[V.H_DLQ_REASON] = reason
+            h[V.H_DELIVERY_COUNT] = m.deliveries
+            h[V.H_LAST_ERROR] = (m.last_error or "")[:1000]
+            h[V.H_DEAD_LETTERED_AT] = now
+            h[V.H_PUBLISHED_AT] = m.published_ms
+            h[V.H_ORIGINAL_ID] = m.id
             row = StoredMessage(target.name, self.next_id(), m.subject, m.payload, h, m.msg_id, m.published_ms,
                                 now, None, 0, None)
             moves.append((m.id, row))
@@ -493,7 +493,7 @@ class Durable:
             raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
         for c in list(q.consumers):
             c.conn.consumers.pop(c.cid, None)
-            c.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": c.cid, "reason": "queue deleted"}])
+            c.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": c.cid, "reason": "queue deleted"}])
             q.detach(c)
         q.stop()
         for p in q.cfg.bind:
@@ -588,14 +588,14 @@ class Durable:
             now = self.now_ms()
             for m in taken:
                 h = dict(m.headers or {})
-                target = dest_name or h.get(HDR_PREFIX + "dlq-source")
+                target = dest_name or h.get(V.H_DLQ_SOURCE)
                 if not isinstance(target, str) or target not in self.queues or target == q.name or \
                         (dest_name is None and target not in sources):
                     back.append(m)
                     continue
-                for k in [k for k in h if k.startswith(HDR_PREFIX)]:
+                for k in [k for k in h if k.startswith(V.RESERVED_HEADER_PREFIX)]:
                     del h[k]
-                h[HDR_PREFIX + "redriven-from"] = q.name
+                h[V.H_REDRIVEN_FROM] = q.name
                 row = StoredMessage(target, self.next_id(), m.subject, m.payload, h or None, m.msg_id,
                                     m.published_ms, now, None, 0, None)
                 groups.setdefault(target, []).append((m.id, row))
@@ -665,7 +665,7 @@ class Durable:
         else:
             stale = sum(1 for x in codes if x)
             if stale:
-                conn.push_wire([F.Op.NOTICE, "stale_acks", {"cid": ev.cid, "count": stale}])
+                conn.push_wire([F.Op.NOTICE, V.NOTICE_STALE_ACKS, {"cid": ev.cid, "count": stale}])
 
     def detach_all(self, conn: Peer) -> None:
         for c in list(conn.consumers.values()):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 import anyio
 
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode
 
 from tidings.broker.ops.limits import MESSAGE_OVERHEAD, WINDOW_MIN
@@ -253,7 +254,7 @@ class QueueActor:
             else:
                 self.rejected += 1
                 msg.last_error = str(arg) if arg is not None else "rejected"
-                self._dead_letter([msg], "rejected")
+                self._dead_letter([msg], V.DLQ_REJECTED)
             codes.append(0)
         self.wake()
         return codes
@@ -264,7 +265,7 @@ class QueueActor:
         msg.last_error = error
         cfg = self.cfg
         if cfg.max_deliveries and msg.deliveries >= cfg.max_deliveries:
-            self._dead_letter([msg], "max_deliveries")
+            self._dead_letter([msg], V.DLQ_MAX_DELIVERIES)
             return
         d = cfg.backoff(msg.deliveries) if delay is None else delay
         if d <= 0:
@@ -285,7 +286,7 @@ class QueueActor:
     def _expire(self, msg: StoredMessage) -> None:
         self.expired += 1
         if self.cfg.dead_letter_expired and self.cfg.dead_letter:
-            self._dead_letter([msg], "expired")
+            self._dead_letter([msg], V.DLQ_EXPIRED)
         else:
             self.count -= 1
             self._deletes.append(msg)
@@ -719,7 +720,7 @@ class QueueActor:
             victims.append(msg)
             over -= 1
         if victims:
-            self._dead_letter(victims, "max_length")
+            self._dead_letter(victims, V.DLQ_MAX_LENGTH)
 
     # ------------------------------------------------------------- view
 

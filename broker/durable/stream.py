@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 import anyio
 
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 from tidings.protocol.partition import partition_for
 
@@ -290,7 +291,7 @@ class GroupActor:
                                        "the partition was reassigned before the ack was committed")
         for m in ms:
             mine = [ps.index for ps in self.parts if ps.owner is m]
-            m.conn.push_wire([F.Op.NOTICE, "assignment", {"cid": m.cid, "group": self.name,
+            m.conn.push_wire([F.Op.NOTICE, V.NOTICE_ASSIGNMENT, {"cid": m.cid, "group": self.name,
                                                           "generation": gen, "partitions": mine}], 128)
         self.wake()
 
@@ -329,7 +330,7 @@ class GroupActor:
                 delay = None if arg is None else max(0, int(arg)) / 1000.0
                 self._failed(ps, offset, row, delay, "nacked")
             else:
-                self._dead_letter(ps, row, "rejected", str(arg) if arg is not None else "rejected")
+                self._dead_letter(ps, row, V.DLQ_REJECTED, str(arg) if arg is not None else "rejected")
             codes.append(0)
         self.wake()
         return codes
@@ -398,7 +399,7 @@ class GroupActor:
         cfg = self.stream.cfg
         n = ps.attempts.get(offset, 1)
         if cfg.max_deliveries and n >= cfg.max_deliveries:
-            self._dead_letter(ps, row, "max_deliveries", error)
+            self._dead_letter(ps, row, V.DLQ_MAX_DELIVERIES, error)
             return
         # Redeliver from this offset, in order: later in-flight deliveries are void.
         for o in [o for o in ps.inflight if o >= offset]:
@@ -771,7 +772,7 @@ class Reader:
             if self.offset >= part.hwm:
                 if not self.follow:
                     conn.consumers.pop(self.cid, None)
-                    conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": self.cid, "reason": "end",
+                    conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": self.cid, "reason": "end",
                                                                     "next_offset": self.offset}])
                     return
                 ev = part.changed

@@ -13,6 +13,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 RETENTION_INTERVAL: Final = 5.0  # seconds between background retention passes
 MAX_WINDOW: Final = N.MAX_WINDOW  # checked when CONSUME is decoded, and here again
-HDR: Final = "tidings-"
 
 
 def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
@@ -134,12 +134,12 @@ class Streams:
         target = d.queues.get(st.cfg.dead_letter or "")
         h = dict(row.headers or {})
         now = d.now_ms()
-        h.update({HDR + "dlq-source": st.name, HDR + "dlq-reason": reason, HDR + "delivery-count": attempts,
-                  HDR + "last-error": error[:1000], HDR + "dead-lettered-at": now,
-                  HDR + "published-at": row.timestamp_ms, HDR + "stream-partition": row.partition,
-                  HDR + "stream-offset": row.offset})
+        h.update({V.H_DLQ_SOURCE: st.name, V.H_DLQ_REASON: reason, V.H_DELIVERY_COUNT: attempts,
+                  V.H_LAST_ERROR: error[:1000], V.H_DEAD_LETTERED_AT: now,
+                  V.H_PUBLISHED_AT: row.timestamp_ms, V.H_STREAM_PARTITION: row.partition,
+                  V.H_STREAM_OFFSET: row.offset})
         if row.key is not None:
-            h[HDR + "stream-key"] = row.key
+            h[V.H_STREAM_KEY] = row.key
         qname = target.name if target is not None else (st.cfg.dead_letter or st.name + ".dlq")
         msg = StoredMessage(qname, d.next_id(), row.subject, row.payload, h, row.msg_id, row.timestamp_ms,
                             now, None, 0, None)
@@ -198,7 +198,7 @@ class Streams:
         for g in st.groups.values():
             for m in list(g.members):
                 m.conn.consumers.pop(m.cid, None)
-                m.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": m.cid, "reason": "stream deleted"}])
+                m.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": m.cid, "reason": "stream deleted"}])
             g.stop()
         for r in list(st.readers):
             r.conn.consumers.pop(r.cid, None)

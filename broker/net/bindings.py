@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from tidings.protocol import ErrorCode, RemoteProtocolError
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 
 from tidings.broker.security.permissions import Permissions, covers, overlaps
 
@@ -80,11 +81,11 @@ class BindingsFeed:
         size = 0
         for p in self.visible(perms):
             if chunk and size + len(p) > CHUNK_CHARS:
-                frames.append([F.Op.NOTICE, "bindings", {"epoch": self.epoch, "patterns": chunk, "more": True}])
+                frames.append([F.Op.NOTICE, V.NOTICE_BINDINGS, {"epoch": self.epoch, "patterns": chunk, "more": True}])
                 chunk, size = [], 0
             chunk.append(p)
             size += len(p) + 1
-        frames.append([F.Op.NOTICE, "bindings", {"epoch": self.epoch, "patterns": chunk, "more": False}])
+        frames.append([F.Op.NOTICE, V.NOTICE_BINDINGS, {"epoch": self.epoch, "patterns": chunk, "more": False}])
         self._frames[id(perms)] = (perms, frames)
         return frames
 

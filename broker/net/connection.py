@@ -39,6 +39,7 @@ from anyio.abc import ByteStream
 
 from tidings.protocol import CLOSED, NEED_DATA, Connection, ErrorCode, RemoteProtocolError, Role
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError
 
 from tidings.broker.security.auth import ANONYMOUS, User
@@ -553,7 +554,7 @@ class ConnectionActor:
 
     def _no_responders(self, reply: str) -> None:
         plain, groups = self.port.router.match(reply)
-        item = [reply, b"", {"status": "503"}, None]
+        item = [reply, b"", {V.HDR_STATUS: V.STATUS_NO_RESPONDERS}, None]
         for s in plain:
             s.conn.push_msg(s.sid, item, 64)
         for g in groups:
@@ -593,7 +594,7 @@ class ConnectionActor:
                         except LocalProtocolError:
                             self._encode_oversized(w, out)
                 for sid, n in dropped.items():
-                    conn.encode_wire([F.Op.NOTICE, "slow_consumer", {"sid": sid, "dropped": n}], out)
+                    conn.encode_wire([F.Op.NOTICE, V.NOTICE_SLOW_CONSUMER, {"sid": sid, "dropped": n}], out)
                 await self.stream.send(b"".join(out))
                 self._pending -= taken
                 if self._space is not None and self._pending <= self._limit:

@@ -1,22 +1,68 @@
-"""Queue, dead-letter and stream operations of the client (a mixin of Client)."""
+"""Queue, dead-letter and stream operations: the durable API.
+
+Composed onto the client the way nats.py composes JetStream onto its
+connection: :class:`Durable` holds a :class:`DurablePort`, the three things
+it may ask of the connection (make a CALL and await the answer, open a
+consumer, close one), and nothing else. ``Client`` keeps one as
+``tc.durable`` and forwards its methods (``tc.declare_queue(...)`` is
+``tc.durable.declare_queue(...)``).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, Protocol
 
 import anyio
 
-from tidings.protocol import frames as F
-
-from tidings.client.consumer import ConsumeContext, Delivery, QueueConsumer, StreamMessage
-from tidings.client.errors import ConnectionClosedError, NotFoundError, TimeoutError
-
-if TYPE_CHECKING:
-    pass
+from tidings.client.consumer import Delivery, DeliveryT, QueueConsumer, StreamMessage
 
 
-class AdminMixin:
-    """Durable-object methods; every one is a CALL or a consumer on the connection."""
+class ConsumerOpener(Protocol):
+    """Register a consumer of ``kind`` deliveries on the connection and CONSUME."""
+
+    def __call__(self, name: str, args: dict[str, Any], kind: type[DeliveryT]) -> Awaitable[QueueConsumer[DeliveryT]]:
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class DurablePort:
+    """What the durable API may ask of its connection."""
+
+    call: Callable[[str, dict[str, Any]], Awaitable[Any]]  # a named CALL; returns the broker's result
+    open_consumer: ConsumerOpener
+    close_consumer: Callable[[QueueConsumer[Any]], Awaitable[None]]
+
+
+class ConsumeContext(Generic[DeliveryT]):
+    """``async with tc.consume(queue, prefetch=N) as deliveries:`` (and the
+    stream forms): starts the consumer on entry, stops it on exit."""
+
+    def __init__(self, port: DurablePort, name: str, args: dict[str, Any], kind: type[DeliveryT]) -> None:
+        self._port = port
+        self._name = name
+        self._args = args
+        self._kind = kind
+        self._consumer: QueueConsumer[DeliveryT] | None = None
+
+    async def __aenter__(self) -> QueueConsumer[DeliveryT]:
+        self._consumer = await self._port.open_consumer(self._name, self._args, self._kind)
+        return self._consumer
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._consumer is not None:
+            with anyio.CancelScope(shield=True):
+                await self._port.close_consumer(self._consumer)
+
+
+class Durable:
+    """Durable-object operations; every one is a CALL or a consumer on the connection."""
+
+    def __init__(self, port: DurablePort) -> None:
+        self._port = port
+
+    async def _call(self, method: str, args: dict[str, Any]) -> Any:
+        return await self._port.call(method, args)
 
     async def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (),
                             **settings: Any) -> dict[str, Any]:
@@ -31,24 +77,29 @@ class AdminMixin:
         "dead_letter_oldest"). Raises ConflictError if the queue exists with
         different settings. Returns the queue's info.
         """
-        args = {"name": name, "bind": list(bind), **settings}
-        return await self.call("queue.declare", args)  # type: ignore[no-any-return]
+        info: dict[str, Any] = await self._call("queue.declare", {"name": name, "bind": list(bind), **settings})
+        return info
 
     async def delete_queue(self, name: str) -> dict[str, Any]:
-        return await self.call("queue.delete", {"name": name})  # type: ignore[no-any-return]
+        info: dict[str, Any] = await self._call("queue.delete", {"name": name})
+        return info
 
     async def purge_queue(self, name: str) -> int:
-        return (await self.call("queue.purge", {"name": name}))["purged"]  # type: ignore[no-any-return]
+        purged: int = (await self._call("queue.purge", {"name": name}))["purged"]
+        return purged
 
     async def queue_info(self, name: str) -> dict[str, Any]:
-        return await self.call("queue.info", {"name": name})  # type: ignore[no-any-return]
+        info: dict[str, Any] = await self._call("queue.info", {"name": name})
+        return info
 
     async def list_queues(self) -> list[dict[str, Any]]:
-        return await self.call("queue.list")  # type: ignore[no-any-return]
+        queues: list[dict[str, Any]] = await self._call("queue.list", {})
+        return queues
 
     async def dlq_list(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Peek at a dead-letter queue's messages (they stay where they are)."""
-        return await self.call("dlq.list", {"name": queue, "limit": limit, "offset": offset})  # type: ignore
+        msgs: list[dict[str, Any]] = await self._call("dlq.list", {"name": queue, "limit": limit, "offset": offset})
+        return msgs
 
     async def dlq_redrive(self, queue: str, *, count: int | None = None, to: str | None = None) -> int:
         """Move up to ``count`` (default all) messages from dead-letter queue
@@ -58,28 +109,17 @@ class AdminMixin:
             args["count"] = count
         if to is not None:
             args["to"] = to
-        return (await self.call("dlq.redrive", args))["redriven"]  # type: ignore[no-any-return]
+        moved: int = (await self._call("dlq.redrive", args))["redriven"]
+        return moved
 
     async def dlq_purge(self, queue: str) -> int:
-        return (await self.call("dlq.purge", {"name": queue}))["purged"]  # type: ignore[no-any-return]
+        purged: int = (await self._call("dlq.purge", {"name": queue}))["purged"]
+        return purged
 
-    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext:
+    def consume(self, queue: str, *, prefetch: int = 100) -> ConsumeContext[Delivery]:
         """``async with tc.consume(queue, prefetch=N) as deliveries:`` then
         ``async for d in deliveries:``; settle each with ack/nack/reject."""
-        return ConsumeContext(self, queue, {"queue": queue, "prefetch": prefetch})
-
-    async def _start_consumer(self, name: str, args: dict[str, Any],
-                              kind: type[Delivery] = Delivery) -> QueueConsumer:
-        cid = next(self._cids)
-        cons = QueueConsumer(self, cid, name, args.get("prefetch") or args.get("window") or 0, kind)
-        cons.args = args
-        self._consumers[cid] = cons
-        try:
-            cons.info = await self._request([F.Op.CONSUME, 0, cid, args])
-        except BaseException:
-            self._consumers.pop(cid, None)
-            raise
-        return cons
+        return ConsumeContext(self._port, queue, {"queue": queue, "prefetch": prefetch}, Delivery)
 
     # ----------------------------------------------------------- streams
 
@@ -91,28 +131,32 @@ class AdminMixin:
         partition), max_deliveries (default 5, then the stream's DLQ),
         ack_deadline (s), backoff_initial/multiplier/max (s), dead_letter."""
         args = {"name": name, "partitions": partitions, "bind": list(bind), **settings}
-        return await self.call("stream.declare", args)  # type: ignore[no-any-return]
+        info: dict[str, Any] = await self._call("stream.declare", args)
+        return info
 
     async def delete_stream(self, name: str) -> dict[str, Any]:
-        return await self.call("stream.delete", {"name": name})  # type: ignore[no-any-return]
+        info: dict[str, Any] = await self._call("stream.delete", {"name": name})
+        return info
 
     async def stream_info(self, name: str) -> dict[str, Any]:
-        return await self.call("stream.info", {"name": name})  # type: ignore[no-any-return]
+        info: dict[str, Any] = await self._call("stream.info", {"name": name})
+        return info
 
     async def list_streams(self) -> list[dict[str, Any]]:
-        return await self.call("stream.list")  # type: ignore[no-any-return]
+        streams: list[dict[str, Any]] = await self._call("stream.list", {})
+        return streams
 
     def stream_consume(self, stream: str, group: str, *, window: int = 100,
-                       start: str = "earliest") -> ConsumeContext:
+                       start: str = "earliest") -> ConsumeContext[StreamMessage]:
         """``async with tc.stream_consume(stream, group=...) as msgs:`` joins a
         consumer group. Partitions are shared among the group's members and
         each is delivered in order, at most ``window`` unacked at a time;
         ``await m.ack()`` commits. ``start`` applies to a new group."""
-        return ConsumeContext(self, stream, {"stream": stream, "group": group, "window": window,
-                                             "start": start}, StreamMessage)
+        return ConsumeContext(self._port, stream, {"stream": stream, "group": group, "window": window,
+                                                   "start": start}, StreamMessage)
 
     async def read_stream(self, stream: str, partition: int = 0, start: Any = "earliest", *,
-                          follow: bool = False, out_of_range: str = "error") -> Any:
+                          follow: bool = False, out_of_range: str = "error") -> AsyncGenerator[StreamMessage, None]:
         """Replay one partition outside any group: an async iterator of
         StreamMessage from ``start`` ("earliest", "latest", an offset, or a
         datetime / {"time_ms": ...}), ending at the end of the partition
@@ -123,21 +167,10 @@ class AdminMixin:
             start = {"time_ms": int(start.timestamp() * 1000)}
         args = {"stream": stream, "partition": partition, "start": start, "follow": follow,
                 "out_of_range": out_of_range}
-        cons = await self._start_consumer(stream, args, StreamMessage)
+        cons = await self._port.open_consumer(stream, args, StreamMessage)
         try:
             async for m in cons:
                 yield m
         finally:
             with anyio.CancelScope(shield=True):
-                await self._stop_consumer(cons)
-
-    async def _stop_consumer(self, cons: QueueConsumer) -> None:
-        cons._end(None)
-        if self._consumers.pop(cons.cid, None) is None or self._closed:
-            return
-        if self.state != "connected":
-            return  # not restored after the reconnect: the broker will never know it
-        try:
-            await self._request([F.Op.STOP, 0, cons.cid])
-        except (ConnectionClosedError, TimeoutError, NotFoundError):
-            pass  # the connection went (taking the consumer with it), or it is already gone
+                await self._port.close_consumer(cons)

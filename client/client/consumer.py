@@ -3,33 +3,28 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
-
-import anyio
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
 
 from tidings.protocol import frames as F
+from tidings.protocol.frames import D_META, SM_GENERATION, SM_KEY, SM_OFFSET, SM_PARTITION
 from tidings.protocol.numbers import MAX_DURATION_MS
 
-from tidings.client.errors import ConnectionClosedError, InvalidArgumentError, StaleDeliveryError, TidingsError, for_code
+from tidings.client.errors import StaleDeliveryError, TidingsError, for_code
 from tidings.client.inbox import Inbox
-
-if TYPE_CHECKING:
-    from tidings.client.client import Client
+from tidings.client.units import seconds_to_ms
 
 log = logging.getLogger(__name__)
 
+@dataclass(frozen=True, slots=True)
+class ConsumerPort:
+    """What a consumer may ask of its connection: raise if it is closed,
+    buffer an ack for the next ACK frame, or send one ACK and await the
+    broker's per-item codes."""
 
-def _ms(seconds: Any, what: str, lo: int, hi: int) -> int:
-    """Seconds as whole milliseconds, raised to ``lo`` if below it; above ``hi`` (the
-    broker's range, protocol/numbers.py) or not a number: InvalidArgumentError, before
-    anything is sent."""
-    try:
-        ms = float(seconds) * 1000
-    except (TypeError, ValueError):
-        ms = float("nan")
-    if type(seconds) is bool or not ms <= hi:  # NaN fails the comparison
-        raise InvalidArgumentError(f"{what} must be a number of seconds up to {hi // 1000}")
-    return max(lo, int(ms))
+    check_open: Callable[[], None]
+    queue_ack: Callable[[int, list[Any]], None]
+    settle_now: Callable[[int, list[Any]], Awaitable[list[int]]]
 
 
 class Delivery:
@@ -44,15 +39,20 @@ class Delivery:
     __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
                  "message_id", "msg_id", "_consumer", "settled", "_cid")
 
-    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+    delivery_id: int
+    subject: str
+    payload: bytes
+    headers: dict[str, Any] | None
+    delivery_count: int
+    published_ms: int
+
+    def __init__(self, item: list[Any], consumer: QueueConsumer[Any]) -> None:
         self._cid = consumer.cid  # the registration it came through: acks go there (stale after a reconnect)
-        self.delivery_id: int = item[0]
-        self.subject: str = item[1]
-        self.payload: bytes = item[2]
-        self.headers: dict[str, Any] | None = item[3]
-        self.delivery_count: int = item[4]
-        self.published_ms: int = item[5]
-        meta = item[6] or {}
+        # The codec passed only items of exactly frames.DELIVER_FIELDS (the D_* positions);
+        # unpacking them is cheaper per delivery than indexing by those constants.
+        (self.delivery_id, self.subject, self.payload, self.headers, self.delivery_count, self.published_ms,
+         meta) = item
+        meta = meta or {}
         self.message_id: int | None = meta.get("id")
         self.msg_id: str | None = meta.get("msg_id")
         self._consumer = consumer
@@ -80,7 +80,7 @@ class Delivery:
         """Return the message for another attempt after ``delay`` seconds, or
         after the queue's backoff for this attempt when ``delay`` is None. After
         max_deliveries the broker moves it to the dead-letter queue instead."""
-        arg = None if delay is None else _ms(delay, "delay", 0, MAX_DURATION_MS)
+        arg = None if delay is None else seconds_to_ms(delay, "delay", 0, MAX_DURATION_MS)
         await self._settle(F.AckAction.NACK, arg, wait)
 
     async def reject(self, reason: str | None = None, *, wait: bool = False) -> None:
@@ -106,19 +106,16 @@ class StreamMessage(Delivery):
 
     __slots__ = ("partition", "offset", "key", "generation", "timestamp_ms")
 
-    def __init__(self, item: list[Any], consumer: QueueConsumer) -> None:
+    def __init__(self, item: list[Any], consumer: QueueConsumer[Any]) -> None:
         self._cid = consumer.cid
-        self.delivery_id = item[0]
-        self.subject = item[1]
-        self.payload = item[2]
-        self.headers = item[3]
-        self.delivery_count = item[4]
-        self.published_ms = self.timestamp_ms = item[5]
-        meta = item[6] or [0, 0, None, 0]
-        self.partition: int = meta[0]
-        self.offset: int = meta[1]
-        self.key: str | None = meta[2]
-        self.generation: int = meta[3]
+        (self.delivery_id, self.subject, self.payload, self.headers, self.delivery_count, self.published_ms,
+         meta) = item
+        self.timestamp_ms = self.published_ms
+        meta = meta or [0, 0, None, 0]
+        self.partition: int = meta[SM_PARTITION]
+        self.offset: int = meta[SM_OFFSET]
+        self.key: str | None = meta[SM_KEY]
+        self.generation: int = meta[SM_GENERATION]
         self.message_id = None
         self.msg_id = None
         self._consumer = consumer
@@ -129,8 +126,13 @@ class StreamMessage(Delivery):
                 f"key={self.key!r}, delivery_count={self.delivery_count})")
 
 
-class QueueConsumer(Inbox):
-    """Async iterator of :class:`Delivery`; use via ``async with tc.consume(queue)``.
+# What a consumer hands out: Delivery for queues, StreamMessage for streams.
+DeliveryT = TypeVar("DeliveryT", bound=Delivery)
+
+
+class QueueConsumer(Inbox[DeliveryT]):
+    """Async iterator of :class:`Delivery` (:class:`StreamMessage` on a stream);
+    use via ``async with tc.consume(queue)``.
 
     The broker never has more than ``prefetch`` unsettled deliveries out to
     this consumer, so the local buffer is bounded by it. Leaving the
@@ -138,11 +140,10 @@ class QueueConsumer(Inbox):
     unsettled messages to the queue at once.
     """
 
-    def __init__(self, client: Client, cid: int, queue: str, prefetch: int,
-                 kind: type[Delivery] = Delivery) -> None:
+    def __init__(self, port: ConsumerPort, cid: int, queue: str, prefetch: int, kind: type[DeliveryT]) -> None:
         super().__init__()
         self._what = f"delivery from {queue!r}"
-        self._client = client
+        self._port = port
         self._kind = kind
         self.assignment: tuple[int, list[int]] = (0, [])  # (generation, partitions) in a stream group
         self.args: dict[str, Any] = {}  # the CONSUME arguments, re-sent after a reconnect
@@ -155,7 +156,7 @@ class QueueConsumer(Inbox):
 
     def _push(self, items: list[list[Any]]) -> None:
         if self._kind is StreamMessage and items:
-            self._next_offset = items[-1][6][1] + 1  # readers resume after what they received
+            self._next_offset = items[-1][D_META][SM_OFFSET] + 1  # readers resume after what they received
         self._q.extend(items)
         self._wake()
 
@@ -175,13 +176,12 @@ class QueueConsumer(Inbox):
             args["out_of_range"] = "earliest"
         return args
 
-    def _wrap(self, raw: list[Any]) -> Delivery:
+    def _wrap(self, raw: list[Any]) -> DeliveryT:
         return self._kind(raw, self)
 
     async def _settle(self, d: Delivery, action: int, arg: Any, wait: bool) -> None:
-        c = self._client
-        if c.is_closed:
-            raise c._error or ConnectionClosedError("the connection is closed")
+        port = self._port
+        port.check_open()
         item = [d.delivery_id, int(action), arg]
         if d._cid != self.cid:
             # Delivered before a reconnect: the broker already returned it for redelivery.
@@ -189,33 +189,12 @@ class QueueConsumer(Inbox):
                 raise StaleDeliveryError(f"delivery {d.delivery_id} was made on a connection that was lost")
             return
         if not wait:
-            c._queue_ack(self.cid, item)
+            port.queue_ack(self.cid, item)
             return
-        codes = await c._request([F.Op.ACK, 0, self.cid, [item]])
+        codes = await port.settle_now(self.cid, item)
         if codes and codes[0]:
             raise for_code(codes[0], f"delivery {d.delivery_id} of {self.queue!r} was not settled")
 
     def _stale(self, n: int) -> None:
         self.stale_acks += n
         log.warning("%d acks on %r were refused as stale (ack deadline passed?)", n, self.queue)
-
-
-class ConsumeContext:
-    """``async with tc.consume(queue, prefetch=N) as deliveries:`` (and the
-    stream forms): starts the consumer on entry, stops it on exit."""
-
-    def __init__(self, client: Client, name: str, args: dict[str, Any], kind: type[Delivery] = Delivery) -> None:
-        self._client = client
-        self._name = name
-        self._args = args
-        self._kind = kind
-        self._consumer: QueueConsumer | None = None
-
-    async def __aenter__(self) -> QueueConsumer:
-        self._consumer = await self._client._start_consumer(self._name, self._args, self._kind)
-        return self._consumer
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._consumer is not None:
-            with anyio.CancelScope(shield=True):
-                await self._client._stop_consumer(self._consumer)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import builtins
 from collections import deque
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
 import anyio
 
@@ -14,8 +14,12 @@ from tidings.client.errors import TidingsError
 from tidings.client.errors import TimeoutError as TidingsTimeout
 
 
-class Inbox:
-    """Subclasses set ``_what`` (for error messages) and implement ``_wrap``."""
+T = TypeVar("T")
+
+
+class Inbox(Generic[T]):
+    """Subclasses set ``_what`` (for error messages) and implement ``_wrap``
+    (a raw item from the wire to the ``T`` the application iterates over)."""
 
     _what = "items"
 
@@ -25,7 +29,7 @@ class Inbox:
         self._closed = False
         self._error: TidingsError | None = None
 
-    def _wrap(self, raw: list[Any]) -> Any:
+    def _wrap(self, raw: list[Any]) -> T:
         raise NotImplementedError
 
     def _wake(self) -> None:
@@ -46,10 +50,10 @@ class Inbox:
         """Items received and not yet taken by the application."""
         return len(self._q)
 
-    def __aiter__(self) -> Any:
+    def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
         q = self._q
         while not q:
             if self._closed:
@@ -60,7 +64,7 @@ class Inbox:
             await ev.wait()
         return self._wrap(q.popleft())
 
-    async def next(self, timeout: float | None = None) -> Any:
+    async def next(self, timeout: float | None = None) -> T:
         """The next item; client TimeoutError after ``timeout`` seconds,
         the connection's error if it was lost, StopAsyncIteration once closed."""
         try:

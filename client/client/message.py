@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Union
-
-if TYPE_CHECKING:
-    from tidings.client.client import Client
+from typing import Any, Protocol, Union
 
 HeaderValue = Union[str, int, bytes]
+
+
+class Responder(Protocol):
+    """What a message needs to answer its request: a way to publish (the client is one)."""
+
+    async def publish(self, subject: str, payload: bytes | str, *,
+                      headers: dict[str, Any] | None = None) -> object: ...
 
 
 class Message:
     """A pub/sub message: ``subject``, ``payload`` (bytes), ``headers``
     (dict or None) and ``reply`` (the subject to answer to, or None)."""
 
-    __slots__ = ("subject", "payload", "headers", "reply", "_client")
+    __slots__ = ("subject", "payload", "headers", "reply", "_responder")
 
     def __init__(self, subject: str, payload: bytes, headers: dict[str, HeaderValue] | None,
-                 reply: str | None, client: Client | None = None) -> None:
+                 reply: str | None, responder: Responder | None = None) -> None:
         self.subject = subject
         self.payload = payload
         self.headers = headers
         self.reply = reply
-        self._client = client
+        self._responder = responder
 
     def __repr__(self) -> str:
         return f"Message(subject={self.subject!r}, payload={self.payload[:32]!r}, reply={self.reply!r})"
@@ -35,6 +39,6 @@ class Message:
         """Publish ``payload`` to this message's reply subject.
 
         Raises ValueError if the message has no reply subject."""
-        if self.reply is None or self._client is None:
+        if self.reply is None or self._responder is None:
             raise ValueError("this message has no reply subject")
-        await self._client.publish(self.reply, payload, headers=headers)
+        await self._responder.publish(self.reply, payload, headers=headers)

@@ -7,7 +7,7 @@ from typing import Any
 import anyio
 
 
-class _Waiter:
+class Waiter:
     """A one-shot result slot a task can await. The Event is made only if
     someone has to wait: most confirms arrive before they are awaited."""
 
@@ -78,7 +78,7 @@ class Confirmation:
 
     __slots__ = ("_w",)
 
-    def __init__(self, waiter: _Waiter | None) -> None:
+    def __init__(self, waiter: Waiter | None) -> None:
         self._w = waiter
 
     def __await__(self) -> Any:

@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Final
-
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Final
 
 from tidings.client.errors import ConnectionClosedError
 from tidings.client.inbox import Inbox
-from tidings.client.message import Message
-
-if TYPE_CHECKING:
-    from tidings.client.client import Client
+from tidings.client.message import Message, Responder
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING: Final = 65_536  # messages buffered per subscription before it drops (and counts)
 
 
-class Subscription(Inbox):
+@dataclass(frozen=True, slots=True)
+class SubscriptionPort:
+    """What a subscription may ask of its connection: where its messages'
+    replies are published, and how to end the subscription (by sid)."""
+
+    responder: Responder
+    unsubscribe: Callable[[int], Awaitable[None]]
+
+
+class Subscription(Inbox[Message]):
     """An async iterator of :class:`Message` for one pattern.
 
     Messages wait in a bounded buffer (``max_pending`` messages); when the
@@ -29,11 +35,12 @@ class Subscription(Inbox):
     connection is lost.
     """
 
-    def __init__(self, client: Client, sid: int, pattern: str, group: str | None,
+    def __init__(self, port: SubscriptionPort, sid: int, pattern: str, group: str | None,
                  max_pending: int = DEFAULT_MAX_PENDING) -> None:
         super().__init__()
         self._what = f"message on {pattern!r}"
-        self._client = client
+        self._port = port
+        self._responder = port.responder
         self.sid = sid
         self.pattern = pattern
         self.group = group
@@ -41,6 +48,7 @@ class Subscription(Inbox):
         self.dropped = 0
         self.dropped_by_broker = 0
         self.received = 0
+
     # called by the client's reader task
     def _push(self, msgs: list[list[Any]]) -> None:
         room = self.max_pending - len(self._q)
@@ -55,7 +63,10 @@ class Subscription(Inbox):
         self._wake()
 
     def _wrap(self, m: list[Any]) -> Message:
-        return Message(m[0], m[1], m[2], m[3], self._client)
+        # The codec passed only messages of exactly frames.MSG_FIELDS; unpacking them is
+        # cheaper per message than indexing by the module's M_* constants.
+        subject, payload, headers, reply = m
+        return Message(subject, payload, headers, reply, self._responder)
 
     async def close(self) -> None:
         """Unsubscribe. Messages already buffered are discarded; iteration ends."""
@@ -63,7 +74,7 @@ class Subscription(Inbox):
             return
         self._end(None)
         self._q.clear()
-        await self._client._unsubscribe(self)
+        await self._port.unsubscribe(self.sid)
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -73,4 +84,3 @@ class Subscription(Inbox):
             await self.close()
         except ConnectionClosedError:
             pass
-

@@ -22,25 +22,34 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
 
-from tidings.client.consumer import Delivery, QueueConsumer
+from tidings.client.consumer import Delivery, QueueConsumer, StreamMessage
 from tidings.client.errors import TidingsError
-
-if TYPE_CHECKING:
-    from tidings.client.client import Client
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[Any]]
 
 
+class ConsumerSource(Protocol):
+    """What a worker consumes through: a Client, or its ``durable``."""
+
+    def consume(self, queue: str, *, prefetch: int = ...) -> AbstractAsyncContextManager[QueueConsumer[Delivery]]:
+        ...
+
+    def stream_consume(self, stream: str, group: str, *, window: int = ...,
+                       start: str = ...) -> AbstractAsyncContextManager[QueueConsumer[StreamMessage]]:
+        ...
+
+
 class Worker:
     """See the module docstring. ``state`` is "closed" (normal), "open" or "half-open"."""
 
-    def __init__(self, client: Client, handler: Handler, *, queue: str | None = None,
+    def __init__(self, client: ConsumerSource, handler: Handler, *, queue: str | None = None,
                  stream: str | None = None, group: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, extend_every: float | None = None,
                  failure_threshold: int = 5, cooldown: float = 10.0,
@@ -206,7 +215,7 @@ async def _keep_extending(d: Delivery, every: float) -> None:
             return
 
 
-def _default_extend(deliveries: QueueConsumer) -> float:
+def _default_extend(deliveries: QueueConsumer[Any]) -> float:
     info = deliveries.info if isinstance(deliveries.info, dict) else {}
     deadline = info.get("ack_deadline") or 30.0
     return max(float(deadline) / 3.0, 0.01)

@@ -20,6 +20,7 @@ from msgpack import ExtType, Timestamp
 
 from tidings.protocol import CLOSED, NEED_DATA, Connection, RemoteProtocolError, Role, State
 from tidings.protocol import frames as F
+from tidings.protocol import vocabulary as V
 from tidings.protocol.codec import HEADER, MAX_NAME_LENGTH
 from tidings.protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
 from tidings.protocol.subjects import MAX_SUBJECT_LENGTH
@@ -55,7 +56,10 @@ subject = st.lists(token, min_size=1, max_size=6).map(".".join).filter(lambda s:
 name = st.text(min_size=1, max_size=MAX_NAME_LENGTH).filter(lambda s: len(s) <= MAX_NAME_LENGTH)
 uint = st.integers(0, 2**64 - 1)
 header_value = st.one_of(st.text(max_size=20), st.integers(-(2**63), 2**64 - 1), st.binary(max_size=20))
-headers = st.none() | st.dictionaries(st.text(min_size=1, max_size=20), header_value, max_size=6)
+# A publisher's header names: any text but the broker's reserved prefix (in any letter case),
+# which a PUB may not carry (test_malformed.py checks that refusal).
+header_name = st.text(min_size=1, max_size=20).filter(lambda k: k[:8].lower() != V.RESERVED_HEADER_PREFIX)
+headers = st.none() | st.dictionaries(header_name, header_value, max_size=6)
 options = st.none() | st.fixed_dictionaries({}, optional={
     "id": st.text(min_size=1, max_size=40), "key": st.text(min_size=1, max_size=40),
     "delay": st.integers(0, MAX_DURATION_MS), "at": st.integers(0, MAX_TIMESTAMP_MS),
