@@ -44,11 +44,6 @@ KNOWN_VIOLATIONS: dict[str, str] = {
     # the actors get a context of their own
     "cycle: tidings.broker.durable.core, tidings.broker.durable.queue, tidings.broker.durable.stream, "
     "tidings.broker.durable.streams": "h-durable2",
-    # client library
-    "cycle: tidings.client.admin, tidings.client.client, tidings.client.consumer, tidings.client.message, "
-    "tidings.client.subscription": "h-client",
-    "private: tidings.client.client imports tidings.client.consumer._ms": "h-client",
-    "private: tidings.client.client imports tidings.client.results._Waiter": "h-client",
 }
 
 BROKER = "tidings.broker"
