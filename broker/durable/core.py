@@ -24,28 +24,26 @@ from tidings.protocol import frames as F
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
-from tidings.broker.ops.limits import WindowBudget
-from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.queue_settings import DLQ_SUFFIX, QueueConfig, dlq_config, validate_name
 from tidings.broker.router import Router
+from tidings.broker.durable.context import DurableContext
+from tidings.broker.durable.deadletter import DLQ_SOURCE, DeadLetters, may_create_on_demand, redriven_headers
+from tidings.broker.durable.partition import Partition
+from tidings.broker.durable.queue import Consumer, QueueActor
+from tidings.broker.durable.settings import QueueConfig, validate_name
 from tidings.broker.durable.store.base import (
-    DeleteMessages,
-    DoneCallback,
     DeleteQueue,
     ExpireDedup,
-    MoveMessages,
-    PurgeQueue,
     PutMessages,
     PutQueue,
     StorageError,
     StorageFull,
     StoredMessage,
-    UpdateMessages,
 )
 from tidings.broker.durable.store.sqlite import SqliteStore
 from tidings.broker.durable.store.streams import StreamRow
-from tidings.broker.durable.stream import Partition, StreamActor
+from tidings.broker.durable.stream import StreamActor
 from tidings.broker.durable.streams import Streams
+from tidings.broker.durable.window import WindowBudget
 
 if TYPE_CHECKING:
     from tidings.broker.net.connection import ConnectionActor
@@ -57,7 +55,6 @@ MAX_PREFETCH: Final = N.MAX_PREFETCH  # deliveries one consumer may hold unacked
 DEDUP_SWEEP: Final = 30.0  # seconds between sweeps of expired de-duplication entries
 REDRIVE_CHUNK: Final = 5_000  # messages moved per transaction by a redrive
 RECENT_LIMIT: Final = 100_000  # in-memory de-dup entries for publishes not yet swept (bounded)
-HDR_PREFIX: Final = "tidings-"
 
 
 def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
@@ -83,38 +80,35 @@ class Durable:
         self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
                                  max_page_count=cfg.max_db_pages or None,
                                  stall_timeout=cfg.store_stall_timeout)
+        self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
+        # What every queue, group and reader actor is given instead of this object.
+        self.ctx = DurableContext(self.store, self.window_budget)
+        self.now_ms = self.ctx.now_ms
         self.queues: dict[str, QueueActor] = {}
+        self.dead_letters = self.ctx.dead_letters = DeadLetters(self.ctx, self.queues, self._start_queue)
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         self.streams = Streams(self)
-        self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
-        self.last_id = 0
-        self._last_ms = 0
         self._tg: TaskGroup | None = None
         self._recent: dict[str, tuple[int, bytes]] = {}  # dedup_key -> (expires_ms, result), until swept
         self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # dedup_key being stored -> waiting copies
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
-        # Store operations changing a message's state (ack, nack, dead-letter move,
-        # offset mark) that failed: the state was restored in memory.
-        self.state_failures = 0
-        self.read_errors = 0  # reads (refills, replays) that failed and are retried
         # Metrics hook: called once per committed publish batch with its admission-to-confirm seconds.
         self.on_confirm_latency: Callable[[float], None] | None = None
 
-    # ------------------------------------------------------------ clock/ids
+    # ------------------------------------------------------------ counters
 
-    def now_ms(self) -> int:
-        """Wall-clock milliseconds, never going backwards within this process."""
-        now = int(time.time() * 1000)
-        if now < self._last_ms:
-            return self._last_ms
-        self._last_ms = now
-        return now
+    @property
+    def state_failures(self) -> int:
+        """Store operations changing a message's state (ack, nack, dead-letter
+        move, offset mark) that failed: the state was restored in memory."""
+        return self.ctx.counters.state_failures
 
-    def next_id(self) -> int:
-        self.last_id += 1
-        return self.last_id
+    @property
+    def read_errors(self) -> int:
+        """Reads (refills, replays) that failed and are retried."""
+        return self.ctx.counters.read_errors
 
     # ------------------------------------------------------------ lifecycle
 
@@ -124,7 +118,7 @@ class Durable:
         await self.store.open()
         await tg.start(self.store.run)
         tg.start_soon(self.store.watchdog)
-        self.last_id = await self.store.max_message_id()
+        self.ctx.last_id = await self.store.max_message_id()
         for name, conf, _created in await self.store.load_queues():
             qc = QueueConfig.from_args(conf)
             count = await self.store.count(name)
@@ -141,7 +135,7 @@ class Durable:
         await self.store.close()
 
     async def _start_queue(self, qc: QueueConfig, count: int) -> QueueActor:
-        q = QueueActor(self, qc, count)
+        q = QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
         for p in qc.bind:
             self.bindings.add(p, q)
@@ -278,7 +272,7 @@ class Durable:
                 if key is not None:
                     outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
                 continue
-            mid = self.next_id()
+            mid = self.ctx.next_id()
             avail = now
             if F.OPT_DELAY in opts:
                 avail = now + opts[F.OPT_DELAY]
@@ -402,59 +396,6 @@ class Durable:
         if items:
             conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
 
-    # ----------------------------------------------------- queue-side ops
-
-    async def delete_messages(self, queue: str, ids: list[int], on_done: DoneCallback | None = None) -> None:
-        await self.store.submit(DeleteMessages(queue, ids, on_done))
-
-    async def update_messages(self, queue: str, updates: list[tuple[int, int, int, str | None]],
-                              on_done: DoneCallback | None = None) -> None:
-        await self.store.submit(UpdateMessages(queue, updates, on_done))
-
-    def dead_letter(self, src: QueueActor, msgs: list[StoredMessage], reason: str) -> None:
-        """Move messages to src's dead-letter queue in one transaction, adding
-        the reason headers. Called from the source queue's actor (non-blocking)."""
-        target = self.queues.get(src.cfg.dead_letter or "")
-        if target is None:
-            log.error("queue %s has no dead-letter queue; deleting %d messages (%s)", src.name, len(msgs), reason)
-            src._deletes.extend(msgs)
-            return
-        now = self.now_ms()
-        moves = []
-        for m in msgs:
-            h = dict(m.headers or {})
-            h[HDR_PREFIX + "dlq-source"] = src.name
-            h[HDR_PREFIX + "dlq-reason"] = reason
-            h[HDR_PREFIX + "delivery-count"] = m.deliveries
-            h[HDR_PREFIX + "last-error"] = (m.last_error or "")[:1000]
-            h[HDR_PREFIX + "dead-lettered-at"] = now
-            h[HDR_PREFIX + "published-at"] = m.published_ms
-            h[HDR_PREFIX + "original-id"] = m.id
-            row = StoredMessage(target.name, self.next_id(), m.subject, m.payload, h, m.msg_id, m.published_ms,
-                                now, None, 0, None)
-            moves.append((m.id, row))
-        src.ops.append(self._move_op(src, moves, target, msgs, dead_letter=True))
-        src.wake()
-
-    def _move_op(self, src: QueueActor, moves: list[tuple[int, StoredMessage]], target: QueueActor,
-                 originals: list[StoredMessage], *, dead_letter: bool = False) -> MoveMessages:
-        """The move of ``originals`` out of ``src``: on a failure they are still
-        stored in ``src``, so ``src`` takes them back and delivers them again."""
-        rows = [r for _, r in moves]
-        epoch = src._epoch
-
-        def done(error: Exception | None) -> None:
-            if error is None:
-                target.on_committed(rows)
-            else:
-                log.error("moving %d messages from %s to %s failed, they stay in %s: %s",
-                          len(rows), src.name, target.name, src.name, error)
-                if dead_letter:
-                    src.dead_lettered -= len(rows)
-                src.restore(originals, epoch)
-
-        return MoveMessages(src.name, moves, done)
-
     # ------------------------------------------------------------- admin
 
     async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
@@ -468,10 +409,8 @@ class Durable:
             return {"created": False, **existing.info()}
         self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:
-            if qc.dead_letter.endswith(DLQ_SUFFIX) or qc.dead_letter == qc.name + DLQ_SUFFIX:
-                dq = dlq_config(qc.dead_letter)
-                await self.store.write(PutQueue(dq.name, dq.to_dict(), self.now_ms()))
-                await self._start_queue(dq, 0)
+            if may_create_on_demand(qc.dead_letter):
+                await self.dead_letters.ensure(qc.dead_letter)
             else:
                 raise _err(f"dead-letter queue {qc.dead_letter!r} does not exist; declare it first",
                            ErrorCode.NOT_FOUND, rid)
@@ -492,11 +431,7 @@ class Durable:
         users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
         if users:
             raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
-        for c in list(q.consumers):
-            c.conn.consumers.pop(c.cid, None)
-            c.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": c.cid, "reason": "queue deleted"}])
-            q.detach(c)
-        q.stop()
+        q.close("queue deleted")
         for p in q.cfg.bind:
             self.bindings.remove(p, q)
         del self.queues[q.name]
@@ -506,9 +441,7 @@ class Durable:
 
     async def purge(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         q = self._queue(args, rid)
-        n = q.purge()
-        await self.store.write(PurgeQueue(q.name))
-        return {"purged": n}
+        return {"purged": await q.purge()}
 
     def list_queues(self) -> list[dict[str, Any]]:
         out = []
@@ -529,7 +462,7 @@ class Durable:
         try:
             rows = await self.store.list_messages(q.name, limit, offset)
         except StorageError:
-            self.read_errors += 1  # the caller gets STORAGE_ERROR (retriable) and may ask again
+            self.ctx.counters.read_errors += 1  # the caller gets STORAGE_ERROR (retriable) and may ask again
             raise
         return [{"id": r.id, "subject": r.subject, "payload": r.payload, "headers": r.headers,
                  "msg_id": r.msg_id, "published_ms": r.published_ms, "deliveries": r.deliveries} for r in rows]
@@ -589,21 +522,18 @@ class Durable:
             now = self.now_ms()
             for m in taken:
                 h = dict(m.headers or {})
-                target = dest_name or h.get(HDR_PREFIX + "dlq-source")
+                target = dest_name or h.get(DLQ_SOURCE)
                 if not isinstance(target, str) or target not in self.queues or target == q.name or \
                         (dest_name is None and target not in sources):
                     back.append(m)
                     continue
-                for k in [k for k in h if k.startswith(HDR_PREFIX)]:
-                    del h[k]
-                h[HDR_PREFIX + "redriven-from"] = q.name
-                row = StoredMessage(target, self.next_id(), m.subject, m.payload, h or None, m.msg_id,
-                                    m.published_ms, now, None, 0, None)
+                row = StoredMessage(target, self.ctx.next_id(), m.subject, m.payload, redriven_headers(h, q.name),
+                                    m.msg_id, m.published_ms, now, None, 0, None)
                 groups.setdefault(target, []).append((m.id, row))
                 originals.setdefault(target, []).append(m)
             for target, moves in groups.items():
-                q.count -= len(moves)
-                await self.store.write(self._move_op(q, moves, self.queues[target], originals[target]))
+                op = q.move_out(target, moves, originals[target], self.queues[target].on_committed)
+                await self.store.write(op)
                 moved += len(moves)
             if back:
                 # messages whose source queue is gone stay in the DLQ; stop so we do not loop on them

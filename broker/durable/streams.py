@@ -1,7 +1,7 @@
 """The streams half of the durable layer: declare, recover, consume, retain.
 
-Kept apart from durable.py (queues) so each file reads in one sitting;
-``Durable`` owns one ``Streams`` and routes publishes to both.
+Kept apart from core.py (admission and queues) so each file reads in one
+sitting; ``Durable`` owns one ``Streams`` and routes publishes to both.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 from anyio.abc import TaskGroup
 
-from tidings.protocol import frames as F
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
-from tidings.broker.durable.queue_settings import dlq_config, validate_name
-from tidings.broker.durable.store.base import PutMessages, PutQueue, StorageError, StoredMessage
+from tidings.broker.durable.group import GroupActor
+from tidings.broker.durable.partition import Partition
+from tidings.broker.durable.reader import Reader, resolve_start
+from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, dlq_name, validate_name
+from tidings.broker.durable.store.base import StorageError
 from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
-from tidings.broker.durable.stream import DEFAULT_WINDOW, GroupActor, Partition, Reader, StreamActor, resolve_start
-from tidings.broker.durable.stream_settings import StreamConfig
+from tidings.broker.durable.stream import StreamActor
 
 if TYPE_CHECKING:
     from tidings.broker.net.connection import ConnectionActor
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 RETENTION_INTERVAL: Final = 5.0  # seconds between background retention passes
 MAX_WINDOW: Final = N.MAX_WINDOW  # checked when CONSUME is decoded, and here again
-HDR: Final = "tidings-"
 
 
 def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
@@ -40,12 +40,13 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
 class Streams:
     def __init__(self, durable: Durable) -> None:
         self.durable = durable
+        self.ctx = durable.ctx
         self.streams: dict[str, StreamActor] = {}
         self._tg: TaskGroup | None = None
 
     @property
     def store(self) -> Any:
-        return self.durable.store
+        return self.ctx.store
 
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
@@ -66,7 +67,7 @@ class Streams:
                 nxt = max(hi + 1, first, marks.get(i, 0),
                           max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
                 parts.append(Partition(name, i, first, nxt, nbytes))
-            st = StreamActor(self.durable, cfg, parts)
+            st = StreamActor(cfg, parts)
             self._register(st)
             for group, committed in offsets.items():
                 await self._start_group(st, group, committed)
@@ -78,7 +79,7 @@ class Streams:
             self.durable.bindings.add(p, st)
 
     async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
-        g = GroupActor(st, name, offsets)
+        g = GroupActor(self.ctx, st, name, offsets)
         st.groups[name] = g
         assert self._tg is not None
         await self._tg.start(g.run)
@@ -108,7 +109,7 @@ class Streams:
         from a store callback: never blocks."""
         def done(error: Exception | None) -> None:
             if error is not None:
-                self.durable.state_failures += 1
+                self.ctx.counters.state_failures += 1
                 log.error("recording the next offsets %s failed: %s (a restart still takes the groups'"
                           " committed offsets into account)", marks, error)
 
@@ -127,30 +128,6 @@ class Streams:
         except StorageError as exc:
             assert op.on_done is not None
             op.on_done(exc)
-
-    def dead_letter(self, st: StreamActor, row: StreamRow, reason: str, attempts: int, error: str) -> PutMessages:
-        """The store operation that copies a poison message to the stream's DLQ."""
-        d = self.durable
-        target = d.queues.get(st.cfg.dead_letter or "")
-        h = dict(row.headers or {})
-        now = d.now_ms()
-        h.update({HDR + "dlq-source": st.name, HDR + "dlq-reason": reason, HDR + "delivery-count": attempts,
-                  HDR + "last-error": error[:1000], HDR + "dead-lettered-at": now,
-                  HDR + "published-at": row.timestamp_ms, HDR + "stream-partition": row.partition,
-                  HDR + "stream-offset": row.offset})
-        if row.key is not None:
-            h[HDR + "stream-key"] = row.key
-        qname = target.name if target is not None else (st.cfg.dead_letter or st.name + ".dlq")
-        msg = StoredMessage(qname, d.next_id(), row.subject, row.payload, h, row.msg_id, row.timestamp_ms,
-                            now, None, 0, None)
-
-        def done(error: Exception | None) -> None:
-            if error is None and target is not None:
-                target.on_committed([msg])
-            elif error is not None:
-                log.error("dead-lettering %s/%d@%d failed: %s", st.name, row.partition, row.offset, error)
-
-        return PutMessages([msg], [], done)
 
     async def commit_offsets(self, offsets: list[tuple[str, str, int, int, int]], on_done: Any = None,
                              wait: bool = False) -> None:
@@ -175,13 +152,9 @@ class Streams:
         if cfg.name in d.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
         d.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
-        dl = cfg.dead_letter or cfg.name + ".dlq"
-        if dl not in d.queues:
-            dq = dlq_config(dl)
-            await self.store.write(PutQueue(dq.name, dq.to_dict(), d.now_ms()))
-            await d._start_queue(dq, 0)
-        await self.store.write(PutStream(cfg.name, cfg.to_dict(), d.now_ms()))
-        st = StreamActor(d, cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
+        await d.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
+        await self.store.write(PutStream(cfg.name, cfg.to_dict(), self.ctx.now_ms()))
+        st = StreamActor(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
         self._register(st)
         d.broker.bindings_changed()
         return {"created": True, **st.info()}
@@ -195,14 +168,7 @@ class Streams:
 
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         st = self._stream(args, rid)
-        for g in st.groups.values():
-            for m in list(g.members):
-                m.conn.consumers.pop(m.cid, None)
-                m.conn.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": m.cid, "reason": "stream deleted"}])
-            g.stop()
-        for r in list(st.readers):
-            r.conn.consumers.pop(r.cid, None)
-            r.close()
+        st.close("stream deleted")
         for p in st.cfg.bind:
             self.durable.bindings.remove(p, st)
         del self.streams[st.name]
@@ -214,7 +180,7 @@ class Streams:
         """Apply max_age/max_messages/max_bytes to every partition; returns rows removed."""
         cfg = st.cfg
         removed = 0
-        now = self.durable.now_ms()
+        now = self.ctx.now_ms()
         for part in st.partitions:
             cut = part.first
             if cfg.max_messages is not None:
@@ -300,7 +266,7 @@ class Streams:
         except RemoteProtocolError as exc:
             exc.rid = rid
             raise
-        r = Reader(conn, cid, st, p, offset, bool(args.get("follow", False)))
+        r = Reader(self.ctx, conn, cid, st, p, offset, bool(args.get("follow", False)), st.forget_reader)
         conn.consumers[cid] = r
         st.readers.add(r)
         assert self._tg is not None
