@@ -160,35 +160,59 @@ class Durable:
 
     async def publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]]) -> None:
         """Store each (PUB message, targets) entry -- queues and streams -- in
-        one store operation, and confirm each after the commit."""
+        one store operation, and confirm each after the commit.
+
+        The steps, in order: :meth:`_claim_ids` (a msg_id already being stored
+        is not raced), :meth:`_prior_results` (a msg_id stored before is
+        answered, not stored again), room in the store's mailbox, then
+        :meth:`_assign` and :meth:`_queue_batch` with no await between them
+        (ids and offsets in commit order), and :meth:`_committed` or
+        :meth:`_not_stored` from the store's commit callback (confirms only
+        after the commit)."""
         admitted = time.perf_counter()
-        confirms: list[Any] = []
-        # A msg_id already being stored by another publish (its commit not done
-        # yet) is not raced: this copy is answered with that publish's outcome.
-        mine: list[str] = []
-        outcome: dict[str, tuple[int, Any]] = {}
-        kept = []
         scope = conn.user.name
+        entries, mine = self._claim_ids(conn, entries, scope)
+        batch = _Batch(conn, admitted)
+        try:
+            known = await self._prior_results(batch, entries, scope)
+            if known is None:
+                return
+            # Ids and offsets are assigned only once the store has room, with no
+            # await until the operation is queued: queue order == id order ==
+            # commit order, which keeps stream offsets dense and in order.
+            await self.store.wait_for_space()
+            if self._assign(batch, entries, known, scope):
+                self._queue_batch(batch)
+            else:
+                self._confirm(conn, batch.early)
+        finally:
+            outcome = batch.outcome
+            for mid in mine:
+                if mid not in batch.deferred:
+                    self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+
+    def _claim_ids(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]],
+                   scope: str) -> tuple[list[tuple[list[Any], list[Any]]], list[str]]:
+        """De-duplication of concurrent copies: returns the entries to store and
+        the msg_ids this publish now stores. A msg_id another publish is still
+        storing (its commit not done yet) is not raced: this copy waits and is
+        answered with that publish's outcome (:meth:`_release`)."""
+        mine: list[str] = []
+        kept = []
+        pending = self._pending_ids
         for e in entries:
             o = e[0][F.P_OPTS]
             mid = o.get(F.OPT_MSG_ID) if o else None
             if mid is not None:
                 mid = dedup_key(scope, mid)
-                waiting = self._pending_ids.get(mid)
+                waiting = pending.get(mid)
                 if waiting is not None:
                     waiting.append((conn, e[0][F.P_SEQ]))
                     continue
-                self._pending_ids[mid] = []
+                pending[mid] = []
                 mine.append(mid)
             kept.append(e)
-        entries = kept
-        deferred: set[str] = set()  # ids whose waiters the commit callback answers
-        try:
-            await self._publish(conn, entries, admitted, confirms, outcome, deferred, scope)
-        finally:
-            for mid in mine:
-                if mid not in deferred:
-                    self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+        return kept, mine
 
     def _release(self, mid: str, code: int, result: Any) -> None:
         """Answer the publishes that waited for ``mid``'s first publish."""
@@ -203,42 +227,57 @@ class Durable:
             if fseq:
                 fconn.push_wire([F.Op.CONFIRM, [item]], 64)
 
-    async def _publish(self, conn: ConnectionActor, entries: list[tuple[list[Any], list[Any]]], admitted: float,
-                       confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str],
-                       scope: str) -> None:
+    async def _prior_results(self, batch: _Batch, entries: list[tuple[list[Any], list[Any]]],
+                             scope: str) -> dict[str, bytes] | None:
+        """De-duplication against earlier publishes: the stored result of each
+        msg_id published within the de-dup window (memory first, then the
+        store). None if the store could not answer: every entry has then been
+        refused with STORAGE_ERROR. Awaits, so it runs before any id is assigned."""
         # Ids the publisher vouches are new (client-generated, first send) are
         # recorded for later resends but need no look-up now.
         with_ids = [dedup_key(scope, m[F.P_OPTS][F.OPT_MSG_ID]) for m, _ in entries
                     if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS] and not m[F.P_OPTS].get(F.OPT_NEW)]
         known: dict[str, bytes] = {}
-        if with_ids:
-            now = self.now_ms()
-            missing = []
-            for i in with_ids:
-                hit = self._recent.get(i)
-                if hit is not None and hit[0] > now:
-                    known[i] = hit[1]
-                else:
-                    missing.append(i)
-            if missing:
-                try:
-                    known.update(await self.store.check_dedup(missing, now))
-                except StorageError as exc:
-                    for m, _ in entries:
-                        if m[F.P_SEQ]:
-                            confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
-                    self._confirm(conn, confirms)
-                    return
-        # Ids and offsets are assigned only once the store has room, with no
-        # await until the operation is queued: queue order == id order ==
-        # commit order, which keeps stream offsets dense and in order.
-        await self.store.wait_for_space()
+        if not with_ids:
+            return known
         now = self.now_ms()
-        rows: list[StoredMessage] = []
-        srows: list[StreamRow] = []
-        dedup: list[tuple[str, int, bytes]] = []
-        accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
-                             list[tuple[StreamActor, StreamRow]]]] = []
+        missing = []
+        for i in with_ids:
+            hit = self._recent.get(i)
+            if hit is not None and hit[0] > now:
+                known[i] = hit[1]
+            else:
+                missing.append(i)
+        if missing:
+            try:
+                known.update(await self.store.check_dedup(missing, now))
+            except StorageError as exc:
+                confirms = batch.early
+                for m, _ in entries:
+                    if m[F.P_SEQ]:
+                        confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
+                self._confirm(batch.conn, confirms)
+                return None
+        return known
+
+    def _assign(self, batch: _Batch, entries: list[tuple[list[Any], list[Any]]], known: dict[str, bytes],
+                scope: str) -> bool:
+        """Admission, ids and offsets, rows: answers duplicates and publishes a
+        full queue refuses (``batch.early``), gives every other entry its
+        message id and, per stream target, its partition offset, and builds
+        the rows and de-dup records of one store operation. A plain function:
+        nothing awaits between the first id and the caller queueing the
+        operation (:meth:`_queue_batch`), so commit order is id order and
+        offsets are dense. Returns whether any entry was accepted."""
+        ctx = self.ctx
+        now = ctx.now_ms()
+        confirms = batch.early
+        outcome = batch.outcome
+        deferred = batch.deferred
+        rows = batch.rows
+        srows = batch.srows
+        dedup = batch.dedup
+        accepted = batch.accepted
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
         streams = self.streams
@@ -272,7 +311,7 @@ class Durable:
                 if key is not None:
                     outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
                 continue
-            mid = self.ctx.next_id()
+            mid = ctx.next_id()
             avail = now
             if F.OPT_DELAY in opts:
                 avail = now + opts[F.OPT_DELAY]
@@ -312,84 +351,97 @@ class Durable:
             if key is not None:
                 deferred.add(key)
                 outcome[key] = (0, result)
-        if not accepted:
-            self._confirm(conn, confirms)
-            return
-        early = confirms
+        return bool(accepted)
 
-        mine = list(deferred)
+    def _queue_batch(self, batch: _Batch) -> None:
+        """Queue the batch's one store operation (never waits: the caller made
+        room). If the store refuses it, nothing was stored: every accepted entry
+        is refused, its de-dup record dropped and its offsets handed out again."""
+        mine = list(batch.deferred)
 
         def done(error: Exception | None) -> None:
-            out = list(early)
-            for mid in mine:
-                if error is None:
-                    self._release(mid, *outcome[mid])
-                else:
-                    self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
-            if error is not None:
-                code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
-                for seq, _res, _q, _s in accepted:
-                    if seq:
-                        out.append([seq, int(code), f"not stored: {error}"])
-                for mid_entry in dedup:
-                    self._recent.pop(mid_entry[0], None)
-                self._confirm(conn, out)
-                # Offsets assigned to this batch were never stored: the streams'
-                # partitions must not wait for them, and a restart must not
-                # assign them again (nothing stored says they were used).
-                nexts: dict[tuple[str, int], int] = {}
-                for _seq, _res, _q, srs in accepted:
-                    for st, sr in srs:
-                        st.partitions[sr.partition].skip(sr.offset)
-                        st.on_committed({})
-                        nexts[(st.name, sr.partition)] = sr.offset + 1
-                if nexts:
-                    self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
-                return
-            by_queue: dict[QueueActor, list[StoredMessage]] = {}
-            by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
-            for seq, res, qrs, srs in accepted:
-                if seq:
-                    out.append([seq, 0, res])
-                for q, row in qrs:
-                    lst = by_queue.get(q)
-                    if lst is None:
-                        by_queue[q] = [row]
-                    else:
-                        lst.append(row)
-                for st, sr in srs:
-                    by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
-            self.confirmed += len(accepted)
-            self._confirm(conn, out)
-            for q, qrows_ in by_queue.items():
-                q.on_committed(qrows_)
-            for st, parts in by_stream.items():
-                st.on_committed(parts)
-            if self.on_confirm_latency is not None:
-                self.on_confirm_latency(time.perf_counter() - admitted)
+            if error is None:
+                self._committed(batch, mine)
+            else:
+                self._not_stored(batch, mine, error)
 
         try:
-            self.store.submit_nowait(PutMessages(rows, dedup, done, stream_rows=srows))
+            self.store.submit_nowait(PutMessages(batch.rows, batch.dedup, done, stream_rows=batch.srows))
         except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
             code = ErrorCode.SHUTTING_DOWN if self.broker.shutting_down else ErrorCode.STORAGE_ERROR
+            outcome = batch.outcome
             for mid in mine:
-                deferred.discard(mid)
+                batch.deferred.discard(mid)
                 outcome[mid] = (int(code), f"not stored: {exc}")
-            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
-            self._confirm(conn, list(early) + done_err)
-            for mid_entry in dedup:
+            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in batch.accepted if seq]
+            self._confirm(batch.conn, list(batch.early) + done_err)
+            for mid_entry in batch.dedup:
                 self._recent.pop(mid_entry[0], None)  # never stored: a resend must be stored, not deduplicated
             # Nothing was queued and nothing awaited since these offsets were
             # assigned, so they are the newest of their partitions: hand them
             # out again rather than leave gaps (the store never saw them).
             lowest: dict[Partition, int] = {}
-            for _seq, _res, _q, srs in accepted:
+            for _seq, _res, _q, srs in batch.accepted:
                 for st, sr in srs:
                     part = st.partitions[sr.partition]
                     if sr.offset < lowest.get(part, sr.offset + 1):
                         lowest[part] = sr.offset
             for part, off in lowest.items():
                 part.next = off
+
+    def _committed(self, batch: _Batch, mine: list[str]) -> None:
+        """The commit callback: confirm every entry (and the copies that waited
+        for its msg_id), then hand the committed rows to their queues and streams."""
+        for mid in mine:
+            self._release(mid, *batch.outcome[mid])
+        out = list(batch.early)
+        by_queue: dict[QueueActor, list[StoredMessage]] = {}
+        by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
+        for seq, res, qrs, srs in batch.accepted:
+            if seq:
+                out.append([seq, 0, res])
+            for q, row in qrs:
+                lst = by_queue.get(q)
+                if lst is None:
+                    by_queue[q] = [row]
+                else:
+                    lst.append(row)
+            for st, sr in srs:
+                by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
+        self.confirmed += len(batch.accepted)
+        self._confirm(batch.conn, out)
+        for q, qrows_ in by_queue.items():
+            q.on_committed(qrows_)
+        for st, parts in by_stream.items():
+            st.on_committed(parts)
+        if self.on_confirm_latency is not None:
+            self.on_confirm_latency(time.perf_counter() - batch.admitted)
+
+    def _not_stored(self, batch: _Batch, mine: list[str], error: Exception) -> None:
+        """The commit failed: refuse every accepted entry (STORAGE_FULL or
+        STORAGE_ERROR), forget its de-dup record, and turn its stream offsets
+        into gaps that are never assigned again."""
+        for mid in mine:
+            self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
+        out = list(batch.early)
+        code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
+        for seq, _res, _q, _s in batch.accepted:
+            if seq:
+                out.append([seq, int(code), f"not stored: {error}"])
+        for mid_entry in batch.dedup:
+            self._recent.pop(mid_entry[0], None)
+        self._confirm(batch.conn, out)
+        # Offsets assigned to this batch were never stored: the streams'
+        # partitions must not wait for them, and a restart must not
+        # assign them again (nothing stored says they were used).
+        nexts: dict[tuple[str, int], int] = {}
+        for _seq, _res, _q, srs in batch.accepted:
+            for st, sr in srs:
+                st.partitions[sr.partition].skip(sr.offset)
+                st.on_committed({})
+                nexts[(st.name, sr.partition)] = sr.offset + 1
+        if nexts:
+            self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
 
     @staticmethod
     def _confirm(conn: ConnectionActor, items: list[Any]) -> None:
@@ -618,3 +670,23 @@ class Durable:
             "dlq.purge": self.purge,
             **self.streams.calls(),
         }
+
+
+class _Batch:
+    """One publish's store operation and what its confirms need: built by
+    ``Durable._assign``, queued by ``_queue_batch``, answered from the commit."""
+
+    __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted")
+
+    def __init__(self, conn: ConnectionActor, admitted: float) -> None:
+        self.conn = conn
+        self.admitted = admitted  # perf_counter at admission, for the confirm latency
+        self.early: list[Any] = []  # confirms decided before the commit (duplicates, full queues)
+        self.outcome: dict[str, tuple[int, Any]] = {}  # dedup key -> (code, result) for waiting copies
+        self.deferred: set[str] = set()  # dedup keys whose waiters the commit callback answers
+        self.rows: list[StoredMessage] = []  # queue rows
+        self.srows: list[StreamRow] = []  # stream rows
+        self.dedup: list[tuple[str, int, bytes]] = []  # (key, expires_ms, packed result)
+        # (seq, result, [(queue, row)], [(stream, row)]) per accepted entry
+        self.accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
+                                  list[tuple[StreamActor, StreamRow]]]] = []
