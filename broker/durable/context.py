@@ -10,6 +10,11 @@ the actor that owns the state.
 
 A group or reader also reads its stream's name, settings and partition logs
 (:class:`StreamView`): shared read-only data, not the stream's own state.
+
+:class:`BrokerHooks` is the other direction: the little that ``Durable`` and
+``Streams`` ask of the broker around them (its settings, the binding and
+group limits, that the bindings changed, whether it is shutting down),
+so the durable layer never imports the composition root.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from tidings.broker.durable.window import WindowBudget
 
 if TYPE_CHECKING:
+    from tidings.broker.config import Config
     from tidings.broker.durable.partition import Partition
     from tidings.broker.durable.settings import StreamConfig
     from tidings.broker.durable.store.base import PutMessages, StorageError, Store, StoredMessage
@@ -63,6 +69,38 @@ class StreamView(Protocol):
 
     @property
     def partitions(self) -> list[Partition]: ...
+
+
+class BindingLimits(Protocol):
+    def check_declare(self, kind: str, name: str, bind: tuple[str, ...] | list[str], rid: int) -> None:
+        """Refuse (RemoteProtocolError) a declare whose bind patterns exceed the limits."""
+        ...
+
+
+class GroupLimits(Protocol):
+    def check_group(self, actor: Any, stream: Any, rid: int) -> None:
+        """Refuse (RemoteProtocolError) a new consumer group past the limits."""
+        ...
+
+
+class BrokerHooks(Protocol):
+    """What the durable layer asks of the broker that owns it (app.Broker)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def bindings(self) -> BindingLimits: ...
+
+    @property
+    def caps(self) -> GroupLimits: ...
+
+    @property
+    def shutting_down(self) -> bool: ...
+
+    def bindings_changed(self) -> None:
+        """Queues' or streams' bind patterns changed: routing must be told."""
+        ...
 
 
 class Counters:

@@ -25,7 +25,7 @@ from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 from tidings.broker.router import Router
-from tidings.broker.durable.context import DurableContext
+from tidings.broker.durable.context import BrokerHooks, DurableContext
 from tidings.broker.durable.deadletter import DLQ_SOURCE, DeadLetters, may_create_on_demand, redriven_headers
 from tidings.broker.durable.partition import Partition
 from tidings.broker.durable.queue import Consumer, QueueActor
@@ -47,7 +47,6 @@ from tidings.broker.durable.window import WindowBudget
 
 if TYPE_CHECKING:
     from tidings.broker.net.connection import ConnectionActor
-    from tidings.broker.app import Broker
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def dedup_key(user: str, msg_id: str) -> str:
 
 
 class Durable:
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: BrokerHooks) -> None:
         self.broker = broker
         cfg = broker.config
         self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
@@ -87,7 +86,7 @@ class Durable:
         self.queues: dict[str, QueueActor] = {}
         self.dead_letters = self.ctx.dead_letters = DeadLetters(self.ctx, self.queues, self._start_queue)
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
-        self.streams = Streams(self)
+        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters)
         self._tg: TaskGroup | None = None
         self._recent: dict[str, tuple[int, bytes]] = {}  # dedup_key -> (expires_ms, result), until swept
         self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # dedup_key being stored -> waiting copies

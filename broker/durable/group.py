@@ -464,7 +464,7 @@ class GroupActor:
                     continue
                 buffered = bool(ps.buffer)
                 if buffered:
-                    rows = []
+                    rows: list[StreamRow] = []
                     while ps.buffer and len(rows) < room:
                         rows.append(ps.buffer.popleft())
                 else:

@@ -7,6 +7,7 @@ sitting; ``Durable`` owns one ``Streams`` and routes publishes to both.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -25,7 +26,10 @@ from tidings.broker.durable.stream import StreamActor
 
 if TYPE_CHECKING:
     from tidings.broker.net.connection import ConnectionActor
-    from tidings.broker.durable.core import Durable
+    from tidings.broker.durable.context import BrokerHooks, DurableContext
+    from tidings.broker.durable.deadletter import DeadLetters
+    from tidings.broker.durable.queue import QueueActor
+    from tidings.broker.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +42,13 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
 
 
 class Streams:
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
-        self.ctx = durable.ctx
+    def __init__(self, ctx: DurableContext, broker: BrokerHooks, queues: Mapping[str, QueueActor],
+                 bindings: Router[Any], dead_letters: DeadLetters) -> None:
+        self.ctx = ctx
+        self.broker = broker
+        self.queues = queues  # read only: a stream's name must not be a queue's
+        self.bindings = bindings  # the publish routing table queues and streams share
+        self.dead_letters = dead_letters
         self.streams: dict[str, StreamActor] = {}
         self._tg: TaskGroup | None = None
 
@@ -76,7 +84,7 @@ class Streams:
     def _register(self, st: StreamActor) -> None:
         self.streams[st.name] = st
         for p in st.cfg.bind:
-            self.durable.bindings.add(p, st)
+            self.bindings.add(p, st)
 
     async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
         g = GroupActor(self.ctx, st, name, offsets)
@@ -141,7 +149,6 @@ class Streams:
 
     async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         cfg = StreamConfig.from_args(args)
-        d = self.durable
         existing = self.streams.get(cfg.name)
         if existing is not None:
             if existing.cfg != cfg:
@@ -149,14 +156,14 @@ class Streams:
                 raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)})",
                            ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
-        if cfg.name in d.queues:
+        if cfg.name in self.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
-        d.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
-        await d.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
+        self.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
+        await self.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
         await self.store.write(PutStream(cfg.name, cfg.to_dict(), self.ctx.now_ms()))
         st = StreamActor(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
         self._register(st)
-        d.broker.bindings_changed()
+        self.broker.bindings_changed()
         return {"created": True, **st.info()}
 
     def _stream(self, args: dict[str, Any], rid: int, key: str = "name") -> StreamActor:
@@ -170,10 +177,10 @@ class Streams:
         st = self._stream(args, rid)
         st.close("stream deleted")
         for p in st.cfg.bind:
-            self.durable.bindings.remove(p, st)
+            self.bindings.remove(p, st)
         del self.streams[st.name]
         await self.store.write(DeleteStream(st.name))
-        self.durable.broker.bindings_changed()
+        self.broker.bindings_changed()
         return {"deleted": st.name}
 
     async def enforce_retention(self, st: StreamActor) -> int:
@@ -235,7 +242,7 @@ class Streams:
                 raise _err(f"window must be 1..{MAX_WINDOW}", ErrorCode.INVALID_ARGUMENT, rid)
             g = st.groups.get(group)
             if g is None:
-                self.durable.broker.caps.check_group(conn, st, rid)
+                self.broker.caps.check_group(conn, st, rid)
                 start = args.get("start", "earliest")
                 if start not in ("earliest", "latest"):
                     raise _err("a new group's start must be 'earliest' or 'latest'", ErrorCode.INVALID_ARGUMENT,
