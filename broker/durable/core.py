@@ -25,28 +25,27 @@ from tidings.protocol import vocabulary as V
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
-from tidings.broker.ops.limits import WindowBudget
-from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.queue_settings import DLQ_SUFFIX, QueueConfig, dlq_config, validate_name
 from tidings.broker.router import Router
+from tidings.broker.durable.context import DurableContext
+from tidings.broker.durable.group import Member
+from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
+from tidings.broker.durable.partition import Partition
+from tidings.broker.durable.queue import Consumer, QueueActor
+from tidings.broker.durable.settings import QueueConfig, validate_name
 from tidings.broker.durable.store.base import (
-    DeleteMessages,
-    DoneCallback,
     DeleteQueue,
     ExpireDedup,
-    MoveMessages,
-    PurgeQueue,
     PutMessages,
     PutQueue,
     StorageError,
     StorageFull,
     StoredMessage,
-    UpdateMessages,
 )
 from tidings.broker.durable.store.sqlite import SqliteStore
 from tidings.broker.durable.store.streams import StreamRow
-from tidings.broker.durable.stream import Member, Partition, StreamActor
+from tidings.broker.durable.stream import StreamActor
 from tidings.broker.durable.streams import Streams
+from tidings.broker.durable.window import WindowBudget
 
 if TYPE_CHECKING:
     from tidings.broker.durable.ports import Host, Peer
@@ -82,38 +81,35 @@ class Durable:
         self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
                                  max_page_count=cfg.max_db_pages or None,
                                  stall_timeout=cfg.store_stall_timeout)
-        self.queues: dict[str, QueueActor] = {}
-        self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
-        self.streams = Streams(self)
         self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
-        self.last_id = 0
-        self._last_ms = 0
+        # What every queue, group and reader actor is given instead of this object.
+        self.ctx = DurableContext(self.store, self.window_budget)
+        self.now_ms = self.ctx.now_ms
+        self.queues: dict[str, QueueActor] = {}
+        self.dead_letters = self.ctx.dead_letters = DeadLetters(self.ctx, self.queues, self._start_queue)
+        self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
+        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters)
         self._tg: TaskGroup | None = None
         self._recent: dict[str, tuple[int, bytes]] = {}  # dedup_key -> (expires_ms, result), until swept
         self._pending_ids: dict[str, list[tuple[Any, int]]] = {}  # dedup_key being stored -> waiting copies
         self.dedup_window_ms = int(cfg.dedup_window * 1000)
         self.confirmed = 0
         self.duplicates = 0
-        # Store operations changing a message's state (ack, nack, dead-letter move,
-        # offset mark) that failed: the state was restored in memory.
-        self.state_failures = 0
-        self.read_errors = 0  # reads (refills, replays) that failed and are retried
         # Metrics hook: called once per committed publish batch with its admission-to-confirm seconds.
         self.on_confirm_latency: Callable[[float], None] | None = None
 
-    # ------------------------------------------------------------ clock/ids
+    # ------------------------------------------------------------ counters
 
-    def now_ms(self) -> int:
-        """Wall-clock milliseconds, never going backwards within this process."""
-        now = int(time.time() * 1000)
-        if now < self._last_ms:
-            return self._last_ms
-        self._last_ms = now
-        return now
+    @property
+    def state_failures(self) -> int:
+        """Store operations changing a message's state (ack, nack, dead-letter
+        move, offset mark) that failed: the state was restored in memory."""
+        return self.ctx.counters.state_failures
 
-    def next_id(self) -> int:
-        self.last_id += 1
-        return self.last_id
+    @property
+    def read_errors(self) -> int:
+        """Reads (refills, replays) that failed and are retried."""
+        return self.ctx.counters.read_errors
 
     # ------------------------------------------------------------ lifecycle
 
@@ -123,7 +119,7 @@ class Durable:
         await self.store.open()
         await tg.start(self.store.run)
         tg.start_soon(self.store.watchdog)
-        self.last_id = await self.store.max_message_id()
+        self.ctx.last_id = await self.store.max_message_id()
         for name, conf, _created in await self.store.load_queues():
             qc = QueueConfig.from_args(conf)
             count = await self.store.count(name)
@@ -140,7 +136,7 @@ class Durable:
         await self.store.close()
 
     async def _start_queue(self, qc: QueueConfig, count: int) -> QueueActor:
-        q = QueueActor(self, qc, count)
+        q = QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
         for p in qc.bind:
             self.bindings.add(p, q)
@@ -165,35 +161,59 @@ class Durable:
 
     async def publish(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]]) -> None:
         """Store each (PUB message, targets) entry -- queues and streams -- in
-        one store operation, and confirm each after the commit."""
+        one store operation, and confirm each after the commit.
+
+        The steps, in order: :meth:`_claim_ids` (a msg_id already being stored
+        is not raced), :meth:`_prior_results` (a msg_id stored before is
+        answered, not stored again), room in the store's mailbox, then
+        :meth:`_assign` and :meth:`_queue_batch` with no await between them
+        (ids and offsets in commit order), and :meth:`_committed` or
+        :meth:`_not_stored` from the store's commit callback (confirms only
+        after the commit)."""
         admitted = time.perf_counter()
-        confirms: list[Any] = []
-        # A msg_id already being stored by another publish (its commit not done
-        # yet) is not raced: this copy is answered with that publish's outcome.
-        mine: list[str] = []
-        outcome: dict[str, tuple[int, Any]] = {}
-        kept = []
         scope = conn.user.name
+        entries, mine = self._claim_ids(conn, entries, scope)
+        batch = _Batch(conn, admitted)
+        try:
+            known = await self._prior_results(batch, entries, scope)
+            if known is None:
+                return
+            # Ids and offsets are assigned only once the store has room, with no
+            # await until the operation is queued: queue order == id order ==
+            # commit order, which keeps stream offsets dense and in order.
+            await self.store.wait_for_space()
+            if self._assign(batch, entries, known, scope):
+                self._queue_batch(batch)
+            else:
+                self._confirm(conn, batch.early)
+        finally:
+            outcome = batch.outcome
+            for mid in mine:
+                if mid not in batch.deferred:
+                    self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+
+    def _claim_ids(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]],
+                   scope: str) -> tuple[list[tuple[list[Any], list[Any]]], list[str]]:
+        """De-duplication of concurrent copies: returns the entries to store and
+        the msg_ids this publish now stores. A msg_id another publish is still
+        storing (its commit not done yet) is not raced: this copy waits and is
+        answered with that publish's outcome (:meth:`_release`)."""
+        mine: list[str] = []
+        kept = []
+        pending = self._pending_ids
         for e in entries:
             o = e[0][F.P_OPTS]
             mid = o.get(F.OPT_MSG_ID) if o else None
             if mid is not None:
                 mid = dedup_key(scope, mid)
-                waiting = self._pending_ids.get(mid)
+                waiting = pending.get(mid)
                 if waiting is not None:
                     waiting.append((conn, e[0][F.P_SEQ]))
                     continue
-                self._pending_ids[mid] = []
+                pending[mid] = []
                 mine.append(mid)
             kept.append(e)
-        entries = kept
-        deferred: set[str] = set()  # ids whose waiters the commit callback answers
-        try:
-            await self._publish(conn, entries, admitted, confirms, outcome, deferred, scope)
-        finally:
-            for mid in mine:
-                if mid not in deferred:
-                    self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+        return kept, mine
 
     def _release(self, mid: str, code: int, result: Any) -> None:
         """Answer the publishes that waited for ``mid``'s first publish."""
@@ -208,42 +228,57 @@ class Durable:
             if fseq:
                 fconn.push_wire([F.Op.CONFIRM, [item]], 64)
 
-    async def _publish(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]], admitted: float,
-                       confirms: list[Any], outcome: dict[str, tuple[int, Any]], deferred: set[str],
-                       scope: str) -> None:
+    async def _prior_results(self, batch: _Batch, entries: list[tuple[list[Any], list[Any]]],
+                             scope: str) -> dict[str, bytes] | None:
+        """De-duplication against earlier publishes: the stored result of each
+        msg_id published within the de-dup window (memory first, then the
+        store). None if the store could not answer: every entry has then been
+        refused with STORAGE_ERROR. Awaits, so it runs before any id is assigned."""
         # Ids the publisher vouches are new (client-generated, first send) are
         # recorded for later resends but need no look-up now.
         with_ids = [dedup_key(scope, m[F.P_OPTS][F.OPT_MSG_ID]) for m, _ in entries
                     if m[F.P_OPTS] and F.OPT_MSG_ID in m[F.P_OPTS] and not m[F.P_OPTS].get(F.OPT_NEW)]
         known: dict[str, bytes] = {}
-        if with_ids:
-            now = self.now_ms()
-            missing = []
-            for i in with_ids:
-                hit = self._recent.get(i)
-                if hit is not None and hit[0] > now:
-                    known[i] = hit[1]
-                else:
-                    missing.append(i)
-            if missing:
-                try:
-                    known.update(await self.store.check_dedup(missing, now))
-                except StorageError as exc:
-                    for m, _ in entries:
-                        if m[F.P_SEQ]:
-                            confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
-                    self._confirm(conn, confirms)
-                    return
-        # Ids and offsets are assigned only once the store has room, with no
-        # await until the operation is queued: queue order == id order ==
-        # commit order, which keeps stream offsets dense and in order.
-        await self.store.wait_for_space()
+        if not with_ids:
+            return known
         now = self.now_ms()
-        rows: list[StoredMessage] = []
-        srows: list[StreamRow] = []
-        dedup: list[tuple[str, int, bytes]] = []
-        accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
-                             list[tuple[StreamActor, StreamRow]]]] = []
+        missing = []
+        for i in with_ids:
+            hit = self._recent.get(i)
+            if hit is not None and hit[0] > now:
+                known[i] = hit[1]
+            else:
+                missing.append(i)
+        if missing:
+            try:
+                known.update(await self.store.check_dedup(missing, now))
+            except StorageError as exc:
+                confirms = batch.early
+                for m, _ in entries:
+                    if m[F.P_SEQ]:
+                        confirms.append([m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)])
+                self._confirm(batch.conn, confirms)
+                return None
+        return known
+
+    def _assign(self, batch: _Batch, entries: list[tuple[list[Any], list[Any]]], known: dict[str, bytes],
+                scope: str) -> bool:
+        """Admission, ids and offsets, rows: answers duplicates and publishes a
+        full queue refuses (``batch.early``), gives every other entry its
+        message id and, per stream target, its partition offset, and builds
+        the rows and de-dup records of one store operation. A plain function:
+        nothing awaits between the first id and the caller queueing the
+        operation (:meth:`_queue_batch`), so commit order is id order and
+        offsets are dense. Returns whether any entry was accepted."""
+        ctx = self.ctx
+        now = ctx.now_ms()
+        confirms = batch.early
+        outcome = batch.outcome
+        deferred = batch.deferred
+        rows = batch.rows
+        srows = batch.srows
+        dedup = batch.dedup
+        accepted = batch.accepted
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
         streams = self.streams
@@ -277,7 +312,7 @@ class Durable:
                 if key is not None:
                     outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
                 continue
-            mid = self.next_id()
+            mid = ctx.next_id()
             avail = now
             if F.OPT_DELAY in opts:
                 avail = now + opts[F.OPT_DELAY]
@@ -317,78 +352,37 @@ class Durable:
             if key is not None:
                 deferred.add(key)
                 outcome[key] = (0, result)
-        if not accepted:
-            self._confirm(conn, confirms)
-            return
-        early = confirms
+        return bool(accepted)
 
-        mine = list(deferred)
+    def _queue_batch(self, batch: _Batch) -> None:
+        """Queue the batch's one store operation (never waits: the caller made
+        room). If the store refuses it, nothing was stored: every accepted entry
+        is refused, its de-dup record dropped and its offsets handed out again."""
+        mine = list(batch.deferred)
 
         def done(error: Exception | None) -> None:
-            out = list(early)
-            for mid in mine:
-                if error is None:
-                    self._release(mid, *outcome[mid])
-                else:
-                    self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
-            if error is not None:
-                code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
-                for seq, _res, _q, _s in accepted:
-                    if seq:
-                        out.append([seq, int(code), f"not stored: {error}"])
-                for mid_entry in dedup:
-                    self._recent.pop(mid_entry[0], None)
-                self._confirm(conn, out)
-                # Offsets assigned to this batch were never stored: the streams'
-                # partitions must not wait for them, and a restart must not
-                # assign them again (nothing stored says they were used).
-                nexts: dict[tuple[str, int], int] = {}
-                for _seq, _res, _q, srs in accepted:
-                    for st, sr in srs:
-                        st.partitions[sr.partition].skip(sr.offset)
-                        st.on_committed({})
-                        nexts[(st.name, sr.partition)] = sr.offset + 1
-                if nexts:
-                    self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
-                return
-            by_queue: dict[QueueActor, list[StoredMessage]] = {}
-            by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
-            for seq, res, qrs, srs in accepted:
-                if seq:
-                    out.append([seq, 0, res])
-                for q, row in qrs:
-                    lst = by_queue.get(q)
-                    if lst is None:
-                        by_queue[q] = [row]
-                    else:
-                        lst.append(row)
-                for st, sr in srs:
-                    by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
-            self.confirmed += len(accepted)
-            self._confirm(conn, out)
-            for q, qrows_ in by_queue.items():
-                q.on_committed(qrows_)
-            for st, parts in by_stream.items():
-                st.on_committed(parts)
-            if self.on_confirm_latency is not None:
-                self.on_confirm_latency(time.perf_counter() - admitted)
+            if error is None:
+                self._committed(batch, mine)
+            else:
+                self._not_stored(batch, mine, error)
 
         try:
-            self.store.submit_nowait(PutMessages(rows, dedup, done, stream_rows=srows))
+            self.store.submit_nowait(PutMessages(batch.rows, batch.dedup, done, stream_rows=batch.srows))
         except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
             code = ErrorCode.SHUTTING_DOWN if self.broker.shutting_down else ErrorCode.STORAGE_ERROR
+            outcome = batch.outcome
             for mid in mine:
-                deferred.discard(mid)
+                batch.deferred.discard(mid)
                 outcome[mid] = (int(code), f"not stored: {exc}")
-            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in accepted if seq]
-            self._confirm(conn, list(early) + done_err)
-            for mid_entry in dedup:
+            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in batch.accepted if seq]
+            self._confirm(batch.conn, list(batch.early) + done_err)
+            for mid_entry in batch.dedup:
                 self._recent.pop(mid_entry[0], None)  # never stored: a resend must be stored, not deduplicated
             # Nothing was queued and nothing awaited since these offsets were
             # assigned, so they are the newest of their partitions: hand them
             # out again rather than leave gaps (the store never saw them).
             lowest: dict[Partition, int] = {}
-            for _seq, _res, _q, srs in accepted:
+            for _seq, _res, _q, srs in batch.accepted:
                 for st, sr in srs:
                     part = st.partitions[sr.partition]
                     if sr.offset < lowest.get(part, sr.offset + 1):
@@ -396,63 +390,64 @@ class Durable:
             for part, off in lowest.items():
                 part.next = off
 
+    def _committed(self, batch: _Batch, mine: list[str]) -> None:
+        """The commit callback: confirm every entry (and the copies that waited
+        for its msg_id), then hand the committed rows to their queues and streams."""
+        for mid in mine:
+            self._release(mid, *batch.outcome[mid])
+        out = list(batch.early)
+        by_queue: dict[QueueActor, list[StoredMessage]] = {}
+        by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
+        for seq, res, qrs, srs in batch.accepted:
+            if seq:
+                out.append([seq, 0, res])
+            for q, row in qrs:
+                lst = by_queue.get(q)
+                if lst is None:
+                    by_queue[q] = [row]
+                else:
+                    lst.append(row)
+            for st, sr in srs:
+                by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
+        self.confirmed += len(batch.accepted)
+        self._confirm(batch.conn, out)
+        for q, qrows_ in by_queue.items():
+            q.on_committed(qrows_)
+        for st, parts in by_stream.items():
+            st.on_committed(parts)
+        if self.on_confirm_latency is not None:
+            self.on_confirm_latency(time.perf_counter() - batch.admitted)
+
+    def _not_stored(self, batch: _Batch, mine: list[str], error: Exception) -> None:
+        """The commit failed: refuse every accepted entry (STORAGE_FULL or
+        STORAGE_ERROR), forget its de-dup record, and turn its stream offsets
+        into gaps that are never assigned again."""
+        for mid in mine:
+            self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
+        out = list(batch.early)
+        code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
+        for seq, _res, _q, _s in batch.accepted:
+            if seq:
+                out.append([seq, int(code), f"not stored: {error}"])
+        for mid_entry in batch.dedup:
+            self._recent.pop(mid_entry[0], None)
+        self._confirm(batch.conn, out)
+        # Offsets assigned to this batch were never stored: the streams'
+        # partitions must not wait for them, and a restart must not
+        # assign them again (nothing stored says they were used).
+        nexts: dict[tuple[str, int], int] = {}
+        for _seq, _res, _q, srs in batch.accepted:
+            for st, sr in srs:
+                st.partitions[sr.partition].skip(sr.offset)
+                st.on_committed({})
+                nexts[(st.name, sr.partition)] = sr.offset + 1
+        if nexts:
+            self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
+
     @staticmethod
     def _confirm(conn: Peer, items: list[Any]) -> None:
         if items:
             conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
-
-    # ----------------------------------------------------- queue-side ops
-
-    async def delete_messages(self, queue: str, ids: list[int], on_done: DoneCallback | None = None) -> None:
-        await self.store.submit(DeleteMessages(queue, ids, on_done))
-
-    async def update_messages(self, queue: str, updates: list[tuple[int, int, int, str | None]],
-                              on_done: DoneCallback | None = None) -> None:
-        await self.store.submit(UpdateMessages(queue, updates, on_done))
-
-    def dead_letter(self, src: QueueActor, msgs: list[StoredMessage], reason: str) -> None:
-        """Move messages to src's dead-letter queue in one transaction, adding
-        the reason headers. Called from the source queue's actor (non-blocking)."""
-        target = self.queues.get(src.cfg.dead_letter or "")
-        if target is None:
-            log.error("queue %s has no dead-letter queue; deleting %d messages (%s)", src.name, len(msgs), reason)
-            src._deletes.extend(msgs)
-            return
-        now = self.now_ms()
-        moves = []
-        for m in msgs:
-            h = dict(m.headers or {})
-            h[V.H_DLQ_SOURCE] = src.name
-            h[V.H_DLQ_REASON] = reason
-            h[V.H_DELIVERY_COUNT] = m.deliveries
-            h[V.H_LAST_ERROR] = (m.last_error or "")[:1000]
-            h[V.H_DEAD_LETTERED_AT] = now
-            h[V.H_PUBLISHED_AT] = m.published_ms
-            h[V.H_ORIGINAL_ID] = m.id
-            row = StoredMessage(target.name, self.next_id(), m.subject, m.payload, h, m.msg_id, m.published_ms,
-                                now, None, 0, None)
-            moves.append((m.id, row))
-        src.ops.append(self._move_op(src, moves, target, msgs, dead_letter=True))
-        src.wake()
-
-    def _move_op(self, src: QueueActor, moves: list[tuple[int, StoredMessage]], target: QueueActor,
-                 originals: list[StoredMessage], *, dead_letter: bool = False) -> MoveMessages:
-        """The move of ``originals`` out of ``src``: on a failure they are still
-        stored in ``src``, so ``src`` takes them back and delivers them again."""
-        rows = [r for _, r in moves]
-        epoch = src._epoch
-
-        def done(error: Exception | None) -> None:
-            if error is None:
-                target.on_committed(rows)
-            else:
-                log.error("moving %d messages from %s to %s failed, they stay in %s: %s",
-                          len(rows), src.name, target.name, src.name, error)
-                if dead_letter:
-                    src.dead_lettered -= len(rows)
-                src.restore(originals, epoch)
-
-        return MoveMessages(src.name, moves, done)
 
     # ------------------------------------------------------------- admin
 
@@ -467,10 +462,8 @@ class Durable:
             return {"created": False, **existing.info()}
         self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:
-            if qc.dead_letter.endswith(DLQ_SUFFIX) or qc.dead_letter == qc.name + DLQ_SUFFIX:
-                dq = dlq_config(qc.dead_letter)
-                await self.store.write(PutQueue(dq.name, dq.to_dict(), self.now_ms()))
-                await self._start_queue(dq, 0)
+            if may_create_on_demand(qc.dead_letter):
+                await self.dead_letters.ensure(qc.dead_letter)
             else:
                 raise _err(f"dead-letter queue {qc.dead_letter!r} does not exist; declare it first",
                            ErrorCode.NOT_FOUND, rid)
@@ -491,11 +484,7 @@ class Durable:
         users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
         if users:
             raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
-        for c in list(q.consumers):
-            c.conn.consumers.pop(c.cid, None)
-            c.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": c.cid, "reason": "queue deleted"}])
-            q.detach(c)
-        q.stop()
+        q.close("queue deleted")
         for p in q.cfg.bind:
             self.bindings.remove(p, q)
         del self.queues[q.name]
@@ -505,9 +494,7 @@ class Durable:
 
     async def purge(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         q = self._queue(args, rid)
-        n = q.purge()
-        await self.store.write(PurgeQueue(q.name))
-        return {"purged": n}
+        return {"purged": await q.purge()}
 
     def list_queues(self) -> list[dict[str, Any]]:
         out = []
@@ -528,7 +515,7 @@ class Durable:
         try:
             rows = await self.store.list_messages(q.name, limit, offset)
         except StorageError:
-            self.read_errors += 1  # the caller gets STORAGE_ERROR (retriable) and may ask again
+            self.ctx.counters.read_errors += 1  # the caller gets STORAGE_ERROR (retriable) and may ask again
             raise
         return [{"id": r.id, "subject": r.subject, "payload": r.payload, "headers": r.headers,
                  "msg_id": r.msg_id, "published_ms": r.published_ms, "deliveries": r.deliveries} for r in rows]
@@ -593,16 +580,13 @@ class Durable:
                         (dest_name is None and target not in sources):
                     back.append(m)
                     continue
-                for k in [k for k in h if k.startswith(V.RESERVED_HEADER_PREFIX)]:
-                    del h[k]
-                h[V.H_REDRIVEN_FROM] = q.name
-                row = StoredMessage(target, self.next_id(), m.subject, m.payload, h or None, m.msg_id,
-                                    m.published_ms, now, None, 0, None)
+                row = StoredMessage(target, self.ctx.next_id(), m.subject, m.payload, redriven_headers(h, q.name),
+                                    m.msg_id, m.published_ms, now, None, 0, None)
                 groups.setdefault(target, []).append((m.id, row))
                 originals.setdefault(target, []).append(m)
             for target, moves in groups.items():
-                q.count -= len(moves)
-                await self.store.write(self._move_op(q, moves, self.queues[target], originals[target]))
+                op = q.move_out(target, moves, originals[target], self.queues[target].on_committed)
+                await self.store.write(op)
                 moved += len(moves)
             if back:
                 # messages whose source queue is gone stay in the DLQ; stop so we do not loop on them
@@ -687,3 +671,23 @@ class Durable:
             "dlq.purge": self.purge,
             **self.streams.calls(),
         }
+
+
+class _Batch:
+    """One publish's store operation and what its confirms need: built by
+    ``Durable._assign``, queued by ``_queue_batch``, answered from the commit."""
+
+    __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted")
+
+    def __init__(self, conn: Peer, admitted: float) -> None:
+        self.conn = conn
+        self.admitted = admitted  # perf_counter at admission, for the confirm latency
+        self.early: list[Any] = []  # confirms decided before the commit (duplicates, full queues)
+        self.outcome: dict[str, tuple[int, Any]] = {}  # dedup key -> (code, result) for waiting copies
+        self.deferred: set[str] = set()  # dedup keys whose waiters the commit callback answers
+        self.rows: list[StoredMessage] = []  # queue rows
+        self.srows: list[StreamRow] = []  # stream rows
+        self.dedup: list[tuple[str, int, bytes]] = []  # (key, expires_ms, packed result)
+        # (seq, result, [(queue, row)], [(stream, row)]) per accepted entry
+        self.accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
+                                  list[tuple[StreamActor, StreamRow]]]] = []

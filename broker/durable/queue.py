@@ -9,7 +9,7 @@ stay on disk and are paged in, in key order, in batches of at most WINDOW.
 So a backlog of millions costs disk, not RAM.
 
 The ready part of the window is bounded in bytes too: by this queue's fair
-share of the broker-wide ``window_memory`` budget (limits.WindowBudget),
+share of the broker-wide ``window_memory`` budget (window.WindowBudget),
 with WINDOW_MIN messages always allowed so every queue makes progress. A
 queue without consumers pages nothing in (except what max_length trimming
 needs) and hands what it holds back to the disk, so an idle backlog or a
@@ -20,6 +20,11 @@ Other actors call the non-blocking methods (``on_committed``, ``settle``,
 which delivers in batches (one DELIVER frame per consumer per wake-up),
 runs the ack-deadline and delay timers, pages from disk, and hands its
 store operations to the storage actor in batches.
+
+The actor gets a :class:`DurableContext` (clock, ids, store, dead-letter
+sink, window budget, counters), never its parent. Purge, delete and redrive
+ask it to change its state (:meth:`QueueActor.purge`, :meth:`close`,
+:meth:`move_out`).
 """
 
 from __future__ import annotations
@@ -36,26 +41,29 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode
 
-from tidings.broker.ops.limits import MESSAGE_OVERHEAD, WINDOW_MIN
-from tidings.broker.durable.queue_settings import QueueConfig
-from tidings.broker.durable.store.base import StorageError, StoredMessage, UpdateMessages
+from tidings.broker.durable.delivery import DELIVERY_OVERHEAD, push_deliveries
+from tidings.broker.durable.settings import QueueConfig
+from tidings.broker.durable.store.base import (
+    DeleteMessages,
+    MoveMessages,
+    PurgeQueue,
+    StorageError,
+    StoredMessage,
+    UpdateMessages,
+)
+from tidings.broker.durable.window import MESSAGE_OVERHEAD, WINDOW_MIN
 
 if TYPE_CHECKING:
     from tidings.broker.durable.ports import Peer
-    from tidings.broker.durable.core import Durable
+    from tidings.broker.durable.context import DurableContext
 
 log = logging.getLogger(__name__)
 
 WINDOW: Final = 10_000  # messages of a queue's backlog held in memory; the rest stays on disk
-DELIVER_FRAME_BUDGET: Final = 512 * 1024  # bytes of payload per DELIVER frame before starting another
-DELIVERY_OVERHEAD: Final = 48  # estimated envelope bytes of one DELIVER item, counted against credit
 #: Seconds a message waits before it is delivered again after a store write
 #: changing its state (ack, nack, dead-letter move) failed: without a pause a
 #: full disk would turn deliver-expire-move-fail into a busy loop.
 STORE_RETRY_DELAY: Final = 1.0
-#: Back-off (seconds, first and longest) between attempts of a failed refill read
-#: (the database locked by a backup or an admin tool, say); the broker serves on.
-READ_RETRY: Final = (0.5, 10.0)
 
 
 class Consumer:
@@ -70,17 +78,17 @@ class Consumer:
         self.prefetch = prefetch
         self.inflight: set[int] = set()
 
-    def settle(self, items: list[list[Any]]) -> list[int]:
-        return self.queue.settle(self, items)
-
-    def close(self) -> None:
-        self.queue.detach(self)
-
     @property
     def source(self) -> str:
         return self.queue.name
 
     group_name = None  # a queue has no consumer groups
+
+    def settle(self, items: list[list[Any]]) -> list[int]:
+        return self.queue.settle(self, items)
+
+    def close(self) -> None:
+        self.queue.detach(self)
 
 
 class Inflight:
@@ -93,8 +101,8 @@ class Inflight:
 
 
 class QueueActor:
-    def __init__(self, durable: Durable, config: QueueConfig, count: int) -> None:
-        self.durable = durable
+    def __init__(self, ctx: DurableContext, config: QueueConfig, count: int) -> None:
+        self.ctx = ctx
         self.cfg = config
         self.name = config.name
         self.ready: deque[StoredMessage] = deque()
@@ -150,10 +158,10 @@ class QueueActor:
 
     def on_committed(self, rows: list[StoredMessage]) -> None:
         """Messages committed for this queue (publish, dead-letter, redrive)."""
-        now = self.durable.now_ms()
+        now = self.ctx.now_ms()
         ready = self.ready
         # Only a queue with consumers takes new messages into memory, within its share.
-        room = self.durable.window_budget.room(self._ready_bytes) if self.consumers else -1
+        room = self.ctx.window_budget.room(self._ready_bytes) if self.consumers else -1
         added = 0
         for row in rows:
             self.count += 1
@@ -193,13 +201,13 @@ class QueueActor:
 
     def _report(self) -> None:
         """Tell the window budget how many bytes ``ready`` holds now."""
-        self._budget_held = self.durable.window_budget.hold(self._budget_held, self._ready_bytes)
+        self._budget_held = self.ctx.window_budget.hold(self._budget_held, self._ready_bytes)
 
     def attach(self, consumer: Consumer) -> None:
         self.consumers.append(consumer)
         if not self._open:
             self._open = True
-            self.durable.window_budget.open()
+            self.ctx.window_budget.open()
         self.wake()
 
     def detach(self, consumer: Consumer) -> None:
@@ -220,7 +228,7 @@ class QueueActor:
         self._ready_bytes += sum(len(m.payload) for m in back) + MESSAGE_OVERHEAD * len(back)
         if not self.consumers and self._open:
             self._open = False
-            self.durable.window_budget.close()
+            self.ctx.window_budget.close()
         self.wake()
 
     def settle(self, consumer: Consumer, items: list[list[Any]]) -> list[int]:
@@ -273,7 +281,7 @@ class QueueActor:
             self._ready_bytes += len(msg.payload) + MESSAGE_OVERHEAD
             self._updates.append((msg.id, msg.available_ms, msg.deliveries, error))
             return
-        msg.available_ms = self.durable.now_ms() + int(d * 1000)
+        msg.available_ms = self.ctx.now_ms() + int(d * 1000)
         self._updates.append((msg.id, msg.available_ms, msg.deliveries, error))
         self._delayed.append(msg)
         self._to_beyond(msg.available_ms)
@@ -281,7 +289,41 @@ class QueueActor:
     def _dead_letter(self, msgs: list[StoredMessage], reason: str) -> None:
         self.count -= len(msgs)
         self.dead_lettered += len(msgs)
-        self.durable.dead_letter(self, msgs, reason)
+        got = self.ctx.dead_letters.from_queue(self.name, self.cfg.dead_letter, msgs, reason)
+        if got is None:
+            log.error("queue %s has no dead-letter queue; deleting %d messages (%s)", self.name, len(msgs), reason)
+            self._deletes.extend(msgs)
+            return
+        moves, arrive = got
+        self.ops.append(self._move_op(self.cfg.dead_letter or "", moves, msgs, arrive, dead_letter=True))
+        self.wake()
+
+    def _move_op(self, target: str, moves: list[tuple[int, StoredMessage]], originals: list[StoredMessage],
+                 arrive: Callable[[list[StoredMessage]], None], *, dead_letter: bool = False) -> MoveMessages:
+        """The move of ``originals`` out of this queue into ``target`` (``arrive``
+        gets the new rows once committed): on a failure they are still stored here, so this
+        queue takes them back and delivers them again."""
+        rows = [r for _, r in moves]
+        epoch = self._epoch
+
+        def done(error: Exception | None) -> None:
+            if error is None:
+                arrive(rows)
+            else:
+                log.error("moving %d messages from %s to %s failed, they stay in %s: %s",
+                          len(rows), self.name, target, self.name, error)
+                if dead_letter:
+                    self.dead_lettered -= len(rows)
+                self.restore(originals, epoch)
+
+        return MoveMessages(self.name, moves, done)
+
+    def move_out(self, target: str, moves: list[tuple[int, StoredMessage]], originals: list[StoredMessage],
+                 arrive: Callable[[list[StoredMessage]], None]) -> MoveMessages:
+        """Redrive: ``originals`` (from :meth:`take`) leave this queue as ``moves``;
+        returns the store operation, whose failure gives them back."""
+        self.count -= len(moves)
+        return self._move_op(target, moves, originals, arrive)
 
     def _expire(self, msg: StoredMessage) -> None:
         self.expired += 1
@@ -296,7 +338,7 @@ class QueueActor:
         dead-letter move, redrive) failed: they are still stored, so they are
         counted again and delivered again after STORE_RETRY_DELAY."""
         self.store_failures += 1
-        self.durable.state_failures += 1
+        self.ctx.counters.state_failures += 1
         if epoch != self._epoch or self._stopped:
             return  # purged or deleted since: nothing to bring back
         self.count += len(msgs)
@@ -313,7 +355,7 @@ class QueueActor:
         at or below the cursor, where no refill would find them: keep them in
         memory (they were counted beyond the cursor)."""
         self.store_failures += 1
-        self.durable.state_failures += 1
+        self.ctx.counters.state_failures += 1
         if epoch != self._epoch or self._stopped or not delayed:
             return
         self.beyond = max(0, self.beyond - len(delayed))
@@ -325,8 +367,14 @@ class QueueActor:
         self._waiters.append(fn)
         self.wake()
 
-    def purge(self) -> int:
-        """Drop every message, in flight ones included (their acks become stale)."""
+    async def purge(self) -> int:
+        """Drop every message, in flight ones included (their acks become stale),
+        in memory and then in the store; returns how many there were."""
+        n = self._drop_all()
+        await self.ctx.store.write(PurgeQueue(self.name))
+        return n
+
+    def _drop_all(self) -> int:
         n = self.count
         for c in self.consumers:
             c.inflight.clear()
@@ -344,7 +392,7 @@ class QueueActor:
         self.beyond = 0
         self.next_due = None
         self._due_known = True
-        self.cursor = (self.durable.now_ms(), self.durable.last_id)
+        self.cursor = (self.ctx.now_ms(), self.ctx.last_id)
         return n
 
     # ------------------------------------------------------------- actor
@@ -358,7 +406,7 @@ class QueueActor:
             self._report()
             if self._open:
                 self._open = False
-                self.durable.window_budget.close()
+                self.ctx.window_budget.close()
 
     async def _run(self) -> None:
         while not self._stopped:
@@ -396,16 +444,20 @@ class QueueActor:
         self._stopped = True
         self._wake.set()
 
+    def close(self, reason: str) -> None:
+        """The queue is deleted: every consumer is closed (told why) and the actor stops."""
+        for c in list(self.consumers):
+            c.conn.consumers.pop(c.cid, None)
+            c.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": c.cid, "reason": reason}])
+            self.detach(c)
+        self.stop()
+
     def _read_failed(self, exc: StorageError) -> None:
         """A refill failed (the database locked past the busy timeout, say): its
         messages stay on disk and counted beyond the cursor; try again later."""
-        self.durable.read_errors += 1
-        lo, hi = READ_RETRY
-        self._read_backoff = min(hi, self._read_backoff * 2) if self._read_backoff else lo
+        self._read_backoff = self.ctx.read_failed(self._read_backoff, exc, f"queue {self.name}")
         self._read_retry_at = time.monotonic() + self._read_backoff
         self._due_known = False  # what the failed refill learnt is not to be trusted
-        log.warning("queue %s: reading from the store failed, retrying in %.1f s: %s",
-                    self.name, self._read_backoff, exc)
 
     def _next_timer(self) -> float:
         t = 3600.0
@@ -420,7 +472,7 @@ class QueueActor:
             if not self._due_known:
                 t = 0.0
             elif self.next_due is not None:
-                t = min(t, (self.next_due - self.durable.now_ms()) / 1000.0)
+                t = min(t, (self.next_due - self.ctx.now_ms()) / 1000.0)
         return max(t, 0.0)
 
     def _expire_deadlines(self) -> None:
@@ -462,7 +514,7 @@ class QueueActor:
                     cons.append(c)
         if not cons:
             return
-        now = self.durable.now_ms()
+        now = self.ctx.now_ms()
         mono = time.monotonic()
         deadline = mono + self.cfg.ack_deadline
         heap = self._deadlines
@@ -511,20 +563,7 @@ class QueueActor:
         self._rr += 1
         self.delivered += sum(len(v) for v in out.values())
         for c, items in out.items():
-            self._push_deliveries(c, items)
-
-    @staticmethod
-    def _push_deliveries(c: Consumer, items: list[Any]) -> None:
-        batch: list[Any] = []
-        size = 0
-        for it in items:
-            batch.append(it)
-            size += len(it[2]) + len(it[1]) + DELIVERY_OVERHEAD
-            if size >= DELIVER_FRAME_BUDGET:
-                c.conn.push_wire([F.Op.DELIVER, c.cid, batch], size)
-                batch, size = [], 0
-        if batch:
-            c.conn.push_wire([F.Op.DELIVER, c.cid, batch], size)
+            push_deliveries(c.conn, c.cid, items)
 
     async def _flush_ops(self) -> None:
         # Everything is taken before the first await: a settle that arrives
@@ -543,7 +582,7 @@ class QueueActor:
         for op in ops:
             if track is not None:
                 op.on_done = track.wrap(op.on_done)
-            await self.durable.store.submit(op)
+            await self.ctx.store.submit(op)
         if dels:
             def deleted(error: Exception | None) -> None:
                 if error is not None:
@@ -551,14 +590,14 @@ class QueueActor:
                               self.name, len(dels), error)
                     self.restore(dels, epoch)
             cb = deleted if track is None else track.wrap(deleted)
-            await self.durable.delete_messages(self.name, [m.id for m in dels], cb)
+            await self.ctx.store.submit(DeleteMessages(self.name, [m.id for m in dels], cb))
         if ups:
             def updated(error: Exception | None) -> None:
                 if error is not None:
                     log.error("queue %s: updating %d messages failed: %s", self.name, len(ups), error)
                     self._updates_failed(delayed, epoch)
             cb = updated if track is None else track.wrap(updated)
-            await self.durable.update_messages(self.name, ups, cb)
+            await self.ctx.store.submit(UpdateMessages(self.name, ups, cb))
 
     def _need_refill(self) -> bool:
         if not self.beyond or len(self.ready) >= WINDOW // 2:
@@ -569,7 +608,7 @@ class QueueActor:
             return False
         if not self._due_known:
             return True
-        return self.next_due is not None and self.next_due <= self.durable.now_ms()
+        return self.next_due is not None and self.next_due <= self.ctx.now_ms()
 
     def _budget_bound(self) -> bool:
         """Paging in waits for the window budget: this queue holds enough to go on
@@ -577,7 +616,7 @@ class QueueActor:
         spent). Deliveries and settles wake the queue, so it looks again then."""
         if len(self.ready) < WINDOW_MIN:
             return False
-        budget = self.durable.window_budget
+        budget = self.ctx.window_budget
         return 2 * budget.room(self._ready_bytes) < budget.share()
 
     async def _refill(self, want: int | None = None) -> int:
@@ -596,16 +635,16 @@ class QueueActor:
         elif not self.consumers:
             limit = min(limit, self._overflow() - len(self.ready))  # only what max_length trimming takes
         limit = max(limit, 1)
-        room = self.durable.window_budget.room(self._ready_bytes)
+        room = self.ctx.window_budget.room(self._ready_bytes)
         return limit, room, min(limit, max(1, WINDOW_MIN - len(self.ready)))
 
     async def _refill_locked(self, want: int | None = None) -> int:
-        store = self.durable.store
-        now = self.durable.now_ms()
+        store = self.ctx.store
+        now = self.ctx.now_ms()
         limit, max_bytes, min_rows = self._page_size(want)
         # Reserved while the query runs, so windows paging in at the same time cannot all
         # count on the same room; _report() below replaces it with what was loaded.
-        self._budget_held = self.durable.window_budget.hold(self._budget_held, self._ready_bytes + max_bytes)
+        self._budget_held = self.ctx.window_budget.hold(self._budget_held, self._ready_bytes + max_bytes)
         self._loading = True
         self._arrived = []
         self._load_due = None
@@ -663,7 +702,7 @@ class QueueActor:
                 out.append(msg)
                 continue
             if self.beyond and (not self._due_known or (self.next_due is not None
-                                                        and self.next_due <= self.durable.now_ms())):
+                                                        and self.next_due <= self.ctx.now_ms())):
                 if await self._refill(n - len(out)):
                     continue
             break

@@ -1,31 +1,35 @@
 """The streams half of the durable layer: declare, recover, consume, retain.
 
-Kept apart from durable.py (queues) so each file reads in one sitting;
-``Durable`` owns one ``Streams`` and routes publishes to both.
+Kept apart from core.py (admission and queues) so each file reads in one
+sitting; ``Durable`` owns one ``Streams`` and routes publishes to both.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
 
-from tidings.protocol import frames as F
-from tidings.protocol import vocabulary as V
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
-from tidings.broker.durable.queue_settings import dlq_config, validate_name
-from tidings.broker.durable.store.base import PutMessages, PutQueue, StorageError, StoredMessage
+from tidings.broker.durable.group import GroupActor
+from tidings.broker.durable.partition import Partition
+from tidings.broker.durable.reader import Reader, resolve_start
+from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, dlq_name, validate_name
+from tidings.broker.durable.store.base import StorageError
 from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
-from tidings.broker.durable.stream import DEFAULT_WINDOW, GroupActor, Partition, Reader, StreamActor, resolve_start
-from tidings.broker.durable.stream_settings import StreamConfig
+from tidings.broker.durable.stream import StreamActor
 
 if TYPE_CHECKING:
-    from tidings.broker.durable.ports import Peer
-    from tidings.broker.durable.core import Durable
+    from tidings.broker.durable.context import DurableContext
+    from tidings.broker.durable.ports import Host, Peer
+    from tidings.broker.durable.deadletter import DeadLetters
+    from tidings.broker.durable.queue import QueueActor
+    from tidings.broker.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +42,19 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
 
 
 class Streams:
-    def __init__(self, durable: Durable) -> None:
-        self.durable = durable
+    def __init__(self, ctx: DurableContext, broker: Host, queues: Mapping[str, QueueActor],
+                 bindings: Router[Any], dead_letters: DeadLetters) -> None:
+        self.ctx = ctx
+        self.broker = broker
+        self.queues = queues  # read only: a stream's name must not be a queue's
+        self.bindings = bindings  # the publish routing table queues and streams share
+        self.dead_letters = dead_letters
         self.streams: dict[str, StreamActor] = {}
         self._tg: TaskGroup | None = None
 
     @property
     def store(self) -> Any:
-        return self.durable.store
+        return self.ctx.store
 
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
@@ -66,7 +75,7 @@ class Streams:
                 nxt = max(hi + 1, first, marks.get(i, 0),
                           max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
                 parts.append(Partition(name, i, first, nxt, nbytes))
-            st = StreamActor(self.durable, cfg, parts)
+            st = StreamActor(cfg, parts)
             self._register(st)
             for group, committed in offsets.items():
                 await self._start_group(st, group, committed)
@@ -75,10 +84,10 @@ class Streams:
     def _register(self, st: StreamActor) -> None:
         self.streams[st.name] = st
         for p in st.cfg.bind:
-            self.durable.bindings.add(p, st)
+            self.bindings.add(p, st)
 
     async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
-        g = GroupActor(st, name, offsets)
+        g = GroupActor(self.ctx, st, name, offsets)
         st.groups[name] = g
         assert self._tg is not None
         await self._tg.start(g.run)
@@ -108,7 +117,7 @@ class Streams:
         from a store callback: never blocks."""
         def done(error: Exception | None) -> None:
             if error is not None:
-                self.durable.state_failures += 1
+                self.ctx.counters.state_failures += 1
                 log.error("recording the next offsets %s failed: %s (a restart still takes the groups'"
                           " committed offsets into account)", marks, error)
 
@@ -128,30 +137,6 @@ class Streams:
             assert op.on_done is not None
             op.on_done(exc)
 
-    def dead_letter(self, st: StreamActor, row: StreamRow, reason: str, attempts: int, error: str) -> PutMessages:
-        """The store operation that copies a poison message to the stream's DLQ."""
-        d = self.durable
-        target = d.queues.get(st.cfg.dead_letter or "")
-        h = dict(row.headers or {})
-        now = d.now_ms()
-        h.update({V.H_DLQ_SOURCE: st.name, V.H_DLQ_REASON: reason, V.H_DELIVERY_COUNT: attempts,
-                  V.H_LAST_ERROR: error[:1000], V.H_DEAD_LETTERED_AT: now,
-                  V.H_PUBLISHED_AT: row.timestamp_ms, V.H_STREAM_PARTITION: row.partition,
-                  V.H_STREAM_OFFSET: row.offset})
-        if row.key is not None:
-            h[V.H_STREAM_KEY] = row.key
-        qname = target.name if target is not None else (st.cfg.dead_letter or st.name + ".dlq")
-        msg = StoredMessage(qname, d.next_id(), row.subject, row.payload, h, row.msg_id, row.timestamp_ms,
-                            now, None, 0, None)
-
-        def done(error: Exception | None) -> None:
-            if error is None and target is not None:
-                target.on_committed([msg])
-            elif error is not None:
-                log.error("dead-lettering %s/%d@%d failed: %s", st.name, row.partition, row.offset, error)
-
-        return PutMessages([msg], [], done)
-
     async def commit_offsets(self, offsets: list[tuple[str, str, int, int, int]], on_done: Any = None,
                              wait: bool = False) -> None:
         op = CommitOffsets(offsets, on_done)
@@ -164,7 +149,6 @@ class Streams:
 
     async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         cfg = StreamConfig.from_args(args)
-        d = self.durable
         existing = self.streams.get(cfg.name)
         if existing is not None:
             if existing.cfg != cfg:
@@ -172,18 +156,14 @@ class Streams:
                 raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)})",
                            ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
-        if cfg.name in d.queues:
+        if cfg.name in self.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
-        d.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
-        dl = cfg.dead_letter or cfg.name + ".dlq"
-        if dl not in d.queues:
-            dq = dlq_config(dl)
-            await self.store.write(PutQueue(dq.name, dq.to_dict(), d.now_ms()))
-            await d._start_queue(dq, 0)
-        await self.store.write(PutStream(cfg.name, cfg.to_dict(), d.now_ms()))
-        st = StreamActor(d, cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
+        self.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
+        await self.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
+        await self.store.write(PutStream(cfg.name, cfg.to_dict(), self.ctx.now_ms()))
+        st = StreamActor(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
         self._register(st)
-        d.broker.bindings_changed()
+        self.broker.bindings_changed()
         return {"created": True, **st.info()}
 
     def _stream(self, args: dict[str, Any], rid: int, key: str = "name") -> StreamActor:
@@ -195,26 +175,19 @@ class Streams:
 
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         st = self._stream(args, rid)
-        for g in st.groups.values():
-            for m in list(g.members):
-                m.conn.consumers.pop(m.cid, None)
-                m.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": m.cid, "reason": "stream deleted"}])
-            g.stop()
-        for r in list(st.readers):
-            r.conn.consumers.pop(r.cid, None)
-            r.close()
+        st.close("stream deleted")
         for p in st.cfg.bind:
-            self.durable.bindings.remove(p, st)
+            self.bindings.remove(p, st)
         del self.streams[st.name]
         await self.store.write(DeleteStream(st.name))
-        self.durable.broker.bindings_changed()
+        self.broker.bindings_changed()
         return {"deleted": st.name}
 
     async def enforce_retention(self, st: StreamActor) -> int:
         """Apply max_age/max_messages/max_bytes to every partition; returns rows removed."""
         cfg = st.cfg
         removed = 0
-        now = self.durable.now_ms()
+        now = self.ctx.now_ms()
         for part in st.partitions:
             cut = part.first
             if cfg.max_messages is not None:
@@ -269,7 +242,7 @@ class Streams:
                 raise _err(f"window must be 1..{MAX_WINDOW}", ErrorCode.INVALID_ARGUMENT, rid)
             g = st.groups.get(group)
             if g is None:
-                self.durable.broker.caps.check_group(conn, st, rid)
+                self.broker.caps.check_group(conn, st, rid)
                 start = args.get("start", "earliest")
                 if start not in ("earliest", "latest"):
                     raise _err("a new group's start must be 'earliest' or 'latest'", ErrorCode.INVALID_ARGUMENT,
@@ -300,7 +273,7 @@ class Streams:
         except RemoteProtocolError as exc:
             exc.rid = rid
             raise
-        r = Reader(conn, cid, st, p, offset, bool(args.get("follow", False)))
+        r = Reader(self.ctx, conn, cid, st, p, offset, bool(args.get("follow", False)), st.forget_reader)
         conn.consumers[cid] = r
         st.readers.add(r)
         assert self._tg is not None

@@ -39,12 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: violation (as the checks below spell it) -> who removes it. Emptied by the coordinator
 #: as the branches fixing them are merged.
-KNOWN_VIOLATIONS: dict[str, str] = {
-    # durable internals: queue/stream/streams hold the Durable (TYPE_CHECKING back-references) until
-    # the actors get a context of their own
-    "cycle: tidings.broker.durable.core, tidings.broker.durable.queue, tidings.broker.durable.stream, "
-    "tidings.broker.durable.streams": "h-durable2",
-}
+KNOWN_VIOLATIONS: dict[str, str] = {}
 
 BROKER = "tidings.broker"
 CLIENT_SIDE = ("tidings.client", "tidings.cli")  # and the bare package `tidings` (client/__init__.py)

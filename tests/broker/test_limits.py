@@ -124,7 +124,7 @@ def test_monitor_measures_rss_and_disk(tmp_path: Path) -> None:
 
 
 def test_window_budget_shares_fairly_and_never_hands_out_more_than_the_total() -> None:
-    from tidings.broker.ops.limits import WindowBudget
+    from tidings.broker.durable.window import WindowBudget
 
     b = WindowBudget(100)
     assert b.room(0) == 100  # nothing open: the whole budget

@@ -17,7 +17,7 @@ import pytest
 from tidings.broker.config import Config
 from tidings.broker.ops.metrics import BrokerCollector, install_hooks, readiness, serve_metrics
 from tidings.broker.durable.queue import QueueActor
-from tidings.broker.durable.queue_settings import QueueConfig
+from tidings.broker.durable.settings import QueueConfig
 from tidings.broker.app import Broker
 from tidings.client import connect
 from tidings.client.errors import TidingsError
@@ -233,7 +233,7 @@ def test_scrape_snapshot_cost_with_many_queues(tmp_path: Path) -> None:
     durable = broker.durable
     for i in range(2000):
         qc = QueueConfig.from_args({"name": f"q{i}", "bind": [f"q{i}.>"]})
-        durable.queues[qc.name] = QueueActor(durable, qc, i)
+        durable.queues[qc.name] = QueueActor(durable.ctx, qc, i)
     collector = BrokerCollector(broker)
     collector.snapshot()
     started = time.perf_counter()
@@ -251,7 +251,7 @@ def test_queue_metrics_mirror_queue_info(tmp_path: Path) -> None:
     broker = Broker(config(tmp_path))
     durable = broker.durable
     qc = QueueConfig.from_args({"name": "q", "bind": ["q.>"]})
-    q = durable.queues["q"] = QueueActor(durable, qc, 7)
+    q = durable.queues["q"] = QueueActor(durable.ctx, qc, 7)
     for n, attr in enumerate(("published", "delivered", "redelivered", "acked", "nacked", "rejected",
                               "dead_lettered", "expired"), start=11):
         setattr(q, attr, n)

@@ -1,0 +1,220 @@
+"""QueueActor on its own: a DurableContext over a real store, a recording
+fake of the consumer's connection, no socket and no broker.
+
+Covers delivery order, the prefetch window, ack/nack/redelivery,
+dead-lettering at max_deliveries and on reject, a failed store write that
+gives the messages back, and what purge, delete and redrive ask of the actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+from actorkit import RecordingPeer, World, persisted
+
+from tidings.protocol import frames as F
+from tidings.protocol.errors import ErrorCode
+
+from tidings.protocol.vocabulary import H_DLQ_SOURCE as DLQ_SOURCE, RESERVED_HEADER_PREFIX as HDR_PREFIX
+from tidings.broker.durable.queue import Consumer, QueueActor
+from tidings.broker.durable.store.base import PutMessages, StoredMessage
+
+ACK, NACK, REJECT = F.AckAction.ACK, F.AckAction.NACK, F.AckAction.REJECT
+
+
+def consume(q: QueueActor, peer: RecordingPeer, cid: int = 1, prefetch: int = 100) -> Consumer:
+    c = Consumer(peer, cid, q, prefetch)  # type: ignore[arg-type]
+    peer.consumers[cid] = c
+    q.attach(c)
+    return c
+
+
+async def settle(c: Consumer, items: list[list[Any]]) -> tuple[list[int], Exception | None]:
+    """Settle as Durable.settle does: the answer waits for the commit of what
+    the settle changed. Returns (codes, store error)."""
+    codes = c.settle(items)
+    return codes, await persisted(c.queue)
+
+
+def payloads(items: list[list[Any]]) -> list[bytes]:
+    return [it[2] for it in items]
+
+
+async def test_delivers_in_publish_order_within_the_prefetch_window(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, *[b"m%d" % i for i in range(5)])
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=2)
+        got = await peer.deliveries_at_least(2)
+        assert payloads(got) == [b"m0", b"m1"]
+        assert len(q.inflight) == 2 and len(c.inflight) == 2
+        # one ack frees one slot of the window: exactly one more delivery
+        assert await settle(c, [[got[0][0], ACK, None]]) == ([0], None)
+        assert await s.count("jobs") == 4 and q.count == 4
+        got = await peer.deliveries_at_least(3)
+        assert payloads(got) == [b"m0", b"m1", b"m2"]
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_nack_redelivers_with_the_delivery_counted(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, b"a", b"b")
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        first = (await peer.deliveries_at_least(1))[0]
+        assert first[2] == b"a" and first[4] == 1
+        assert c.settle([[first[0], NACK, 0]]) == [0]  # retry at once
+        again = (await peer.deliveries_at_least(2))[1]
+        assert again[2] == b"a" and again[4] == 2 and again[0] != first[0]
+        assert q.nacked == 1 and q.redelivered == 1
+        # the old delivery id is settled: acking it again is stale
+        assert c.settle([[first[0], ACK, None]]) == [int(ErrorCode.STALE_DELIVERY)]
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_detach_returns_unacked_messages_to_the_front(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, b"a", b"b", b"c")
+        one = RecordingPeer(1)
+        c1 = consume(q, one, prefetch=2)
+        await one.deliveries_at_least(2)
+        c1.close()
+        two = RecordingPeer(2)
+        consume(q, two, cid=7, prefetch=10)
+        got = await two.deliveries_at_least(3)
+        assert payloads(got) == [b"a", b"b", b"c"]
+        assert [it[4] for it in got] == [2, 2, 1]
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_max_deliveries_moves_the_message_to_the_dead_letter_queue(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs", max_deliveries=2)
+        rows = await w.publish(q, b"poison")
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        for n in (1, 2):
+            d = (await peer.deliveries_at_least(n))[-1]
+            assert d[4] == n
+            assert await settle(c, [[d[0], NACK, 0]]) == ([0], None)
+        dlq = w.queues["jobs.dlq"]
+        assert dlq.count == 1 and q.count == 0 and q.dead_lettered == 1
+        assert await s.count("jobs") == 0
+        [moved] = await s.list_messages("jobs.dlq")
+        assert moved.payload == b"poison" and moved.id != rows[0].id
+        h = moved.headers or {}
+        assert h[DLQ_SOURCE] == "jobs" and h[HDR_PREFIX + "dlq-reason"] == "max_deliveries"
+        assert h[HDR_PREFIX + "delivery-count"] == 2 and h[HDR_PREFIX + "original-id"] == rows[0].id
+        assert len(peer.deliveries()) == 2  # not delivered a third time
+        q.stop()
+        dlq.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_reject_dead_letters_at_once_with_the_reason(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, b"bad")
+        peer = RecordingPeer()
+        c = consume(q, peer)
+        d = (await peer.deliveries_at_least(1))[0]
+        assert await settle(c, [[d[0], REJECT, "cannot parse"]]) == ([0], None)
+        [moved] = await s.list_messages("jobs.dlq")
+        h = moved.headers or {}
+        assert h[HDR_PREFIX + "dlq-reason"] == "rejected" and h[HDR_PREFIX + "last-error"] == "cannot parse"
+        assert w.queues["jobs.dlq"].count == 1 and q.rejected == 1
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_a_failed_dead_letter_move_gives_the_message_back(store: Any) -> None:
+    """The store refuses the move (its new row collides with a stored one): the
+    message is still stored in the source queue, so the actor counts it again
+    and delivers it again after a pause; the next attempt succeeds."""
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs", max_deliveries=1)
+        await w.publish(q, b"poison")
+        # A row already in the DLQ under the id the move will be given next.
+        taken = StoredMessage("jobs.dlq", w.ctx.last_id + 1, "x", b"x", None, None, 0, 0, None, 0, None)
+        await s.write(PutMessages([taken]))
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        d = (await peer.deliveries_at_least(1))[0]
+        codes, err = await settle(c, [[d[0], NACK, 0]])
+        assert codes == [0] and err is not None  # the move failed...
+        assert q.store_failures == 1 and w.ctx.counters.state_failures == 1
+        assert q.count == 1 and q.dead_lettered == 0  # ...and the message is back
+        assert await s.count("jobs") == 1
+        again = (await peer.deliveries_at_least(2))[1]
+        assert again[2] == b"poison" and again[6]["id"] == d[6]["id"]
+        assert await settle(c, [[again[0], NACK, 0]]) == ([0], None)  # now the move gets a fresh id
+        assert await s.count("jobs") == 0 and await s.count("jobs.dlq") == 2
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_purge_drops_everything_and_makes_held_deliveries_stale(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, b"a", b"b", b"c")
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        d = (await peer.deliveries_at_least(1))[0]
+        assert await q.purge() == 3
+        assert q.count == 0 and not q.inflight and await s.count("jobs") == 0
+        assert c.settle([[d[0], ACK, None]]) == [int(ErrorCode.STALE_DELIVERY)]
+        await w.publish(q, b"d")
+        got = await peer.deliveries_at_least(2)
+        assert got[-1][2] == b"d"
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_close_tells_every_consumer_and_stops(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        peer = RecordingPeer()
+        consume(q, peer, cid=3)
+        q.close("queue deleted")
+        assert peer.notices("consumer_closed") == [{"cid": 3, "reason": "queue deleted"}]
+        assert peer.consumers == {} and q.consumers == []
+        tg.cancel_scope.cancel()
+
+
+async def test_move_out_takes_messages_to_another_queue(store: Any) -> None:
+    """What a redrive asks of the DLQ's actor: take ready messages, move them
+    out (count and store in one step), the target gets them on commit."""
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        src = await w.queue(name="dead", is_dlq=True)
+        dst = await w.queue(name="work")
+        await w.publish(src, b"a", b"b")
+        taken = await src.take(10)
+        assert [m.payload for m in taken] == [b"a", b"b"]
+        now = w.ctx.now_ms()
+        moves = [(m.id, StoredMessage("work", w.ctx.next_id(), m.subject, m.payload, None, None, m.published_ms,
+                                      now, None, 0, None)) for m in taken]
+        await s.write(src.move_out("work", moves, taken, dst.on_committed))
+        assert src.count == 0 and dst.count == 2
+        assert await s.count("dead") == 0 and await s.count("work") == 2
+        peer = RecordingPeer()
+        consume(dst, peer)
+        assert payloads(await peer.deliveries_at_least(2)) == [b"a", b"b"]
+        src.stop()
+        dst.stop()
+        tg.cancel_scope.cancel()
