@@ -15,28 +15,44 @@ The distribution installs this one import package:
 
 In the repository these are the folders ``client/client``, ``protocol``,
 ``broker`` and ``client/cli``; ``client/`` itself is this package (see
-pyproject.toml's package-dir). Importing ``tidings`` imports neither the
-broker, aiosqlite nor uvloop.
+pyproject.toml's package-dir). Importing ``tidings`` imports nothing else;
+``from tidings import connect`` imports the client library, which imports
+neither the broker, aiosqlite nor uvloop.
 """
 
 from __future__ import annotations
 
-from tidings.client import (
-    DEFAULT_URL,
-    Client,
-    ConnectError,
-    ConnectionClosedError,
-    Message,
-    NoRespondersError,
-    Subscription,
-    TidingsError,
-    TimeoutError,
-    Worker,
-    connect,
-    for_code,
-)
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tidings.client import (
+        DEFAULT_URL,
+        Client,
+        ConnectError,
+        ConnectionClosedError,
+        Message,
+        NoRespondersError,
+        Subscription,
+        TidingsError,
+        TimeoutError,
+        Worker,
+        connect,
+        for_code,
+    )
 
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
     "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code", "Worker",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The client's names, imported on first use: the daemon (``tidings.broker``) and
+    the protocol live under this package too and must not load the client library."""
+    if name in __all__:
+        from tidings import client
+
+        value = getattr(client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tidings' has no attribute {name!r}")

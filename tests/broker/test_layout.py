@@ -350,3 +350,16 @@ def test_a_clean_project_passes(tmp_path: Path) -> None:
         "broker/durable/core.py": "__all__ = []\n",
     })
     assert violations(root) == {}
+
+
+def test_the_daemon_does_not_load_the_client_library() -> None:
+    """The arrows at run time too: the broker lives under the ``tidings`` package,
+    whose root offers the client's names; they are imported on first use only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tidings.broker.app, tidings.broker.serve; "
+            "print(sorted(m for m in sys.modules if m.startswith(('tidings.client', 'tidings.cli'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT.parent)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
