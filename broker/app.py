@@ -81,8 +81,8 @@ class Broker:
         self._next_conn = 0
         self.durable = Durable(self)
         self.durable_match: Callable[[str], Any] | None = self.durable.match
-        # The connection's port (net/ports.py) hands durable publishes straight to the durable layer.
-        self.publish_durable = self.durable.publish
+        # The connection's port (net/ports.py) hands durable publishes straight to their admission.
+        self.publish_durable = self.durable.admission.publish
         self.bindings = BindingsFeed(config, self.durable, self.connections)
         self.bound_address: tuple[str, int] | None = None
         self._tg: TaskGroup | None = None

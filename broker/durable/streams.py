@@ -1,7 +1,8 @@
 """The streams half of the durable layer: declare, recover, consume, retain.
 
-Kept apart from core.py (admission and queues) so each file reads in one
-sitting; ``Durable`` owns one ``Streams`` and routes publishes to both.
+Kept apart from core.py (queues) and admission.py (publishes) so each file
+reads in one sitting; ``Durable`` owns one ``Streams`` and hands it to its
+``Admission``, which stores publishes into queues and streams alike.
 """
 
 from __future__ import annotations

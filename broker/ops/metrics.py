@@ -19,7 +19,7 @@ so serving messages costs nothing extra. The three histograms are fed per
 *batch*, never per message: the storage actor observes commit time and
 batch size once per transaction (``SqliteStore.on_commit``), and the
 publish path observes admission-to-confirm latency once per committed
-publish batch (``Durable.on_confirm_latency``). A scrape copies the numbers
+publish batch (``Admission.on_confirm_latency``). A scrape copies the numbers
 it needs on the event loop with no await in between (one consistent
 instant, and no actor's state is read from another thread: ~0.5 ms per
 1,000 queues); building the metric families and the text, which costs
@@ -421,7 +421,7 @@ def install_hooks(broker: BrokerView) -> Metrics:
     and the publish path. Idempotent in effect: a second call replaces the hooks."""
     metrics = Metrics(broker)
     broker.durable.store.on_commit = metrics.observe_commit
-    broker.durable.on_confirm_latency = metrics.observe_confirm
+    broker.durable.admission.on_confirm_latency = metrics.observe_confirm
     return metrics
 
 

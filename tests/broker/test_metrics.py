@@ -269,9 +269,9 @@ def test_queue_metrics_mirror_queue_info(tmp_path: Path) -> None:
 def test_install_hooks_feeds_the_histograms(tmp_path: Path) -> None:
     broker = Broker(config(tmp_path))
     metrics = install_hooks(broker)
-    assert broker.durable.store.on_commit is not None and broker.durable.on_confirm_latency is not None
+    assert broker.durable.store.on_commit is not None and broker.durable.admission.on_confirm_latency is not None
     broker.durable.store.on_commit(0.002, 300)
-    broker.durable.on_confirm_latency(0.004)
+    broker.durable.admission.on_confirm_latency(0.004)
     reg = metrics.histograms
     assert reg.get_sample_value("tidings_store_commit_seconds_count") == 1
     assert reg.get_sample_value("tidings_store_batch_messages_bucket", {"le": "500.0"}) == 1
