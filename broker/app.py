@@ -32,7 +32,7 @@ import sys
 from typing import Any, Callable, Final
 
 import anyio
-from anyio.abc import Listener, SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
 from anyio.streams.tls import TLSStream
 
 from tidings.protocol import ErrorCode
@@ -281,7 +281,8 @@ class Broker:
         self._next_conn += 1
         number = self._next_conn
         try:
-            host, port = stream.extra(SocketAttribute.remote_address)[:2]
+            addr = stream.extra(SocketAttribute.remote_address)
+            host, port = (addr, 0) if isinstance(addr, str) else addr[:2]  # a str: a UNIX socket path
             peer_ip = str(host)
             peer = f"{host}:{port}"
         except (TypeError, ValueError, OSError, anyio.TypedAttributeLookupError):
@@ -440,7 +441,7 @@ class Broker:
         self.max_connections = conns
         self.max_pending_handshakes = pending
 
-    async def _accept_loop(self, listener: Listener[SocketStream], tg: TaskGroup) -> None:
+    async def _accept_loop(self, listener: SocketListener, tg: TaskGroup) -> None:
         """Accept connections into ``tg`` until cancelled. Running out of
         descriptors or kernel memory is logged and waited out (with
         backoff), never fatal: the connections we have keep being served."""
@@ -487,6 +488,7 @@ class Broker:
                     accept_done.set()
 
             ctg.start_soon(accept_loop)
+            assert self.bound_address is not None  # set by _listen() above
             host, port = self.bound_address
             shown = f"[{host}]" if ":" in host else host
             try:
@@ -505,9 +507,10 @@ class Broker:
                     self.ready.set()
                     if signals is None:
                         await anyio.sleep_forever()
-                    async for signum in signals:
-                        log.info("received %s: shutting down", signal.Signals(signum).name)
-                        break
+                    else:
+                        async for signum in signals:
+                            log.info("received %s: shutting down", signal.Signals(signum).name)
+                            break
             finally:
                 with anyio.CancelScope(shield=True):
                     accept_scope.cancel()

@@ -75,3 +75,19 @@ def test_the_checked_modules_are_strict(tmp_path: Path) -> None:
            "--cache-dir", str(tmp_path / "cache"), "-p", "tidings"]
     proc = subprocess.run(cmd, cwd=top, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 1 and "no-untyped-def" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_the_broker_and_the_cli_type_check(tmp_path: Path) -> None:
+    """The daemon and the command line pass mypy with the project's settings (not
+    strict: they are checked as annotated, so a wrong annotation or a call that does
+    not fit its port is an error), with the whole package as mypy sees it installed."""
+    pytest.importorskip("mypy", reason="mypy is in the test extra: pip install -e '.[test]'")
+    top = _package(tmp_path / "src")
+    pkg = top / "tidings"
+    (pkg / "broker").symlink_to(ROOT / "broker", target_is_directory=True)
+    (pkg / "cli").symlink_to(ROOT / "client" / "cli", target_is_directory=True)
+    cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
+           "--cache-dir", str(tmp_path / "cache"), "--no-error-summary",
+           "-p", "tidings.broker", "-p", "tidings.cli"]
+    proc = subprocess.run(cmd, cwd=top, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, f"mypy (tidings.broker and tidings.cli):\n{proc.stdout}{proc.stderr}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable, Final
+from typing import TYPE_CHECKING, Any, Callable, Final, cast
 
 from anyio.abc import TaskGroup
 
@@ -30,6 +30,7 @@ from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand,
 from tidings.broker.durable.queue import Consumer, QueueActor
 from tidings.broker.durable.settings import QueueConfig, validate_name
 from tidings.broker.durable.store.base import (
+    Durability,
     DeleteQueue,
     PutQueue,
     StorageError,
@@ -57,7 +58,8 @@ class Durable:
     def __init__(self, broker: Host) -> None:
         self.broker = broker
         cfg = broker.config
-        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"), durability=cfg.durability,
+        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"),
+                                 durability=cast(Durability, cfg.durability),  # validated by Config
                                  max_page_count=cfg.max_db_pages or None,
                                  stall_timeout=cfg.store_stall_timeout)
         self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader

@@ -244,10 +244,10 @@ class BrokerCollector:
                 fam.add_metric([r[0]], r[col])
             yield fam
         for col, (name, doc) in enumerate(_QUEUE_COUNTERS, start=1 + len(_QUEUE_GAUGES)):
-            fam = CounterMetricFamily(f"tidings_queue_{name}", doc, labels=["queue"])
+            cfam = CounterMetricFamily(f"tidings_queue_{name}", doc, labels=["queue"])
             for r in rows:
-                fam.add_metric([r[0]], r[col])
-            yield fam
+                cfam.add_metric([r[0]], r[col])
+            yield cfam
 
     @staticmethod
     def _stream_families(snap: Snapshot) -> Iterator[Metric]:

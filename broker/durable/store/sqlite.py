@@ -25,6 +25,7 @@ import sqlite3
 import sys
 import time
 import traceback
+from types import FrameType
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Final
 
@@ -510,13 +511,13 @@ class SqliteStore(Reads, StreamReads):
         else:
             # Idle in its queue while the actor awaits it: the call's completion was lost
             # (not SQLite). Inside a call: SQLite itself waits (a lock, I/O).
-            worker = frame
+            worker: FrameType | None = frame
             while worker is not None and worker.f_code.co_name != "_connection_worker_thread":
                 worker = worker.f_back
             line = linecache.getline(worker.f_code.co_filename, worker.f_lineno) if worker is not None else ""
             state = ("idle, waiting for work" if ".get(" in line else
                      "in a call" if "function()" in line else "between calls")
-            out.write(f"SQLite thread {thread.name} ({state}):\n")
+            out.write(f"SQLite thread {getattr(thread, 'name', '?')} ({state}):\n")
             out.write("".join(traceback.format_stack(frame)))
         return out.getvalue()
 
