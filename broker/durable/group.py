@@ -458,7 +458,7 @@ class GroupActor:
                 left[conn] = conn.credit(wake)
                 taken[conn] = 0
             if left[conn] <= 0:
-                conn.credit(wake)
+                conn.await_credit(wake)
                 continue
             part = self.stream.partitions[ps.index]
             if ps.cursor < part.first:
@@ -521,6 +521,8 @@ class GroupActor:
         for conn, n in taken.items():
             if n:
                 conn.reserve(n)
+            if left[conn] <= 0:
+                conn.await_credit(wake)  # woken once what was taken here has been sent
         self._out = out
         return need
 

@@ -73,6 +73,10 @@ class Peer(Protocol):
         and ``wake()`` is called once there is room again (or the connection closed)."""
         ...
 
+    def await_credit(self, wake: Callable[[], None]) -> None:
+        """The caller used up its credit: ``wake()`` once the connection has sent and has room."""
+        ...
+
     def reserve(self, n: int) -> None:
         """Count ``n`` bytes of deliveries taken now and pushed later against the credit."""
         ...

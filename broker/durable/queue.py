@@ -529,7 +529,7 @@ class QueueActor:
             c = cons[i]
             conn = c.conn
             if left[conn] <= 0:
-                conn.credit(wake)  # out of credit: held back until this connection drains
+                conn.await_credit(wake)  # out of credit: held back until this connection drains
                 cons.pop(i)
                 continue
             msg = ready.popleft()

@@ -188,6 +188,15 @@ class ConnectionActor:
             self.credit_waits += 1
         return left
 
+    def await_credit(self, wake: Callable[[], None]) -> None:
+        """The caller used up the credit it was given (what it took is pushed, or reserved,
+        after this call): ``wake()`` once the writer has sent and the mailbox is below the
+        bound again. Unlike :meth:`credit` it does not look at the mailbox now, which does
+        not hold the caller's own deliveries yet."""
+        if wake not in self._credit_waiters:
+            self._credit_waiters[wake] = None
+            self.credit_waits += 1
+
     def reserve(self, n: int) -> None:
         """Count ``n`` bytes of deliveries taken now and pushed later (a stream group pushes
         once the store has recorded them) against this connection's credit."""

@@ -50,6 +50,9 @@ class RecordingPeer:
     def credit(self, wake: Callable[[], None]) -> int:
         return 1 << 30
 
+    def await_credit(self, wake: Callable[[], None]) -> None:
+        pass
+
     def reserve(self, n: int) -> None:
         pass
 

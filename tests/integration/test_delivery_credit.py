@@ -23,6 +23,10 @@ WAIT = 30.0
 MB = 1024 * 1024
 LIMIT = 1 * MB  # max_pending_bytes of these brokers
 SIZE = 8 * 1024
+# rc stops reading on purpose, so it cannot answer the broker's heartbeat PINGs: with the
+# default (20 s, closed after two misses) a slow disk that stretches the publish past 40 s
+# closed rc before the test looked (seen in CI). The heartbeat is not what these tests test.
+CREDIT_ENV = {"TIDINGS_MAX_PENDING_BYTES": str(LIMIT), "TIDINGS_HEARTBEAT": "3600"}
 
 
 async def publish_numbered(tc: Client, subject: str, first: int, n: int) -> None:
@@ -67,7 +71,7 @@ async def read_deliveries(rc: RawClient, cid: int, want: set[int], timeout: floa
 @pytest.mark.timeout(300)
 async def test_a_consumer_that_never_reads_keeps_broker_memory_bounded(start_broker) -> None:
     n = 20_000  # 160 MB of payload; prefetch 10,000 used to pull 80 MB of it into one outbound buffer
-    broker = start_broker(env={"TIDINGS_MAX_PENDING_BYTES": str(LIMIT)})
+    broker = start_broker(env=CREDIT_ENV)
     async with connect(broker.url, timeout=60) as tc, connect(broker.url, timeout=60) as other:
         await tc.declare_queue("credit", bind=["credit.>"], ack_deadline=3600.0)
         async with RawClient.open(broker.host, broker.port) as rc:
@@ -108,7 +112,7 @@ async def test_a_consumer_that_never_reads_keeps_broker_memory_bounded(start_bro
 
 async def test_stream_group_and_reader_deliveries_wait_for_credit(start_broker) -> None:
     n = 2_000  # 16 MB against a 1 MiB mailbox
-    broker = start_broker(env={"TIDINGS_MAX_PENDING_BYTES": str(LIMIT)})
+    broker = start_broker(env=CREDIT_ENV)
     async with connect(broker.url, timeout=60) as tc:
         await tc.declare_stream("cs", bind=["cs.>"], partitions=2)
         await publish_numbered(tc, "cs.a", 0, n)
@@ -137,6 +141,29 @@ async def test_stream_group_and_reader_deliveries_wait_for_credit(start_broker) 
             assert sorted(set(group)) == list(range(n)) and sorted(readers) == list(range(n))
         s = await stats(tc)
         assert s["outbound_bytes_max"] <= LIMIT + 64 * 1024
+
+
+@pytest.mark.parametrize("kind", ["queue", "group"])
+async def test_a_consumer_that_reads_before_it_acks_gets_its_whole_window(start_broker, kind: str) -> None:
+    """A consumer that acks only once it holds its whole window (a batch consumer):
+    the deliveries that ran out of credit must follow as soon as the connection has
+    sent the first ones. The queue and the group used to stop after the first 1 MiB
+    and wait for an ack (or the ack deadline) that this consumer never sends first."""
+    n = 600  # 4.8 MB against a 1 MiB mailbox
+    broker = start_broker(env=CREDIT_ENV)
+    async with connect(broker.url, timeout=60) as tc:
+        if kind == "queue":
+            await tc.declare_queue("batch", bind=["batch.>"], ack_deadline=3600.0)
+            ctx: Any = tc.consume("batch", prefetch=n)
+        else:
+            await tc.declare_stream("batch", bind=["batch.>"])
+            ctx = tc.stream_consume("batch", "g", window=n)
+        await publish_numbered(tc, "batch.a", 0, n)
+        async with ctx as deliveries:
+            got = [await deliveries.next(timeout=WAIT) for _ in range(n)]
+            assert sorted(int.from_bytes(d.payload[:8], "big") for d in got) == list(range(n))
+            for d in got:
+                await d.ack()
 
 
 async def test_caps_on_subscriptions_consumers_and_groups_are_typed_errors(start_broker) -> None:
