@@ -153,8 +153,7 @@ class GroupActor:
     def close(self, reason: str) -> None:
         """The stream is deleted: every member's consumer is closed and the actor stops."""
         for m in list(self.members):
-            m.conn.consumers.pop(m.cid, None)
-            m.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": m.cid, "reason": reason}])
+            m.conn.end_consumer(m.cid, reason)
         self.stop()
 
     # ------------------------------------------------------------ members

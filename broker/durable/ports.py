@@ -64,6 +64,10 @@ class Peer(Protocol):
         """The bound on the connection's outbound mailbox (``max_pending_bytes``)."""
         ...
 
+    def end_consumer(self, cid: int, reason: str, **info: Any) -> None:
+        """Forget consumer ``cid`` and tell the client why (a consumer_closed NOTICE)."""
+        ...
+
     def push_wire(self, value: list[Any], size: int = 64) -> None:
         """Queue a frame (CONFIRM, OK, NOTICE, DELIVER) for the client: never blocks, never dropped."""
         ...

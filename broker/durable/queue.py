@@ -447,8 +447,7 @@ class QueueActor:
     def close(self, reason: str) -> None:
         """The queue is deleted: every consumer is closed (told why) and the actor stops."""
         for c in list(self.consumers):
-            c.conn.consumers.pop(c.cid, None)
-            c.conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": c.cid, "reason": reason}])
+            c.conn.end_consumer(c.cid, reason)
             self.detach(c)
         self.stop()
 

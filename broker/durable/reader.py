@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
 
-from tidings.protocol import frames as F
-from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 from tidings.broker.durable.delivery import DELIVERY_OVERHEAD, push_deliveries
@@ -82,9 +80,7 @@ class Reader:
                 self.offset = part.first
             if self.offset >= part.hwm:
                 if not self.follow:
-                    conn.consumers.pop(self.cid, None)
-                    conn.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": self.cid, "reason": "end",
-                                                                    "next_offset": self.offset}])
+                    conn.end_consumer(self.cid, "end", next_offset=self.offset)
                     return
                 ev = part.changed
                 if self.offset >= part.hwm:

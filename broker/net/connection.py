@@ -211,6 +211,12 @@ class ConnectionActor:
         """Bytes queued in the outbound mailbox or being written."""
         return self._pending
 
+    def end_consumer(self, cid: int, reason: str, **info: Any) -> None:
+        """The broker ended consumer ``cid`` (its queue or stream was deleted, a replay
+        reached its end): forget it and tell the client with a consumer_closed NOTICE."""
+        self.consumers.pop(cid, None)
+        self.push_wire([F.Op.NOTICE, V.NOTICE_CONSUMER_CLOSED, {"cid": cid, "reason": reason, **info}])
+
     def send_err(self, rid: int, code: int, message: str) -> None:
         self.port.stats.count_error(code)
         self.push_wire([F.Op.ERR, rid, int(code), message], 64 + len(message))

@@ -43,6 +43,10 @@ class RecordingPeer:
         self.pending_limit = 1 << 30
         self._changed = anyio.Event()
 
+    def end_consumer(self, cid: int, reason: str, **info: Any) -> None:
+        self.consumers.pop(cid, None)
+        self.push_wire([F.Op.NOTICE, "consumer_closed", {"cid": cid, "reason": reason, **info}])
+
     def push_wire(self, value: list[Any], size: int = 64) -> None:
         self.frames.append(value)
         self._changed.set()
