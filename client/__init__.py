@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         ConnectionClosedError,
         Message,
         NoRespondersError,
+        NoRouteError,
         Subscription,
         TidingsError,
         TimeoutError,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
-    "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code", "Worker",
+    "ConnectionClosedError", "NoRespondersError", "NoRouteError", "TimeoutError", "for_code", "Worker",
 ]
 
 

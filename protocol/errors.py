@@ -32,6 +32,7 @@ class ErrorCode(IntEnum):
     REPLY_TOO_LARGE = 14
     NO_RESPONDERS = 20
     TIMEOUT = 21
+    NO_ROUTE = 22
     NOT_FOUND = 30
     CONFLICT = 31
     STALE_DELIVERY = 32
@@ -76,6 +77,7 @@ REGISTRY: Final[dict[int, ErrorInfo]] = dict(
         _info(ErrorCode.REPLY_TOO_LARGE, False, "The answer would exceed the max_frame this client announced; ask for less or announce a larger max_frame."),
         _info(ErrorCode.NO_RESPONDERS, True, "A request was published and no subscriber matched its subject."),
         _info(ErrorCode.TIMEOUT, True, "The operation did not complete within its deadline."),
+        _info(ErrorCode.NO_ROUTE, False, "A publish that asked for a confirm reached no queue, stream or subscriber: nothing has it."),
         _info(ErrorCode.NOT_FOUND, False, "The named queue, stream, consumer or subscription does not exist."),
         _info(ErrorCode.CONFLICT, False, "The object exists with different settings; re-declaring does not change it."),
         _info(ErrorCode.STALE_DELIVERY, False, "The delivery id is no longer held by this consumer (deadline passed or already settled)."),

@@ -502,10 +502,14 @@ class ConnectionActor:
                     entries = []
                 entries.append((m, targets))
             elif m[4]:
-                # A confirm was asked for, but no durable target holds this subject.
+                # A confirm was asked for, but no durable target holds this subject: taken if
+                # a live subscriber got it, else nothing has it (a mistyped subject, say).
                 if confirms is None:
                     confirms = []
-                confirms.append([m[4], 0, None])
+                if plain or groups:
+                    confirms.append([m[4], 0, None])
+                else:
+                    confirms.append([m[4], int(ErrorCode.NO_ROUTE), f"no queue, stream or subscriber for {subj!r}"])
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
         return entries

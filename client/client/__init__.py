@@ -16,6 +16,7 @@ from tidings.client.errors import (
     ConnectError,
     ConnectionClosedError,
     NoRespondersError,
+    NoRouteError,
     TidingsError,
     TimeoutError,
     for_code,
@@ -26,5 +27,5 @@ from tidings.client.worker import Worker
 
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
-    "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code", "Worker",
+    "ConnectionClosedError", "NoRespondersError", "NoRouteError", "TimeoutError", "for_code", "Worker",
 ]

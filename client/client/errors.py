@@ -54,6 +54,12 @@ class NoRespondersError(ServerError):
     code = int(ErrorCode.NO_RESPONDERS)
 
 
+class NoRouteError(ServerError):
+    """A publish that asked for a confirm reached no queue, stream or subscriber:
+    nothing has the message (a mistyped subject, or a queue not declared yet)."""
+    code = int(ErrorCode.NO_ROUTE)
+
+
 class InvalidSubjectError(ServerError, ValueError):
     """A subject or pattern broke the subject rules."""
     code = int(ErrorCode.INVALID_SUBJECT)
@@ -158,7 +164,7 @@ class PublishBufferFullError(TidingsError):
 
 BY_CODE: dict[int, type[ServerError]] = {
     cls.code: cls for cls in (
-        NoRespondersError, InvalidSubjectError, InvalidArgumentError, AuthenticationError,
+        NoRespondersError, NoRouteError, InvalidSubjectError, InvalidArgumentError, AuthenticationError,
         PermissionDeniedError, NotFoundError, ConflictError, StaleDeliveryError, StaleGenerationError,
         OffsetOutOfRangeError, QueueFullError, StorageFullError, StorageError, SlowConsumerError,
         TooManyConnectionsError, ServerShuttingDownError, OverloadedError, LimitExceededError,
