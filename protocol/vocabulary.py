@@ -53,6 +53,11 @@ DLQ_MAX_LENGTH: Final = "max_length"  # pushed out by the dead_letter_oldest ove
 # Written by a redrive (which first drops every other tidings- header):
 H_REDRIVEN_FROM: Final = "tidings-redriven-from"  # the dead-letter queue it was moved out of
 
+# The payload's format, set by a client's codec (the Python client's ``json=`` writes
+# CONTENT_TYPE_JSON); the broker never reads it.
+HDR_CONTENT_TYPE: Final = "content-type"
+CONTENT_TYPE_JSON: Final = "application/json"
+
 # The broker's answer to a request nobody is subscribed to: an empty MSG on the reply
 # subject whose headers are {HDR_STATUS: STATUS_NO_RESPONDERS}.
 HDR_STATUS: Final = "status"

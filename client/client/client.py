@@ -44,6 +44,7 @@ from tidings.protocol.subjects import PatternSet, validate_pattern, validate_sub
 from tidings.protocol.vocabulary import DEFAULT_PORT
 
 from tidings.client.admin import ConsumeContext, Durable, DurablePort
+from tidings.client.codec import UNSET, Payload, to_bytes, with_json
 from tidings.client.consumer import ConsumerPort, Delivery, DeliveryT, QueueConsumer, StreamMessage
 from tidings.client.errors import (
     ConnectError,
@@ -793,7 +794,7 @@ class Client:
                  msg_id: str | None, key: str | None, delay: float | None, at: Any,
                  ttl: float | None) -> list[Any]:
         if type(payload) is not bytes:
-            payload = payload.encode() if isinstance(payload, str) else bytes(payload)
+            payload = to_bytes(payload)  # str, bytearray, memoryview; TypeError for anything else
         if headers is not None:
             _check_headers(headers)
         if len(payload) > self._conn.max_payload:
@@ -823,12 +824,15 @@ class Client:
             return confirm
         return m[5] is not None or bool(self._bindings and self._bindings.match(m[0]))
 
-    def publish_nowait(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+    def publish_nowait(self, subject: str, payload: Payload = b"", *,
                        headers: dict[str, Any] | None = None, reply: str | None = None,
                        msg_id: str | None = None, key: str | None = None, delay: float | None = None,
-                       at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> Confirmation:
+                       at: Any = None, ttl: float | None = None, confirm: bool | None = None,
+                       json: Any = UNSET) -> Confirmation:
         """Queue a publish without waiting and return a :class:`Confirmation`
         to await later, so one task can keep many confirms in flight.
+        Awaiting it gives what :meth:`publish` returns, or raises what
+        :meth:`publish` raises (NoRouteError, QueueFullError, ...).
 
         Raises PublishBufferFullError when ``max_in_flight`` publishes are
         already unconfirmed (await some confirmations first), and
@@ -836,6 +840,8 @@ class Client:
         """
         if self._closed:
             self._check_open()
+        if json is not UNSET:
+            payload, headers = with_json(payload, json, headers)
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
         if self._outage_bytes_full():
             raise PublishBufferFullError(f"{self._pub_bytes} bytes are buffered while disconnected")
@@ -867,20 +873,30 @@ class Client:
         self._queue_pub(m)
         return w
 
-    async def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
+    async def publish(self, subject: str, payload: Payload = b"", *,
                       headers: dict[str, Any] | None = None, reply: str | None = None,
                       msg_id: str | None = None, key: str | None = None, delay: float | None = None,
-                      at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> PublishAck | None:
+                      at: Any = None, ttl: float | None = None, confirm: bool | None = None,
+                      json: Any = UNSET) -> PublishAck | None:
         """Publish ``payload`` to ``subject``.
+
+        ``payload`` is bytes, bytearray, memoryview or str (sent as UTF-8);
+        anything else raises TypeError. ``json=value`` sends ``value`` (JSON
+        types, a pydantic model, dataclasses inside) as JSON instead, with the
+        header ``content-type: application/json``.
 
         When no durable queue or stream is bound to the subject this returns
         None as soon as the message is buffered (the writer sends it with
         others in one frame); :meth:`flush` waits until the broker has it.
-        When the subject is bound to a durable target (the broker tells the
-        client which patterns are bound), or ``confirm=True``, or a durable
-        option is given, it returns only after the broker committed the
-        message to storage, with a :class:`PublishAck`; it raises the mapped
-        error (e.g. QueueFullError, StorageFullError) if it was not stored.
+        Such a fire-and-forget publish that reaches no subscriber is lost
+        silently, as pub/sub is. When the subject is bound to a durable target
+        (the broker tells the client which patterns are bound), or
+        ``confirm=True``, or a durable option is given, it returns only after
+        the broker answered: a :class:`PublishAck` once every bound queue and
+        stream committed it, None if only live subscribers took it (no durable
+        target); it raises NoRouteError if nothing took it (no queue, stream or
+        subscriber: nothing is stored), or the mapped error (e.g.
+        QueueFullError, StorageFullError) if it was not stored.
 
         ``msg_id`` de-duplicates within the broker's window; ``delay``
         (seconds) or ``at`` (datetime or epoch seconds) defer delivery;
@@ -889,6 +905,8 @@ class Client:
         """
         if self._closed:
             self._check_open()
+        if json is not UNSET:
+            payload, headers = with_json(payload, json, headers)
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
         if self._outage_bytes_full():
             await self._wait_buffer_room()
@@ -1098,9 +1116,10 @@ class Client:
             if w is not None:
                 w.set(Message(m[M_SUBJECT], m[M_PAYLOAD], m[M_HEADERS], m[M_REPLY], self))
 
-    async def request(self, subject: str, payload: bytes | str = b"", *, headers: dict[str, Any] | None = None,
-                      timeout: float = 5.0) -> Message:
-        """Publish a request and return the first reply.
+    async def request(self, subject: str, payload: Payload = b"", *, headers: dict[str, Any] | None = None,
+                      timeout: float = 5.0, json: Any = UNSET) -> Message:
+        """Publish a request (``payload``, or ``json=value`` as for
+        :meth:`publish`) and return the first reply.
 
         The reply subject is ``<inbox>.<random>`` (the inbox: ``inbox_prefix``,
         default ``_INBOX.<user>``, plus a random token per connection), so
@@ -1108,6 +1127,8 @@ class Client:
         Raises NoRespondersError at once if no subscriber matches
         ``subject``, PermissionDeniedError if the user may not subscribe to
         its inbox, and client TimeoutError if no reply comes in time."""
+        if json is not UNSET:
+            payload, headers = with_json(payload, json, headers)
         await self._ensure_inbox()
         # Unguessable, not a counter: whoever sees one reply subject cannot aim at the next request's.
         reply = f"{self._inbox}.{secrets.token_hex(REPLY_ID_BYTES)}"

@@ -10,6 +10,7 @@ from tidings.protocol import frames as F
 from tidings.protocol.frames import D_META, SM_GENERATION, SM_KEY, SM_OFFSET, SM_PARTITION
 from tidings.protocol.numbers import MAX_DURATION_MS
 
+from tidings.client.codec import Body
 from tidings.client.errors import StaleDeliveryError, TidingsError, for_code
 from tidings.client.inbox import Inbox
 from tidings.client.units import seconds_to_ms
@@ -27,13 +28,16 @@ class ConsumerPort:
     settle_now: Callable[[int, list[Any]], Awaitable[list[int]]]
 
 
-class Delivery:
+class Delivery(Body):
     """One delivery of a durable message to this consumer.
 
     ``delivery_id`` identifies this delivery (not the message);
     ``message_id`` is the broker's id of the stored message; ``msg_id`` the
     publisher's de-duplication id, if any. ``delivery_count`` counts every
-    delivery of the message so far, this one included.
+    delivery of the message so far, this one included. ``subject``,
+    ``payload``, ``headers`` and the payload accessors ``data``, ``text()``,
+    ``json()``, ``model(T)`` and ``content_type`` are those of a pub/sub
+    :class:`~tidings.client.message.Message` (:class:`Body`).
     """
 
     __slots__ = ("delivery_id", "subject", "payload", "headers", "delivery_count", "published_ms",
