@@ -116,3 +116,29 @@ async def test_inbox_prefix_option(broker) -> None:
     for bad in ("", "a..b", "inbox.*", "in box"):
         with pytest.raises(ValueError):
             client.Client(broker.url, inbox_prefix=bad)
+
+
+async def test_inbox_prefix_with_a_restricted_user(start_broker, tmp_path: Path) -> None:
+    """A user granted replies only under an application prefix (not ``_INBOX``)
+    does request/reply with ``inbox_prefix``; without it, the default inbox
+    is refused, with a PermissionDeniedError rather than a silent timeout."""
+    cfg = write_config(tmp_path / "tidings.toml", users={
+        **user("alice", publish=["svc.>"], subscribe=["apps.billing.inbox.>"]),
+        **user("pricing", password=PRICING_PASSWORD, subscribe=["svc.price"], publish=["apps.billing.inbox.>"]),
+    })
+    b = start_broker("--config", str(cfg))
+    async with connect(b.url, user="pricing", password=PRICING_PASSWORD, reconnect=False) as svc, \
+            connect(b.url, user="alice", password=PASSWORDS["alice"], reconnect=False,
+                    inbox_prefix="apps.billing.inbox") as alice, \
+            connect(b.url, user="alice", password=PASSWORDS["alice"], reconnect=False) as default:
+        seen: list[str] = []
+        sub = await svc.subscribe("svc.price")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_serve_prices, sub, seen)
+            assert (await alice.request("svc.price", b"tea", timeout=WAIT)).payload == b"42 for tea"
+            assert (await alice.request("svc.price", json={"item": "tea"}, timeout=WAIT)).payload \
+                == b'42 for {"item":"tea"}'
+            with pytest.raises(E.PermissionDeniedError):  # _INBOX.alice.> is not granted here
+                await default.request("svc.price", b"tea", timeout=WAIT)
+            tg.cancel_scope.cancel()
+        assert all(r.startswith("apps.billing.inbox.") for r in seen) and len(seen) == 2, seen
