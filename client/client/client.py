@@ -794,7 +794,8 @@ class Client:
                  msg_id: str | None, key: str | None, delay: float | None, at: Any,
                  ttl: float | None) -> list[Any]:
         if type(payload) is not bytes:
-            payload = to_bytes(payload)  # str, bytearray, memoryview; TypeError for anything else
+            # str as before; bytearray, memoryview (and str subclasses) copied; TypeError for anything else
+            payload = payload.encode() if type(payload) is str else to_bytes(payload)
         if headers is not None:
             _check_headers(headers)
         if len(payload) > self._conn.max_payload:
