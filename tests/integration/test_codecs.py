@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 from typing import Any
 
 import anyio
@@ -129,3 +131,14 @@ async def test_request_and_respond_take_json(broker) -> None:
             await tc.publish("svc.quote", json={"x": math.nan})  # NaN is not JSON
         with pytest.raises(TypeError, match="cannot encode a set"):
             await tc.publish("svc.quote", json={"x": {1, 2}})
+
+
+def test_the_client_imports_pydantic_only_when_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
+    code = ("import sys, tidings.client; from tidings.client import Message; "
+            "m = Message('s', b'[1]', None, None); assert m.json() == [1]; "
+            "assert 'pydantic' not in sys.modules, 'importing the client loaded pydantic'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # without pydantic, model(T) of a type that is not a model says how to get it
+    monkeypatch.setitem(sys.modules, "pydantic", None)
+    with pytest.raises(ImportError, match=r"tidings\[pydantic\]"):
+        Message("s", b"[1.5]", None, None).model(list[complex])
