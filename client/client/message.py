@@ -29,7 +29,7 @@ class Message:
         self._responder = responder
 
     def __repr__(self) -> str:
-        return f"Message(subject={self.subject!r}, payload={self.payload[:32]!r}, reply={self.reply!r})"
+        return f"Message(subject={self.subject!r}, payload=<{len(self.payload)} bytes>, reply={self.reply!r})"
 
     @property
     def data(self) -> bytes:
