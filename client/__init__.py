@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tidings.client import (
         DEFAULT_URL,
+        App,
         Client,
         ConnectError,
         ConnectionClosedError,
         Message,
         NoRespondersError,
+        Reject,
         Subscription,
         TidingsError,
         TimeoutError,
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
     "ConnectionClosedError", "NoRespondersError", "TimeoutError", "for_code", "Worker",
+    "App", "Reject",
 ]
 
 
