@@ -163,19 +163,25 @@ class _SubscriptionRoute:
         self.group = group
         self.concurrency = concurrency
         self.reply = reply
-        self._scope = anyio.CancelScope()
+        self._scope: anyio.CancelScope | None = None  # made in serve(): declaring runs outside any event loop
+        self._stopped = False
 
     async def serve(self, tc: Client) -> None:
         slots = anyio.Semaphore(self.concurrency)
+        self._scope = scope = anyio.CancelScope()
+        if self._stopped:
+            return
         async with anyio.create_task_group() as tg:
-            with self._scope:
+            with scope:
                 async with await tc.subscribe(self.pattern, self.group) as sub:
                     async for msg in sub:
                         await slots.acquire()
                         tg.start_soon(self._handle, msg, slots)
 
     def stop(self) -> None:
-        self._scope.cancel()  # no new messages; the running handlers finish (the task group waits)
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()  # no new messages; the running handlers finish (the task group waits)
 
     async def _handle(self, msg: Message, slots: anyio.Semaphore) -> None:
         try:
@@ -200,17 +206,23 @@ class App:
 
     ``url`` and ``connect_kwargs`` go to :func:`tidings.connect`. ``client``
     is the connected :class:`Client` while the app runs (hooks and handlers
-    may publish through it)."""
+    may publish through it); RuntimeError outside :meth:`run`."""
 
     def __init__(self, url: str = DEFAULT_URL, **connect_kwargs: Any) -> None:
         self.url = url
         self.connect_kwargs = connect_kwargs
-        self.client: Client | None = None
+        self._client: Client | None = None
         self._routes: list[_Route] = []
         self._startup: list[Hook] = []
         self._shutdown: list[Hook] = []
         self._stop_requested: anyio.Event | None = None
         self._stop_early = False
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("app.client is there while app.run() runs (in hooks and handlers)")
+        return self._client
 
     # ---------------------------------------------------------- declaring
 
@@ -278,7 +290,7 @@ class App:
             stop.set()
         failures: list[Exception] = []
         async with connect(self.url, **self.connect_kwargs) as tc:
-            self.client = tc
+            self._client = tc
             try:
                 for hook in self._startup:
                     await hook()
@@ -303,7 +315,7 @@ class App:
                             await hook()
                         except Exception:  # one hook's failure must not skip the others or the close
                             log.exception("on_shutdown hook %s failed", getattr(hook, "__qualname__", hook))
-                self.client = None
+                self._client = None
         if failures:
             raise failures[0]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import importlib
 import itertools
 import logging
 import os
@@ -159,7 +160,10 @@ class Client:
         self._tg: TaskGroup | None = None
         # The task that owns the client's task group (see _open): not the caller's task, so
         # connect and close may run in different tasks (a framework's startup and shutdown hooks).
-        self._runner: asyncio.Task[None] | None = None
+        self._runner: asyncio.Task[None] | None = None  # asyncio holds tasks weakly: keep it
+        self._runner_scope: anyio.CancelScope | None = None
+        self._runner_done: anyio.Event | None = None
+        self._runner_id = 0
         self._conn_scope: anyio.CancelScope | None = None
         self._restoring: list[tuple[Any, Waiter]] | None = None
         self._loss: TidingsError | None = None
@@ -221,46 +225,62 @@ class Client:
         once connected, raises ConnectError (or the broker's refusal).
 
         The task group of the reader, writer and supervisor must be entered and
-        left in one task; it lives in ``_runner``, a task this client owns (close()
-        cancels and awaits it), so the application may open the client in one
-        task and close it in another, or close it under a timeout."""
-        if self._runner is not None or self._closed:
+        left in one task. It lives in a runner task this client owns (close()
+        cancels it and waits for it to end), not in the caller's task, so the
+        application may open the client in one task and close it in another
+        (a framework's startup and shutdown hooks), or close it under a timeout."""
+        if self._runner_done is not None or self._closed:
             raise RuntimeError("a Client is opened once: call tidings.connect() again for a new connection")
         ready = anyio.Event()
+        done = self._runner_done = anyio.Event()
+        scope = self._runner_scope = anyio.CancelScope()
         failed: list[BaseException] = []
-        self._runner = asyncio.get_running_loop().create_task(self._run(ready, failed),
-                                                              name=f"tidings client {self.url}")
+        name = f"tidings client {self.url}"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - not asyncio: trio (not a test dependency)
+            importlib.import_module("trio.lowlevel").spawn_system_task(self._run, ready, failed, name=name)
+        else:
+            self._runner = loop.create_task(self._run(ready, failed), name=name)
         try:
             await ready.wait()
         except BaseException:
-            self._runner.cancel()
+            scope.cancel()
             with anyio.CancelScope(shield=True):
-                await asyncio.wait([self._runner])
+                await done.wait()
             raise
         if failed:
-            await asyncio.wait([self._runner])
+            with anyio.CancelScope(shield=True):
+                await done.wait()
             raise failed[0]
         return self
 
     async def _run(self, ready: anyio.Event, failed: list[BaseException]) -> None:
         """The runner task: owns the task group until close() cancels it or the supervisor gives up."""
+        self._runner_id = anyio.get_current_task().id
+        assert self._runner_scope is not None
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                try:
-                    stream, conn, welcome, initial = await self._dial()
-                except Exception as exc:  # handed to the caller of connect()
-                    self._closed = True
-                    failed.append(exc)
-                    return
-                finally:
-                    ready.set()
-                self._attach(stream, conn, welcome, initial)
-                self._set_state("connected")
-                tg.start_soon(self._supervise)
+            with self._runner_scope:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    try:
+                        stream, conn, welcome, initial = await self._dial()
+                    except Exception as exc:  # handed to the caller of connect()
+                        self._closed = True
+                        failed.append(exc)
+                        return
+                    finally:
+                        ready.set()
+                    self._attach(stream, conn, welcome, initial)
+                    self._set_state("connected")
+                    tg.start_soon(self._supervise)
         except Exception as exc:  # a bug in a client task: close the client with it, do not lose it
             log.exception("the tidings client's tasks failed")
             self._shutdown(ConnectionClosedError(f"the client failed: {exc!r}"))
+        finally:
+            ready.set()
+            assert self._runner_done is not None
+            self._runner_done.set()
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is not None:
@@ -550,13 +570,13 @@ class Client:
                 # Stops the connection's tasks; the supervisor closes the socket
                 # (once: a TLS stream must not be closed from two tasks).
                 self._shutdown(ConnectionClosedError("the client was closed"))
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
-        runner = self._runner
-        if runner is not None and not runner.done() and runner is not asyncio.current_task():
+        if self._runner_scope is not None:
+            self._runner_scope.cancel()
+        done = self._runner_done
+        if done is not None and anyio.get_current_task().id != self._runner_id:
             # The runner closes the socket as it ends; if this caller is cancelled
-            # meanwhile, the runner still finishes on its own.
-            await asyncio.shield(runner)
+            # meanwhile (a timeout around close), the runner still finishes on its own.
+            await done.wait()
 
     def _shutdown(self, error: TidingsError) -> None:
         if self._closed:

@@ -51,7 +51,6 @@ async def test_app_routes_typed_payloads_and_hooks(broker) -> None:
 
     @app.on_startup
     async def hello() -> None:
-        assert app.client is not None
         await declare(app.client, "app-orders")
         events.append("startup")
 
@@ -97,7 +96,9 @@ async def test_app_routes_typed_payloads_and_hooks(broker) -> None:
                 await subscribed.wait()
         app.stop()
     assert seen["order"] == {"id": 7} and seen["event"] == "héllo"
-    assert events == ["startup", "shutdown"] and app.client is None
+    assert events == ["startup", "shutdown"]
+    with pytest.raises(RuntimeError, match="while app.run"):
+        app.client
 
 
 async def _until_serving(tc: Client, subject: str) -> None:
