@@ -93,6 +93,7 @@ class Worker:
         self.non_retryable = non_retryable
         self.rejected = 0
         self._stopping = False
+        self._max_deliveries = 0  # a stream group's (CONSUME answer): its last failure is dead-lettered
         self.client = client
         self.handler = handler
         self.queue = queue
@@ -134,8 +135,8 @@ class Worker:
     def stop(self) -> None:
         """Take no new deliveries: :meth:`run` returns once the running handlers
         have finished and settled (the deliveries not started go back to the
-        queue at once). Cancel run() to stop the handlers too: those cut short
-        are nacked."""
+        queue at once). Cancel run() to stop the handlers too: the messages of
+        those cut short go back to the queue at once, like a nack without delay."""
         self._stopping = True
         self._loop_scope.cancel()
 
@@ -150,6 +151,8 @@ class Worker:
             self._void = {}
             async with self._consume() as deliveries:
                 extend = self.extend_every or _default_extend(deliveries)
+                info = deliveries.info if isinstance(deliveries.info, dict) else {}
+                self._max_deliveries = info.get("max_deliveries") or 0
                 async with anyio.create_task_group() as tg:
                     # Tripping the breaker cancels this loop (not the running handlers,
                     # which finish and settle), even while no delivery is arriving.
@@ -178,17 +181,10 @@ class Worker:
             self._slots.release_on_behalf_of(token)
 
     async def _process(self, d: Delivery, extend: float) -> BaseException | None:
-        try:
-            error = await self._run_handler(d, extend)
-        except anyio.get_cancelled_exc_class():
-            # Cut short (the worker was cancelled, e.g. after a shutdown's grace period):
-            # hand the message back now rather than when the consumer stops.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await d.nack(0, error="the worker stopped before the handler finished")
-                except TidingsError:
-                    pass  # the connection is gone: the broker returns it anyway
-            raise
+        # Cut short by cancellation (e.g. after a shutdown's grace period), a delivery stays
+        # unsettled: leaving the consume block stops the consumer and the broker hands it back
+        # at once. (A NACK here would race the STOP: redelivered to this consumer first.)
+        error = await self._run_handler(d, extend)
         dead = error is not None and self._dead_letter_now(d, error)
         try:
             if error is None:
@@ -203,8 +199,11 @@ class Worker:
             self.rejected += 1  # a verdict on the message, not a failure of what the handler calls
             return None
         self._verdict(error)
-        # A dead-lettered message is settled (a stream partition moves past it); a nacked one comes again.
-        return None if dead else error
+        # A dead-lettered message is settled (a stream partition moves past it); a nacked one comes
+        # again, unless it was the last attempt the stream allows (then the broker dead-letters it).
+        if dead or (self._max_deliveries and d.delivery_count >= self._max_deliveries):
+            return None
+        return error
 
     def _dead_letter_now(self, d: Delivery, error: BaseException) -> bool:
         """Reject, a non-retryable type, or the last retry: straight to the DLQ."""

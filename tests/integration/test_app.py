@@ -197,7 +197,8 @@ async def _exit_of(proc: subprocess.Popen[str]) -> tuple[int, str]:
     return code, proc.stderr.read()
 
 
-async def test_sigterm_lets_the_running_handler_finish_and_exits_0(broker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_signal_lets_the_running_handler_finish_and_exits_0(broker, tmp_path: Path, sig: int) -> None:
     async with tidings.connect(broker.url) as tc:
         await declare(tc, "app-jobs")
         started = await tc.subscribe("app.started")
@@ -206,11 +207,11 @@ async def test_sigterm_lets_the_running_handler_finish_and_exits_0(broker, tmp_p
         try:
             await tc.publish("app-jobs.a", b"job-1")
             assert (await started.next(timeout=EXIT_WAIT)).payload == b"job-1"
-            proc.send_signal(signal.SIGTERM)
-            # Let SIGTERM be handled while the handler is in flight: the runner says so on stderr.
+            proc.send_signal(sig)
+            # Let the signal be handled while the handler is in flight: the runner says so on stderr.
             assert proc.stderr is not None
             line = await anyio.to_thread.run_sync(proc.stderr.readline)
-            assert "SIGTERM: stopping" in line, line
+            assert f"{signal.Signals(sig).name}: stopping" in line, line
             await tc.publish("app.release", b"go")
             assert (await done.next(timeout=WAIT)).payload == b"job-1"
             code, err = await _exit_of(proc)
@@ -249,3 +250,12 @@ def test_run_with_a_bad_target_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert out.stderr.strip().startswith("tidings: cannot import 'no_such_module_xyz'"), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_run_against_no_broker_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "emptyapp.py").write_text("import tidings\napp = tidings.App('tidings://127.0.0.1:1')\n")
+    out = subprocess.run([sys.executable, "-m", "tidings", "run", "emptyapp"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=EXIT_WAIT)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().startswith("tidings: "), out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

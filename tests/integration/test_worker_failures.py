@@ -125,3 +125,37 @@ async def test_payload_and_error_text_are_never_logged(broker, caplog: pytest.Lo
         assert SECRET.decode() in headers_of(d)["tidings-last-error"]
     assert "handler failed" in caplog.text and "ValueError" in caplog.text
     assert "4111" not in caplog.text
+
+
+async def test_stream_group_worker_error_text_and_reject_move_the_partition_on(broker) -> None:
+    """In a stream group a nack's error reaches the stream DLQ too (group.py), and a
+    rejected message is settled: the partition goes on past it, in order."""
+    async with connect(broker.url) as tc:
+        await tc.declare_stream("ws", partitions=1, bind=["ws.>"], backoff_initial=0.01, max_deliveries=2)
+        for body in (b"flaky", b"bad", b"good"):
+            await tc.publish("ws.a", body, key="k")
+        handled: list[tuple[bytes, int]] = []
+        good = anyio.Event()
+
+        async def handle(m: Any) -> None:
+            handled.append((m.payload, m.delivery_count))
+            if m.payload == b"flaky":
+                raise TimeoutError("upstream timed out")
+            if m.payload == b"bad":
+                raise Reject("schema v9 unknown")
+            good.set()
+
+        worker = Worker(tc, handle, stream="ws", group="g", failure_threshold=100)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(WAIT):
+                await good.wait()
+            tg.cancel_scope.cancel()
+        # (later offsets may count a delivery voided by the rewind after the first failure)
+        assert [p for p, _ in handled] == [b"flaky", b"flaky", b"bad", b"good"]
+        assert handled[:2] == [(b"flaky", 1), (b"flaky", 2)]
+        with anyio.fail_after(WAIT):
+            while len(dead := await tc.dlq_list("ws.dlq")) < 2:
+                await anyio.sleep(0.02)  # the DLQ copies commit just after the acks (bounded poll)
+        assert [(d["payload"], d["headers"]["tidings-last-error"]) for d in dead] == [
+            (b"flaky", "TimeoutError: upstream timed out"), (b"bad", "schema v9 unknown")]
