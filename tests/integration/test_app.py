@@ -191,6 +191,17 @@ def _reap(proc: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
+def _lines_until(proc: subprocess.Popen[str], text: str) -> str:
+    """stderr up to and including the first line holding ``text`` (the runner's own notice)."""
+    assert proc.stderr is not None
+    seen = ""
+    for line in proc.stderr:
+        seen += line
+        if text in line:
+            return seen
+    raise AssertionError(f"the runner ended without saying {text!r}:\n{seen}")
+
+
 async def _exit_of(proc: subprocess.Popen[str]) -> tuple[int, str]:
     code = await anyio.to_thread.run_sync(lambda: proc.wait(EXIT_WAIT))
     assert proc.stderr is not None
@@ -209,12 +220,11 @@ async def test_a_signal_lets_the_running_handler_finish_and_exits_0(broker, tmp_
             assert (await started.next(timeout=EXIT_WAIT)).payload == b"job-1"
             proc.send_signal(sig)
             # Let the signal be handled while the handler is in flight: the runner says so on stderr.
-            assert proc.stderr is not None
-            line = await anyio.to_thread.run_sync(proc.stderr.readline)
-            assert f"{signal.Signals(sig).name}: stopping" in line, line
+            before = await anyio.to_thread.run_sync(_lines_until, proc, f"{signal.Signals(sig).name}: stopping")
             await tc.publish("app.release", b"go")
             assert (await done.next(timeout=WAIT)).payload == b"job-1"
             code, err = await _exit_of(proc)
+            err = before + err
         finally:
             _reap(proc)
         assert code == 0, err
