@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 from tidings.broker import serve
 from tidings.broker.config import ConfigError
-from tidings.cli import ops, passwd, queues, streams
-from tidings.cli import run as run_app
+from tidings.cli import ops, passwd, queues, run, streams
 from tidings.cli.common import add_credentials, add_url, runner
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.register(sp)
     streams.register(sp)
     ops.register(sp)
-    run_app.register(sp)
+    run.register(sp)
     return p
 
 
