@@ -8,7 +8,9 @@ dead-letter queues) and its async client.
 
 The distribution installs this one import package:
 
-- ``tidings.client``: the async client library (re-exported here);
+- ``tidings.client``: the async client library (re-exported here, with
+  ``App`` for handlers run by ``tidings run``);
+- ``tidings.sync``: the blocking client, for code without an event loop;
 - ``tidings.protocol``: the wire protocol both sides share;
 - ``tidings.broker``: the daemon (``tidings serve``, ``python -m tidings.broker``);
 - ``tidings.cli``: the ``tidings`` command.

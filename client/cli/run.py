@@ -1,7 +1,8 @@
 """`tidings run MODULE:APP`: run a :class:`tidings.App`'s handlers until SIGTERM/SIGINT.
 
 The first SIGTERM or SIGINT shuts down gracefully (App.run: no new work,
-running handlers get ``--grace`` seconds, the rest are nacked) and the
+running handlers get ``--grace`` seconds, the rest are handed back to the
+queue at once) and the
 command exits 0; a second one cuts the grace period short. Failures (a
 module that does not import, a broker that cannot be reached, a missing
 queue) are one line on stderr and exit status 1, never a traceback.
@@ -82,7 +83,7 @@ def _run(ns: argparse.Namespace) -> int:
                                   "running handlers; again to stop now)", file=sys.stderr, flush=True)
                             app.stop()
                         else:
-                            tg.cancel_scope.cancel()  # handlers cut short are nacked
+                            tg.cancel_scope.cancel()  # the messages of handlers cut short go back to the queue
 
             tg.start_soon(signals)
             await app.run(grace=ns.grace)

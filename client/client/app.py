@@ -23,8 +23,9 @@ dead-lettered at once (a :class:`~tidings.client.worker.Reject`).
 :meth:`App.run` connects, runs the ``on_startup`` hooks, serves until
 :meth:`App.stop` (``tidings run`` calls it on SIGTERM/SIGINT), then shuts
 down gracefully: no new work is taken, running handlers get ``grace``
-seconds to finish, the rest are cancelled and their messages nacked; then
-the ``on_shutdown`` hooks run and the connection closes.
+seconds to finish, the rest are cancelled and their messages go back to the
+queue at once (the consumer stops unsettled: like a nack without delay);
+then the ``on_shutdown`` hooks run and the connection closes.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ class App:
                         for ev in done:
                             await ev.wait()
                     if waited.cancelled_caught:
-                        log.warning("handlers still running after %s s: cancelled, their messages nacked", grace)
+                        log.warning("handlers still running after %s s: cancelled, their messages handed back", grace)
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
