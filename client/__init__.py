@@ -8,7 +8,9 @@ dead-letter queues) and its async client.
 
 The distribution installs this one import package:
 
-- ``tidings.client``: the async client library (re-exported here);
+- ``tidings.client``: the async client library (re-exported here, with
+  ``App`` for handlers run by ``tidings run``);
+- ``tidings.sync``: the blocking client, for code without an event loop;
 - ``tidings.protocol``: the wire protocol both sides share;
 - ``tidings.broker``: the daemon (``tidings serve``, ``python -m tidings.broker``);
 - ``tidings.cli``: the ``tidings`` command.
@@ -27,12 +29,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from tidings.client import (
         DEFAULT_URL,
+        App,
         Client,
         ConnectError,
         ConnectionClosedError,
         Message,
         NoRespondersError,
         NoRouteError,
+        Reject,
         Subscription,
         TidingsError,
         TimeoutError,
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
     "ConnectionClosedError", "NoRespondersError", "NoRouteError", "TimeoutError", "for_code", "Worker",
+    "App", "Reject",
 ]
 
 

@@ -258,7 +258,8 @@ _OPT_MAX: Final = {F.OPT_DELAY: N.MAX_DURATION_MS, F.OPT_TTL: N.MAX_DURATION_MS,
 
 
 def _check_ack_item(it: Any) -> None:
-    """[delivery_id, action, arg]: a NACK's arg is nil or a delay in ms, a REJECT's nil
+    """[delivery_id, action, arg]: a NACK's arg is nil, a delay in ms or a map of
+    ``delay`` and ``error`` (the handler's failure, kept as the message's last error), a REJECT's nil
     or a reason string, ACK and IN_PROGRESS take nil. Checked here, before anything is
     settled: a bad item must not leave a delivery half-settled."""
     if type(it) is not list or len(it) != F.ACK_FIELDS or type(it[0]) is not int \
@@ -270,6 +271,14 @@ def _check_ack_item(it: Any) -> None:
         return
     action = it[1]
     if action == F.AckAction.NACK:
+        if type(a) is dict:  # {"delay"?: ms, "error"?: why the handler failed}
+            if not a.keys() <= F.NACK_KEYS:
+                raise N.bad(f"a NACK map takes only the keys {sorted(F.NACK_KEYS)}")
+            if a.get("delay") is not None:
+                N.check_int(a["delay"], "a NACK delay (ms)", 0, N.MAX_DURATION_MS)
+            if a.get("error") is not None and type(a["error"]) is not str:
+                raise N.bad("a NACK error must be a string or nil")
+            return
         N.check_int(a, "a NACK delay (ms)", 0, N.MAX_DURATION_MS)
     elif action == F.AckAction.REJECT:
         if type(a) is not str:

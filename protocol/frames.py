@@ -61,9 +61,25 @@ C_SEQ, C_CODE, C_RESULT = range(3)
 CONFIRM_FIELDS: Final = 3
 
 
+# The keys of a NACK's map argument: "delay" (ms, or nil for the back-off schedule) and
+# "error" (why the handler failed: kept as the message's last error, in tidings-last-error).
+NACK_KEYS: Final = frozenset({"delay", "error"})
+# Characters of a NACK's error (or a REJECT's reason) worth sending: a dead-lettered message's
+# tidings-last-error keeps at most this much (broker/durable/deadletter.py MAX_LAST_ERROR).
+MAX_ERROR_TEXT: Final = 1000
+
+
+def nack_parts(arg: Any) -> tuple[int | None, str | None]:
+    """A NACK's checked argument -> (delay in ms or None, error text or None)."""
+    if type(arg) is dict:
+        error = arg.get("error")
+        return arg.get("delay"), error[:MAX_ERROR_TEXT] if error else None
+    return arg, None
+
+
 class AckAction(IntEnum):
     ACK = 0
-    NACK = 1  # arg: delay in ms, or nil for the queue's backoff schedule
+    NACK = 1  # arg: delay in ms, nil for the queue's backoff schedule, or {"delay"?: ms, "error"?: str}
     REJECT = 2  # arg: reason string or nil; straight to the dead-letter queue
     IN_PROGRESS = 3  # arg: nil; extends the ack deadline
 

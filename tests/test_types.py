@@ -27,6 +27,7 @@ def _package(tmp: Path) -> Path:
     (pkg / "__init__.py").symlink_to(ROOT / "client" / "__init__.py")
     (pkg / "py.typed").symlink_to(ROOT / "client" / "py.typed")
     (pkg / "client").symlink_to(ROOT / "client" / "client", target_is_directory=True)
+    (pkg / "sync.py").symlink_to(ROOT / "client" / "sync.py")  # tidings.sync: the blocking client's front door
     (pkg / "protocol").symlink_to(ROOT / "protocol", target_is_directory=True)
     (pkg / "_contracts.py").write_text(CONTRACTS)
     return tmp

@@ -229,8 +229,9 @@ class GroupActor:
             if action == F.AckAction.ACK:
                 self._acked(ps, offset)
             elif action == F.AckAction.NACK:
-                delay = None if arg is None else max(0, int(arg)) / 1000.0
-                self._failed(ps, offset, row, delay, "nacked")
+                ms, error = F.nack_parts(arg)
+                delay = None if ms is None else max(0, int(ms)) / 1000.0
+                self._failed(ps, offset, row, delay, error or "nacked")
             else:
                 self._dead_letter(ps, row, V.DLQ_REJECTED, str(arg) if arg is not None else "rejected")
             codes.append(0)

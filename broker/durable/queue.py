@@ -257,8 +257,9 @@ class QueueActor:
                 self._deletes.append(msg)
             elif action == F.AckAction.NACK:
                 self.nacked += 1
-                delay = None if arg is None else max(0, int(arg)) / 1000.0
-                self._retry(msg, delay, msg.last_error)
+                ms, error = F.nack_parts(arg)
+                delay = None if ms is None else max(0, int(ms)) / 1000.0
+                self._retry(msg, delay, error if error else msg.last_error)
             else:
                 self.rejected += 1
                 msg.last_error = str(arg) if arg is not None else "rejected"

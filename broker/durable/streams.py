@@ -254,7 +254,7 @@ class Streams:
             m = g.join(conn, cid, window)
             conn.consumers[cid] = m
             return {"stream": st.name, "group": group, "generation": g.generation,
-                    "ack_deadline": st.cfg.ack_deadline}
+                    "ack_deadline": st.cfg.ack_deadline, "max_deliveries": st.cfg.max_deliveries}
         p = args.get("partition", 0)
         if type(p) is not int or not 0 <= p < len(st.partitions):
             raise _err(f"partition must be 0..{len(st.partitions) - 1}", ErrorCode.INVALID_ARGUMENT, rid)

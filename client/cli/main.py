@@ -8,6 +8,7 @@ Where each command lives:
     tidings streams                  streams.py
     tidings stats, tidings backup    ops.py
     tidings passwd                   passwd.py
+    tidings run                      run.py (an App's handlers)
 
 :func:`build_parser` asks each module to ``register`` its commands;
 :func:`main` parses and calls the chosen command's ``fn``, whose return
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from tidings.broker import serve
 from tidings.broker.config import ConfigError
-from tidings.cli import ops, passwd, queues, streams
+from tidings.cli import ops, passwd, queues, run, streams
 from tidings.cli.common import add_credentials, add_url, runner
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.register(sp)
     streams.register(sp)
     ops.register(sp)
+    run.register(sp)
     return p
 
 

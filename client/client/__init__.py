@@ -11,6 +11,7 @@ Importing this package imports neither the broker, aiosqlite nor uvloop.
 
 from __future__ import annotations
 
+from tidings.client.app import App
 from tidings.client.client import DEFAULT_URL, Client, connect
 from tidings.client.errors import (
     ConnectError,
@@ -23,9 +24,10 @@ from tidings.client.errors import (
 )
 from tidings.client.message import Message
 from tidings.client.subscription import Subscription
-from tidings.client.worker import Worker
+from tidings.client.worker import Reject, Worker
 
 __all__ = [
     "DEFAULT_URL", "Client", "connect", "Message", "Subscription", "TidingsError", "ConnectError",
     "ConnectionClosedError", "NoRespondersError", "NoRouteError", "TimeoutError", "for_code", "Worker",
+    "App", "Reject",
 ]

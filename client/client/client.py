@@ -19,7 +19,9 @@ de-duplication makes the resend invisible.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import importlib
 import itertools
 import logging
 import os
@@ -27,7 +29,7 @@ import random
 import secrets
 import ssl
 import time
-from typing import Any, AsyncGenerator, Callable, Final
+from typing import Any, AsyncGenerator, Callable, Final, Generator
 from urllib.parse import urlsplit
 
 import anyio
@@ -157,6 +159,12 @@ class Client:
         self._conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         self._stream: ByteStream | None = None
         self._tg: TaskGroup | None = None
+        # The task that owns the client's task group (see _open): not the caller's task, so
+        # connect and close may run in different tasks (a framework's startup and shutdown hooks).
+        self._runner: asyncio.Task[None] | None = None  # asyncio holds tasks weakly: keep it
+        self._runner_scope: anyio.CancelScope | None = None
+        self._runner_done: anyio.Event | None = None
+        self._runner_id = 0
         self._conn_scope: anyio.CancelScope | None = None
         self._restoring: list[tuple[Any, Waiter]] | None = None
         self._loss: TidingsError | None = None
@@ -213,12 +221,67 @@ class Client:
             except Exception:  # a user callback must not break the connection
                 log.exception("on_state_change callback failed")
 
-    async def _start(self, tg: TaskGroup) -> None:
-        self._tg = tg
-        stream, conn, welcome, initial = await self._dial()
-        self._attach(stream, conn, welcome, initial)
-        self._set_state("connected")
-        tg.start_soon(self._supervise)
+    async def _open(self) -> Client:
+        """Connect, and start the client's tasks in a task of their own; returns
+        once connected, raises ConnectError (or the broker's refusal).
+
+        The task group of the reader, writer and supervisor must be entered and
+        left in one task. It lives in a runner task this client owns (close()
+        cancels it and waits for it to end), not in the caller's task, so the
+        application may open the client in one task and close it in another
+        (a framework's startup and shutdown hooks), or close it under a timeout."""
+        if self._runner_done is not None or self._closed:
+            raise RuntimeError("a Client is opened once: call tidings.connect() again for a new connection")
+        ready = anyio.Event()
+        done = self._runner_done = anyio.Event()
+        scope = self._runner_scope = anyio.CancelScope()
+        failed: list[BaseException] = []
+        name = f"tidings client {self.url}"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - not asyncio: trio (not a test dependency)
+            importlib.import_module("trio.lowlevel").spawn_system_task(self._run, ready, failed, name=name)
+        else:
+            self._runner = loop.create_task(self._run(ready, failed), name=name)
+        try:
+            await ready.wait()
+        except BaseException:
+            scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+            raise
+        if failed:
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+            raise failed[0]
+        return self
+
+    async def _run(self, ready: anyio.Event, failed: list[BaseException]) -> None:
+        """The runner task: owns the task group until close() cancels it or the supervisor gives up."""
+        self._runner_id = anyio.get_current_task().id
+        assert self._runner_scope is not None
+        try:
+            with self._runner_scope:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    try:
+                        stream, conn, welcome, initial = await self._dial()
+                    except Exception as exc:  # handed to the caller of connect()
+                        self._closed = True
+                        failed.append(exc)
+                        return
+                    finally:
+                        ready.set()
+                    self._attach(stream, conn, welcome, initial)
+                    self._set_state("connected")
+                    tg.start_soon(self._supervise)
+        except Exception as exc:  # a bug in a client task: close the client with it, do not lose it
+            log.exception("the tidings client's tasks failed")
+            self._shutdown(ConnectionClosedError(f"the client failed: {exc!r}"))
+        finally:
+            ready.set()
+            assert self._runner_done is not None
+            self._runner_done.set()
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is not None:
@@ -495,19 +558,26 @@ class Client:
         self._check_open()
 
     async def close(self) -> None:
-        """Send what is pending, then close. Idempotent."""
-        if self._closed:
-            return
-        try:
-            if self._error is None and self._out and self.state == "connected":
-                with anyio.move_on_after(self.timeout, shield=True):
-                    await self._wait_drained()
-        finally:
-            # Stops the connection's tasks; the supervisor closes the socket
-            # (once: a TLS stream must not be closed from two tasks).
-            self._shutdown(ConnectionClosedError("the client was closed"))
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
+        """Send what is pending, then close and wait until the client's tasks
+        have ended. Idempotent; may be called from any task (not only the one
+        that connected), also under a timeout. Afterwards every call raises
+        ConnectionClosedError("the client was closed")."""
+        if not self._closed:
+            try:
+                if self._error is None and self._out and self.state == "connected":
+                    with anyio.move_on_after(self.timeout, shield=True):
+                        await self._wait_drained()
+            finally:
+                # Stops the connection's tasks; the supervisor closes the socket
+                # (once: a TLS stream must not be closed from two tasks).
+                self._shutdown(ConnectionClosedError("the client was closed"))
+        if self._runner_scope is not None:
+            self._runner_scope.cancel()
+        done = self._runner_done
+        if done is not None and anyio.get_current_task().id != self._runner_id:
+            # The runner closes the socket as it ends; if this caller is cancelled
+            # meanwhile (a timeout around close), the runner still finishes on its own.
+            await done.wait()
 
     def _shutdown(self, error: TidingsError) -> None:
         if self._closed:
@@ -1175,7 +1245,8 @@ async def _aclose(stream: ByteStream | None) -> None:
 
 
 class connect:
-    """``async with connect(url) as tc:`` opens a :class:`Client` and closes it on exit.
+    """Open a :class:`Client`: ``tc = await connect(url)`` (then ``await tc.close()``,
+    from any task), or ``async with connect(url) as tc:`` (closed on exit).
 
     ``url`` is ``tidings://HOST:PORT`` (default ``tidings://127.0.0.1:7421``)
     or ``tidings+tls://HOST:PORT``. Keyword arguments go to :class:`Client`
@@ -1186,30 +1257,14 @@ class connect:
 
     def __init__(self, url: str = DEFAULT_URL, **kwargs: Any) -> None:
         self._client = Client(url, **kwargs)
-        self._tg: TaskGroup | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._client._open().__await__()
 
     async def __aenter__(self) -> Client:
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        try:
-            await self._client._start(tg)
-        except BaseException:
-            # Close the (still empty) task group without handing it the error,
-            # so the caller sees ConnectError itself, not an ExceptionGroup.
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            raise
-        self._tg = tg
-        return self._client
+        return await self._client._open()
 
     async def __aexit__(self, et: Any, ev: Any, tb: Any) -> bool:
-        assert self._tg is not None
-        try:
-            with anyio.CancelScope(shield=True):
-                await self._client.close()
-        finally:
-            # The client's own tasks are done; the block's exception (if any)
-            # propagates as itself, not wrapped in an ExceptionGroup.
-            self._tg.cancel_scope.cancel()
-            await self._tg.__aexit__(None, None, None)
+        with anyio.CancelScope(shield=True):
+            await self._client.close()
         return False

@@ -64,7 +64,7 @@ class Delivery(Body):
 
     def __repr__(self) -> str:
         return (f"Delivery(subject={self.subject!r}, delivery_id={self.delivery_id}, "
-                f"delivery_count={self.delivery_count}, payload={self.payload[:32]!r})")
+                f"delivery_count={self.delivery_count}, payload=<{len(self.payload)} bytes>)")
 
     @property
     def redelivered(self) -> bool:
@@ -80,16 +80,22 @@ class Delivery(Body):
         be delivered again)."""
         await self._settle(F.AckAction.ACK, None, wait)
 
-    async def nack(self, delay: float | None = None, *, wait: bool = False) -> None:
+    async def nack(self, delay: float | None = None, *, error: str | None = None, wait: bool = False) -> None:
         """Return the message for another attempt after ``delay`` seconds, or
         after the queue's backoff for this attempt when ``delay`` is None. After
-        max_deliveries the broker moves it to the dead-letter queue instead."""
-        arg = None if delay is None else seconds_to_ms(delay, "delay", 0, MAX_DURATION_MS)
+        max_deliveries the broker moves it to the dead-letter queue instead.
+        ``error`` (why it failed; the first ``MAX_ERROR_TEXT`` characters) is
+        kept with the message and shown in its ``tidings-last-error`` header
+        if it is dead-lettered."""
+        arg: Any = None if delay is None else seconds_to_ms(delay, "delay", 0, MAX_DURATION_MS)
+        if error:
+            arg = {"delay": arg, "error": error[:F.MAX_ERROR_TEXT]}
         await self._settle(F.AckAction.NACK, arg, wait)
 
     async def reject(self, reason: str | None = None, *, wait: bool = False) -> None:
-        """Send the message straight to the dead-letter queue with ``reason``."""
-        await self._settle(F.AckAction.REJECT, reason[:1000] if reason else None, wait)
+        """Send the message straight to the dead-letter queue with ``reason``
+        (its ``tidings-last-error`` header)."""
+        await self._settle(F.AckAction.REJECT, reason[:F.MAX_ERROR_TEXT] if reason else None, wait)
 
     async def in_progress(self, *, wait: bool = False) -> None:
         """Extend the ack deadline: the handler is still working on it."""

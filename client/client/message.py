@@ -33,7 +33,7 @@ class Message(Body):
         self._responder = responder
 
     def __repr__(self) -> str:
-        return f"Message(subject={self.subject!r}, payload={self.payload[:32]!r}, reply={self.reply!r})"
+        return f"Message(subject={self.subject!r}, payload=<{len(self.payload)} bytes>, reply={self.reply!r})"
 
     async def respond(self, payload: Payload = b"", *,
                       headers: dict[str, Any] | None = None, json: Any = UNSET) -> None:

@@ -7,8 +7,13 @@
     await worker.run()                   # until cancelled
 
 Each delivery runs ``handler(delivery)`` with at most ``concurrency``
-running at once. Success acks; an exception nacks (the queue's backoff
-decides when it comes back; after max_deliveries it goes to the DLQ).
+running at once. Success acks; an exception nacks with the error's type and
+message (the queue's backoff decides when it comes back; after
+max_deliveries, or after ``max_retries`` retries, it goes to the DLQ, whose
+``tidings-last-error`` header then holds that text). ``raise Reject(reason)``,
+or an exception of a type in ``non_retryable``, dead-letters the message at
+once. Logs name the failure's type, subject and attempt, never the payload
+or the error's text (which may quote it): that text goes to the DLQ only.
 While a handler runs, its ack deadline is extended every ``extend_every``
 seconds, so long handlers are not redelivered under them. After
 ``failure_threshold`` consecutive failures the circuit breaker opens: the
@@ -27,12 +32,33 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import anyio
 
+from tidings.protocol.frames import MAX_ERROR_TEXT
+
 from tidings.client.consumer import Delivery, QueueConsumer, StreamMessage
 from tidings.client.errors import TidingsError
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], Awaitable[Any]]
+
+
+class Reject(Exception):
+    """Raised by a handler: this message can never succeed (bad input), so it
+    goes to the dead-letter queue at once, with ``reason`` as its last error."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def describe(error: BaseException) -> str:
+    """The failure as kept in ``tidings-last-error``: ``Type: message`` (a
+    Reject's reason alone), cut to what the broker keeps."""
+    if isinstance(error, Reject):
+        text = error.reason
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text[:MAX_ERROR_TEXT]
 
 
 class ConsumerSource(Protocol):
@@ -53,13 +79,21 @@ class Worker:
                  stream: str | None = None, group: str | None = None, concurrency: int = 8,
                  prefetch: int | None = None, extend_every: float | None = None,
                  failure_threshold: int = 5, cooldown: float = 10.0,
-                 on_state_change: Callable[[str], Any] | None = None) -> None:
+                 on_state_change: Callable[[str], Any] | None = None, max_retries: int | None = None,
+                 non_retryable: tuple[type[BaseException], ...] = ()) -> None:
         if (queue is None) == (stream is None):
             raise ValueError("give exactly one of queue= or stream= (with group=)")
         if stream is not None and group is None:
             raise ValueError("a stream worker needs a group")
         if concurrency < 1 or failure_threshold < 1 or cooldown < 0:
             raise ValueError("concurrency and failure_threshold must be >= 1, cooldown >= 0")
+        if max_retries is not None and max_retries < 0:
+            raise ValueError("max_retries must be >= 0 (None: the queue's max_deliveries decides)")
+        self.max_retries = max_retries
+        self.non_retryable = non_retryable
+        self.rejected = 0
+        self._stopping = False
+        self._max_deliveries = 0  # a stream group's (CONSUME answer): its last failure is dead-lettered
         self.client = client
         self.handler = handler
         self.queue = queue
@@ -98,9 +132,17 @@ class Worker:
         assert self.stream is not None and self.group is not None
         return self.client.stream_consume(self.stream, group=self.group, window=self.prefetch)
 
+    def stop(self) -> None:
+        """Take no new deliveries: :meth:`run` returns once the running handlers
+        have finished and settled (the deliveries not started go back to the
+        queue at once). Cancel run() to stop the handlers too: the messages of
+        those cut short go back to the queue at once, like a nack without delay."""
+        self._stopping = True
+        self._loop_scope.cancel()
+
     async def run(self) -> None:
-        """Consume until cancelled (or until the client closes)."""
-        while True:
+        """Consume until cancelled, stopped (:meth:`stop`) or the client closes."""
+        while not self._stopping:
             self._trip = anyio.Event()
             self._loop_scope = anyio.CancelScope()
             # One probe at a time while half-open; the limit grows back when it closes.
@@ -109,10 +151,14 @@ class Worker:
             self._void = {}
             async with self._consume() as deliveries:
                 extend = self.extend_every or _default_extend(deliveries)
+                info = deliveries.info if isinstance(deliveries.info, dict) else {}
+                self._max_deliveries = info.get("max_deliveries") or 0
                 async with anyio.create_task_group() as tg:
                     # Tripping the breaker cancels this loop (not the running handlers,
                     # which finish and settle), even while no delivery is arriving.
                     with self._loop_scope:
+                        if self._stopping:  # stop() came between two rounds
+                            self._loop_scope.cancel()
                         async for d in deliveries:
                             if self.stream is not None:
                                 await self._dispatch_partition(tg, d, extend)
@@ -121,7 +167,7 @@ class Worker:
                             await self._slots.acquire_on_behalf_of(token)
                             tg.start_soon(self._handle_one, d, token, extend)
             # Leaving the consume block stopped the consumer: unsettled deliveries went back.
-            if not self._trip.is_set():
+            if not self._trip.is_set() or self._stopping:
                 return  # the consumer ended (closed client, deleted queue)
             self._set_state("open")
             self.breaker_opened += 1
@@ -135,16 +181,35 @@ class Worker:
             self._slots.release_on_behalf_of(token)
 
     async def _process(self, d: Delivery, extend: float) -> BaseException | None:
+        # Cut short by cancellation (e.g. after a shutdown's grace period), a delivery stays
+        # unsettled: leaving the consume block stops the consumer and the broker hands it back
+        # at once. (A NACK here would race the STOP: redelivered to this consumer first.)
         error = await self._run_handler(d, extend)
+        dead = error is not None and self._dead_letter_now(d, error)
         try:
             if error is None:
                 await d.ack()
+            elif dead:
+                await d.reject(describe(error))
             else:
-                await d.nack()  # None: the queue's backoff schedule decides the delay
+                await d.nack(error=describe(error))  # the queue's backoff schedule decides the delay
         except TidingsError as exc:
             log.warning("settling %r failed: %s", d, exc)
+        if isinstance(error, Reject):
+            self.rejected += 1  # a verdict on the message, not a failure of what the handler calls
+            return None
         self._verdict(error)
+        # A dead-lettered message is settled (a stream partition moves past it); a nacked one comes
+        # again, unless it was the last attempt the stream allows (then the broker dead-letters it).
+        if dead or (self._max_deliveries and d.delivery_count >= self._max_deliveries):
+            return None
         return error
+
+    def _dead_letter_now(self, d: Delivery, error: BaseException) -> bool:
+        """Reject, a non-retryable type, or the last retry: straight to the DLQ."""
+        if isinstance(error, Reject) or isinstance(error, self.non_retryable):
+            return True
+        return self.max_retries is not None and d.delivery_count > self.max_retries
 
     async def _dispatch_partition(self, tg: Any, d: Any, extend: float) -> None:
         """Streams: one runner per partition handles its messages in order;
@@ -166,7 +231,7 @@ class Worker:
 
     async def _run_partition(self, p: int, queue: Any, token: object, extend: float) -> None:
         try:
-            while queue and not self._trip.is_set():
+            while queue and not self._trip.is_set() and not self._stopping:
                 d = queue.popleft()
                 if await self._process(d, extend) is not None:
                     # The broker redelivers the partition from this offset: later
@@ -184,7 +249,8 @@ class Worker:
             try:
                 await self.handler(d)
             except Exception as exc:  # the handler's failure is the message's failure, not ours
-                log.warning("handler failed on %r: %r", d, exc)
+                # The type only: an error's text may quote the payload (OPERATIONS.md: logs never hold payloads).
+                log.warning("handler failed on %r: %s", d, type(exc).__name__)
                 error = exc
             finally:
                 tg.cancel_scope.cancel()
