@@ -246,18 +246,19 @@ class SyncClient:
 
     # -------------------------------------------------------------- pub/sub
 
-    def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, **kwargs: Any
+    def publish(self, subject: str, payload: bytes | bytearray | memoryview | str = b"", **kwargs: Any
                 ) -> PublishAck | None:
-        """Publish; see :meth:`Client.publish` (returns the PublishAck of a durable publish)."""
+        """Publish; see :meth:`Client.publish` (``json=`` included; returns the PublishAck
+        of a durable publish)."""
         return self._run(self.client.publish(subject, payload, **kwargs))
 
     def flush(self, timeout: float | None = None) -> None:
         self._run(self.client.flush(timeout))
 
     def request(self, subject: str, payload: bytes | str = b"", *, headers: dict[str, Any] | None = None,
-                timeout: float = 5.0) -> Message:
-        """Send a request and return the first reply; see :meth:`Client.request`."""
-        return self._run(self.client.request(subject, payload, headers=headers, timeout=timeout))
+                timeout: float = 5.0, **kwargs: Any) -> Message:
+        """Send a request and return the first reply; see :meth:`Client.request` (``json=`` too)."""
+        return self._run(self.client.request(subject, payload, headers=headers, timeout=timeout, **kwargs))
 
     def subscribe(self, pattern: str, group: str | None = None, *,
                   max_pending: int = DEFAULT_MAX_PENDING) -> SyncSubscription:

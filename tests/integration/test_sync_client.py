@@ -108,3 +108,24 @@ def test_connect_error_leaves_no_thread() -> None:
     with pytest.raises(ConnectError):
         tidings.sync.connect("tidings://127.0.0.1:1", timeout=2)
     assert _sync_threads() == []
+
+
+def test_json_codec_through_the_sync_client(broker: Any) -> None:
+    """The sync client passes the codecs through: publish(json=...) and request(json=...)."""
+    with tidings.sync.connect(broker.url) as tc:
+        with tc.subscribe("sync-json.>") as sub:
+            tc.publish("sync-json.order", json={"id": 7, "amount": 12.5})
+            m = sub.next(timeout=WAIT)
+            assert m.json() == {"id": 7, "amount": 12.5}
+            assert m.content_type == "application/json"
+
+        with tc.subscribe("sync-json-svc.double") as svc:
+            def respond_once() -> None:
+                m = svc.next(timeout=WAIT)
+                assert m.reply is not None
+                tc.publish(m.reply, json={"n": m.json()["n"] * 2})
+
+            t = threading.Thread(target=respond_once)
+            t.start()
+            assert tc.request("sync-json-svc.double", json={"n": 21}, timeout=WAIT).json() == {"n": 42}
+            t.join(WAIT)
