@@ -1136,7 +1136,7 @@ def _check_headers(headers: Any) -> None:
     for k, v in headers.items():
         if type(k) is not str or not k:
             raise InvalidArgumentError("header names must be non-empty strings")
-        if k[:8].lower() == V.RESERVED_HEADER_PREFIX:
+        if k[:8].lower() == V.RESERVED_HEADER_PREFIX and k not in V.PUBLISHER_HEADERS:
             raise InvalidArgumentError(f"header {k!r} is reserved: names starting with "
                                        f"{V.RESERVED_HEADER_PREFIX!r} are set by the broker only")
         if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):
