@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final
+from typing import Any, Callable, Final, cast
 
 import anyio
 
@@ -188,12 +188,11 @@ class SchemaRegistry:
         is the dead-letter entry ``(message, [queue])`` to store instead, or None
         when the message is refused."""
         subj = m[0]
-        b = self._memo.get(subj, _MISSING)
-        if b is _MISSING:
-            b = self._resolve(subj)
+        found = self._memo.get(subj, _MISSING)
+        b = self._resolve(subj) if found is _MISSING else cast("Binding | None", found)
         if b is None:
             return None
-        schema = self.schemas.get(b.schema)  # type: ignore[union-attr]
+        schema = self.schemas.get(b.schema)
         if schema is None or not schema.versions:
             return None  # its schema failed to load (logged): the binding refuses nothing
         h = m[2]
@@ -362,13 +361,13 @@ class SchemaRegistry:
     def get(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         s = self._schema(args, rid)
         want = args.get("version")
-        if want is None:
-            v = s.latest
-        else:
+        v: Version | None = s.latest
+        if want is not None:
             v = s.get(want) if type(want) is int else None
             if v is None:
                 raise _err(f"schema {s.name!r} has no version {want!r} (latest is {len(s.versions)})",
                            ErrorCode.NOT_FOUND, rid)
+        assert v is not None
         return {"name": s.name, "version": v.version, "schema": v.document, "compatibility": v.compatibility,
                 "created_ms": v.created_ms, "versions": len(s.versions)}
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Union
 
+from tidings.client.events import CloudEvent, event_of
+
 HeaderValue = Union[str, int, bytes]
 
 
@@ -34,6 +36,13 @@ class Message:
     @property
     def data(self) -> bytes:
         return self.payload
+
+    @property
+    def event(self) -> CloudEvent | None:
+        """The CloudEvent this message carries (client/events.py), its data decoded and
+        upcast by the client's upcasters; None without CloudEvents headers. Raises
+        ValueError if the data cannot be decoded by its content type."""
+        return event_of(self.headers, self.payload, getattr(self._responder, "upcasters", None))
 
     async def respond(self, payload: bytes | str, *, headers: dict[str, Any] | None = None) -> None:
         """Publish ``payload`` to this message's reply subject.
