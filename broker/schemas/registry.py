@@ -28,7 +28,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Final, cast
+from typing import Any, Callable, Final
 
 import anyio
 
@@ -46,6 +46,7 @@ from tidings.broker.schemas.validator import (
     compile_document,
     decode,
     first_violation,
+    loads,
     media_type,
 )
 
@@ -150,7 +151,7 @@ class SchemaRegistry:
         self.schemas: dict[str, Schema] = {}
         self.bindings: dict[str, Binding] = {}
         self._router: Router[Binding] = Router()
-        self._memo: dict[str, Binding | None] = {}
+        self._memo: dict[str, Any] = {}  # subject -> (binding, schema), or None: not validated
         self._lock = anyio.Lock()  # one registration or binding change at a time (version numbers)
         self.active = False  # some binding exists: the publish path asks screen()
 
@@ -187,29 +188,32 @@ class SchemaRegistry:
         version it was validated against). Otherwise ``(violation, dead)``: ``dead``
         is the dead-letter entry ``(message, [queue])`` to store instead, or None
         when the message is refused."""
-        subj = m[0]
-        found = self._memo.get(subj, _MISSING)
-        b = self._resolve(subj) if found is _MISSING else cast("Binding | None", found)
-        if b is None:
+        hit = self._memo.get(m[0], _MISSING)
+        if hit is None:
             return None
-        schema = self.schemas.get(b.schema)
-        if schema is None or not schema.versions:
-            return None  # its schema failed to load (logged): the binding refuses nothing
+        if hit is _MISSING:
+            hit = self._resolve(m[0])
+            if hit is None:
+                return None
+        b, schema = hit
         h = m[2]
         ver = schema.versions[-1]
+        ct = None
         if h:
-            named = version_named(h)
-            if named is not None:
-                got = schema.get(named) if type(named) is int else None
-                if got is None:
-                    return self._refused(m, b, schema, Violation(
-                        schema.name, None, "", "schema-version",
-                        f"version {named!r} of {schema.name} is not registered (latest is "
-                        f"{len(schema.versions)})"))
-                ver = got
-        mtype = media_type(h)
+            if V.H_SCHEMA_VERSION in h or V.CE_DATASCHEMA in h:
+                named = version_named(h)
+                if named is not None:
+                    got = schema.get(named) if type(named) is int else None
+                    if got is None:
+                        return self._refused(m, b, schema, Violation(
+                            schema.name, None, "", "schema-version",
+                            f"version {named!r} of {schema.name} is not registered (latest is "
+                            f"{len(schema.versions)})"))
+                    ver = got
+            ct = h.get(V.CONTENT_TYPE)
+        mtype = V.CT_JSON if ct is None or ct == V.CT_JSON else media_type(h)
         try:
-            instance = decode(m[1], mtype)
+            instance = loads(m[1]) if mtype == V.CT_JSON else decode(m[1], mtype)
         except LookupError:
             return self._refused(m, b, schema, Violation(
                 schema.name, ver.version, "", "content-type",
@@ -232,13 +236,17 @@ class SchemaRegistry:
             h[V.H_SCHEMA_VERSION] = ver.version
         return None
 
-    def _resolve(self, subject: str) -> Binding | None:
+    def _resolve(self, subject: str) -> tuple[Binding, Schema] | None:
+        """The binding that applies to ``subject`` and its schema (None: no binding, or its
+        schema failed to load), remembered until the bindings or the schema names change."""
         plain = self._router.match(subject)[0]
         b = max(plain, key=lambda x: _specificity(x.pattern)) if plain else None
+        schema = self.schemas.get(b.schema) if b is not None else None
+        hit = (b, schema) if b is not None and schema is not None and schema.versions else None
         if len(self._memo) >= SUBJECT_MEMO:
             self._memo.clear()
-        self._memo[subject] = b
-        return b
+        self._memo[subject] = hit
+        return hit
 
     def _refused(self, m: list[Any], b: Binding, schema: Schema,
                  v: Violation) -> tuple[Violation, tuple[list[Any], list[Any]] | None]:
@@ -337,8 +345,10 @@ class SchemaRegistry:
             version = len(existing.versions) + 1 if existing is not None else 1
             created = self.now_ms()
             await self.store.write(PutSchema(name, version, document, mode, created))
-            self.schemas.setdefault(name, Schema(name)).versions.append(
-                Version(version, document, mode, created, validator))
+            if existing is None:
+                self.schemas[name] = Schema(name)
+                self._memo = {}  # a binding whose schema failed to load may apply again
+            self.schemas[name].versions.append(Version(version, document, mode, created, validator))
             log.info("schema %s version %d registered (compatibility %s)", name, version, mode)
             return {"name": name, "version": version, "created": True}
 
