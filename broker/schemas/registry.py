@@ -318,20 +318,29 @@ class SchemaRegistry:
         return name, document, validator, mode, existing
 
     @staticmethod
+    def _same(existing: Schema | None, document: Any) -> Version | None:
+        """The version of ``existing`` whose document is ``document`` (the latest such), if any."""
+        if existing is None:
+            return None
+        return next((v for v in reversed(existing.versions) if v.document == document), None)
+
+    @staticmethod
     def _reasons(existing: Schema | None, document: Any, mode: str) -> list[str]:
         history = [v.document for v in existing.versions] if existing is not None else []
         return compat.check(history, document, mode)
 
     async def register(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
-        """Register a new version (or return the latest's number when it is the same
-        document). Refused with SCHEMA_INCOMPATIBLE and the reasons by the mode."""
+        """Register a new version (or return the number of the version that already has
+        this document, as Confluent's registry does). Refused with SCHEMA_INCOMPATIBLE
+        and the reasons by the mode."""
         async with self._lock:
             name, document, validator, mode, existing = self._candidate(args, rid)
-            if existing is not None and existing.latest.document == document:
-                if mode != existing.compatibility:
-                    raise _err(f"schema {name!r}: this document is already version {existing.latest.version}; "
-                               "a mode changes with the next version", ErrorCode.CONFLICT, rid)
-                return {"name": name, "version": existing.latest.version, "created": False}
+            same = self._same(existing, document)
+            if same is not None and existing is not None:  # as Confluent's: a known document keeps its version
+                if "compatibility" in args and mode != existing.compatibility:
+                    raise _err(f"schema {name!r}: this document is already version {same.version}; "
+                               "a mode changes with a new version", ErrorCode.CONFLICT, rid)
+                return {"name": name, "version": same.version, "created": False}
             reasons = self._reasons(existing, document, mode)
             if reasons:
                 more = f" (and {len(reasons) - MAX_REASONS} more)" if len(reasons) > MAX_REASONS else ""
@@ -355,8 +364,9 @@ class SchemaRegistry:
     async def check(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Would this document be accepted as the next version? Registers nothing."""
         name, document, _validator, mode, existing = self._candidate(args, rid)
-        if existing is not None and existing.latest.document == document:
-            return {"compatible": True, "reasons": [], "version": existing.latest.version, "compatibility": mode}
+        same = self._same(existing, document)
+        if same is not None:
+            return {"compatible": True, "reasons": [], "version": same.version, "compatibility": mode}
         reasons = self._reasons(existing, document, mode)
         version = len(existing.versions) + 1 if existing is not None else 1
         return {"compatible": not reasons, "reasons": reasons, "version": version, "compatibility": mode}

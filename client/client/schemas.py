@@ -22,8 +22,8 @@ class Schemas:
 
     async def register(self, name: str, schema: Any, *, compatibility: str | None = None) -> int:
         """Register ``schema`` (a JSON Schema draft 2020-12 document) as the next version
-        of ``name`` and return its version number (the latest's, if it is the same
-        document). ``compatibility`` ("none", "backward", "forward", "full" and their
+        of ``name`` and return its version number (a document registered before keeps
+        its version: the same call again returns the same number). ``compatibility`` ("none", "backward", "forward", "full" and their
         "_transitive" forms; default: the name's current mode, "backward" for a new
         name) applies from this version on. Raises SchemaIncompatibleError naming each
         field and rule, SchemaInvalidError for a malformed document."""

@@ -158,6 +158,7 @@ async def test_incompatible_version_is_refused_with_the_reason(broker):
         assert (await tc.check_schema("OrderPlaced", ORDER_V2)) == {
             "compatible": True, "reasons": [], "version": 2, "compatibility": "backward"}
         assert await tc.register_schema("OrderPlaced", ORDER_V2) == 2
+        assert await tc.register_schema("OrderPlaced", ORDER_V1) == 1  # a known document keeps its version
         # forward_transitive against both: dropping a property the closed v1 requires breaks v1 readers
         dropped = {**ORDER_V2, "required": ["order_id", "amount"],
                    "properties": {k: v for k, v in ORDER_V2["properties"].items() if k != "currency"}}
