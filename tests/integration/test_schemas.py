@@ -259,3 +259,20 @@ async def test_publish_event_and_read_it_upcast(broker):
         await tc.publish("plain", b"x")
         with anyio.fail_after(WAIT):
             assert (await plain.next()).event is None
+
+
+async def test_metrics_count_valid_and_invalid_publishes_per_schema(start_broker):
+    from tests.opshttp import metrics_address, scrape, value
+
+    b = start_broker("--metrics-port", "0")
+    host, port = metrics_address(b.extra_lines)
+    async with connect(b.url) as tc:
+        await tc.declare_queue("bad-orders")
+        await setup_order_subject(tc, on_invalid="dead_letter", dlq="bad-orders")
+        for _ in range(3):
+            await tc.publish("orders.placed", body(GOOD), headers=JSON)
+        await tc.publish("orders.placed", body(BAD_AMOUNT), headers=JSON)
+    samples = await anyio.to_thread.run_sync(scrape, host, port)
+    assert value(samples, "tidings_schema_messages_total", schema="OrderPlaced", outcome="valid") == 3
+    assert value(samples, "tidings_schema_messages_total", schema="OrderPlaced", outcome="invalid") == 1
+    assert value(samples, "tidings_schema_messages_total", schema="OrderPlaced", outcome="dead_lettered") == 1
