@@ -33,6 +33,7 @@ from typing import Any, Callable, Final
 import anyio
 
 from tidings.protocol import vocabulary as V
+from tidings.protocol.codec import MAX_HEADERS
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 from tidings.protocol.subjects import validate_pattern
 
@@ -63,6 +64,10 @@ MAX_BINDINGS: Final = 10_000
 #: Reasons an incompatible registration lists at most (the rest are counted).
 MAX_REASONS: Final = 10
 ON_INVALID: Final = ("reject", "dead_letter")
+#: A valid message is stamped with its schema and version only while that keeps it within the
+#: protocol's header limit (every reader refuses a message with more): one with 63 or 64 headers
+#: already goes on unstamped.
+STAMP_ROOM: Final = MAX_HEADERS - 2
 _MISSING: Final = object()
 _TRAILING_NUMBER: Final = re.compile(r"(?:^|[^0-9])([0-9]{1,9})/?$")
 
@@ -231,7 +236,7 @@ class SchemaRegistry:
         schema.valid += 1
         if h is None:
             m[2] = {V.H_SCHEMA: schema.name, V.H_SCHEMA_VERSION: ver.version}
-        else:
+        elif len(h) < STAMP_ROOM:
             h[V.H_SCHEMA] = schema.name
             h[V.H_SCHEMA_VERSION] = ver.version
         return None

@@ -43,6 +43,9 @@ async def test_screen_stamps_valid_refuses_invalid_and_ignores_unbound() -> None
         assert reg.screen(m) is None and m[2] == {"tidings-schema": "Num", "tidings-schema-version": 1}
         v, dead = reg.screen(msg("a.b", {"n": "x"}))  # type: ignore[misc]
         assert (v.pointer, v.rule, dead) == ("/n", "type", None)
+        full = {f"h{i}": "x" for i in range(63)}  # no room for two more headers: not stamped
+        m = msg("a.b", {"n": 1}, dict(full))
+        assert reg.screen(m) is None and m[2] == full
         await reg.unbind({"pattern": "a.>"}, 1)
         assert not reg.active and reg.screen(msg("a.b", {"n": "x"})) is None  # the memo was cleared
 
