@@ -32,6 +32,7 @@ from typing import Any, Callable, Final
 
 import anyio
 
+from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.codec import MAX_HEADERS
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
@@ -299,9 +300,9 @@ class SchemaRegistry:
 
     def calls(self) -> dict[str, Callable[..., Any]]:
         """The CALL methods (``handler(args, rid)``) the dispatcher serves."""
-        return {"schema.register": self.register, "schema.check": self.check, "schema.get": self.get,
-                "schema.list": self.list_schemas, "schema.bind": self.bind, "schema.unbind": self.unbind,
-                "schema.bindings": self.list_bindings}
+        return {F.CALL_SCHEMA_REGISTER: self.register, F.CALL_SCHEMA_CHECK: self.check,
+                F.CALL_SCHEMA_GET: self.get, F.CALL_SCHEMA_LIST: self.list_schemas, F.CALL_SCHEMA_BIND: self.bind,
+                F.CALL_SCHEMA_UNBIND: self.unbind, F.CALL_SCHEMA_BINDINGS: self.list_bindings}
 
     def _candidate(self, args: dict[str, Any], rid: int) -> tuple[str, Any, Any, str, Schema | None]:
         """Name, document, compiled validator and mode of a register/check call."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 import builtins
 from typing import Any, Awaitable, Callable
 
+from tidings.protocol import frames as F
+
 Call = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
@@ -30,7 +32,7 @@ class Schemas:
         args: dict[str, Any] = {"name": name, "schema": schema}
         if compatibility is not None:
             args["compatibility"] = compatibility
-        result: dict[str, Any] = await self._call("schema.register", args)
+        result: dict[str, Any] = await self._call(F.CALL_SCHEMA_REGISTER, args)
         version: int = result["version"]
         return version
 
@@ -41,7 +43,7 @@ class Schemas:
         args: dict[str, Any] = {"name": name, "schema": schema}
         if compatibility is not None:
             args["compatibility"] = compatibility
-        result: dict[str, Any] = await self._call("schema.check", args)
+        result: dict[str, Any] = await self._call(F.CALL_SCHEMA_CHECK, args)
         return result
 
     async def get(self, name: str, version: int | None = None) -> dict[str, Any]:
@@ -50,12 +52,12 @@ class Schemas:
         args: dict[str, Any] = {"name": name}
         if version is not None:
             args["version"] = version
-        result: dict[str, Any] = await self._call("schema.get", args)
+        result: dict[str, Any] = await self._call(F.CALL_SCHEMA_GET, args)
         return result
 
     async def list(self) -> list[dict[str, Any]]:
         """Every schema: name, latest version, mode, bound patterns, valid/invalid counts."""
-        result: list[dict[str, Any]] = await self._call("schema.list", {})
+        result: list[dict[str, Any]] = await self._call(F.CALL_SCHEMA_LIST, {})
         return result
 
     async def bind(self, pattern: str, name: str, *, on_invalid: str = "reject",
@@ -67,15 +69,15 @@ class Schemas:
         args: dict[str, Any] = {"pattern": pattern, "name": name, "on_invalid": on_invalid}
         if dead_letter_queue is not None:
             args["dead_letter"] = dead_letter_queue
-        result: dict[str, Any] = await self._call("schema.bind", args)
+        result: dict[str, Any] = await self._call(F.CALL_SCHEMA_BIND, args)
         return result
 
     async def unbind(self, pattern: str) -> dict[str, Any]:
         """Remove the binding of ``pattern``; returns it. NotFoundError if there is none."""
-        result: dict[str, Any] = await self._call("schema.unbind", {"pattern": pattern})
+        result: dict[str, Any] = await self._call(F.CALL_SCHEMA_UNBIND, {"pattern": pattern})
         return result
 
     async def bindings(self) -> builtins.list[dict[str, Any]]:
         """Every binding: pattern, schema, on_invalid, dead_letter, created_ms."""
-        result: builtins.list[dict[str, Any]] = await self._call("schema.bindings", {})
+        result: builtins.list[dict[str, Any]] = await self._call(F.CALL_SCHEMA_BINDINGS, {})
         return result
