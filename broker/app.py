@@ -51,6 +51,7 @@ from tidings.broker.net.dispatch import Dispatcher
 from tidings.broker.durable.core import Durable
 from tidings.broker.ops.limits import ResourceMonitor
 from tidings.broker.router import Router
+from tidings.broker.schemas.registry import SchemaRegistry
 from tidings.broker.ops.stats import Stats
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,12 @@ class Broker:
         self._tg: TaskGroup | None = None
         self._shutting_down = False
         self.ready = anyio.Event()
+        # The schema registry keeps its state in the durable store; a binding's dead-letter
+        # destination is a queue target, as the durable bindings match returns them.
+        self.schemas = SchemaRegistry(self.durable.store, self.durable.queues.get, now_ms=self.durable.now_ms)
         durable_calls = self.durable.calls()
         durable_calls["backup"] = backup_handler(self)
+        durable_calls.update(self.schemas.calls())
         self._live = 0  # connection actors still running (closing ones included)
         # Connections that have not completed HELLO, oldest first: number -> (peer ip, evict callback).
         self._pending: dict[int, tuple[str, Callable[[], None]]] = {}
@@ -391,6 +396,7 @@ class Broker:
                         from tidings.broker.ops.metrics import serve_metrics
                         await root.start(serve_metrics, self, cfg.metrics_host, cfg.metrics_port)
                     await self.durable.start(root)
+                    await self.schemas.load()
                     await self._serve_connections(tcp, install_signals)
                 finally:
                     with anyio.CancelScope(shield=True):

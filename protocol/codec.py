@@ -185,8 +185,8 @@ def check_headers(h: Any, published: bool = False) -> None:
     """Headers are a map of str -> str | int | bytes, at most MAX_HEADERS entries.
 
     ``published``: they come from a publisher (PUB), who may not use the
-    broker's reserved names (V.RESERVED_HEADER_PREFIX, any letter case):
-    INVALID_ARGUMENT. Checked in this one loop, so it costs a test per header."""
+    broker's reserved names (V.RESERVED_HEADER_PREFIX, any letter case), but for
+    the few in V.PUBLISHER_HEADERS spelled exactly so: INVALID_ARGUMENT. Checked in this one loop, so it costs a test per header."""
     if type(h) is not dict:
         raise _fail("headers must be a map or nil")
     if len(h) > MAX_HEADERS:
@@ -195,7 +195,8 @@ def check_headers(h: Any, published: bool = False) -> None:
         if type(k) is not str or not 0 < len(k) <= MAX_NAME_LENGTH:
             raise _fail("header names must be non-empty strings")
         # k[7] first: one index per header; the slice only for likely hits
-        if published and len(k) >= 8 and k[7] == "-" and k[:8].lower() == V.RESERVED_HEADER_PREFIX:
+        if (published and len(k) >= 8 and k[7] == "-" and k[:8].lower() == V.RESERVED_HEADER_PREFIX
+                and k not in V.PUBLISHER_HEADERS):
             raise _fail(f"header {k!r} is reserved: names starting with {V.RESERVED_HEADER_PREFIX!r} "
                         "are set by the broker only", code=ErrorCode.INVALID_ARGUMENT)
         tv = type(v)

@@ -46,6 +46,9 @@ class ErrorCode(IntEnum):
     SHUTTING_DOWN = 41
     OVERLOADED = 42
     INTERNAL = 43
+    SCHEMA_VIOLATION = 50
+    SCHEMA_INCOMPATIBLE = 51
+    SCHEMA_INVALID = 52
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,9 @@ REGISTRY: Final[dict[int, ErrorInfo]] = dict(
         _info(ErrorCode.SHUTTING_DOWN, True, "The server is shutting down; reconnect and retry."),
         _info(ErrorCode.OVERLOADED, True, "The server is above a resource limit; retry later."),
         _info(ErrorCode.INTERNAL, True, "An unexpected server-side failure; it was logged."),
+        _info(ErrorCode.SCHEMA_VIOLATION, False, "The payload does not match the schema bound to its subject (or its content type or schema version cannot be used); the message says where and which rule. Nothing was delivered or stored."),
+        _info(ErrorCode.SCHEMA_INCOMPATIBLE, False, "The new schema version breaks the schema's compatibility mode; the message names each field and rule."),
+        _info(ErrorCode.SCHEMA_INVALID, False, "The schema document is not a valid JSON Schema draft 2020-12 document."),
     ]
 )
 

@@ -93,6 +93,15 @@ OPT_TTL: Final = "ttl"  # int ms: expire if not delivered in time
 OPT_NEW: Final = "new"  # int 1: the publisher vouches this msg_id was never sent before (skip the look-up)
 PUB_OPTIONS: Final = frozenset({OPT_MSG_ID, OPT_KEY, OPT_DELAY, OPT_AT, OPT_TTL, OPT_NEW})
 
+# CALL methods of the schema registry (docs/PROTOCOL.md §15: their args and results).
+CALL_SCHEMA_REGISTER: Final = "schema.register"  # {name, schema, compatibility?} -> {name, version, created}
+CALL_SCHEMA_CHECK: Final = "schema.check"  # {name, schema, compatibility?} -> {compatible, reasons, version, ...}
+CALL_SCHEMA_GET: Final = "schema.get"  # {name, version?} -> {name, version, schema, compatibility, ...}
+CALL_SCHEMA_LIST: Final = "schema.list"  # {} -> [{name, latest, compatibility, bindings, counts}]
+CALL_SCHEMA_BIND: Final = "schema.bind"  # {pattern, name, on_invalid?, dead_letter?} -> the binding
+CALL_SCHEMA_UNBIND: Final = "schema.unbind"  # {pattern} -> the removed binding
+CALL_SCHEMA_BINDINGS: Final = "schema.bindings"  # {} -> [binding]
+
 Headers = dict[str, Union[str, int, bytes]]
 
 

@@ -50,13 +50,38 @@ DLQ_REJECTED: Final = "rejected"  # a consumer rejected it
 DLQ_MAX_DELIVERIES: Final = "max_deliveries"  # it failed max_deliveries times
 DLQ_EXPIRED: Final = "expired"  # its time to live ran out (queues with dead_letter_expired)
 DLQ_MAX_LENGTH: Final = "max_length"  # pushed out by the dead_letter_oldest overflow policy
+DLQ_SCHEMA_VIOLATION: Final = "schema_violation"  # refused by the schema bound to its subject (on_invalid dead_letter)
+# The schema registry (docs/PROTOCOL.md, "Schemas"). On a schema-bound subject the broker
+# writes both on every message it let through: what the payload was validated against.
+H_SCHEMA: Final = "tidings-schema"  # the schema name
+# The version: the one tidings- header a publisher may set too (PUBLISHER_HEADERS), to name
+# the version to validate against; a str of digits or an int (the broker writes an int).
+H_SCHEMA_VERSION: Final = "tidings-schema-version"
+# On a message dead-lettered by a schema binding: the violation (message, JSON Pointer, rule).
+H_SCHEMA_ERROR: Final = "tidings-schema-error"
+H_SCHEMA_ERROR_POINTER: Final = "tidings-schema-error-pointer"
+H_SCHEMA_ERROR_RULE: Final = "tidings-schema-error-rule"
+# Reserved-prefix names a publisher may still set (the broker checks their values itself).
+PUBLISHER_HEADERS: Final = frozenset({H_SCHEMA_VERSION})
 # Written by a redrive (which first drops every other tidings- header):
 H_REDRIVEN_FROM: Final = "tidings-redriven-from"  # the dead-letter queue it was moved out of
 
-# The payload's format, set by a client's codec (the Python client's ``json=`` writes
-# CONTENT_TYPE_JSON); the broker never reads it.
-HDR_CONTENT_TYPE: Final = "content-type"
-CONTENT_TYPE_JSON: Final = "application/json"
+# The payload's media type, set by a client's codec (the Python client's ``json=`` writes CT_JSON);
+# the broker reads it on schema-bound subjects only (no header: JSON).
+CONTENT_TYPE: Final = "content-type"
+CT_JSON: Final = "application/json"
+CT_MSGPACK: Final = "application/msgpack"
+# CloudEvents 1.0 attributes as headers (the binary content mode: the payload is the event's
+# data, its datacontenttype is CONTENT_TYPE). Set and read by the client (publish_event, msg.event);
+# the broker reads CE_DATASCHEMA's trailing number as the schema version to validate against.
+CE_ID: Final = "ce-id"
+CE_SOURCE: Final = "ce-source"
+CE_TYPE: Final = "ce-type"
+CE_SPECVERSION: Final = "ce-specversion"
+CE_TIME: Final = "ce-time"
+CE_DATASCHEMA: Final = "ce-dataschema"
+CE_SUBJECT: Final = "ce-subject"
+CE_SPEC: Final = "1.0"
 
 # The broker's answer to a request nobody is subscribed to: an empty MSG on the reply
 # subject whose headers are {HDR_STATUS: STATUS_NO_RESPONDERS}.

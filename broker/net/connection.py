@@ -472,6 +472,9 @@ class ConnectionActor:
         port = self.port
         if self.restricted:
             msgs = self._permitted(msgs)
+        dead: list[Any] | None = None
+        if port.schemas.active:  # one attribute read per frame while no subject is schema-bound
+            msgs, dead = self._screened(msgs)
         self.msgs_in += len(msgs)
         port.stats.published += len(msgs)
         match = port.router.match
@@ -512,7 +515,44 @@ class ConnectionActor:
                     confirms.append([m[4], int(ErrorCode.NO_ROUTE), f"no queue, stream or subscriber for {subj!r}"])
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
+        if dead:
+            entries = dead if entries is None else entries + dead
         return entries
+
+    def _screened(self, msgs: list[list[Any]]) -> tuple[list[list[Any]], list[Any] | None]:
+        """The messages of a PUB batch that pass the schema bound to their subject (each
+        stamped with what it was validated against), and the dead-letter entries
+        ``(message, [queue])`` of those refused by an ``on_invalid = "dead_letter"``
+        binding. Every other refusal is answered like a permission denial: in its
+        CONFIRM (seq > 0), else by one ERR for the frame. No new list when all pass."""
+        screen = self.port.schemas.screen
+        ok: list[list[Any]] | None = None
+        dead: list[Any] | None = None
+        confirms: list[Any] = []
+        silent: list[str] = []
+        for i, m in enumerate(msgs):
+            verdict = screen(m)
+            if verdict is None:
+                if ok is not None:
+                    ok.append(m)
+                continue
+            if ok is None:
+                ok = msgs[:i]
+            violation, entry = verdict
+            if entry is not None:
+                if dead is None:
+                    dead = []
+                dead.append(entry)
+            elif m[F.P_SEQ]:
+                confirms.append([m[F.P_SEQ], int(ErrorCode.SCHEMA_VIOLATION), violation.message()])
+            else:
+                silent.append(f"{violation.message()} on subject {m[0]!r}")
+        if confirms:
+            self.push_wire([F.Op.CONFIRM, confirms], 256 * len(confirms))
+        if silent:
+            more = f" (and {len(silent) - 1} more messages in this frame)" if len(silent) > 1 else ""
+            self.send_err(0, ErrorCode.SCHEMA_VIOLATION, f"{silent[0]}{more}")
+        return (msgs if ok is None else ok), dead
 
     def _permitted(self, msgs: list[list[Any]]) -> list[list[Any]]:
         """The messages of a PUB batch this user may publish. Each denied one

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # dashboard polling them would drown the log). Calls that change state or read messages (dlq.list,
 # backup) are audited, and so is any call added later unless it is listed here: fail closed.
 UNAUDITED_CALLS: Final = frozenset({"stats", "server.info", "queue.list", "queue.info", "dlq.count",
-                                    "stream.list", "stream.info"})
+                                    "stream.list", "stream.info",
+                                    "schema.get", "schema.list", "schema.bindings", "schema.check"})
 
 
 class Dispatcher:
@@ -155,7 +156,7 @@ class Dispatcher:
                 raise self.denied(actor, need.action, need.name, rid)
         if method in UNAUDITED_CALLS:
             return await self._dispatch_call(actor, method, args, rid)
-        target = args.get("name")  # for backup: the file name in backup_dir
+        target = args.get("name", args.get("pattern"))  # for backup: the file name; schema.unbind: the pattern
         try:
             result = await self._dispatch_call(actor, method, args, rid)
         except Exception as exc:  # audited whatever the failure, then re-raised unchanged

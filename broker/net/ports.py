@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tidings.broker.ops.limits import ResourceMonitor
     from tidings.broker.ops.stats import Stats
     from tidings.broker.router import Router
+    from tidings.broker.schemas.registry import SchemaRegistry
     from tidings.broker.security.audit import AuditLog
 
 Conn = TypeVar("Conn", contravariant=True)
@@ -56,6 +57,11 @@ class BrokerPort(Protocol[Conn]):
     @property
     def router(self) -> Router[Any]:
         """Pub/sub subscriptions by subject pattern (read per PUB frame)."""
+        ...
+
+    @property
+    def schemas(self) -> SchemaRegistry:
+        """Schema bindings: while ``schemas.active``, each published message passes ``screen``."""
         ...
 
     @property

@@ -138,6 +138,7 @@ class Snapshot:
     store: dict[str, float]
     limits: dict[str, float]
     histograms: list[Metric]
+    schemas: tuple[tuple[str, int, int, int], ...] = ()  # (schema, valid, invalid, dead_lettered)
 
 
 class BrokerCollector:
@@ -172,7 +173,8 @@ class BrokerCollector:
                    "stalled": int(st.stalled),
                    "pending_messages": st.pending_messages, "pending_bytes": st.pending_bytes},
             limits=_limits(getattr(b, "monitor", None)),
-            histograms=list(self.histograms.collect()) if self.histograms is not None else [])
+            histograms=list(self.histograms.collect()) if self.histograms is not None else [],
+            schemas=tuple(reg.counters()) if (reg := getattr(b, "schemas", None)) is not None else ())
 
     def collect(self) -> Iterator[Metric]:
         """Both steps at once (on the event loop thread)."""
@@ -185,7 +187,20 @@ class BrokerCollector:
         yield from cls._stream_families(snap)
         yield from cls._store_families(snap)
         yield from cls._limit_families(snap)
+        yield from cls._schema_families(snap)
         yield from snap.histograms
+
+    @staticmethod
+    def _schema_families(snap: Snapshot) -> Iterator[Metric]:
+        fam = CounterMetricFamily("tidings_schema_messages",
+                                  "Publishes to schema-bound subjects, by schema and outcome: valid (passed), "
+                                  "invalid (refused or dead-lettered), dead_lettered (of the invalid).",
+                                  labels=["schema", "outcome"])
+        for name, valid, invalid, dead in snap.schemas:
+            fam.add_metric([name, "valid"], valid)
+            fam.add_metric([name, "invalid"], invalid)
+            fam.add_metric([name, "dead_lettered"], dead)
+        yield fam
 
     @staticmethod
     def _broker_families(snap: Snapshot) -> Iterator[Metric]:

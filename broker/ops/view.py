@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from tidings.broker.ops.limits import ResourceMonitor
     from tidings.broker.ops.stats import Stats
     from tidings.broker.router import Router
+    from tidings.broker.schemas.registry import SchemaRegistry
 
 
 class BrokerView(Protocol):
@@ -51,6 +52,11 @@ class BrokerView(Protocol):
     @property
     def ready(self) -> anyio.Event:
         """Set once the broker has recovered its state and listens."""
+        ...
+
+    @property
+    def schemas(self) -> SchemaRegistry:
+        """The schema registry: valid/invalid publishes per schema."""
         ...
 
     @property

@@ -20,6 +20,11 @@ Actions and the names they are checked against:
   stream it covers (deny stays the broader one). ``consume = ["orders"]``
   reads stream ``orders`` but joins none of its groups; ``orders/billing``
   joins one group, ``orders/>`` any.
+* Schemas (``schema.*`` calls) are objects too: registering, checking or reading a
+  schema needs ``admin`` on its name; binding one to a subject pattern needs
+  ``admin`` on the schema, ``publish`` on the pattern (a binding decides what may
+  be published there) and ``admin`` on its dead-letter queue; unbinding needs
+  ``publish`` on the pattern; listing schemas or bindings needs admin on ``>``.
 * ``admin``     -- the object name of a declare/delete/purge/info/dlq/trim call
   (not ``dlq.list``, which returns payloads and so needs ``consume``; a
   redrive also needs rights on its destinations, :func:`redrive_needs`).
@@ -267,7 +272,8 @@ class Need:
 
 
 OPEN_CALLS: Final = frozenset({"server.info"})  # harmless (name, version, pid): any authenticated user
-GLOBAL_CALLS: Final = frozenset({"stats", "queue.list", "stream.list"})  # reveal every object: admin on ">"
+GLOBAL_CALLS: Final = frozenset({"stats", "queue.list", "stream.list",  # reveal every object: admin on ">"
+                                  "schema.list", "schema.bindings"})
 OBJECT_CALLS: Final[dict[str, tuple[str, ...]]] = {  # method -> argument keys naming objects
     "queue.declare": ("name",),
     "queue.delete": ("name",),
@@ -281,7 +287,13 @@ OBJECT_CALLS: Final[dict[str, tuple[str, ...]]] = {  # method -> argument keys n
     "stream.delete": ("name",),
     "stream.info": ("name",),
     "stream.trim": ("name",),
+    "schema.register": ("name",),
+    "schema.check": ("name",),
+    "schema.get": ("name",),
+    "schema.bind": ("name", "dead_letter"),
 }
+# Schema bindings govern what may be published on a pattern: they need publish on it too.
+PATTERN_CALLS: Final = frozenset({"schema.bind", "schema.unbind"})
 DECLARE_CALLS: Final = frozenset({"queue.declare", "stream.declare"})  # may create a DLQ; "bind" = subscribe
 # Calls that return message payloads: reading messages is what consume grants, so
 # they need consume on the name, not admin (admin manages a queue, it does not read it).
@@ -305,6 +317,13 @@ def needs_for_call(method: str, args: Mapping[str, Any]) -> list[Need]:
     """
     if method in OPEN_CALLS:
         return []
+    if method in PATTERN_CALLS:
+        pattern = args.get("pattern")
+        needs = [Need("publish", pattern)] if isinstance(pattern, str) and pattern else []
+        if method == "schema.unbind":
+            return needs
+        return [*needs, *(Need("admin", args[k]) for k in OBJECT_CALLS[method]
+                          if isinstance(args.get(k), str) and args[k])]
     keys = OBJECT_CALLS.get(method)
     if keys is None:
         return [Need("admin", ALL_NAMES)]

@@ -6,6 +6,7 @@ Where each command lives:
     tidings pub, tidings sub         here
     tidings queues, tidings dlq      queues.py
     tidings streams                  streams.py
+    tidings schemas                  schemas.py
     tidings stats, tidings backup    ops.py
     tidings passwd                   passwd.py
     tidings run                      run.py (an App's handlers)
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from tidings.broker import serve
 from tidings.broker.config import ConfigError
-from tidings.cli import ops, passwd, queues, run, streams
+from tidings.cli import ops, passwd, queues, run, schemas, streams
 from tidings.cli.common import add_credentials, add_url, runner
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     queues.register(sp)
     passwd.register(sp)
     streams.register(sp)
+    schemas.register(sp)
     ops.register(sp)
     run.register(sp)
     return p

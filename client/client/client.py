@@ -61,8 +61,10 @@ from tidings.client.errors import (
     TimeoutError,
     for_code,
 )
+from tidings.client.events import Upcaster, Upcasters, encode_data, event_headers
 from tidings.client.message import Message
 from tidings.client.results import Confirmation, PublishAck, Waiter
+from tidings.client.schemas import Schemas
 from tidings.client.subscription import DEFAULT_MAX_PENDING, Subscription, SubscriptionPort
 from tidings.client.units import seconds_to_ms
 
@@ -208,8 +210,10 @@ class Client:
         self._replies: dict[str, Waiter] = {}
         # What the objects this client hands out may ask of it (their ports; they never see the client).
         self._sub_port = SubscriptionPort(self, self._unsubscribe)
-        self._consumer_port = ConsumerPort(self._check_open, self._queue_ack, self._settle_now)
+        self.upcasters = Upcasters()  # Message.event / Delivery.event lift old event versions with these
+        self._consumer_port = ConsumerPort(self._check_open, self._queue_ack, self._settle_now, self.upcasters)
         self.durable = Durable(DurablePort(self.call, self._open_consumer, self._close_consumer))
+        self.schemas = Schemas(self.call)  # the schema registry (client/schemas.py)
 
     # ----------------------------------------------------------- lifecycle
 
@@ -1067,6 +1071,54 @@ class Client:
         codes: list[int] = await self._request([F.Op.ACK, 0, cid, [item]])
         return codes
 
+    # ------------------------------------- schemas and events (client/schemas.py, client/events.py)
+
+    async def register_schema(self, name: str, schema: Any, *, compatibility: str | None = None) -> int:
+        """Register the next version of schema ``name``; returns its number. See :meth:`Schemas.register`."""
+        return await self.schemas.register(name, schema, compatibility=compatibility)
+
+    async def check_schema(self, name: str, schema: Any, *, compatibility: str | None = None) -> dict[str, Any]:
+        """Would ``schema`` be accepted as the next version of ``name``? See :meth:`Schemas.check`."""
+        return await self.schemas.check(name, schema, compatibility=compatibility)
+
+    async def get_schema(self, name: str, version: int | None = None) -> dict[str, Any]:
+        return await self.schemas.get(name, version)
+
+    async def list_schemas(self) -> list[dict[str, Any]]:
+        return await self.schemas.list()
+
+    async def bind_schema(self, pattern: str, name: str, *, on_invalid: str = "reject",
+                          dead_letter_queue: str | None = None) -> dict[str, Any]:
+        """Validate publishes to ``pattern`` against schema ``name``. See :meth:`Schemas.bind`."""
+        return await self.schemas.bind(pattern, name, on_invalid=on_invalid, dead_letter_queue=dead_letter_queue)
+
+    async def unbind_schema(self, pattern: str) -> dict[str, Any]:
+        return await self.schemas.unbind(pattern)
+
+    async def list_schema_bindings(self) -> list[dict[str, Any]]:
+        return await self.schemas.bindings()
+
+    def register_upcaster(self, name: str, version: int, fn: Upcaster) -> None:
+        """``fn(data)`` lifts version ``version`` of event schema ``name`` to ``version + 1``;
+        ``msg.event`` applies the chain (client/events.py)."""
+        self.upcasters.register(name, version, fn)
+
+    async def publish_event(self, subject: str, *, type: str, source: str, data: Any, id: str | None = None,
+                            time: Any = None, dataschema: str | None = None, ce_subject: str | None = None,
+                            content_type: str = V.CT_JSON, schema_version: int | None = None,
+                            headers: dict[str, Any] | None = None, **options: Any) -> PublishAck | None:
+        """Publish a CloudEvents 1.0 event to ``subject``: the attributes go in ``ce-*``
+        headers (``id`` defaults to a UUID4, ``time`` to now; ``ce_subject`` is the
+        event's own ``subject`` attribute), ``data`` is encoded as ``content_type``
+        (application/json or application/msgpack). ``schema_version`` names the schema
+        version to validate against (else the broker uses ``dataschema``'s trailing
+        number, else the latest). ``options`` are :meth:`publish`'s (msg_id, key,
+        confirm, ...). Raises ValueError if ``data`` cannot be encoded."""
+        hdrs = event_headers(type=type, source=source, id=id, time=time, dataschema=dataschema,
+                             subject=ce_subject, content_type=content_type, schema_version=schema_version,
+                             headers=headers)
+        return await self.publish(subject, encode_data(data, content_type), headers=hdrs, **options)
+
     # ------------------------------------- durable API (forwarded to self.durable)
 
     async def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (),
@@ -1228,7 +1280,7 @@ def _check_headers(headers: Any) -> None:
     for k, v in headers.items():
         if type(k) is not str or not k:
             raise InvalidArgumentError("header names must be non-empty strings")
-        if k[:8].lower() == V.RESERVED_HEADER_PREFIX:
+        if k[:8].lower() == V.RESERVED_HEADER_PREFIX and k not in V.PUBLISHER_HEADERS:
             raise InvalidArgumentError(f"header {k!r} is reserved: names starting with "
                                        f"{V.RESERVED_HEADER_PREFIX!r} are set by the broker only")
         if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):

@@ -89,10 +89,10 @@ def with_json(payload: Any, value: Any, headers: dict[str, Any] | None) -> tuple
         raise TypeError("give either a payload or json=, not both")
     data = encode_json(value)
     if headers is None:
-        return data, {V.HDR_CONTENT_TYPE: V.CONTENT_TYPE_JSON}
-    if V.HDR_CONTENT_TYPE in headers:
+        return data, {V.CONTENT_TYPE: V.CT_JSON}
+    if V.CONTENT_TYPE in headers:
         return data, headers
-    return data, {**headers, V.HDR_CONTENT_TYPE: V.CONTENT_TYPE_JSON}
+    return data, {**headers, V.CONTENT_TYPE: V.CT_JSON}
 
 
 @functools.lru_cache(maxsize=64)  # building a TypeAdapter compiles a validator: keep the few a program uses
@@ -126,7 +126,7 @@ class Body:
     def content_type(self) -> str | None:
         """The ``content-type`` header, if the publisher set one (``json=`` does)."""
         h = self.headers
-        value = h.get(V.HDR_CONTENT_TYPE) if h else None
+        value = h.get(V.CONTENT_TYPE) if h else None
         return value if isinstance(value, str) else None
 
     def text(self, encoding: str = "utf-8") -> str:

@@ -12,6 +12,7 @@ from tidings.protocol.numbers import MAX_DURATION_MS
 
 from tidings.client.codec import Body
 from tidings.client.errors import StaleDeliveryError, TidingsError, for_code
+from tidings.client.events import CloudEvent, Upcasters, event_of
 from tidings.client.inbox import Inbox
 from tidings.client.units import seconds_to_ms
 
@@ -26,6 +27,7 @@ class ConsumerPort:
     check_open: Callable[[], None]
     queue_ack: Callable[[int, list[Any]], None]
     settle_now: Callable[[int, list[Any]], Awaitable[list[int]]]
+    upcasters: Upcasters | None = None  # what Delivery.event lifts old event versions with
 
 
 class Delivery(Body):
@@ -69,6 +71,11 @@ class Delivery(Body):
     @property
     def redelivered(self) -> bool:
         return self.delivery_count > 1
+
+    @property
+    def event(self) -> CloudEvent | None:
+        """The CloudEvent this delivery carries, decoded and upcast (see Message.event)."""
+        return event_of(self.headers, self.payload, self._consumer._port.upcasters)
 
     async def ack(self, *, wait: bool = False) -> None:
         """Acknowledge: the broker deletes the message. Returns once buffered

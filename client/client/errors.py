@@ -7,6 +7,7 @@ map to classes through one table, :data:`BY_CODE`, via :func:`for_code`.
 from __future__ import annotations
 
 import builtins
+import json
 
 from tidings.protocol.errors import ErrorCode, describe
 
@@ -157,6 +158,43 @@ class OverloadedError(ServerError):
     code = int(ErrorCode.OVERLOADED)
 
 
+class SchemaViolationError(ServerError, ValueError):
+    """The payload does not match the schema bound to its subject (or its content
+    type or named schema version cannot be used); nothing was delivered or stored.
+    ``pointer`` is the JSON Pointer of the first violation in the payload ("" for
+    the whole payload), ``rule`` the rule it broke (a JSON Schema keyword such as
+    ``type`` or ``required``, or ``content-type``, ``decode``, ``schema-version``)."""
+    code = int(ErrorCode.SCHEMA_VIOLATION)
+
+    def __init__(self, message: str = "", *, code: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.rule, self.pointer = parse_violation(message)
+
+
+class SchemaIncompatibleError(ServerError, ValueError):
+    """A new schema version breaks its schema's compatibility mode; the message
+    names each field and rule."""
+    code = int(ErrorCode.SCHEMA_INCOMPATIBLE)
+
+
+class SchemaInvalidError(ServerError, ValueError):
+    """The schema document is not a valid JSON Schema draft 2020-12 document."""
+    code = int(ErrorCode.SCHEMA_INVALID)
+
+
+def parse_violation(message: str) -> tuple[str, str]:
+    """(rule, pointer) from a SCHEMA_VIOLATION message ``RULE at "POINTER": ...``;
+    ("", "") when it has another shape."""
+    rule, sep, rest = message.partition(" at ")
+    if not sep or " " in rule or not rest.startswith('"'):
+        return "", ""
+    try:
+        pointer, _end = json.JSONDecoder().raw_decode(rest)
+    except ValueError:
+        return "", ""
+    return (rule, pointer) if isinstance(pointer, str) else ("", "")
+
+
 class PublishBufferFullError(TidingsError):
     """Too many unconfirmed publishes are buffered (e.g. during an outage)."""
     retriable = True
@@ -168,7 +206,7 @@ BY_CODE: dict[int, type[ServerError]] = {
         PermissionDeniedError, NotFoundError, ConflictError, StaleDeliveryError, StaleGenerationError,
         OffsetOutOfRangeError, QueueFullError, StorageFullError, StorageError, SlowConsumerError,
         TooManyConnectionsError, ServerShuttingDownError, OverloadedError, LimitExceededError,
-        ReplyTooLargeError,
+        ReplyTooLargeError, SchemaViolationError, SchemaIncompatibleError, SchemaInvalidError,
     )
 }
 

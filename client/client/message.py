@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol, Union
 
 from tidings.client.codec import UNSET, Body, Payload, with_json
+from tidings.client.events import CloudEvent, event_of
 
 HeaderValue = Union[str, int, bytes]
 
@@ -34,6 +35,13 @@ class Message(Body):
 
     def __repr__(self) -> str:
         return f"Message(subject={self.subject!r}, payload=<{len(self.payload)} bytes>, reply={self.reply!r})"
+
+    @property
+    def event(self) -> CloudEvent | None:
+        """The CloudEvent this message carries (client/events.py), its data decoded and
+        upcast by the client's upcasters; None without CloudEvents headers. Raises
+        ValueError if the data cannot be decoded by its content type."""
+        return event_of(self.headers, self.payload, getattr(self._responder, "upcasters", None))
 
     async def respond(self, payload: Payload = b"", *,
                       headers: dict[str, Any] | None = None, json: Any = UNSET) -> None:

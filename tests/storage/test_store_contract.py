@@ -31,6 +31,9 @@ from tidings.broker.durable.store import (
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutSchema,
+    PutSchemaBinding,
+    DeleteSchemaBinding,
     PutStream,
     SqliteStore,
     StorageClosed,
@@ -802,6 +805,52 @@ async def test_publish_to_queues_and_streams_is_atomic(backend, row):
         assert (await store.read_partition("s", 0, 1, 1))[0].payload == b"s:0:1"
 
 
+# --- schema registry ----------------------------------------------------------------------
+
+ORDER_V1 = {"type": "object", "properties": {"amount": {"type": "number"}, "note": {"enum": ["a", None]}},
+            "required": ["amount"]}
+
+
+async def test_schema_versions_are_immutable_and_survive_reopen(backend):
+    async with backend.open() as store:
+        assert await store.load_schemas() == []
+        await store.write(PutSchema("Order", 1, ORDER_V1, "backward", 10))
+        await store.write(PutSchema("Order", 2, True, "full", 20))
+        await store.write(PutSchema("Alpha", 1, {"type": "string"}, "none", 30))
+        with pytest.raises(StorageError):  # a version is stored once: the second write fails alone
+            await store.write(PutSchema("Order", 1, {"type": "string"}, "none", 40))
+    async with backend.open() as store:
+        assert await store.load_schemas() == [
+            ("Alpha", 1, {"type": "string"}, "none", 30),
+            ("Order", 1, ORDER_V1, "backward", 10),
+            ("Order", 2, True, "full", 20),
+        ]
+
+
+async def test_schema_document_that_json_cannot_hold_is_refused_at_submit(backend):
+    async with backend.open() as store:
+        with pytest.raises((TypeError, ValueError)):
+            store.submit_nowait(PutSchema("Bad", 1, {"x": b"bytes"}, "none", 1))
+        with pytest.raises((TypeError, ValueError)):
+            store.submit_nowait(PutSchema("Bad", 1, {"x": float("nan")}, "none", 1))
+        assert await store.load_schemas() == []
+
+
+async def test_schema_bindings_replace_delete_and_survive_reopen(backend):
+    async with backend.open() as store:
+        await store.write(PutSchemaBinding("orders.placed", "Order", "reject", None, 1))
+        await store.write(PutSchemaBinding("orders.*", "Order", "dead_letter", "bad-orders", 2))
+        await store.write(PutSchemaBinding("orders.placed", "Order2", "reject", None, 3))  # replaces
+        await store.write(PutSchemaBinding("gone", "X", "reject", None, 4))
+        await store.write(DeleteSchemaBinding("gone"))
+        await store.write(DeleteSchemaBinding("never-there"))
+    async with backend.open() as store:
+        assert await store.load_schema_bindings() == [
+            ("orders.*", "Order", "dead_letter", "bad-orders", 2),
+            ("orders.placed", "Order2", "reject", None, 3),
+        ]
+
+
 # --- backup -------------------------------------------------------------------------------
 
 
@@ -815,6 +864,8 @@ async def test_backup_copies_committed_state_or_refuses_cleanly(backend, row, tm
     async with backend.open() as store:
         await store.write(PutQueue("q", {"k": 1}, 5))
         await store.write(PutMessages([row("q", 1)], stream_rows=[srow("s", 0, 0)]))
+        await store.write(PutSchema("Order", 1, ORDER_V1, "backward", 6))
+        await store.write(PutSchemaBinding("orders.placed", "Order", "reject", None, 7))
         with pytest.raises(StorageError):
             await store.backup(str(stale))
         assert stale.read_bytes() == b"stale"
@@ -830,5 +881,7 @@ async def test_backup_copies_committed_state_or_refuses_cleanly(backend, row, tm
         assert await restored.load_queues() == [("q", {"k": 1}, 5)]
         assert [m.id for m in await restored.load_messages("q")] == [1]
         assert [r.offset for r in await restored.read_partition("s", 0, 0, 10)] == [0]
+        assert await restored.load_schemas() == [("Order", 1, ORDER_V1, "backward", 6)]
+        assert await restored.load_schema_bindings() == [("orders.placed", "Order", "reject", None, 7)]
     finally:
         await restored.close()

@@ -244,6 +244,48 @@ class TrimStream:
     before: int
     on_done: DoneCallback | None = None
 
+
+# --- schema registry write operations -------------------------------------------
+# The broker's schema registry (tidings.broker.schemas) keeps its state here. A
+# schema version is immutable: storing (name, version) twice fails the second op.
+
+
+@dataclass(slots=True)
+class PutSchema:
+    """Store version ``version`` of schema ``name``: a JSON Schema ``document`` (any
+    JSON value) and the name's ``compatibility`` mode from then on. Fails (alone) if
+    that version is already stored."""
+
+    name: str
+    version: int
+    document: Any
+    compatibility: str
+    created_ms: int
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
+class PutSchemaBinding:
+    """Bind subject ``pattern`` to schema ``schema`` (replacing any binding of that
+    pattern): ``on_invalid`` is "reject" or "dead_letter", ``dead_letter`` the queue
+    for the latter (None otherwise)."""
+
+    pattern: str
+    schema: str
+    on_invalid: str
+    dead_letter: str | None
+    created_ms: int
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
+class DeleteSchemaBinding:
+    """Remove the binding of ``pattern``, if any."""
+
+    pattern: str
+    on_done: DoneCallback | None = None
+
+
 if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
@@ -252,6 +294,7 @@ WriteOp: TypeAlias = (
     PutMessages | DeleteMessages | UpdateMessages | MoveMessages
     | PutQueue | DeleteQueue | PurgeQueue | ExpireDedup
     | PutStream | DeleteStream | CommitOffsets | MarkStreamNext | TrimStream
+    | PutSchema | PutSchemaBinding | DeleteSchemaBinding
 )
 
 #: A paging cursor: the (available_ms, id) of the last message already read.
@@ -427,6 +470,17 @@ class Store(Protocol):
     async def cutoff_by_bytes(self, stream: str, partition: int, max_bytes: int) -> int | None:
         """The lowest offset to keep so that the newest rows fit in `max_bytes`
         (len(payload) + 64 per row), or None if all of them fit."""
+        ...
+
+    # --- schema registry reads ------------------------------------------------------
+
+    async def load_schemas(self) -> list[tuple[str, int, Any, str, int]]:
+        """Every schema version as (name, version, document, compatibility, created_ms),
+        by name then version (the document as JSON returns it)."""
+        ...
+
+    async def load_schema_bindings(self) -> list[tuple[str, str, str, str | None, int]]:
+        """Every binding as (pattern, schema, on_invalid, dead_letter, created_ms), by pattern."""
         ...
 
     # --- state for stats, metrics and readiness (plain reads, no await) -----------

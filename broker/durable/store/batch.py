@@ -38,12 +38,16 @@ from tidings.broker.durable.store.base import (
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutSchema,
+    PutSchemaBinding,
+    DeleteSchemaBinding,
     PutStream,
     StoredMessage,
     TrimStream,
     UpdateMessages,
     WriteOp,
 )
+from tidings.broker.durable.store.schemas import DELETE_BINDING, INSERT_SCHEMA, UPSERT_BINDING, encode_document
 from tidings.broker.durable.store.streams import (
     DELETE_STREAM, INSERT_STREAM_ROW, TRIM, UPSERT_FLOOR, UPSERT_NEXT, UPSERT_OFFSET, UPSERT_STREAM,
     encode_stream_row,
@@ -192,11 +196,29 @@ def _mark_stream_next(op: MarkStreamNext) -> Item:
     return Item(op, 1, statements=[(UPSERT_NEXT, tuple(m)) for m in op.marks])
 
 
+# Schema registry operations: rare, small, each in a stage of its own.
+
+def _put_schema(op: PutSchema) -> Item:
+    row = (str(op.name), int(op.version), encode_document(op.document), str(op.compatibility), int(op.created_ms))
+    return Item(op, 1, grows=True, statements=[(INSERT_SCHEMA, row)])
+
+
+def _put_binding(op: PutSchemaBinding) -> Item:
+    row = (str(op.pattern), str(op.schema), str(op.on_invalid),
+           None if op.dead_letter is None else str(op.dead_letter), int(op.created_ms))
+    return Item(op, 1, grows=True, statements=[(UPSERT_BINDING, row)])
+
+
+def _delete_binding(op: DeleteSchemaBinding) -> Item:
+    return Item(op, 1, statements=[(DELETE_BINDING, (str(op.pattern),))])
+
+
 _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
     PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
     CommitOffsets: _commit_offsets, PutStream: _put_stream, DeleteStream: _delete_stream,
     TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next,
+    PutSchema: _put_schema, PutSchemaBinding: _put_binding, DeleteSchemaBinding: _delete_binding,
 }
 
 

@@ -57,6 +57,9 @@ from tidings.broker.durable.store.base import (
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutSchema,
+    PutSchemaBinding,
+    DeleteSchemaBinding,
     PutStream,
     StorageClosed,
     StorageError,
@@ -98,6 +101,8 @@ class MemoryData:
         self.floors: dict[_PartKey, int] = {}
         self.marks: dict[_PartKey, int] = {}
         self.offsets: dict[tuple[str, str, int], tuple[int, int]] = {}  # (stream, group, partition)
+        self.schemas: dict[tuple[str, int], tuple[str, str, int]] = {}  # (name, version) -> (JSON, mode, created)
+        self.schema_bindings: dict[str, tuple[str, str, str | None, int]] = {}  # pattern -> binding
         self.holder: MemoryStore | None = None  # the store that has it open
 
 
@@ -440,6 +445,16 @@ class MemoryStore:
                 for off in [o for o in rows if o < op.before]:
                     del rows[off]
             d.floors[pk] = max(d.floors.get(pk, op.before), op.before)
+        elif isinstance(op, PutSchema):
+            _sql, (name, version, doc, mode, created) = it.statements[0]  # type: ignore[index]
+            if (name, version) in d.schemas:
+                raise _OpFailed(f"UNIQUE constraint failed: schema {name!r} version {version} exists")
+            d.schemas[(name, version)] = (doc, mode, created)
+        elif isinstance(op, PutSchemaBinding):
+            _sql, (pattern, schema, on_invalid, dead_letter, created) = it.statements[0]  # type: ignore[index]
+            d.schema_bindings[pattern] = (schema, on_invalid, dead_letter, created)
+        elif isinstance(op, DeleteSchemaBinding):
+            d.schema_bindings.pop(op.pattern, None)
         else:  # prepare() accepted it, so the two lists of operations disagree
             raise AssertionError(f"MemoryStore cannot apply {type(op).__name__}")
 
@@ -505,6 +520,15 @@ class MemoryStore:
         """Not supported: a MemoryStore has no file to copy. Raises StorageError."""
         await self._read()
         raise StorageError(f"backup to {path} failed: the in-memory store keeps no file to copy")
+
+    async def load_schemas(self) -> list[tuple[str, int, Any, str, int]]:
+        d = await self._read()
+        return [(name, version, json.loads(doc), mode, created)
+                for (name, version), (doc, mode, created) in sorted(d.schemas.items())]
+
+    async def load_schema_bindings(self) -> list[tuple[str, str, str, str | None, int]]:
+        d = await self._read()
+        return [(p, *b) for p, b in sorted(d.schema_bindings.items())]
 
     async def load_streams(self) -> list[tuple[str, dict[str, Any], int]]:
         d = await self._read()

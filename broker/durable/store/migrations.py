@@ -15,6 +15,7 @@ from typing import Final
 import aiosqlite
 
 from tidings.broker.durable.store.base import SchemaTooNew, StorageError
+from tidings.broker.durable.store.schemas import MIGRATION_SCHEMAS
 from tidings.broker.durable.store.streams import MIGRATION_STREAM_NEXT, MIGRATION_V2
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: queues, messages, dedup, meta
     MIGRATION_V2,  # 1 -> 2: streams, stream_messages, stream_floors, stream_offsets
     MIGRATION_STREAM_NEXT,  # 2 -> 3: stream_next (offsets assigned by failed tail writes)
+    MIGRATION_SCHEMAS,  # 3 -> 4: schemas, schema_bindings (the schema registry)
 )
 
 

@@ -47,6 +47,7 @@ from tidings.broker.durable.store.base import (
 from tidings.broker.durable.store.batch import RAISE_MAX_ID, Item, plan, prepare
 from tidings.broker.durable.store.lockfile import LockFile
 from tidings.broker.durable.store.reads import Reads, translate
+from tidings.broker.durable.store.schemas import SchemaReads
 from tidings.broker.durable.store.streams import StreamReads
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def _restrict(path: str, mode: int, what: str) -> None:
                     st.st_mode & 0o777, mode)
 
 
-class SqliteStore(Reads, StreamReads):
+class SqliteStore(Reads, StreamReads, SchemaReads):
     """The durable store of one data directory. Lifecycle:
 
         store = SqliteStore(path)           # or SqliteStore.in_dir(data_dir)
