@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+import anyio
 from typing import TYPE_CHECKING, Any, Callable, Final, cast
 
 from anyio.abc import TaskGroup
@@ -28,7 +30,7 @@ from tidings.broker.durable.context import DurableContext
 from tidings.broker.durable.group import Member
 from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
 from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.settings import QueueConfig, validate_name
+from tidings.broker.durable.settings import QueueConfig, updated, validate_name
 from tidings.broker.durable.store.base import (
     Durability,
     DeleteQueue,
@@ -71,6 +73,7 @@ class Durable:
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters)
         self._tg: TaskGroup | None = None
+        self._updating = anyio.Lock()  # one settings update at a time: each starts from the last one's result
         # Admission of durable publishes (de-dup, ids, confirms): the connections' publish path.
         self.admission = Admission(self.ctx, self.streams, cfg.dedup_window, lambda: broker.shutting_down)
 
@@ -168,18 +171,66 @@ class Durable:
             raise _err(f"no queue named {name!r}", ErrorCode.NOT_FOUND, rid)
         return q
 
+    async def update(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Change a queue's mutable settings in place: stored first, then the
+        live actor takes them (settings.QUEUE_IMMUTABLE are refused)."""
+        q = self._queue(args, rid)
+        async with self._updating:
+            try:
+                new = updated(q.cfg, args, "queue")
+            except RemoteProtocolError as exc:
+                exc.rid = rid
+                raise
+            if new != q.cfg and self.queues.get(q.name) is q:
+                await self.store.write(PutQueue(q.name, new.to_dict(), self.now_ms()))
+                q.reconfigure(new)
+        return q.info()
+
+    def dead_letter_to_delete(self, args: dict[str, Any], kind: str = "queue") -> str | None:
+        """The dead-letter queue a ``queue.delete``/``stream.delete`` call with
+        ``args`` deletes with its queue or stream: None with ``keep_dlq``, when
+        it does not exist, or when another queue or stream also dead-letters
+        into it (it is kept for them)."""
+        if args.get("keep_dlq"):
+            return None
+        name = args.get("name")
+        owner: Any = (self.queues if kind == "queue" else self.streams.streams).get(name) \
+            if isinstance(name, str) else None
+        dl = owner.cfg.dead_letter if owner is not None else None
+        if not dl or dl not in self.queues or dl == name:
+            return None
+        if any(o.cfg.dead_letter == dl for o in self.queues.values() if o is not owner and o.name != dl) or \
+                any(st.cfg.dead_letter == dl for st in self.streams.streams.values() if st is not owner):
+            return None
+        return dl
+
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Delete a queue and, unless ``keep_dlq``, its dead-letter queue (when
+        no other queue or stream dead-letters into it)."""
         q = self._queue(args, rid)
         users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
         if users:
             raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
+        dl = self.dead_letter_to_delete(args)
+        await self._drop(q)
+        out: dict[str, Any] = {"deleted": q.name, "messages": q.count}
+        if dl is not None:
+            out["dead_letter"] = await self.delete_dead_letter(dl)
+        return out
+
+    async def delete_dead_letter(self, name: str) -> dict[str, Any]:
+        """Delete dead-letter queue ``name`` with the queue or stream it served."""
+        dq = self.queues[name]
+        await self._drop(dq)
+        return {"deleted": dq.name, "messages": dq.count}
+
+    async def _drop(self, q: QueueActor) -> None:
         q.close("queue deleted")
         for p in q.cfg.bind:
             self.bindings.remove(p, q)
         del self.queues[q.name]
         await self.store.write(DeleteQueue(q.name))
         self.broker.bindings_changed()
-        return {"deleted": q.name, "messages": q.count}
 
     async def purge(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         q = self._queue(args, rid)
@@ -351,6 +402,7 @@ class Durable:
         return {
             "queue.declare": self.declare,
             "queue.delete": self.delete,
+            "queue.update": self.update,
             "queue.purge": self.purge,
             "queue.list": lambda args, rid: self.list_queues(),
             "queue.info": lambda args, rid: self._queue(args, rid).info(),
@@ -359,4 +411,14 @@ class Durable:
             "dlq.redrive": self.redrive,
             "dlq.purge": self.purge,
             **self.streams.calls(),
+            "stream.delete": self.delete_stream,
         }
+
+    async def delete_stream(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Delete a stream and, unless ``keep_dlq``, its dead-letter queue (when
+        no other queue or stream dead-letters into it)."""
+        dl = self.dead_letter_to_delete(args, "stream")
+        out = await self.streams.delete(args, rid)
+        if dl is not None and dl in self.queues:
+            out["dead_letter"] = await self.delete_dead_letter(dl)
+        return out

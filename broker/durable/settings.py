@@ -223,3 +223,41 @@ def dlq_config(name: str) -> QueueConfig:
 
 def _num(v: Any) -> bool:
     return (type(v) is int or type(v) is float) and v == v
+
+
+# --------------------------------------------------------- in-place updates
+
+#: Queue settings an update (``queue.update``) refuses, with the reason it gives.
+#: Every other setting changes in place (see :func:`updated`).
+QUEUE_IMMUTABLE: Final[dict[str, str]] = {
+    "bind": "bindings decide which publishes are stored and need subscribe rights on each pattern; "
+            "declare another queue for other subjects",
+    "dead_letter": "messages already dead-lettered stay in the old dead-letter queue; "
+                   "declare another queue with the dead-letter queue it should have",
+    "is_dlq": "a queue is created as a dead-letter queue or not",
+}
+#: Stream settings an update (``stream.update``) refuses, with the reason it gives.
+STREAM_IMMUTABLE: Final[dict[str, str]] = {
+    "partitions": "a key's partition is its hash modulo the partition count, so changing it would "
+                  "break per-key order and the groups' committed offsets",
+    "bind": "bindings decide which publishes are stored and need subscribe rights on each pattern; "
+            "declare another stream for other subjects",
+    "dead_letter": "messages already dead-lettered stay in the old dead-letter queue; "
+                   "declare another stream with the dead-letter queue it should have",
+}
+
+
+def updated(old: Any, args: dict[str, Any], what: str = "queue") -> Any:
+    """``old`` (a QueueConfig or StreamConfig) with the settings in ``args``
+    changed, validated like a declare. A setting in QUEUE_IMMUTABLE /
+    STREAM_IMMUTABLE given with a different value raises
+    RemoteProtocolError(IMMUTABLE_SETTING) naming it and why; the same value is
+    accepted (an update may repeat the whole declaration)."""
+    immutable = QUEUE_IMMUTABLE if what == "queue" else STREAM_IMMUTABLE
+    changes = {k: v for k, v in args.items() if k != "name"}
+    new = type(old).from_args({**old.to_dict(), **changes, "name": old.name})
+    for key, why in immutable.items():
+        if key in changes and getattr(new, key) != getattr(old, key):
+            raise RemoteProtocolError(f"{what} {old.name!r}: {key} cannot change in place: {why}",
+                                      ErrorCode.IMMUTABLE_SETTING)
+    return new

@@ -281,6 +281,10 @@ OBJECT_CALLS: Final[dict[str, tuple[str, ...]]] = {  # method -> argument keys n
     "stream.delete": ("name",),
     "stream.info": ("name",),
     "stream.trim": ("name",),
+    "stream.update": ("name",),
+    "stream.groups": ("name",),
+    "stream.group_delete": ("name",),
+    "queue.update": ("name",),
 }
 DECLARE_CALLS: Final = frozenset({"queue.declare", "stream.declare"})  # may create a DLQ; "bind" = subscribe
 # Calls that return message payloads: reading messages is what consume grants, so

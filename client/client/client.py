@@ -985,8 +985,13 @@ class Client:
         """Create a durable queue; see :meth:`Durable.declare_queue`."""
         return await self.durable.declare_queue(name, bind=bind, **settings)
 
-    async def delete_queue(self, name: str) -> dict[str, Any]:
-        return await self.durable.delete_queue(name)
+    async def delete_queue(self, name: str, *, keep_dlq: bool = False) -> dict[str, Any]:
+        """Delete a queue (and its DLQ); see :meth:`Durable.delete_queue`."""
+        return await self.durable.delete_queue(name, keep_dlq=keep_dlq)
+
+    async def update_queue(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change a queue's settings in place; see :meth:`Durable.update_queue`."""
+        return await self.durable.update_queue(name, **settings)
 
     async def purge_queue(self, name: str) -> int:
         return await self.durable.purge_queue(name)
@@ -1017,8 +1022,21 @@ class Client:
         """Create a stream; see :meth:`Durable.declare_stream`."""
         return await self.durable.declare_stream(name, partitions=partitions, bind=bind, **settings)
 
-    async def delete_stream(self, name: str) -> dict[str, Any]:
-        return await self.durable.delete_stream(name)
+    async def delete_stream(self, name: str, *, keep_dlq: bool = False) -> dict[str, Any]:
+        """Delete a stream (and its DLQ); see :meth:`Durable.delete_stream`."""
+        return await self.durable.delete_stream(name, keep_dlq=keep_dlq)
+
+    async def update_stream(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change a stream's settings in place; see :meth:`Durable.update_stream`."""
+        return await self.durable.update_stream(name, **settings)
+
+    async def stream_groups(self, name: str) -> dict[str, dict[str, Any]]:
+        """A stream's consumer groups; see :meth:`Durable.stream_groups`."""
+        return await self.durable.stream_groups(name)
+
+    async def delete_group(self, stream: str, group: str, *, force: bool = False) -> dict[str, Any]:
+        """Delete a consumer group; see :meth:`Durable.delete_group`."""
+        return await self.durable.delete_group(stream, group, force=force)
 
     async def stream_info(self, name: str) -> dict[str, Any]:
         return await self.durable.stream_info(name)

@@ -216,6 +216,15 @@ class DeleteStream:
 
 
 @dataclass(slots=True)
+class DeleteGroup:
+    """Forget a consumer group of a stream: its committed offsets, every partition."""
+
+    stream: str
+    group: str
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
 class CommitOffsets:
     """Upsert group offsets: (stream, group, partition, committed, delivered). Each
     stored value only grows: a lower value than the one stored is ignored."""
@@ -252,6 +261,7 @@ WriteOp: TypeAlias = (
     PutMessages | DeleteMessages | UpdateMessages | MoveMessages
     | PutQueue | DeleteQueue | PurgeQueue | ExpireDedup
     | PutStream | DeleteStream | CommitOffsets | MarkStreamNext | TrimStream
+    | DeleteGroup
 )
 
 #: A paging cursor: the (available_ms, id) of the last message already read.

@@ -29,6 +29,7 @@ import msgpack
 from tidings.broker.durable.store.base import (
     CommitOffsets,
     DedupEntry,
+    DeleteGroup,
     DeleteMessages,
     DeleteQueue,
     DeleteStream,
@@ -45,7 +46,7 @@ from tidings.broker.durable.store.base import (
     WriteOp,
 )
 from tidings.broker.durable.store.streams import (
-    DELETE_STREAM, INSERT_STREAM_ROW, TRIM, UPSERT_FLOOR, UPSERT_NEXT, UPSERT_OFFSET, UPSERT_STREAM,
+    DELETE_GROUP, DELETE_STREAM, INSERT_STREAM_ROW, TRIM, UPSERT_FLOOR, UPSERT_NEXT, UPSERT_OFFSET, UPSERT_STREAM,
     encode_stream_row,
 )
 
@@ -183,6 +184,10 @@ def _delete_stream(op: DeleteStream) -> Item:
     return Item(op, 1, statements=[(sql, (op.name,)) for sql, _ in DELETE_STREAM])
 
 
+def _delete_group(op: DeleteGroup) -> Item:
+    return Item(op, 1, statements=[(DELETE_GROUP, (op.stream, op.group))])
+
+
 def _trim_stream(op: TrimStream) -> Item:
     return Item(op, 1, statements=[(TRIM, (op.stream, op.partition, op.before)),
                                    (UPSERT_FLOOR, (op.stream, op.partition, op.before))])
@@ -196,7 +201,7 @@ _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
     PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
     CommitOffsets: _commit_offsets, PutStream: _put_stream, DeleteStream: _delete_stream,
-    TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next,
+    TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next, DeleteGroup: _delete_group,
 }
 
 

@@ -46,6 +46,7 @@ from anyio.abc import TaskStatus
 from tidings.broker.durable.store.base import (
     DURABILITIES,
     CommitOffsets,
+    DeleteGroup,
     DeleteMessages,
     DeleteQueue,
     DeleteStream,
@@ -426,6 +427,9 @@ class MemoryStore:
             for okey in [k for k in d.offsets if k[0] == name]:
                 del d.offsets[okey]
             d.streams.pop(name, None)
+        elif isinstance(op, DeleteGroup):
+            for okey in [k for k in d.offsets if k[0] == op.stream and k[1] == op.group]:
+                del d.offsets[okey]
         elif isinstance(op, CommitOffsets):
             for stream, grp, part, committed, delivered in it.offsets:
                 c, dl = d.offsets.get((stream, grp, part), (committed, delivered))
