@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tidings.broker.durable.store import (
     CommitOffsets,
+    DeleteGroup,
     DeleteMessages,
     DeleteQueue,
     DeleteStream,
@@ -761,6 +762,23 @@ async def test_group_offsets_and_next_marks_never_go_backwards(backend):
         assert await store.load_offsets("s") == {"g": {0: (5, 9), 1: (1, 1)}, "h": {0: (2, 2)}}
         assert await store.load_offsets("t") == {"g": {0: (9, 9)}}
         assert await store.partition_marks("s") == {0: 8, 1: 3}
+
+
+async def test_delete_group_removes_its_offsets_only(backend):
+    async with backend.open() as store:
+        await store.write(CommitOffsets([("s", "g", 0, 5, 7), ("s", "g", 1, 1, 1), ("s", "h", 0, 2, 2),
+                                         ("t", "g", 0, 9, 9)]))
+        await store.write(DeleteGroup("s", "g"))
+        await store.write(DeleteGroup("s", "absent"))  # nothing to delete: no error
+        assert await store.load_offsets("s") == {"h": {0: (2, 2)}}
+    async with backend.open(run=False) as store:
+        # in one batch, the delete keeps its place among the commits
+        errors = await _all_in_one_batch(store, [CommitOffsets([("s", "h", 1, 3, 3)]), DeleteGroup("s", "h"),
+                                                 CommitOffsets([("s", "h", 0, 1, 1)])])
+        assert errors == [None, None, None] and store.commits == 1
+    async with backend.open() as store:
+        assert await store.load_offsets("s") == {"h": {0: (1, 1)}}
+        assert await store.load_offsets("t") == {"g": {0: (9, 9)}}
 
 
 async def test_delete_stream_removes_everything_of_it_only(backend):
