@@ -355,6 +355,31 @@ async def test_paging_by_available_then_id_with_cursor(backend, row):
         assert await store.count("q") == 7  # updating an absent id creates nothing
 
 
+async def test_priority_lanes_page_by_available_then_id(backend, row):
+    """A priority queue's rows carry their priority; reads filtered by it page one
+    priority in (available_ms, id) order; updates and moves keep it; plain rows have None."""
+    prio = {1: 0, 2: 5, 3: 5, 4: 0, 5: 9, 6: 5}
+    avail = {1: 100, 2: 300, 3: 100, 4: 50, 5: 200, 6: 100}
+    async with backend.open() as store:
+        await store.write(PutMessages([row("p", i, available_ms=avail[i], priority=prio[i]) for i in prio]))
+        await store.write(PutMessages([row("plain", 1)]))
+        assert [m.id for m in await store.load_messages("p", None, priority=5)] == [3, 6, 2]
+        assert [m.id for m in await store.load_messages("p", (100, 3), priority=5, limit=1)] == [6]
+        assert [m.id for m in await store.load_messages("p", None, priority=5, due_before_ms=100)] == [3, 6]
+        assert [m.id for m in await store.load_messages("p", None, priority=0)] == [4, 1]
+        assert await store.load_messages("p", None, priority=3) == []
+        assert await store.next_available_ms("p", None, priority=9) == 200
+        assert await store.next_available_ms("p", (100, 6), priority=5) == 300
+        assert await store.next_available_ms("p", (300, 2), priority=5) is None
+        assert [m.id for m in await store.load_messages("p")] == [4, 1, 3, 6, 5, 2]  # unfiltered: every lane
+        await store.write(UpdateMessages("p", [(3, 400, 1, "nack")]))
+        await store.write(MoveMessages("p", [(6, row("p", 7, available_ms=100, priority=5))]))
+    async with backend.open() as store:
+        got = await store.load_messages("p", None, priority=5)
+        assert [(m.id, m.available_ms, m.priority) for m in got] == [(7, 100, 5), (2, 300, 5), (3, 400, 5)]
+        assert (await store.load_messages("plain"))[0].priority is None
+
+
 async def test_count_oldest_and_listing(backend, row):
     async with backend.open() as store:
         await store.write(PutMessages([row("q", i, available_ms=100 - i) for i in range(1, 21)]))

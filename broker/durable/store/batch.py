@@ -52,7 +52,7 @@ from tidings.broker.durable.store.streams import (
 
 INSERT_MESSAGE: Final = (
     "INSERT INTO messages (queue, id, subject, payload, headers, msg_id, published_ms,"
-    " available_ms, expires_ms, deliveries, last_error) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+    " available_ms, expires_ms, deliveries, last_error, priority) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
 UPSERT_DEDUP: Final = "INSERT OR REPLACE INTO dedup (msg_id, expires_ms, result) VALUES (?,?,?)"
 # Parameters are (queue, id, available_ms, deliveries, last_error): the key comes first,
 # like every other per-message tuple here, so the planner reads keys the same way.
@@ -74,7 +74,7 @@ def encode_row(m: StoredMessage) -> Row:
     """The INSERT_MESSAGE parameters for one message (headers msgpack-encoded)."""
     headers = None if m.headers is None else msgpack.packb(m.headers, use_bin_type=True)
     return (m.queue, m.id, m.subject, m.payload, headers, m.msg_id, m.published_ms,
-            m.available_ms, m.expires_ms, m.deliveries, m.last_error)
+            m.available_ms, m.expires_ms, m.deliveries, m.last_error, m.priority)
 
 
 _NONE: Final[tuple[Any, ...]] = ()  # shared "no rows of this kind" (never mutated)

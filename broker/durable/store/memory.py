@@ -406,7 +406,7 @@ class MemoryStore:
                 for i, avail, deliveries, error in op.updates:
                     r = rows.get(i)
                     if r is not None:
-                        rows[i] = (*r[:7], avail, r[8], deliveries, error)
+                        rows[i] = (*r[:7], avail, r[8], deliveries, error, *r[11:])
         elif isinstance(op, PutQueue):
             old = d.queues.get(op.name)
             d.queues[op.name] = (json.dumps(op.config, sort_keys=True), old[1] if old else op.created_ms)
@@ -478,18 +478,22 @@ class MemoryStore:
 
     async def load_messages(self, queue: str, after: PageKey | None = None, *,
                             due_before_ms: int | None = None, limit: int = 1000,
-                            max_bytes: int | None = None, min_rows: int = 1) -> list[StoredMessage]:
+                            max_bytes: int | None = None, min_rows: int = 1,
+                            priority: int | None = None) -> list[StoredMessage]:
         d = await self._read()
         rows = sorted(d.messages.get(queue, {}).values(), key=_due_key)
+        if priority is not None:
+            rows = [r for r in rows if r[11] == priority]
         if after is not None:
             rows = [r for r in rows if (r[7], r[1]) > after]
         if due_before_ms is not None:
             rows = [r for r in rows if r[7] <= due_before_ms]
         return [decode_message(r) for r in _page(rows, 3, limit, max_bytes, min_rows)]
 
-    async def next_available_ms(self, queue: str, after: PageKey | None = None) -> int | None:
+    async def next_available_ms(self, queue: str, after: PageKey | None = None,
+                                priority: int | None = None) -> int | None:
         d = await self._read()
-        keys = [(r[7], r[1]) for r in d.messages.get(queue, {}).values()]
+        keys = [(r[7], r[1]) for r in d.messages.get(queue, {}).values() if priority is None or r[11] == priority]
         if after is not None:
             keys = [k for k in keys if k > after]
         return min(keys)[0] if keys else None
