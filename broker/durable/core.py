@@ -29,6 +29,7 @@ from tidings.broker.durable.admission import Admission
 from tidings.broker.durable.context import DurableContext
 from tidings.broker.durable.group import Member
 from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
+from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
 from tidings.broker.durable.settings import QueueConfig, updated, validate_name
 from tidings.broker.durable.store.base import (
@@ -112,7 +113,8 @@ class Durable:
         for name, conf, _created in await self.store.load_queues():
             qc = QueueConfig.from_args(conf)
             count = await self.store.count(name)
-            await self._start_queue(qc, count)
+            lanes = [await self.store.count(name, p) for p in range(qc.max_priority + 1)] if qc.max_priority else None
+            await self._start_queue(qc, count, lanes)
         await self.streams.start(tg)
         tg.start_soon(self.admission.sweeper)
         log.info("recovered %d queues (%d messages) and %d streams", len(self.queues),
@@ -124,8 +126,8 @@ class Durable:
             q.stop()
         await self.store.close()
 
-    async def _start_queue(self, qc: QueueConfig, count: int) -> QueueActor:
-        q = QueueActor(self.ctx, qc, count)
+    async def _start_queue(self, qc: QueueConfig, count: int, lanes: list[int] | None = None) -> QueueActor:
+        q = PriorityQueueActor(self.ctx, qc, count, lanes) if qc.max_priority else QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
         for p in qc.bind:
             self.bindings.add(p, q)
@@ -321,7 +323,8 @@ class Durable:
                     back.append(m)
                     continue
                 row = StoredMessage(target, self.ctx.next_id(), m.subject, m.payload, redriven_headers(h, q.name),
-                                    m.msg_id, m.published_ms, now, None, 0, None)
+                                    m.msg_id, m.published_ms, now, None, 0, None,
+                                    self.queues[target].cfg.priority_of(m.priority))
                 groups.setdefault(target, []).append((m.id, row))
                 originals.setdefault(target, []).append(m)
             for target, moves in groups.items():

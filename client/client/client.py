@@ -39,7 +39,7 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from tidings.protocol.frames import M_HEADERS, M_PAYLOAD, M_REPLY, M_SUBJECT, P_OPTS, P_SEQ
-from tidings.protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
+from tidings.protocol.numbers import MAX_DURATION_MS, MAX_PRIORITY, MAX_TIMESTAMP_MS
 from tidings.protocol.subjects import PatternSet, validate_pattern, validate_subject
 from tidings.protocol.vocabulary import DEFAULT_PORT
 
@@ -826,7 +826,8 @@ class Client:
     def publish_nowait(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
                        headers: dict[str, Any] | None = None, reply: str | None = None,
                        msg_id: str | None = None, key: str | None = None, delay: float | None = None,
-                       at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> Confirmation:
+                       at: Any = None, ttl: float | None = None, confirm: bool | None = None,
+                       priority: int | None = None) -> Confirmation:
         """Queue a publish without waiting and return a :class:`Confirmation`
         to await later, so one task can keep many confirms in flight.
 
@@ -837,6 +838,8 @@ class Client:
         if self._closed:
             self._check_open()
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if priority is not None:
+            _set_priority(m, priority)
         if self._outage_bytes_full():
             raise PublishBufferFullError(f"{self._pub_bytes} bytes are buffered while disconnected")
         if not self._wants_confirm(m, confirm):
@@ -870,7 +873,8 @@ class Client:
     async def publish(self, subject: str, payload: bytes | bytearray | memoryview | str, *,
                       headers: dict[str, Any] | None = None, reply: str | None = None,
                       msg_id: str | None = None, key: str | None = None, delay: float | None = None,
-                      at: Any = None, ttl: float | None = None, confirm: bool | None = None) -> PublishAck | None:
+                      at: Any = None, ttl: float | None = None, confirm: bool | None = None,
+                      priority: int | None = None) -> PublishAck | None:
         """Publish ``payload`` to ``subject``.
 
         When no durable queue or stream is bound to the subject this returns
@@ -885,11 +889,15 @@ class Client:
         ``msg_id`` de-duplicates within the broker's window; ``delay``
         (seconds) or ``at`` (datetime or epoch seconds) defer delivery;
         ``ttl`` (seconds) expires the message if not delivered in time;
-        ``key`` picks a stream partition.
+        ``key`` picks a stream partition; ``priority`` (0..255) orders the
+        message in a priority queue (higher first; a queue declared with
+        ``max_priority`` clamps it to that; other queues ignore it).
         """
         if self._closed:
             self._check_open()
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if priority is not None:
+            _set_priority(m, priority)
         if self._outage_bytes_full():
             await self._wait_buffer_room()
         if self._wants_confirm(m, confirm):
@@ -1209,3 +1217,12 @@ class connect:
             self._tg.cancel_scope.cancel()
             await self._tg.__aexit__(None, None, None)
         return False
+
+
+def _set_priority(m: list[Any], priority: int) -> None:
+    """Put a publish's priority into its options (InvalidArgumentError if out of range)."""
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise InvalidArgumentError(f"priority must be an integer in 0..{MAX_PRIORITY}")
+    if m[5] is None:
+        m[5] = {}
+    m[5][F.OPT_PRIORITY] = priority

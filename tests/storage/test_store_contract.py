@@ -372,6 +372,7 @@ async def test_priority_lanes_page_by_available_then_id(backend, row):
         assert await store.next_available_ms("p", (100, 6), priority=5) == 300
         assert await store.next_available_ms("p", (300, 2), priority=5) is None
         assert [m.id for m in await store.load_messages("p")] == [4, 1, 3, 6, 5, 2]  # unfiltered: every lane
+        assert [await store.count("p", priority=x) for x in (0, 5, 9, 3)] == [2, 3, 1, 0]
         await store.write(UpdateMessages("p", [(3, 400, 1, "nack")]))
         await store.write(MoveMessages("p", [(6, row("p", 7, available_ms=100, priority=5))]))
     async with backend.open() as store:

@@ -380,8 +380,9 @@ class Store(Protocol):
         when given) after the cursor (in delivery order), or None if there is none."""
         ...
 
-    async def count(self, queue: str) -> int:
-        """How many messages `queue` holds (may be O(length): recovery and admin)."""
+    async def count(self, queue: str, priority: int | None = None) -> int:
+        """How many messages `queue` holds (of that `priority`, when given); may be
+        O(length): recovery and admin."""
         ...
 
     async def oldest(self, queue: str, n: int) -> list[StoredMessage]:

@@ -498,8 +498,11 @@ class MemoryStore:
             keys = [k for k in keys if k > after]
         return min(keys)[0] if keys else None
 
-    async def count(self, queue: str) -> int:
-        return len((await self._read()).messages.get(queue, {}))
+    async def count(self, queue: str, priority: int | None = None) -> int:
+        rows = (await self._read()).messages.get(queue, {})
+        if priority is not None:
+            return sum(1 for r in rows.values() if r[11] == priority)
+        return len(rows)
 
     async def oldest(self, queue: str, n: int) -> list[StoredMessage]:
         rows = (await self._read()).messages.get(queue, {})

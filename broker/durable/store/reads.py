@@ -160,8 +160,12 @@ class Reads:
                 " ORDER BY available_ms, id LIMIT 1", [queue, after[0], after[1]])
         return rows[0][0] if rows else None
 
-    async def count(self, queue: str) -> int:
+    async def count(self, queue: str, priority: int | None = None) -> int:
         """How many messages `queue` holds. Scans the queue's index: O(length); for recovery and admin."""
+        if priority is not None:
+            rows = await self._fetch("SELECT count(*) FROM messages WHERE queue = ? AND priority = ?",
+                                     [queue, priority])
+            return int(rows[0][0])
         rows = await self._fetch("SELECT count(*) FROM messages WHERE queue = ?", [queue])
         return int(rows[0][0])
 
