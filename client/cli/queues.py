@@ -68,7 +68,7 @@ async def _queues_ls(tc: Any, ns: argparse.Namespace) -> None:
 #: declare flags -> queue settings (see QueueConfig); None values are not sent.
 _DECLARE_SETTINGS: Final = ("ack_deadline", "max_deliveries", "backoff_initial", "backoff_multiplier",
                             "backoff_max", "backoff_jitter", "backoff_schedule", "dead_letter",
-                            "message_ttl", "dead_letter_expired", "max_length", "overflow")
+                            "message_ttl", "dead_letter_expired", "max_length", "overflow", "max_priority")
 
 
 async def _queues_declare(tc: Any, ns: argparse.Namespace) -> None:
@@ -216,6 +216,8 @@ def _add_queues(sp: Any) -> None:
     s.add_argument("--max-length", type=int, metavar="N", help="most messages the queue holds")
     s.add_argument("--overflow", choices=["reject", "dead_letter_oldest"],
                    help="at max length: reject new publishes (QUEUE_FULL, default) or dead-letter the oldest")
+    s.add_argument("--max-priority", type=int, metavar="N",
+                   help="a priority queue: publishes carry a priority 0..N (1..9), higher delivered first")
     add_options(s, leaf=True)
     s.set_defaults(fn=runner(_queues_declare))
 

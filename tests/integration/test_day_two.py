@@ -8,7 +8,7 @@ import anyio
 import pytest
 
 from tidings.client import connect
-from tidings.client.errors import ConflictError, ImmutableSettingError, NotFoundError
+from tidings.client.errors import ConflictError, ImmutableSettingError, NotFoundError, PublishBufferFullError
 from queuetools import WAIT, collect, declare, holds
 from test_queue_cli import tidings, tidings_json
 
@@ -188,3 +188,57 @@ async def test_force_delete_ends_live_members(broker) -> None:
                 async for _ in msgs:  # the consumer ends (consumer_closed)
                     pass
         assert await tc.stream_groups("gf") == {}
+
+
+# ---------------------------------------------------------- priority queues
+
+BACKLOG = 10_500  # more than a queue's window (queue.WINDOW, 10,000): most of it stays on disk
+
+
+async def _publish_many(tc, subject: str, payloads: list[bytes], priority: int) -> None:
+    pending = []
+    for p in payloads:
+        while True:
+            try:
+                pending.append(tc.publish_nowait(subject, p, priority=priority, confirm=True))
+                break
+            except PublishBufferFullError:
+                await pending.pop(0)
+    for c in pending:
+        await c
+
+
+async def test_priority_order_with_a_backlog_on_disk_and_after_kill_9(broker) -> None:
+    async with connect(broker.url, auto_msg_id=False) as tc:
+        info = await tc.declare_queue("pq", bind=["pq.>"], max_priority=9)
+        assert info["config"]["max_priority"] == 9
+        with pytest.raises(ImmutableSettingError, match="max_priority"):
+            await tc.update_queue("pq", max_priority=3)
+        lows = [b"low%05d" % i for i in range(BACKLOG)]
+        await _publish_many(tc, "pq.x", lows, 1)
+        async with tc.consume("pq", prefetch=1) as deliveries:
+            first = await deliveries.next(timeout=WAIT)
+            assert first.payload == b"low00000"
+            # published behind the whole backlog, most of which is on disk only
+            await tc.publish("pq.x", b"top", priority=9, confirm=True)
+            await _publish_many(tc, "pq.x", [b"mid%d" % i for i in range(5)], 5)
+            await tc.publish("pq.x", b"clamped", priority=200, confirm=True)  # treated as 9
+            await first.ack(wait=True)
+            d = await deliveries.next(timeout=WAIT)
+            assert d.payload == b"top"
+            await d.ack(wait=True)
+            d = await deliveries.next(timeout=WAIT)
+            assert d.payload == b"clamped"  # prefetched, unacked: back to the front of its lane after the kill
+            await anyio.to_thread.run_sync(broker.kill)
+    await anyio.to_thread.run_sync(broker.restart)
+    async with connect(broker.url) as tc:
+        assert (await tc.queue_info("pq"))["depth"] == BACKLOG - 1 + 6
+        await tc.publish("pq.x", b"new-low", confirm=True)  # priority 0: after everything else
+        async with tc.consume("pq", prefetch=1) as deliveries:
+            got = []
+            for _ in range(12):
+                d = await deliveries.next(timeout=WAIT)
+                got.append(d.payload)
+                await d.ack(wait=True)
+        assert got == [b"clamped"] + [b"mid%d" % i for i in range(5)] + lows[1:7]
+        await tc.delete_queue("pq")
