@@ -152,7 +152,7 @@ class Durable:
             if existing.cfg != qc:
                 diff = [k for k, v in qc.to_dict().items() if existing.cfg.to_dict().get(k) != v]
                 raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
-                           "delete it first to change them", ErrorCode.CONFLICT, rid)
+                           "change mutable ones with queue.update (`tidings queues update`)", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
         self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:

@@ -155,8 +155,8 @@ class Streams:
         if existing is not None:
             if existing.cfg != cfg:
                 diff = [k for k, v in cfg.to_dict().items() if existing.cfg.to_dict().get(k) != v]
-                raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)})",
-                           ErrorCode.CONFLICT, rid)
+                raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)}); "
+                           "change mutable ones with stream.update (`tidings streams update`)", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
         if cfg.name in self.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)

@@ -70,11 +70,17 @@ async def test_queue_update_refuses_immutable_settings(broker) -> None:
         with pytest.raises(NotFoundError):
             await tc.update_queue("nope", max_deliveries=3)
         # a redeclare with different settings is still refused (CONFLICT), update is the way
-        with pytest.raises(ConflictError):
+        with pytest.raises(ConflictError, match="queue.update"):
             await declare(tc, "imm", max_deliveries=4)
     r = await tidings("queues", "update", "imm", "--max-length", "5", "--ttl", "1m", "--ack-deadline", "30s",
                       url=broker.url)
     assert "max_length=5" in r.stdout and "message_ttl=60.0" in r.stdout
+    r = await tidings("queues", "update", "imm", url=broker.url, check=False)
+    assert r.returncode == 1 and "give at least one setting" in r.stderr and "Traceback" not in r.stderr
+    r = await tidings("queues", "update", "imm", "--bind", "x.>", url=broker.url, check=False)
+    assert r.returncode == 2  # not an update flag: usage error
+    r = await tidings("queues", "declare", "cli-prio", "--bind", "cli-prio.>", "--max-priority", "5", url=broker.url)
+    assert (await tidings_json("queues", "info", "cli-prio", url=broker.url))["config"]["max_priority"] == 5
     r = await tidings("streams", "update", "nostream", "--retention", "7d", url=broker.url, check=False)
     assert r.returncode == 1 and "no stream named" in r.stderr and "Traceback" not in r.stderr
 
