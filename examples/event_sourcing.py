@@ -4,7 +4,7 @@
 
 What it does, printing each step:
 
-1. Declares the stream ``bank`` (4 partitions, bound to ``bank.>``). The
+1. Declares the stream ``example-bank`` (4 partitions, bound to ``example-bank.>``). The
    account id is the message key, so one account's events stay in order in
    one partition.
 2. Rebuilds every balance by replaying the whole stream (``read_stream``
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL),
                     help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
-    ap.add_argument("--stream", default="bank", help="stream name (default bank)")
+    ap.add_argument("--stream", default="example-bank", help="stream name (default example-bank)")
     ap.add_argument("--accounts", type=int, default=12, help="accounts to open (default 12)")
     ap.add_argument("--events", type=int, default=300, help="commands to handle before the replay (default 300)")
     ap.add_argument("--live", type=int, default=20, help="events published while the read model follows")

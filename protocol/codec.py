@@ -255,6 +255,7 @@ def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None
 
 # Upper bounds of the integer PUB options (see protocol/numbers.py).
 _OPT_MAX: Final = {F.OPT_DELAY: N.MAX_DURATION_MS, F.OPT_TTL: N.MAX_DURATION_MS, F.OPT_AT: N.MAX_TIMESTAMP_MS,
+                   F.OPT_PRIORITY: N.MAX_PRIORITY,
                    F.OPT_NEW: 1}
 
 

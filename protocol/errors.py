@@ -42,6 +42,7 @@ class ErrorCode(IntEnum):
     STALE_GENERATION = 36
     OFFSET_OUT_OF_RANGE = 37
     DUPLICATE = 38
+    IMMUTABLE_SETTING = 39
     SLOW_CONSUMER = 40
     SHUTTING_DOWN = 41
     OVERLOADED = 42
@@ -90,6 +91,7 @@ REGISTRY: Final[dict[int, ErrorInfo]] = dict(
         _info(ErrorCode.STALE_GENERATION, False, "The consumer-group member no longer owns the partition (rebalanced)."),
         _info(ErrorCode.OFFSET_OUT_OF_RANGE, False, "The requested offset is outside what the partition retains."),
         _info(ErrorCode.DUPLICATE, False, "An object with this identity already exists."),
+        _info(ErrorCode.IMMUTABLE_SETTING, False, "An update named a setting that cannot change in place (the message names it and why)."),
         _info(ErrorCode.SLOW_CONSUMER, True, "The subscriber fell behind its outbound buffer; messages were dropped or it was cut off."),
         _info(ErrorCode.SHUTTING_DOWN, True, "The server is shutting down; reconnect and retry."),
         _info(ErrorCode.OVERLOADED, True, "The server is above a resource limit; retry later."),

@@ -91,7 +91,8 @@ OPT_DELAY: Final = "delay"  # int ms: deliver no earlier than now + delay
 OPT_AT: Final = "at"  # int ms since the epoch: deliver no earlier than this
 OPT_TTL: Final = "ttl"  # int ms: expire if not delivered in time
 OPT_NEW: Final = "new"  # int 1: the publisher vouches this msg_id was never sent before (skip the look-up)
-PUB_OPTIONS: Final = frozenset({OPT_MSG_ID, OPT_KEY, OPT_DELAY, OPT_AT, OPT_TTL, OPT_NEW})
+OPT_PRIORITY: Final = "prio"  # int 0..MAX_PRIORITY: order in a priority queue (higher first); ignored elsewhere
+PUB_OPTIONS: Final = frozenset({OPT_MSG_ID, OPT_KEY, OPT_DELAY, OPT_AT, OPT_TTL, OPT_NEW, OPT_PRIORITY})
 
 # CALL methods of the schema registry (docs/PROTOCOL.md §15: their args and results).
 CALL_SCHEMA_REGISTER: Final = "schema.register"  # {name, schema, compatibility?} -> {name, version, created}

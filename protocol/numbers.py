@@ -26,6 +26,7 @@ MAX_TIMESTAMP_MS: Final = 253_402_300_799_999
 MAX_DURATION_MS: Final = 100 * 366 * 86_400_000
 MAX_PREFETCH: Final = 10_000  # deliveries one queue consumer may hold unacked
 MAX_WINDOW: Final = 10_000  # in-flight deliveries per partition of a stream group member
+MAX_PRIORITY: Final = 255  # a message's priority on the wire (as AMQP's octet); a queue clamps it to its max_priority
 MAX_PARTITIONS: Final = 256  # partitions of one stream (one actor state and one offset each)
 MAX_LIST_LIMIT: Final = 10_000  # rows one listing call (dlq.list) returns
 

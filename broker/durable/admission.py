@@ -236,7 +236,7 @@ class Admission:
                 continue
             full = None
             for q in targets:
-                if type(q) is not QueueActor:
+                if not isinstance(q, QueueActor):  # (a PriorityQueueActor is one too)
                     continue
                 ml = q.cfg.max_length
                 if ml is not None and q.cfg.overflow == "reject" and q.count + reserved.get(q, 0) >= ml:
@@ -259,12 +259,14 @@ class Admission:
             stream_rows: list[tuple[StreamActor, StreamRow]] = []
             result: dict[str, Any] = {"id": mid, "queues": 0}
             for t in targets:
-                if type(t) is QueueActor:
+                if isinstance(t, QueueActor):
                     ttl = opts.get(F.OPT_TTL)
                     if ttl is None and t.cfg.message_ttl is not None:
                         ttl = int(t.cfg.message_ttl * 1000)
                     row = StoredMessage(t.name, mid, m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS], msg_id,
                                         now, avail, (now + ttl) if ttl is not None else None, 0, None)
+                    if t.cfg.max_priority:
+                        row.priority = t.cfg.priority_of(opts.get(F.OPT_PRIORITY))
                     qrows.append((t, row))
                     rows.append(row)
                     reserved[t] = reserved.get(t, 0) + 1

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+import anyio
 from typing import TYPE_CHECKING, Any, Callable, Final, cast
 
 from anyio.abc import TaskGroup
@@ -27,8 +29,9 @@ from tidings.broker.durable.admission import Admission
 from tidings.broker.durable.context import DurableContext
 from tidings.broker.durable.group import Member
 from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
+from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.settings import QueueConfig, validate_name
+from tidings.broker.durable.settings import QueueConfig, updated, validate_name
 from tidings.broker.durable.store.base import (
     Durability,
     DeleteQueue,
@@ -71,6 +74,7 @@ class Durable:
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters)
         self._tg: TaskGroup | None = None
+        self._updating = anyio.Lock()  # one settings update at a time: each starts from the last one's result
         # Admission of durable publishes (de-dup, ids, confirms): the connections' publish path.
         self.admission = Admission(self.ctx, self.streams, cfg.dedup_window, lambda: broker.shutting_down)
 
@@ -109,7 +113,8 @@ class Durable:
         for name, conf, _created in await self.store.load_queues():
             qc = QueueConfig.from_args(conf)
             count = await self.store.count(name)
-            await self._start_queue(qc, count)
+            lanes = [await self.store.count(name, p) for p in range(qc.max_priority + 1)] if qc.max_priority else None
+            await self._start_queue(qc, count, lanes)
         await self.streams.start(tg)
         tg.start_soon(self.admission.sweeper)
         log.info("recovered %d queues (%d messages) and %d streams", len(self.queues),
@@ -121,8 +126,8 @@ class Durable:
             q.stop()
         await self.store.close()
 
-    async def _start_queue(self, qc: QueueConfig, count: int) -> QueueActor:
-        q = QueueActor(self.ctx, qc, count)
+    async def _start_queue(self, qc: QueueConfig, count: int, lanes: list[int] | None = None) -> QueueActor:
+        q = PriorityQueueActor(self.ctx, qc, count, lanes) if qc.max_priority else QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
         for p in qc.bind:
             self.bindings.add(p, q)
@@ -147,7 +152,7 @@ class Durable:
             if existing.cfg != qc:
                 diff = [k for k, v in qc.to_dict().items() if existing.cfg.to_dict().get(k) != v]
                 raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
-                           "delete it first to change them", ErrorCode.CONFLICT, rid)
+                           "change mutable ones with queue.update (`tidings queues update`)", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
         self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:
@@ -168,18 +173,66 @@ class Durable:
             raise _err(f"no queue named {name!r}", ErrorCode.NOT_FOUND, rid)
         return q
 
+    async def update(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Change a queue's mutable settings in place: stored first, then the
+        live actor takes them (settings.QUEUE_IMMUTABLE are refused)."""
+        q = self._queue(args, rid)
+        async with self._updating:
+            try:
+                new = updated(q.cfg, args, "queue")
+            except RemoteProtocolError as exc:
+                exc.rid = rid
+                raise
+            if new != q.cfg and self.queues.get(q.name) is q:
+                await self.store.write(PutQueue(q.name, new.to_dict(), self.now_ms()))
+                q.reconfigure(new)
+        return q.info()
+
+    def dead_letter_to_delete(self, args: dict[str, Any], kind: str = "queue") -> str | None:
+        """The dead-letter queue a ``queue.delete``/``stream.delete`` call with
+        ``args`` deletes with its queue or stream: None with ``keep_dlq``, when
+        it does not exist, or when another queue or stream also dead-letters
+        into it (it is kept for them)."""
+        if args.get("keep_dlq"):
+            return None
+        name = args.get("name")
+        owner: Any = (self.queues if kind == "queue" else self.streams.streams).get(name) \
+            if isinstance(name, str) else None
+        dl = owner.cfg.dead_letter if owner is not None else None
+        if not dl or dl not in self.queues or dl == name:
+            return None
+        if any(o.cfg.dead_letter == dl for o in self.queues.values() if o is not owner and o.name != dl) or \
+                any(st.cfg.dead_letter == dl for st in self.streams.streams.values() if st is not owner):
+            return None
+        return dl
+
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Delete a queue and, unless ``keep_dlq``, its dead-letter queue (when
+        no other queue or stream dead-letters into it)."""
         q = self._queue(args, rid)
         users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
         if users:
             raise _err(f"queue {q.name!r} is the dead-letter queue of {', '.join(users)}", ErrorCode.CONFLICT, rid)
+        dl = self.dead_letter_to_delete(args)
+        await self._drop(q)
+        out: dict[str, Any] = {"deleted": q.name, "messages": q.count}
+        if dl is not None:
+            out["dead_letter"] = await self.delete_dead_letter(dl)
+        return out
+
+    async def delete_dead_letter(self, name: str) -> dict[str, Any]:
+        """Delete dead-letter queue ``name`` with the queue or stream it served."""
+        dq = self.queues[name]
+        await self._drop(dq)
+        return {"deleted": dq.name, "messages": dq.count}
+
+    async def _drop(self, q: QueueActor) -> None:
         q.close("queue deleted")
         for p in q.cfg.bind:
             self.bindings.remove(p, q)
         del self.queues[q.name]
         await self.store.write(DeleteQueue(q.name))
         self.broker.bindings_changed()
-        return {"deleted": q.name, "messages": q.count}
 
     async def purge(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         q = self._queue(args, rid)
@@ -270,7 +323,8 @@ class Durable:
                     back.append(m)
                     continue
                 row = StoredMessage(target, self.ctx.next_id(), m.subject, m.payload, redriven_headers(h, q.name),
-                                    m.msg_id, m.published_ms, now, None, 0, None)
+                                    m.msg_id, m.published_ms, now, None, 0, None,
+                                    self.queues[target].cfg.priority_of(m.priority))
                 groups.setdefault(target, []).append((m.id, row))
                 originals.setdefault(target, []).append(m)
             for target, moves in groups.items():
@@ -351,6 +405,7 @@ class Durable:
         return {
             "queue.declare": self.declare,
             "queue.delete": self.delete,
+            "queue.update": self.update,
             "queue.purge": self.purge,
             "queue.list": lambda args, rid: self.list_queues(),
             "queue.info": lambda args, rid: self._queue(args, rid).info(),
@@ -359,4 +414,14 @@ class Durable:
             "dlq.redrive": self.redrive,
             "dlq.purge": self.purge,
             **self.streams.calls(),
+            "stream.delete": self.delete_stream,
         }
+
+    async def delete_stream(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Delete a stream and, unless ``keep_dlq``, its dead-letter queue (when
+        no other queue or stream dead-letters into it)."""
+        dl = self.dead_letter_to_delete(args, "stream")
+        out = await self.streams.delete(args, rid)
+        if dl is not None and dl in self.queues:
+            out["dead_letter"] = await self.delete_dead_letter(dl)
+        return out

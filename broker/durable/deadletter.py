@@ -86,7 +86,8 @@ class DeadLetters:
             h = dead_letter_headers(m.headers, source, reason, m.deliveries, m.last_error, now, m.published_ms)
             h[V.H_ORIGINAL_ID] = m.id
             moves.append((m.id, StoredMessage(dlq.name, ctx.next_id(), m.subject, m.payload, h, m.msg_id,
-                                              m.published_ms, now, None, 0, None)))
+                                              m.published_ms, now, None, 0, None,
+                                              dlq.cfg.priority_of(m.priority))))
         return moves, dlq.on_committed
 
     def from_stream(self, stream: str, target: str | None, row: StreamRow, reason: str, attempts: int,
@@ -101,7 +102,7 @@ class DeadLetters:
             h[V.H_STREAM_KEY] = row.key
         qname = dlq.name if dlq is not None else (target or dlq_name(stream))
         msg = StoredMessage(qname, ctx.next_id(), row.subject, row.payload, h, row.msg_id, row.timestamp_ms,
-                            now, None, 0, None)
+                            now, None, 0, None, dlq.cfg.priority_of(None) if dlq is not None else None)
 
         def done(error: Exception | None) -> None:
             if error is None and dlq is not None:

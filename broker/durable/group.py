@@ -124,6 +124,7 @@ class GroupActor:
         self._idle = False
         self._dirty = False
         self._stopped = False
+        self.finished = anyio.Event()  # set when run() has returned: it submits nothing more
         self.delivered_count = 0
         self.dead_lettered = 0  # messages this group sent to the stream's dead-letter queue
         self.redelivered = 0
@@ -151,7 +152,7 @@ class GroupActor:
         self._wake.set()
 
     def close(self, reason: str) -> None:
-        """The stream is deleted: every member's consumer is closed and the actor stops."""
+        """The stream or the group is deleted: every member's consumer is closed and the actor stops."""
         for m in list(self.members):
             m.conn.end_consumer(m.cid, reason)
         self.stop()
@@ -353,6 +354,7 @@ class GroupActor:
             if self._open:
                 self._open = False
                 self.ctx.window_budget.close()
+            self.finished.set()
 
     async def _run(self) -> None:
         store = self.ctx.store

@@ -210,6 +210,14 @@ class QueueActor:
             self.ctx.window_budget.open()
         self.wake()
 
+    def reconfigure(self, cfg: QueueConfig) -> None:
+        """Take new settings (an update, already stored): ack_deadline applies to
+        the next deliveries, max_deliveries and backoff to the next failure,
+        message_ttl to the next publishes, max_length at once (the
+        dead_letter_oldest policy trims on the next wake-up)."""
+        self.cfg = cfg
+        self.wake()
+
     def detach(self, consumer: Consumer) -> None:
         """The consumer stopped or its connection closed: its unacked messages
         return to the front of the queue at once (their delivery counted)."""

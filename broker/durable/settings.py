@@ -23,6 +23,9 @@ MAX_QUEUE_NAME: Final = 200  # leaves room for the ".dlq" suffix within the 255 
 MAX_BACKOFF: Final = 86400 * 7  # seconds: a retry delay longer than a week is a mistake, not a policy
 MAX_PARTITIONS: Final = N.MAX_PARTITIONS  # one actor state and one committed offset per partition and group
 DEFAULT_WINDOW: Final = 100  # in-flight deliveries per partition in a consumer group
+#: Highest max_priority a queue may have: each priority is a lane with its own
+#: paging cursor and a query per refill, so a handful (as RabbitMQ advises) is the point.
+MAX_QUEUE_PRIORITY: Final = 9
 
 
 def _bad(msg: str) -> RemoteProtocolError:
@@ -57,6 +60,14 @@ class QueueConfig:
     max_length: int | None = None
     overflow: str = "reject"
     is_dlq: bool = field(default=False)
+    max_priority: int = 0  # > 0: a priority queue (priority.py), messages 0..max_priority, higher first
+
+    def priority_of(self, p: int | None) -> int | None:
+        """The priority a message stored in this queue gets: None in a plain queue,
+        else ``p`` (default 0) clamped to max_priority."""
+        if not self.max_priority:
+            return None
+        return 0 if p is None else min(p, self.max_priority)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -101,6 +112,11 @@ class QueueConfig:
         overflow = a.get("overflow", "reject")
         if overflow not in OVERFLOW_POLICIES:
             raise _bad(f"overflow must be one of {', '.join(OVERFLOW_POLICIES)}")
+        mp = a.get("max_priority", 0)
+        check_int(mp, "max_priority (0 = a plain queue)", 0, MAX_QUEUE_PRIORITY)
+        if mp and overflow == "dead_letter_oldest":
+            raise _bad("a priority queue's max_length uses the reject policy (overflow dead_letter_oldest "
+                       "would pick among priorities)")
         dl = a.get("dead_letter", None)
         if is_dlq:
             dl = None
@@ -122,7 +138,7 @@ class QueueConfig:
             dead_letter=dl,
             message_ttl=num("message_ttl", None, 0.001, 86400 * 365, optional=True),  # type: ignore[arg-type]
             dead_letter_expired=bool(a.get("dead_letter_expired", False)),
-            max_length=ml, overflow=overflow, is_dlq=is_dlq,
+            max_length=ml, overflow=overflow, is_dlq=is_dlq, max_priority=mp,
         )
 
     def backoff(self, deliveries: int, rng: random.Random | None = None) -> float:
@@ -223,3 +239,42 @@ def dlq_config(name: str) -> QueueConfig:
 
 def _num(v: Any) -> bool:
     return (type(v) is int or type(v) is float) and v == v
+
+
+# --------------------------------------------------------- in-place updates
+
+#: Queue settings an update (``queue.update``) refuses, with the reason it gives.
+#: Every other setting changes in place (see :func:`updated`).
+QUEUE_IMMUTABLE: Final[dict[str, str]] = {
+    "bind": "bindings decide which publishes are stored and need subscribe rights on each pattern; "
+            "declare another queue for other subjects",
+    "dead_letter": "messages already dead-lettered stay in the old dead-letter queue; "
+                   "declare another queue with the dead-letter queue it should have",
+    "is_dlq": "a queue is created as a dead-letter queue or not",
+    "max_priority": "stored messages are ordered by it (a plain queue keeps none); declare another queue",
+}
+#: Stream settings an update (``stream.update``) refuses, with the reason it gives.
+STREAM_IMMUTABLE: Final[dict[str, str]] = {
+    "partitions": "a key's partition is its hash modulo the partition count, so changing it would "
+                  "break per-key order and the groups' committed offsets",
+    "bind": "bindings decide which publishes are stored and need subscribe rights on each pattern; "
+            "declare another stream for other subjects",
+    "dead_letter": "messages already dead-lettered stay in the old dead-letter queue; "
+                   "declare another stream with the dead-letter queue it should have",
+}
+
+
+def updated(old: Any, args: dict[str, Any], what: str = "queue") -> Any:
+    """``old`` (a QueueConfig or StreamConfig) with the settings in ``args``
+    changed, validated like a declare. A setting in QUEUE_IMMUTABLE /
+    STREAM_IMMUTABLE given with a different value raises
+    RemoteProtocolError(IMMUTABLE_SETTING) naming it and why; the same value is
+    accepted (an update may repeat the whole declaration)."""
+    immutable = QUEUE_IMMUTABLE if what == "queue" else STREAM_IMMUTABLE
+    changes = {k: v for k, v in args.items() if k != "name"}
+    new = type(old).from_args({**old.to_dict(), **changes, "name": old.name})
+    for key, why in immutable.items():
+        if key in changes and getattr(new, key) != getattr(old, key):
+            raise RemoteProtocolError(f"{what} {old.name!r}: {key} cannot change in place: {why}",
+                                      ErrorCode.IMMUTABLE_SETTING)
+    return new

@@ -20,8 +20,8 @@ from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 from tidings.broker.durable.group import GroupActor
 from tidings.broker.durable.partition import Partition
 from tidings.broker.durable.reader import Reader, resolve_start
-from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, dlq_name, validate_name
-from tidings.broker.durable.store.base import StorageError
+from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, dlq_name, updated, validate_name
+from tidings.broker.durable.store.base import DeleteGroup, StorageError
 from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
 from tidings.broker.durable.stream import StreamActor
 
@@ -52,6 +52,7 @@ class Streams:
         self.dead_letters = dead_letters
         self.streams: dict[str, StreamActor] = {}
         self._tg: TaskGroup | None = None
+        self._updating = anyio.Lock()  # one settings update at a time: each starts from the last one's result
 
     @property
     def store(self) -> Any:
@@ -154,8 +155,8 @@ class Streams:
         if existing is not None:
             if existing.cfg != cfg:
                 diff = [k for k, v in cfg.to_dict().items() if existing.cfg.to_dict().get(k) != v]
-                raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)})",
-                           ErrorCode.CONFLICT, rid)
+                raise _err(f"stream {cfg.name!r} exists with different settings ({', '.join(diff)}); "
+                           "change mutable ones with stream.update (`tidings streams update`)", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
         if cfg.name in self.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
@@ -183,6 +184,48 @@ class Streams:
         await self.store.write(DeleteStream(st.name))
         self.broker.bindings_changed()
         return {"deleted": st.name}
+
+    async def update(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Change a stream's mutable settings in place (settings.STREAM_IMMUTABLE
+        are refused): stored, then live; a tighter retention applies at once."""
+        st = self._stream(args, rid)
+        async with self._updating:
+            try:
+                new = updated(st.cfg, args, "stream")
+            except RemoteProtocolError as exc:
+                exc.rid = rid
+                raise
+            if new != st.cfg and self.streams.get(st.name) is st:
+                await self.store.write(PutStream(st.name, new.to_dict(), self.ctx.now_ms()))
+                st.cfg = new
+                for g in st.groups.values():
+                    g.wake()  # ack_deadline, max_deliveries and backoff apply from the next delivery
+                if new.max_age is not None or new.max_messages is not None or new.max_bytes is not None:
+                    await self.enforce_retention(st)
+        return st.info()
+
+    def groups(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """A stream's consumer groups: members, partitions, committed offsets, lag."""
+        return self._stream(args, rid).info()["groups"]
+
+    async def delete_group(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Delete consumer group ``group`` of a stream and its committed offsets.
+        A group with members is refused (CONFLICT) unless ``force``: then its
+        members' consumers are ended (a consumer_closed NOTICE) first."""
+        st = self._stream(args, rid)
+        name = args.get("group")
+        g = st.groups.get(name) if isinstance(name, str) else None
+        if g is None:
+            raise _err(f"stream {st.name!r} has no consumer group {name!r}", ErrorCode.NOT_FOUND, rid)
+        if g.members and not args.get("force"):
+            raise _err(f"consumer group {st.name}/{g.name} has {len(g.members)} live members; stop them "
+                       "first, or force the delete to end their consumers", ErrorCode.CONFLICT, rid)
+        if st.groups.get(g.name) is g:
+            del st.groups[g.name]
+        g.close("consumer group deleted")
+        await g.finished.wait()  # it submits no offset commit after ours
+        await self.store.write(DeleteGroup(st.name, g.name))
+        return {"stream": st.name, "deleted": g.name}
 
     async def enforce_retention(self, st: StreamActor) -> int:
         """Apply max_age/max_messages/max_bytes to every partition; returns rows removed."""
@@ -289,4 +332,7 @@ class Streams:
                                                                           key=lambda s: s.name)],
             "stream.info": lambda args, rid: self._stream(args, rid).info(),
             "stream.trim": self.trim_now,
+            "stream.update": self.update,
+            "stream.groups": self.groups,
+            "stream.group_delete": self.delete_group,
         }

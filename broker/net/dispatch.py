@@ -17,7 +17,7 @@ from tidings.protocol import ErrorCode, RemoteProtocolError
 from tidings.protocol import frames as F
 
 from tidings.broker.net.connection import ConnectionActor, Subscription
-from tidings.broker.security.permissions import redrive_needs
+from tidings.broker.security.permissions import Need, redrive_needs
 
 if TYPE_CHECKING:
     from tidings.broker.durable.core import Durable
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # dashboard polling them would drown the log). Calls that change state or read messages (dlq.list,
 # backup) are audited, and so is any call added later unless it is listed here: fail closed.
 UNAUDITED_CALLS: Final = frozenset({"stats", "server.info", "queue.list", "queue.info", "dlq.count",
-                                    "stream.list", "stream.info",
+                                    "stream.list", "stream.info", "stream.groups",
                                     "schema.get", "schema.list", "schema.bindings", "schema.check"})
 
 
@@ -152,6 +152,10 @@ class Dispatcher:
             if need is None and method == "dlq.redrive":  # these needs depend on the queues that exist
                 dests = self.durable.redrive_destinations(args)
                 need = actor.perms.first_unmet(redrive_needs((q.name, q.cfg.bind) for q in dests))
+            if need is None and method in ("queue.delete", "stream.delete"):  # deletes the DLQ too
+                dl = self.durable.dead_letter_to_delete(args, method.split(".")[0])
+                if dl is not None and not actor.perms.allows("admin", dl):
+                    need = Need("admin", dl)
             if need is not None:
                 raise self.denied(actor, need.action, need.name, rid)
         if method in UNAUDITED_CALLS:

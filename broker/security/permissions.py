@@ -291,6 +291,10 @@ OBJECT_CALLS: Final[dict[str, tuple[str, ...]]] = {  # method -> argument keys n
     "schema.check": ("name",),
     "schema.get": ("name",),
     "schema.bind": ("name", "dead_letter"),
+    "stream.update": ("name",),
+    "stream.groups": ("name",),
+    "stream.group_delete": ("name",),
+    "queue.update": ("name",),
 }
 # Schema bindings govern what may be published on a pattern: they need publish on it too.
 PATTERN_CALLS: Final = frozenset({"schema.bind", "schema.unbind"})

@@ -2,7 +2,9 @@
 
     tidings queues [--json]                       list queues: depth, in-flight, consumers, DLQ depth
     tidings queues declare NAME --bind PATTERN .. create a queue (or check an identical one exists)
-    tidings queues info|purge|delete NAME
+    tidings queues update NAME --max-deliveries N --ack-deadline 30s ..   change settings in place
+    tidings queues info|purge NAME
+    tidings queues delete NAME [--keep-dlq]       delete a queue (and its dead-letter queue)
     tidings dlq ls|redrive|purge QUEUE            peek at, move back, or drop dead-lettered messages
 
 They talk to a running broker through the client library with the options,
@@ -66,7 +68,7 @@ async def _queues_ls(tc: Any, ns: argparse.Namespace) -> None:
 #: declare flags -> queue settings (see QueueConfig); None values are not sent.
 _DECLARE_SETTINGS: Final = ("ack_deadline", "max_deliveries", "backoff_initial", "backoff_multiplier",
                             "backoff_max", "backoff_jitter", "backoff_schedule", "dead_letter",
-                            "message_ttl", "dead_letter_expired", "max_length", "overflow")
+                            "message_ttl", "dead_letter_expired", "max_length", "overflow", "max_priority")
 
 
 async def _queues_declare(tc: Any, ns: argparse.Namespace) -> None:
@@ -102,11 +104,69 @@ async def _queues_purge(tc: Any, ns: argparse.Namespace) -> None:
 
 
 async def _queues_delete(tc: Any, ns: argparse.Namespace) -> None:
-    res = await tc.delete_queue(ns.name)
+    res = await tc.delete_queue(ns.name, keep_dlq=ns.keep_dlq)
     if ns.json:
         print_json(res)
+        return
+    print(f"deleted queue {res['deleted']} and its {res['messages']} messages")
+    dl = res.get("dead_letter")
+    if dl:
+        print(f"deleted its dead-letter queue {dl['deleted']} and its {dl['messages']} messages")
+
+
+#: update flags -> queue settings: the mutable ones (settings.QUEUE_IMMUTABLE are refused).
+_UPDATE_SETTINGS: Final = ("ack_deadline", "max_deliveries", "backoff_initial", "backoff_multiplier",
+                           "backoff_max", "backoff_jitter", "backoff_schedule", "message_ttl",
+                           "dead_letter_expired", "max_length", "overflow")
+UNSET: Final = "none"  # `--max-length none`, `--ttl none`: remove the limit
+
+
+def seconds(text: str) -> Any:
+    """A duration flag: seconds as a number or with a unit (500ms, 30s, 5m, 2h, 1d); "none" removes it."""
+    t = text.strip().lower()
+    if t == UNSET:
+        return UNSET
+    for unit, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0), ("d", 86400.0)):
+        if t.endswith(unit):
+            num, scale = t[:-len(unit)], mult
+            break
     else:
-        print(f"deleted queue {res['deleted']} and its {res['messages']} messages")
+        num, scale = t, 1.0
+    try:
+        value = float(num) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: seconds, or 500ms, 30s, 5m, 2h, 1d") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+    return value
+
+
+def count_or_none(text: str) -> Any:
+    """An integer flag that "none" removes (no limit)."""
+    if text.strip().lower() == UNSET:
+        return UNSET
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (or 'none')") from None
+
+
+def changed(ns: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The settings an update command was given ("none" sent as nil)."""
+    return {k: (None if v == UNSET else v) for k in keys if (v := getattr(ns, k)) is not None}
+
+
+async def _queues_update(tc: Any, ns: argparse.Namespace) -> None:
+    settings = changed(ns, _UPDATE_SETTINGS)
+    if not settings:
+        from tidings.client.errors import InvalidArgumentError
+        raise InvalidArgumentError("queues update: give at least one setting to change (see --help)")
+    info = await tc.update_queue(ns.name, **settings)
+    if ns.json:
+        print_json(info)
+        return
+    conf = info.get("config") or {}
+    print(f"queue {info['name']} updated: " + ", ".join(f"{k}={conf.get(k)}" for k in settings))
 
 
 def _schedule(text: str) -> list[float]:
@@ -156,16 +216,54 @@ def _add_queues(sp: Any) -> None:
     s.add_argument("--max-length", type=int, metavar="N", help="most messages the queue holds")
     s.add_argument("--overflow", choices=["reject", "dead_letter_oldest"],
                    help="at max length: reject new publishes (QUEUE_FULL, default) or dead-letter the oldest")
+    s.add_argument("--max-priority", type=int, metavar="N",
+                   help="a priority queue: publishes carry a priority 0..N (1..9), higher delivered first")
     add_options(s, leaf=True)
     s.set_defaults(fn=runner(_queues_declare))
 
+    s = qs.add_parser(
+        "update", help="change a queue's settings in place",
+        description="Change settings of the queue NAME while it runs; they are stored and survive a "
+        "restart. --ack-deadline applies to the next deliveries, --max-deliveries and --backoff-* to the "
+        "next failure, --ttl to the next publishes, --max-length at once (with the dead_letter_oldest "
+        "policy a lowered length moves the oldest messages to the dead-letter queue). Durations take "
+        "a unit (500ms, 30s, 5m, 2h, 1d; plain numbers are seconds); 'none' removes a TTL or length "
+        "limit. The bindings and the dead-letter queue cannot change in place (declare another queue).")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--ack-deadline", type=seconds, metavar="DURATION", help="how long a delivery may stay unsettled")
+    s.add_argument("--max-deliveries", type=int, metavar="N",
+                   help="deliveries before the message is dead-lettered (0 = unlimited)")
+    s.add_argument("--backoff", "--backoff-initial", dest="backoff_initial", type=seconds, metavar="DURATION",
+                   help="delay before the first retry")
+    s.add_argument("--backoff-multiplier", type=float, metavar="X", help="growth of the delay per attempt")
+    s.add_argument("--backoff-max", type=seconds, metavar="DURATION", help="largest retry delay")
+    s.add_argument("--backoff-jitter", type=float, metavar="F", help="random +/- fraction of each delay")
+    s.add_argument("--backoff-schedule", type=_schedule, metavar="S,S,..",
+                   help="explicit retry delays per attempt in seconds (overrides the formula); '' clears it")
+    s.add_argument("--ttl", "--message-ttl", dest="message_ttl", type=seconds, metavar="DURATION",
+                   help="messages not delivered in time expire ('none': never)")
+    s.add_argument("--dead-letter-expired", type=lambda t: t.lower() in ("1", "true", "yes", "on"),
+                   metavar="BOOL", help="move expired messages to the dead-letter queue (true/false)")
+    s.add_argument("--max-length", type=count_or_none, metavar="N", help="most messages the queue holds ('none')")
+    s.add_argument("--overflow", choices=["reject", "dead_letter_oldest"], help="policy at max length")
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_queues_update))
+
     for name, fn, text in (("info", _queues_info, "show a queue's counters and settings"),
-                           ("purge", _queues_purge, "drop every message of a queue"),
-                           ("delete", _queues_delete, "delete a queue and its messages")):
+                           ("purge", _queues_purge, "drop every message of a queue")):
         s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         s.add_argument("name", metavar="NAME")
         add_options(s, leaf=True)
         s.set_defaults(fn=runner(fn))
+
+    s = qs.add_parser("delete", help="delete a queue, its messages and its dead-letter queue",
+                      description="Delete the queue NAME and its messages, and its dead-letter queue with its "
+                      "messages unless --keep-dlq (a dead-letter queue another queue or stream also uses is "
+                      "kept).")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--keep-dlq", action="store_true", help="keep the dead-letter queue and its messages")
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_queues_delete))
 
 
 # -------------------------------------------------------------------- dlq

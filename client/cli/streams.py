@@ -4,7 +4,11 @@
                                                   (members, assignments, committed offsets, lag)
     tidings streams declare NAME --partitions P --bind PATTERN ..
                          [--max-age S --max-messages N --max-bytes N ...]
-    tidings streams info|trim|delete NAME
+    tidings streams update NAME --max-age 7d --max-messages N ..   change settings in place
+    tidings streams info|trim NAME
+    tidings streams delete NAME [--keep-dlq]      delete a stream, its groups (and its dead-letter queue)
+    tidings streams groups NAME                   consumer groups: members, partitions, offsets, lag
+    tidings streams groups NAME delete GROUP [--force]   delete a group and its committed offsets
 
 They talk to a running broker through the client library with the options,
 runner, exit statuses and JSON output of common.py, like the queue commands
@@ -17,6 +21,7 @@ import argparse
 from typing import Any, Final
 
 from tidings.cli.common import add_options, print_json, runner, table
+from tidings.cli.queues import changed, count_or_none, seconds
 
 #: declare flags -> stream settings (see StreamConfig); None values are not sent.
 _DECLARE_SETTINGS: Final = ("max_age", "max_messages", "max_bytes", "max_deliveries", "ack_deadline",
@@ -34,7 +39,7 @@ def _owner_label(st: dict[str, Any], group: dict[str, Any], p: dict[str, Any]) -
     return "-"
 
 
-def _render(streams: list[dict[str, Any]]) -> str:
+def _render(streams: list[dict[str, Any]], partitions: bool = True) -> str:
     """The two tables `tidings streams` prints: partitions, then groups."""
     prows = []
     for st in streams:
@@ -49,7 +54,10 @@ def _render(streams: list[dict[str, Any]]) -> str:
                 grows.append([f"{st['name']}/{gname}", str(g.get("generation", 0)), str(members),
                               str(p["partition"]), _owner_label(st, g, p), str(p["committed"]), str(p["lag"]),
                               str(p.get("in_flight", 0))])
-    out.append("")
+    if partitions:
+        out.append("")
+    else:
+        out = []
     if grows:
         out.append(table(grows, ["STREAM/GROUP", "GENERATION", "MEMBERS", "PARTITION", "ASSIGNED TO",
                                   "COMMITTED", "LAG", "IN-FLIGHT"]))
@@ -111,8 +119,52 @@ async def _streams_trim(tc: Any, ns: argparse.Namespace) -> None:
 
 
 async def _streams_delete(tc: Any, ns: argparse.Namespace) -> None:
-    res = await tc.delete_stream(ns.name)
-    print_json(res) if ns.json else print(f"deleted stream {res['deleted']}")
+    res = await tc.delete_stream(ns.name, keep_dlq=ns.keep_dlq)
+    if ns.json:
+        print_json(res)
+        return
+    print(f"deleted stream {res['deleted']}")
+    dl = res.get("dead_letter")
+    if dl:
+        print(f"deleted its dead-letter queue {dl['deleted']} and its {dl['messages']} messages")
+
+
+#: update flags -> stream settings: the mutable ones (settings.STREAM_IMMUTABLE are refused).
+_UPDATE_SETTINGS: Final = ("max_age", "max_messages", "max_bytes", "max_deliveries", "ack_deadline",
+                           "backoff_initial", "backoff_multiplier", "backoff_max")
+
+
+async def _streams_update(tc: Any, ns: argparse.Namespace) -> None:
+    settings = changed(ns, _UPDATE_SETTINGS)
+    if not settings:
+        from tidings.client.errors import InvalidArgumentError
+        raise InvalidArgumentError("streams update: give at least one setting to change (see --help)")
+    info = await tc.update_stream(ns.name, **settings)
+    if ns.json:
+        print_json(info)
+        return
+    conf = info.get("config") or {}
+    print(f"stream {info['name']} updated: " + ", ".join(f"{k}={conf.get(k)}" for k in settings))
+
+
+async def _streams_groups(tc: Any, ns: argparse.Namespace) -> None:
+    if ns.action is not None:
+        if ns.action != "delete" or ns.group is None:
+            from tidings.client.errors import InvalidArgumentError
+            raise InvalidArgumentError("usage: tidings streams groups NAME [delete GROUP [--force]]")
+        res = await tc.delete_group(ns.name, ns.group, force=ns.force)
+        print_json(res) if ns.json else print(f"deleted consumer group {ns.name}/{res['deleted']} "
+                                              "and its committed offsets")
+        return
+    groups = await tc.stream_groups(ns.name)
+    if ns.json:
+        print_json(groups)
+        return
+    if not groups:
+        print(f"stream {ns.name} has no consumer groups")
+        return
+    # the groups half of the `tidings streams` tables, for this one stream
+    print(_render([{"name": ns.name, "partitions": [], "groups": groups}], partitions=False))
 
 
 def register(sp: Any) -> None:
@@ -154,9 +206,52 @@ def register(sp: Any) -> None:
     s.set_defaults(fn=runner(_streams_declare))
 
     for name, fn, text in (("info", _streams_info, "show a stream's partitions, groups, counters and settings"),
-                           ("trim", _streams_trim, "apply the stream's retention limits now"),
-                           ("delete", _streams_delete, "delete a stream, its messages and its groups")):
+                           ("trim", _streams_trim, "apply the stream's retention limits now")):
         s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         s.add_argument("name", metavar="NAME")
         add_options(s, leaf=True)
         s.set_defaults(fn=runner(fn))
+
+    s = qs.add_parser("delete", help="delete a stream, its messages, its groups and its dead-letter queue",
+                      description="Delete the stream NAME, its messages and consumer groups, and its dead-letter "
+                      "queue unless --keep-dlq (a dead-letter queue another queue or stream also uses is kept).")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--keep-dlq", action="store_true", help="keep the dead-letter queue and its messages")
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_streams_delete))
+
+    s = qs.add_parser(
+        "update", help="change a stream's settings in place",
+        description="Change settings of the stream NAME while it runs; they are stored and survive a restart. "
+        "Tighter retention applies at once; --ack-deadline, --max-deliveries and --backoff-* apply to the "
+        "groups' next deliveries. Durations take a unit (500ms, 30s, 5m, 2h, 7d; plain numbers are seconds); "
+        "'none' removes a retention limit. The partition count, bindings and dead-letter queue cannot change "
+        "in place (a key's partition is its hash modulo the count).")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--retention", "--max-age", dest="max_age", type=seconds, metavar="DURATION",
+                   help="drop messages older than this ('none': no age limit)")
+    s.add_argument("--max-messages", type=count_or_none, metavar="N", help="keep at most N messages per partition")
+    s.add_argument("--max-bytes", type=count_or_none, metavar="N", help="keep at most N bytes per partition")
+    s.add_argument("--max-deliveries", type=int, metavar="N",
+                   help="group deliveries of one message before it goes to the DLQ (0 = unlimited)")
+    s.add_argument("--ack-deadline", type=seconds, metavar="DURATION", help="how long a group delivery may stay unacked")
+    s.add_argument("--backoff", "--backoff-initial", dest="backoff_initial", type=seconds, metavar="DURATION",
+                   help="delay before the first retry")
+    s.add_argument("--backoff-multiplier", type=float, metavar="X", help="growth of the delay per attempt")
+    s.add_argument("--backoff-max", type=seconds, metavar="DURATION", help="largest retry delay")
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_streams_update))
+
+    s = qs.add_parser(
+        "groups", help="list a stream's consumer groups, or delete one",
+        description="`tidings streams groups NAME` lists the consumer groups of stream NAME: generation, "
+        "members and per partition the member it is assigned to, the committed offset, the lag (next - "
+        "committed) and the in-flight count. `tidings streams groups NAME delete GROUP` deletes a group and "
+        "its committed offsets (joining it again starts a new group from --start); a group with live members "
+        "is refused unless --force, which ends their consumers.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("action", nargs="?", choices=["delete"], help="delete GROUP")
+    s.add_argument("group", nargs="?", metavar="GROUP")
+    s.add_argument("--force", action="store_true", help="delete a group with live members (their consumers end)")
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_streams_groups))

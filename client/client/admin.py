@@ -80,8 +80,25 @@ class Durable:
         info: dict[str, Any] = await self._call("queue.declare", {"name": name, "bind": list(bind), **settings})
         return info
 
-    async def delete_queue(self, name: str) -> dict[str, Any]:
-        info: dict[str, Any] = await self._call("queue.delete", {"name": name})
+    async def delete_queue(self, name: str, *, keep_dlq: bool = False) -> dict[str, Any]:
+        """Delete a queue and its messages, and its dead-letter queue too unless
+        ``keep_dlq`` (a DLQ another queue or stream also uses is kept). Returns
+        ``{"deleted", "messages"}`` plus ``"dead_letter": {"deleted", "messages"}``
+        when the DLQ went with it."""
+        args: dict[str, Any] = {"name": name}
+        if keep_dlq:
+            args["keep_dlq"] = True
+        info: dict[str, Any] = await self._call("queue.delete", args)
+        return info
+
+    async def update_queue(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change settings of queue ``name`` in place, for the running queue and
+        after a restart. Mutable: ack_deadline (next deliveries), max_deliveries,
+        backoff_* (next failure), message_ttl (next publishes), dead_letter_expired,
+        max_length and overflow (at once: a lowered max_length with
+        "dead_letter_oldest" trims). bind, dead_letter and is_dlq raise
+        ImmutableSettingError naming the setting and why. Returns the queue's info."""
+        info: dict[str, Any] = await self._call("queue.update", {"name": name, **settings})
         return info
 
     async def purge_queue(self, name: str) -> int:
@@ -134,9 +151,39 @@ class Durable:
         info: dict[str, Any] = await self._call("stream.declare", args)
         return info
 
-    async def delete_stream(self, name: str) -> dict[str, Any]:
-        info: dict[str, Any] = await self._call("stream.delete", {"name": name})
+    async def delete_stream(self, name: str, *, keep_dlq: bool = False) -> dict[str, Any]:
+        """Delete a stream, its messages and groups, and its dead-letter queue too
+        unless ``keep_dlq`` (a DLQ another queue or stream also uses is kept)."""
+        args: dict[str, Any] = {"name": name}
+        if keep_dlq:
+            args["keep_dlq"] = True
+        info: dict[str, Any] = await self._call("stream.delete", args)
         return info
+
+    async def update_stream(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change settings of stream ``name`` in place. Mutable: max_age,
+        max_messages, max_bytes (retention runs at once), max_deliveries,
+        ack_deadline, backoff_*. partitions, bind and dead_letter raise
+        ImmutableSettingError naming the setting and why. Returns the stream's info."""
+        info: dict[str, Any] = await self._call("stream.update", {"name": name, **settings})
+        return info
+
+    async def stream_groups(self, name: str) -> dict[str, dict[str, Any]]:
+        """The consumer groups of stream ``name`` by group name: generation,
+        members (connection, client, cid, partitions) and per partition the
+        owner, committed offset, lag and in-flight count."""
+        groups: dict[str, dict[str, Any]] = await self._call("stream.groups", {"name": name})
+        return groups
+
+    async def delete_group(self, stream: str, group: str, *, force: bool = False) -> dict[str, Any]:
+        """Delete consumer group ``group`` of ``stream`` and its committed offsets
+        (joining it again starts a new group). A group with live members raises
+        ConflictError unless ``force``, which ends their consumers first."""
+        args: dict[str, Any] = {"name": stream, "group": group}
+        if force:
+            args["force"] = True
+        res: dict[str, Any] = await self._call("stream.group_delete", args)
+        return res
 
     async def stream_info(self, name: str) -> dict[str, Any]:
         info: dict[str, Any] = await self._call("stream.info", {"name": name})

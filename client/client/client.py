@@ -41,7 +41,7 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from tidings.protocol.frames import M_HEADERS, M_PAYLOAD, M_REPLY, M_SUBJECT, P_OPTS, P_SEQ
-from tidings.protocol.numbers import MAX_DURATION_MS, MAX_TIMESTAMP_MS
+from tidings.protocol.numbers import MAX_DURATION_MS, MAX_PRIORITY, MAX_TIMESTAMP_MS
 from tidings.protocol.subjects import PatternSet, validate_pattern, validate_subject
 from tidings.protocol.vocabulary import DEFAULT_PORT
 
@@ -903,7 +903,7 @@ class Client:
                        headers: dict[str, Any] | None = None, reply: str | None = None,
                        msg_id: str | None = None, key: str | None = None, delay: float | None = None,
                        at: Any = None, ttl: float | None = None, confirm: bool | None = None,
-                       json: Any = UNSET) -> Confirmation:
+                       json: Any = UNSET, priority: int | None = None) -> Confirmation:
         """Queue a publish without waiting and return a :class:`Confirmation`
         to await later, so one task can keep many confirms in flight.
         Awaiting it gives what :meth:`publish` returns, or raises what
@@ -918,6 +918,8 @@ class Client:
         if json is not UNSET:
             payload, headers = with_json(payload, json, headers)
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if priority is not None:
+            _set_priority(m, priority)
         if self._outage_bytes_full():
             raise PublishBufferFullError(f"{self._pub_bytes} bytes are buffered while disconnected")
         if not self._wants_confirm(m, confirm):
@@ -952,7 +954,7 @@ class Client:
                       headers: dict[str, Any] | None = None, reply: str | None = None,
                       msg_id: str | None = None, key: str | None = None, delay: float | None = None,
                       at: Any = None, ttl: float | None = None, confirm: bool | None = None,
-                      json: Any = UNSET) -> PublishAck | None:
+                      json: Any = UNSET, priority: int | None = None) -> PublishAck | None:
         """Publish ``payload`` to ``subject``.
 
         ``payload`` is bytes, bytearray, memoryview or str (sent as UTF-8);
@@ -976,13 +978,17 @@ class Client:
         ``msg_id`` de-duplicates within the broker's window; ``delay``
         (seconds) or ``at`` (datetime or epoch seconds) defer delivery;
         ``ttl`` (seconds) expires the message if not delivered in time;
-        ``key`` picks a stream partition.
+        ``key`` picks a stream partition; ``priority`` (0..255) orders the
+        message in a priority queue (higher first; a queue declared with
+        ``max_priority`` clamps it to that; other queues ignore it).
         """
         if self._closed:
             self._check_open()
         if json is not UNSET:
             payload, headers = with_json(payload, json, headers)
         m = self._message(subject, payload, headers, reply, msg_id, key, delay, at, ttl)
+        if priority is not None:
+            _set_priority(m, priority)
         if self._outage_bytes_full():
             await self._wait_buffer_room()
         if self._wants_confirm(m, confirm):
@@ -1126,8 +1132,13 @@ class Client:
         """Create a durable queue; see :meth:`Durable.declare_queue`."""
         return await self.durable.declare_queue(name, bind=bind, **settings)
 
-    async def delete_queue(self, name: str) -> dict[str, Any]:
-        return await self.durable.delete_queue(name)
+    async def delete_queue(self, name: str, *, keep_dlq: bool = False) -> dict[str, Any]:
+        """Delete a queue (and its DLQ); see :meth:`Durable.delete_queue`."""
+        return await self.durable.delete_queue(name, keep_dlq=keep_dlq)
+
+    async def update_queue(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change a queue's settings in place; see :meth:`Durable.update_queue`."""
+        return await self.durable.update_queue(name, **settings)
 
     async def purge_queue(self, name: str) -> int:
         return await self.durable.purge_queue(name)
@@ -1158,8 +1169,21 @@ class Client:
         """Create a stream; see :meth:`Durable.declare_stream`."""
         return await self.durable.declare_stream(name, partitions=partitions, bind=bind, **settings)
 
-    async def delete_stream(self, name: str) -> dict[str, Any]:
-        return await self.durable.delete_stream(name)
+    async def delete_stream(self, name: str, *, keep_dlq: bool = False) -> dict[str, Any]:
+        """Delete a stream (and its DLQ); see :meth:`Durable.delete_stream`."""
+        return await self.durable.delete_stream(name, keep_dlq=keep_dlq)
+
+    async def update_stream(self, name: str, **settings: Any) -> dict[str, Any]:
+        """Change a stream's settings in place; see :meth:`Durable.update_stream`."""
+        return await self.durable.update_stream(name, **settings)
+
+    async def stream_groups(self, name: str) -> dict[str, dict[str, Any]]:
+        """A stream's consumer groups; see :meth:`Durable.stream_groups`."""
+        return await self.durable.stream_groups(name)
+
+    async def delete_group(self, stream: str, group: str, *, force: bool = False) -> dict[str, Any]:
+        """Delete a consumer group; see :meth:`Durable.delete_group`."""
+        return await self.durable.delete_group(stream, group, force=force)
 
     async def stream_info(self, name: str) -> dict[str, Any]:
         return await self.durable.stream_info(name)
@@ -1320,3 +1344,12 @@ class connect:
         with anyio.CancelScope(shield=True):
             await self._client.close()
         return False
+
+
+def _set_priority(m: list[Any], priority: int) -> None:
+    """Put a publish's priority into its options (InvalidArgumentError if out of range)."""
+    if type(priority) is not int or not 0 <= priority <= MAX_PRIORITY:
+        raise InvalidArgumentError(f"priority must be an integer in 0..{MAX_PRIORITY}")
+    if m[5] is None:
+        m[5] = {}
+    m[5][F.OPT_PRIORITY] = priority

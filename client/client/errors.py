@@ -91,6 +91,11 @@ class ConflictError(ServerError):
     code = int(ErrorCode.CONFLICT)
 
 
+class ImmutableSettingError(ConflictError):
+    """An update named a setting that cannot change in place; the message names it and why."""
+    code = int(ErrorCode.IMMUTABLE_SETTING)
+
+
 class StaleDeliveryError(ServerError):
     """This delivery is no longer held by this consumer (deadline passed or already settled)."""
     code = int(ErrorCode.STALE_DELIVERY)
@@ -207,6 +212,7 @@ BY_CODE: dict[int, type[ServerError]] = {
         OffsetOutOfRangeError, QueueFullError, StorageFullError, StorageError, SlowConsumerError,
         TooManyConnectionsError, ServerShuttingDownError, OverloadedError, LimitExceededError,
         ReplyTooLargeError, SchemaViolationError, SchemaIncompatibleError, SchemaInvalidError,
+        ImmutableSettingError,
     )
 }
 

@@ -17,8 +17,12 @@ from tidings.protocol import frames as F
 from tidings.protocol.errors import ErrorCode
 
 from tidings.protocol.vocabulary import H_DLQ_SOURCE as DLQ_SOURCE, RESERVED_HEADER_PREFIX as HDR_PREFIX
+from tidings.broker.durable import priority as priority_module
+from tidings.broker.durable import queue as queue_module
+from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.store.base import PutMessages, StoredMessage
+from tidings.broker.durable.settings import QueueConfig
+from tidings.broker.durable.store.base import PutMessages, PutQueue, StoredMessage
 
 ACK, NACK, REJECT = F.AckAction.ACK, F.AckAction.NACK, F.AckAction.REJECT
 
@@ -217,4 +221,104 @@ async def test_move_out_takes_messages_to_another_queue(store: Any) -> None:
         assert payloads(await peer.deliveries_at_least(2)) == [b"a", b"b"]
         src.stop()
         dst.stop()
+        tg.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------ priority queues
+
+
+async def _priority_queue(w: World, name: str = "prio", count: int = 0, lanes: list[int] | None = None,
+                          **settings: Any) -> PriorityQueueActor:
+    cfg = QueueConfig.from_args({"name": name, "max_priority": 9, **settings})
+    if lanes is None:
+        await w.dead_letters.ensure(cfg.dead_letter or "")
+        await w.store.write(PutQueue(cfg.name, cfg.to_dict(), w.ctx.now_ms()))
+    q = PriorityQueueActor(w.ctx, cfg, count, lanes)
+    w.queues[cfg.name] = q
+    await w.tg.start(q.run)
+    return q
+
+
+async def _publish_prio(w: World, q: QueueActor, items: list[tuple[bytes, int]], delay_ms: int = 0) -> None:
+    now = w.ctx.now_ms()
+    rows = [StoredMessage(q.name, w.ctx.next_id(), "s", p, None, None, now, now + delay_ms, None, 0, None,
+                          q.cfg.priority_of(prio)) for p, prio in items]
+
+    def done(error: Exception | None) -> None:
+        if error is None:
+            q.on_committed(rows)
+
+    await w.store.write(PutMessages(rows, [], done))
+
+
+async def _drain(peer: RecordingPeer, c: Consumer, n: int, skip: int = 0) -> list[bytes]:
+    """Take ``n`` deliveries (after the first ``skip``) one at a time (prefetch 1),
+    acking each: the order the queue chose."""
+    out: list[bytes] = []
+    while len(out) < n:
+        got = await peer.deliveries_at_least(skip + len(out) + 1)
+        d = got[skip + len(out)]
+        out.append(d[2])
+        assert await settle(c, [[d[0], ACK, None]]) == ([0], None)
+    return out
+
+
+async def test_priority_queue_delivers_higher_priorities_first_then_fifo(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await _priority_queue(w)
+        await _publish_prio(w, q, [(b"a0", 0), (b"b5", 5), (b"c9", 9), (b"d5", 5), (b"e0", 0), (b"f", 42)])
+        await _publish_prio(w, q, [(b"late9", 9)], delay_ms=3_600_000)  # not due: not eligible
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        # 42 is clamped to max_priority 9; FIFO (by id) among equal priorities
+        assert await _drain(peer, c, 6) == [b"c9", b"f", b"b5", b"d5", b"a0", b"e0"]
+        assert q.count == 1 and q.beyond == 1 and not q.inflight
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_priority_backlog_on_disk_beyond_the_window(store: Any, monkeypatch: Any) -> None:
+    """With the window far smaller than the backlog, a high priority published
+    behind a long low-priority backlog (most of it on disk) goes out next."""
+    monkeypatch.setattr(queue_module, "WINDOW", 8)
+    monkeypatch.setattr(priority_module, "WINDOW", 8)
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await _priority_queue(w)
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        await _publish_prio(w, q, [(b"low%02d" % i, 1) for i in range(40)])
+        first = (await peer.deliveries_at_least(1))[0]
+        assert q.beyond > 0  # most of the backlog is on disk only
+        await _publish_prio(w, q, [(b"hi%d" % i, 7) for i in range(12)] + [(b"top", 9)])
+        assert await settle(c, [[first[0], ACK, None]]) == ([0], None)
+        got = await _drain(peer, c, 52, skip=1)
+        assert [first[2]] + got == [b"low00", b"top"] + [b"hi%d" % i for i in range(12)] + [b"low%02d" % i for i in range(1, 40)]
+        q.stop()
+        tg.cancel_scope.cancel()
+
+
+async def test_priority_order_survives_a_restart_and_nacks_keep_their_lane(store: Any) -> None:
+    async with store() as s, anyio.create_task_group() as tg:
+        w = World(s, tg)
+        q = await _priority_queue(w, backoff_initial=0.0, backoff_jitter=0.0)
+        await _publish_prio(w, q, [(b"x0", 0), (b"y3", 3), (b"z3", 3), (b"w9", 9)])
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        d = (await peer.deliveries_at_least(1))[0]
+        assert d[2] == b"w9"
+        assert await settle(c, [[d[0], NACK, 0]]) == ([0], None)  # back to the front of its lane
+        d = (await peer.deliveries_at_least(2))[1]
+        assert d[2] == b"w9" and d[4] == 2
+        c.close()
+        q.stop()
+        # what a restart finds: the counts per priority, everything on disk
+        lanes = [await s.count("prio", p) for p in range(10)]
+        assert sum(lanes) == 4 and lanes[3] == 2
+        q2 = await _priority_queue(w, "prio", 4, lanes, backoff_initial=0.0, backoff_jitter=0.0)
+        peer2 = RecordingPeer(2)
+        c2 = consume(q2, peer2, prefetch=1)
+        assert await _drain(peer2, c2, 4) == [b"w9", b"y3", b"z3", b"x0"]
+        q2.stop()
         tg.cancel_scope.cancel()

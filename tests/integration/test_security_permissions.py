@@ -289,6 +289,12 @@ async def _backup(tc: Client) -> None:
         pass
 
 
+async def _delete_group(tc: Client) -> None:
+    """Past the permission check is enough: the group does not exist (NOT_FOUND)."""
+    with pytest.raises(E.NotFoundError):
+        await tc.delete_group("ev", "nogroup")
+
+
 NEW_Q = {"admin": ["new", "new.dlq"], "subscribe": ["new.>"]}
 NEAR_JOBS = {"admin": ["jobs.dlq"], "consume": ["jobs"]}  # rights near "jobs", but not admin on it
 
@@ -308,7 +314,9 @@ TABLE_ROWS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], Any]] = 
      {"admin": ["st"], "subscribe": ["st.>"]}, lambda tc: tc.declare_stream("st", bind=["st.>"])),
     ("queue.info", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.queue_info("jobs")),
     ("queue.purge", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.purge_queue("jobs")),
-    ("queue.delete", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.delete_queue("jobs")),
+    ("queue.delete", {"admin": ["jobs", "jobs.dlq"]}, {"admin": ["jobs"]}, lambda tc: tc.delete_queue("jobs")),
+    ("queue.delete keep_dlq", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.delete_queue("jobs", keep_dlq=True)),
+    ("queue.update", {"admin": ["jobs"]}, NEAR_JOBS, lambda tc: tc.update_queue("jobs", max_deliveries=2)),
     ("dlq.count", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]},
      lambda tc: tc.call("dlq.count", {"name": "jobs.dlq"})),
     ("dlq.list", {"consume": ["jobs.dlq"]}, {"admin": ["jobs.dlq"]}, lambda tc: tc.dlq_list("jobs.dlq")),
@@ -320,7 +328,11 @@ TABLE_ROWS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], Any]] = 
     ("stream.info", {"admin": ["ev"]}, {"consume": ["ev", "ev/g"]}, lambda tc: tc.stream_info("ev")),
     ("stream.trim", {"admin": ["ev"]}, {"consume": ["ev"]},
      lambda tc: tc.call("stream.trim", {"name": "ev"})),
-    ("stream.delete", {"admin": ["ev"]}, {"consume": ["ev"]}, lambda tc: tc.delete_stream("ev")),
+    ("stream.delete", {"admin": ["ev", "ev.dlq"]}, {"admin": ["ev"]}, lambda tc: tc.delete_stream("ev")),
+    ("stream.delete keep_dlq", {"admin": ["ev"]}, {"consume": ["ev"]}, lambda tc: tc.delete_stream("ev", keep_dlq=True)),
+    ("stream.update", {"admin": ["ev"]}, {"consume": ["ev"]}, lambda tc: tc.update_stream("ev", max_messages=10)),
+    ("stream.groups", {"admin": ["ev"]}, {"consume": ["ev", "ev/>"]}, lambda tc: tc.stream_groups("ev")),
+    ("stream.group_delete", {"admin": ["ev"]}, {"consume": ["ev", "ev/>"]}, _delete_group),
     ("stats", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.call("stats")),
     ("queue.list", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.list_queues()),
     ("stream.list", {"admin": [">"]}, {"admin": ["jobs", "ev", "other"]}, lambda tc: tc.list_streams()),

@@ -24,7 +24,7 @@ async def run_example(url: str, *args: str) -> str:
 async def test_event_sourcing_example(broker) -> None:
     args = ("--events", "200", "--live", "10", "--pace", "0.01", "--seed", "7")
     out = await run_example(broker.url, *args)
-    assert "declared stream 'bank': 4 partitions" in out and ", new, 0 events stored" in out
+    assert "declared stream 'example-bank': 4 partitions" in out and ", new, 0 events stored" in out
     assert "replayed 0 events" in out
     m = re.search(r"appended (\d+) events", out)
     assert m is not None
@@ -46,7 +46,7 @@ async def test_event_sourcing_example(broker) -> None:
 
     appended2 = int(re.search(r"appended (\d+) events", out2).group(1))  # type: ignore[union-attr]
     async with connect(broker.url) as tc:
-        info = await tc.stream_info("bank")
+        info = await tc.stream_info("example-bank")
     # one read-model group per run; each had caught up with everything when its run ended
     lags = sorted(sum(p["lag"] for p in g["partitions"]) for g in info["groups"].values())
     assert lags == [0, appended2 + 10]

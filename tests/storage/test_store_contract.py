@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from tidings.broker.durable.store import (
     CommitOffsets,
+    DeleteGroup,
     DeleteMessages,
     DeleteQueue,
     DeleteStream,
@@ -355,6 +356,32 @@ async def test_paging_by_available_then_id_with_cursor(backend, row):
         page = await store.load_messages("q", (300, 5))
         assert [(m.id, m.available_ms, m.deliveries, m.last_error) for m in page] == [(6, 1_000, 2, "timeout")]
         assert await store.count("q") == 7  # updating an absent id creates nothing
+
+
+async def test_priority_lanes_page_by_available_then_id(backend, row):
+    """A priority queue's rows carry their priority; reads filtered by it page one
+    priority in (available_ms, id) order; updates and moves keep it; plain rows have None."""
+    prio = {1: 0, 2: 5, 3: 5, 4: 0, 5: 9, 6: 5}
+    avail = {1: 100, 2: 300, 3: 100, 4: 50, 5: 200, 6: 100}
+    async with backend.open() as store:
+        await store.write(PutMessages([row("p", i, available_ms=avail[i], priority=prio[i]) for i in prio]))
+        await store.write(PutMessages([row("plain", 1)]))
+        assert [m.id for m in await store.load_messages("p", None, priority=5)] == [3, 6, 2]
+        assert [m.id for m in await store.load_messages("p", (100, 3), priority=5, limit=1)] == [6]
+        assert [m.id for m in await store.load_messages("p", None, priority=5, due_before_ms=100)] == [3, 6]
+        assert [m.id for m in await store.load_messages("p", None, priority=0)] == [4, 1]
+        assert await store.load_messages("p", None, priority=3) == []
+        assert await store.next_available_ms("p", None, priority=9) == 200
+        assert await store.next_available_ms("p", (100, 6), priority=5) == 300
+        assert await store.next_available_ms("p", (300, 2), priority=5) is None
+        assert [m.id for m in await store.load_messages("p")] == [4, 1, 3, 6, 5, 2]  # unfiltered: every lane
+        assert [await store.count("p", priority=x) for x in (0, 5, 9, 3)] == [2, 3, 1, 0]
+        await store.write(UpdateMessages("p", [(3, 400, 1, "nack")]))
+        await store.write(MoveMessages("p", [(6, row("p", 7, available_ms=100, priority=5))]))
+    async with backend.open() as store:
+        got = await store.load_messages("p", None, priority=5)
+        assert [(m.id, m.available_ms, m.priority) for m in got] == [(7, 100, 5), (2, 300, 5), (3, 400, 5)]
+        assert (await store.load_messages("plain"))[0].priority is None
 
 
 async def test_count_oldest_and_listing(backend, row):
@@ -764,6 +791,23 @@ async def test_group_offsets_and_next_marks_never_go_backwards(backend):
         assert await store.load_offsets("s") == {"g": {0: (5, 9), 1: (1, 1)}, "h": {0: (2, 2)}}
         assert await store.load_offsets("t") == {"g": {0: (9, 9)}}
         assert await store.partition_marks("s") == {0: 8, 1: 3}
+
+
+async def test_delete_group_removes_its_offsets_only(backend):
+    async with backend.open() as store:
+        await store.write(CommitOffsets([("s", "g", 0, 5, 7), ("s", "g", 1, 1, 1), ("s", "h", 0, 2, 2),
+                                         ("t", "g", 0, 9, 9)]))
+        await store.write(DeleteGroup("s", "g"))
+        await store.write(DeleteGroup("s", "absent"))  # nothing to delete: no error
+        assert await store.load_offsets("s") == {"h": {0: (2, 2)}}
+    async with backend.open(run=False) as store:
+        # in one batch, the delete keeps its place among the commits
+        errors = await _all_in_one_batch(store, [CommitOffsets([("s", "h", 1, 3, 3)]), DeleteGroup("s", "h"),
+                                                 CommitOffsets([("s", "h", 0, 1, 1)])])
+        assert errors == [None, None, None] and store.commits == 1
+    async with backend.open() as store:
+        assert await store.load_offsets("s") == {"h": {0: (1, 1)}}
+        assert await store.load_offsets("t") == {"g": {0: (9, 9)}}
 
 
 async def test_delete_stream_removes_everything_of_it_only(backend):

@@ -88,6 +88,8 @@ async def test_v1_database_opens_with_its_data(open_store, db_path, row):
         assert await store.load_queues() == [("orders", {"max_deliveries": 3}, 17)]
         [m] = await store.load_messages("orders")
         assert (m.id, m.payload, m.headers, m.deliveries) == (5, b"\x00\xff", None, 0)
+        assert m.priority is None  # messages from before priority queues: a plain queue's
+        assert await store.count("orders", priority=0) == 0
         assert await store.max_message_id() == 5
         await store.write(PutMessages([row("orders", 6)]))
         assert await store.load_streams() == []

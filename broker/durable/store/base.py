@@ -78,6 +78,8 @@ class StoredMessage:
 
     `id` is broker-assigned and unique within its queue; `(queue, id)` is the key.
     `available_ms` is when it may next be delivered (delays and backoff move it).
+    `priority` is None in a plain queue and 0..max_priority in a priority queue
+    (settings.QueueConfig.max_priority), whose reads page one priority at a time.
     """
 
     queue: str
@@ -91,6 +93,7 @@ class StoredMessage:
     expires_ms: int | None = None
     deliveries: int = 0
     last_error: str | None = None
+    priority: int | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +219,15 @@ class DeleteStream:
 
 
 @dataclass(slots=True)
+class DeleteGroup:
+    """Forget a consumer group of a stream: its committed offsets, every partition."""
+
+    stream: str
+    group: str
+    on_done: DoneCallback | None = None
+
+
+@dataclass(slots=True)
 class CommitOffsets:
     """Upsert group offsets: (stream, group, partition, committed, delivered). Each
     stored value only grows: a lower value than the one stored is ignored."""
@@ -295,6 +307,7 @@ WriteOp: TypeAlias = (
     | PutQueue | DeleteQueue | PurgeQueue | ExpireDedup
     | PutStream | DeleteStream | CommitOffsets | MarkStreamNext | TrimStream
     | PutSchema | PutSchemaBinding | DeleteSchemaBinding
+    | DeleteGroup
 )
 
 #: A paging cursor: the (available_ms, id) of the last message already read.
@@ -394,21 +407,25 @@ class Store(Protocol):
 
     async def load_messages(self, queue: str, after: PageKey | None = None, *,
                             due_before_ms: int | None = None, limit: int = 1000,
-                            max_bytes: int | None = None, min_rows: int = 1) -> list[StoredMessage]:
+                            max_bytes: int | None = None, min_rows: int = 1,
+                            priority: int | None = None) -> list[StoredMessage]:
         """Up to `limit` messages of `queue` in delivery order (available_ms, id),
         strictly after the cursor `after`; with `due_before_ms` only those with
         available_ms <= it; with `max_bytes`, beyond the first `min_rows` only as
-        many as keep the page's payload bytes within it. Each call returns new
+        many as keep the page's payload bytes within it; with `priority`, only
+        the messages of that priority (a priority queue's lane). Each call returns new
         StoredMessage objects (the caller may change them)."""
         ...
 
-    async def next_available_ms(self, queue: str, after: PageKey | None = None) -> int | None:
-        """The available_ms of the first message of `queue` after the cursor (in
-        delivery order), or None if there is none."""
+    async def next_available_ms(self, queue: str, after: PageKey | None = None,
+                                priority: int | None = None) -> int | None:
+        """The available_ms of the first message of `queue` (of that `priority`,
+        when given) after the cursor (in delivery order), or None if there is none."""
         ...
 
-    async def count(self, queue: str) -> int:
-        """How many messages `queue` holds (may be O(length): recovery and admin)."""
+    async def count(self, queue: str, priority: int | None = None) -> int:
+        """How many messages `queue` holds (of that `priority`, when given); may be
+        O(length): recovery and admin."""
         ...
 
     async def oldest(self, queue: str, n: int) -> list[StoredMessage]:

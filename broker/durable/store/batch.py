@@ -29,6 +29,7 @@ import msgpack
 from tidings.broker.durable.store.base import (
     CommitOffsets,
     DedupEntry,
+    DeleteGroup,
     DeleteMessages,
     DeleteQueue,
     DeleteStream,
@@ -49,13 +50,13 @@ from tidings.broker.durable.store.base import (
 )
 from tidings.broker.durable.store.schemas import DELETE_BINDING, INSERT_SCHEMA, UPSERT_BINDING, encode_document
 from tidings.broker.durable.store.streams import (
-    DELETE_STREAM, INSERT_STREAM_ROW, TRIM, UPSERT_FLOOR, UPSERT_NEXT, UPSERT_OFFSET, UPSERT_STREAM,
+    DELETE_GROUP, DELETE_STREAM, INSERT_STREAM_ROW, TRIM, UPSERT_FLOOR, UPSERT_NEXT, UPSERT_OFFSET, UPSERT_STREAM,
     encode_stream_row,
 )
 
 INSERT_MESSAGE: Final = (
     "INSERT INTO messages (queue, id, subject, payload, headers, msg_id, published_ms,"
-    " available_ms, expires_ms, deliveries, last_error) VALUES (?,?,?,?,?,?,?,?,?,?,?)")
+    " available_ms, expires_ms, deliveries, last_error, priority) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)")
 UPSERT_DEDUP: Final = "INSERT OR REPLACE INTO dedup (msg_id, expires_ms, result) VALUES (?,?,?)"
 # Parameters are (queue, id, available_ms, deliveries, last_error): the key comes first,
 # like every other per-message tuple here, so the planner reads keys the same way.
@@ -77,7 +78,7 @@ def encode_row(m: StoredMessage) -> Row:
     """The INSERT_MESSAGE parameters for one message (headers msgpack-encoded)."""
     headers = None if m.headers is None else msgpack.packb(m.headers, use_bin_type=True)
     return (m.queue, m.id, m.subject, m.payload, headers, m.msg_id, m.published_ms,
-            m.available_ms, m.expires_ms, m.deliveries, m.last_error)
+            m.available_ms, m.expires_ms, m.deliveries, m.last_error, m.priority)
 
 
 _NONE: Final[tuple[Any, ...]] = ()  # shared "no rows of this kind" (never mutated)
@@ -187,6 +188,10 @@ def _delete_stream(op: DeleteStream) -> Item:
     return Item(op, 1, statements=[(sql, (op.name,)) for sql, _ in DELETE_STREAM])
 
 
+def _delete_group(op: DeleteGroup) -> Item:
+    return Item(op, 1, statements=[(DELETE_GROUP, (op.stream, op.group))])
+
+
 def _trim_stream(op: TrimStream) -> Item:
     return Item(op, 1, statements=[(TRIM, (op.stream, op.partition, op.before)),
                                    (UPSERT_FLOOR, (op.stream, op.partition, op.before))])
@@ -217,7 +222,7 @@ _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
     PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
     CommitOffsets: _commit_offsets, PutStream: _put_stream, DeleteStream: _delete_stream,
-    TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next,
+    TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next, DeleteGroup: _delete_group,
     PutSchema: _put_schema, PutSchemaBinding: _put_binding, DeleteSchemaBinding: _delete_binding,
 }
 

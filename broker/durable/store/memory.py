@@ -46,6 +46,7 @@ from anyio.abc import TaskStatus
 from tidings.broker.durable.store.base import (
     DURABILITIES,
     CommitOffsets,
+    DeleteGroup,
     DeleteMessages,
     DeleteQueue,
     DeleteStream,
@@ -410,7 +411,7 @@ class MemoryStore:
                 for i, avail, deliveries, error in op.updates:
                     r = rows.get(i)
                     if r is not None:
-                        rows[i] = (*r[:7], avail, r[8], deliveries, error)
+                        rows[i] = (*r[:7], avail, r[8], deliveries, error, *r[11:])
         elif isinstance(op, PutQueue):
             old = d.queues.get(op.name)
             d.queues[op.name] = (json.dumps(op.config, sort_keys=True), old[1] if old else op.created_ms)
@@ -431,6 +432,9 @@ class MemoryStore:
             for okey in [k for k in d.offsets if k[0] == name]:
                 del d.offsets[okey]
             d.streams.pop(name, None)
+        elif isinstance(op, DeleteGroup):
+            for okey in [k for k in d.offsets if k[0] == op.stream and k[1] == op.group]:
+                del d.offsets[okey]
         elif isinstance(op, CommitOffsets):
             for stream, grp, part, committed, delivered in it.offsets:
                 c, dl = d.offsets.get((stream, grp, part), (committed, delivered))
@@ -489,24 +493,31 @@ class MemoryStore:
 
     async def load_messages(self, queue: str, after: PageKey | None = None, *,
                             due_before_ms: int | None = None, limit: int = 1000,
-                            max_bytes: int | None = None, min_rows: int = 1) -> list[StoredMessage]:
+                            max_bytes: int | None = None, min_rows: int = 1,
+                            priority: int | None = None) -> list[StoredMessage]:
         d = await self._read()
         rows = sorted(d.messages.get(queue, {}).values(), key=_due_key)
+        if priority is not None:
+            rows = [r for r in rows if r[11] == priority]
         if after is not None:
             rows = [r for r in rows if (r[7], r[1]) > after]
         if due_before_ms is not None:
             rows = [r for r in rows if r[7] <= due_before_ms]
         return [decode_message(r) for r in _page(rows, 3, limit, max_bytes, min_rows)]
 
-    async def next_available_ms(self, queue: str, after: PageKey | None = None) -> int | None:
+    async def next_available_ms(self, queue: str, after: PageKey | None = None,
+                                priority: int | None = None) -> int | None:
         d = await self._read()
-        keys = [(r[7], r[1]) for r in d.messages.get(queue, {}).values()]
+        keys = [(r[7], r[1]) for r in d.messages.get(queue, {}).values() if priority is None or r[11] == priority]
         if after is not None:
             keys = [k for k in keys if k > after]
         return min(keys)[0] if keys else None
 
-    async def count(self, queue: str) -> int:
-        return len((await self._read()).messages.get(queue, {}))
+    async def count(self, queue: str, priority: int | None = None) -> int:
+        rows = (await self._read()).messages.get(queue, {})
+        if priority is not None:
+            return sum(1 for r in rows.values() if r[11] == priority)
+        return len(rows)
 
     async def oldest(self, queue: str, n: int) -> list[StoredMessage]:
         rows = (await self._read()).messages.get(queue, {})

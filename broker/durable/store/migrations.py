@@ -67,11 +67,20 @@ CREATE TABLE meta (
 INSERT INTO meta (key, value) VALUES ('max_message_id', 0);
 """
 
+#: Priority queues (settings.QueueConfig.max_priority): each message's priority,
+#: NULL in a plain queue. A priority queue pages each priority in (available_ms,
+#: id) order; the index is partial, so plain queues' inserts pay nothing for it.
+MIGRATION_PRIORITY: Final = """
+ALTER TABLE messages ADD COLUMN priority INTEGER;
+CREATE INDEX messages_priority ON messages (queue, priority, available_ms, id) WHERE priority IS NOT NULL;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: queues, messages, dedup, meta
     MIGRATION_V2,  # 1 -> 2: streams, stream_messages, stream_floors, stream_offsets
     MIGRATION_STREAM_NEXT,  # 2 -> 3: stream_next (offsets assigned by failed tail writes)
     MIGRATION_SCHEMAS,  # 3 -> 4: schemas, schema_bindings (the schema registry)
+    MIGRATION_PRIORITY,  # 4 -> 5: messages.priority and its partial index (priority queues)
 )
 
 

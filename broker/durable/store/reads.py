@@ -26,7 +26,7 @@ from tidings.broker.durable.store.base import PageKey, StorageClosed, StorageErr
 DEDUP_CHUNK: Final = 900
 
 _COLUMNS: Final = ("queue, id, subject, payload, headers, msg_id, published_ms, available_ms,"
-                   " expires_ms, deliveries, last_error")
+                   " expires_ms, deliveries, last_error, priority")
 
 
 def translate(exc: sqlite3.Error) -> StorageError:
@@ -45,7 +45,7 @@ def decode_message(r: Any) -> StoredMessage:
     """A StoredMessage from a row of _COLUMNS."""
     h = r[4]
     return StoredMessage(r[0], r[1], r[2], r[3], None if h is None else msgpack.unpackb(h, raw=False),
-                         r[5], r[6], r[7], r[8], r[9], r[10])
+                         r[5], r[6], r[7], r[8], r[9], r[10], r[11])
 
 
 class Reads:
@@ -119,14 +119,19 @@ class Reads:
 
     async def load_messages(self, queue: str, after: PageKey | None = None, *,
                             due_before_ms: int | None = None, limit: int = 1000,
-                            max_bytes: int | None = None, min_rows: int = 1) -> list[StoredMessage]:
+                            max_bytes: int | None = None, min_rows: int = 1,
+                            priority: int | None = None) -> list[StoredMessage]:
         """Up to `limit` messages of `queue` in delivery order, (available_ms, id),
         strictly after the cursor `after` (the key of the last message already read).
         With `due_before_ms`, only messages with available_ms <= due_before_ms
         (inclusive: a message available at that instant is due). With `max_bytes`,
-        beyond the first `min_rows` only as many as keep their payloads within it."""
+        beyond the first `min_rows` only as many as keep their payloads within it.
+        With `priority`, only that priority's messages (index messages_priority)."""
         where = ["queue = ?"]
         params: list[Any] = [queue]
+        if priority is not None:
+            where.append("priority = ?")
+            params.append(priority)
         if after is not None:
             where.append("(available_ms, id) > (?, ?)")
             params += [after[0], after[1]]
@@ -138,8 +143,15 @@ class Reads:
             params, limit, max_bytes, min_rows)
         return [decode_message(r) for r in rows]
 
-    async def next_available_ms(self, queue: str, after: PageKey | None = None) -> int | None:
+    async def next_available_ms(self, queue: str, after: PageKey | None = None,
+                                priority: int | None = None) -> int | None:
         """The available_ms of the first message of `queue` after the cursor, or None if none."""
+        if priority is not None:
+            lo = after if after is not None else (-1, -1)
+            rows = await self._fetch(
+                "SELECT available_ms FROM messages WHERE queue = ? AND priority = ? AND (available_ms, id) > (?, ?)"
+                " ORDER BY available_ms, id LIMIT 1", [queue, priority, lo[0], lo[1]])
+            return rows[0][0] if rows else None
         if after is None:
             rows = await self._fetch("SELECT min(available_ms) FROM messages WHERE queue = ?", [queue])
         else:
@@ -148,8 +160,12 @@ class Reads:
                 " ORDER BY available_ms, id LIMIT 1", [queue, after[0], after[1]])
         return rows[0][0] if rows else None
 
-    async def count(self, queue: str) -> int:
+    async def count(self, queue: str, priority: int | None = None) -> int:
         """How many messages `queue` holds. Scans the queue's index: O(length); for recovery and admin."""
+        if priority is not None:
+            rows = await self._fetch("SELECT count(*) FROM messages WHERE queue = ? AND priority = ?",
+                                     [queue, priority])
+            return int(rows[0][0])
         rows = await self._fetch("SELECT count(*) FROM messages WHERE queue = ?", [queue])
         return int(rows[0][0])
 

@@ -95,6 +95,7 @@ UPSERT_FLOOR: Final = (
 UPSERT_NEXT: Final = (
     "INSERT INTO stream_next (stream, partition, next) VALUES (?,?,?)"
     " ON CONFLICT (stream, partition) DO UPDATE SET next = MAX(next, excluded.next)")
+DELETE_GROUP: Final = "DELETE FROM stream_offsets WHERE stream = ? AND grp = ?"
 DELETE_STREAM: Final = (
     ("DELETE FROM stream_next WHERE stream = ?", 1),
     ("DELETE FROM stream_messages WHERE stream = ?", 1),
