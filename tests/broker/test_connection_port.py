@@ -9,6 +9,7 @@ port's router, and closing calls ``detach``.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -37,6 +38,7 @@ class StubPort:
         self.monitor = ResourceMonitor(memory_high_water=0, min_free_disk=0, data_dir=tmp, interval=1.0)
         self.router: Router[Subscription] = Router()
         self.durable_match = None
+        self.schemas = SimpleNamespace(active=False)  # no subject is schema-bound
         self.shutting_down = False
         self.calls: list[str] = []
         self.detached = anyio.Event()
