@@ -404,3 +404,25 @@ async def test_ctrl_c_ends_sub_quietly(broker) -> None:
                 err = b"".join([chunk async for chunk in proc.stderr])
                 assert await proc.wait() == 0
     assert err == b""
+
+
+# -------------------------------------------------------------- completion
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("tidings qu", ["queues"]),
+    ("tidings queues pe", ["peek"]),
+    ("tidings streams read --fo", ["--follow"]),
+])
+def test_shell_completion_completes_commands_and_options(line: str, expected: list[str]) -> None:
+    """What bash asks through `eval "$(register-python-argcomplete tidings)"`: the hook
+    (argcomplete) answers on file descriptor 8."""
+    rfd, wfd = os.pipe()
+    env = clean_env(_ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)), _ARGCOMPLETE_IFS="\n")
+    r = subprocess.run([*CLI], env=env, capture_output=True, timeout=RUN_TIMEOUT, check=False,
+                       stdin=subprocess.DEVNULL, preexec_fn=lambda: os.dup2(wfd, 8), pass_fds=(wfd, 8))
+    os.close(wfd)
+    with os.fdopen(rfd) as answer:
+        words = answer.read().split()
+    assert r.returncode == 0, r.stderr
+    assert words == expected, (words, r.stderr)
