@@ -31,6 +31,10 @@ from tidings.client import ConnectError, connect
 from tidings.client.errors import InvalidArgumentError, InvalidSubjectError, NotABrokerError
 
 CLI = [sys.executable, "-m", "tidings"]
+# The CLI with SIGINT at its default, for tests that press Ctrl-C: a job started in the
+# background by a non-interactive shell (a CI runner) inherits SIGINT ignored.
+CLI_WITH_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                   "os.execv(sys.executable, [sys.executable, '-m', 'tidings', *sys.argv[1:]])"]
 RUN_TIMEOUT = 60.0  # a hang bound for one command, never a deadline a passing run comes near
 WAIT = 30.0
 HINT = "'*' for one token and '>' for the rest"
@@ -348,6 +352,7 @@ def test_passwd_without_a_terminal_says_use_stdin() -> None:
 def test_passwd_ctrl_c_at_the_prompt_exits_130_quietly() -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: `tidings passwd` on the pty as its terminal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background job may have inherited it ignored
         os.execve(sys.executable, [*CLI, "passwd"], clean_env())
     out = b""
     try:
@@ -363,6 +368,9 @@ def test_passwd_ctrl_c_at_the_prompt_exits_130_quietly() -> None:
                 if not chunk:
                     break
                 out += chunk
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)  # ours; it would otherwise wait at the prompt forever
+        raise
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
@@ -393,16 +401,20 @@ class _bounded:
 
 async def test_ctrl_c_ends_sub_quietly(broker) -> None:
     async with connect(broker.url) as tc:
-        async with await anyio.open_process([*CLI, "sub", "quiet.>", "--url", broker.url],
+        async with await anyio.open_process([*CLI_WITH_SIGINT, "sub", "quiet.>", "--url", broker.url],
                                             env=clean_env(), stdin=subprocess.DEVNULL) as proc:
             with anyio.fail_after(WAIT):
                 while (await tc.call("stats"))["subscriptions"] < 1:
                     await tc.flush()
             proc.send_signal(signal.SIGINT)
             assert proc.stderr is not None
-            with anyio.fail_after(WAIT):
-                err = b"".join([chunk async for chunk in proc.stderr])
-                assert await proc.wait() == 0
+            try:
+                with anyio.fail_after(WAIT):
+                    err = b"".join([chunk async for chunk in proc.stderr])
+                    assert await proc.wait() == 0
+            except BaseException:
+                proc.kill()  # ours; leaving the block would wait for it forever
+                raise
     assert err == b""
 
 
