@@ -96,9 +96,10 @@ async def _queues_info(tc: Any, ns: argparse.Namespace) -> None:
 
 async def _queues_peek(tc: Any, ns: argparse.Namespace) -> None:
     msgs = await tc.peek_queue(ns.name, limit=ns.limit, offset=ns.offset)
-    depth = 0 if ns.json else (await tc.queue_info(ns.name))["depth"]
-    title = (f"{ns.name}: {depth} messages" + (f", showing {len(msgs)} from #{ns.offset + 1}" if msgs else "")
-             + " (left in the queue)")
+    # No depth (queue.info): it needs admin, and peeking needs only consume.
+    title = (f"{ns.name}: {len(msgs)} message{'s' if len(msgs) != 1 else ''} from #{ns.offset + 1}, "
+             "left in the queue" if msgs
+             else f"{ns.name}: no messages from #{ns.offset + 1}")
     _print_messages(title, msgs, json=ns.json, key="queue", name=ns.name)
 
 

@@ -130,7 +130,7 @@ async def test_queues_peek_leaves_the_messages_for_a_consumer(broker) -> None:
         assert [m["payload"] for m in shown["messages"]] == ["m0", "m1"]
         r = await cli("queues", "peek", "peeked", "--offset", "3", "--url", broker.url)
         assert r.code == 0, r.err
-        assert "peeked: 4 messages" in r.out and "payload: base64:/v8=" in r.out, r.out
+        assert "peeked: 1 message from #4, left in the queue" in r.out and "payload: base64:/v8=" in r.out, r.out
         assert (await tc.queue_info("peeked"))["depth"] == 4
         async with tc.consume("peeked") as deliveries:
             got = []
@@ -192,7 +192,8 @@ async def test_environment_credentials_and_url_on_every_command_and_flags_win(st
     conf = write_config(tmp_path / "tidings.toml",
                         users={**user("admin", publish=[">"], subscribe=[">"], admin=[">"], consume=[">"]),
                                **user("bot", tokens=[token], publish=["env.>"], consume=["envq", "envs"],
-                                      admin=["envq", "envs"])})
+                                      admin=["envq", "envs"]),
+                               **user("reader", tokens=["reader-" + "y" * 40], consume=["envq"])})
     b = start_broker("--config", str(conf))
     async with connect(b.url, user="admin", password=PASSWORDS["admin"]) as tc:
         await tc.declare_queue("envq", bind=["env.q"])
@@ -204,6 +205,8 @@ async def test_environment_credentials_and_url_on_every_command_and_flags_win(st
                  ["queues", "info", "envq"], ["streams", "read", "envs"], ["streams", "info", "envs"]):
         r = await cli(*args, env=by_token)
         assert r.code == 0, (args, r.err)
+    r = await cli("queues", "peek", "envq", env=clean_env(TIDINGS_URL=b.url, TIDINGS_TOKEN="reader-" + "y" * 40))
+    assert r.code == 0 and "one" in r.out, r.err  # peeking needs consume only
     r = await cli("queues", env=by_token)  # listing every queue needs admin on '>'
     assert "permission denied" in r.one_line_failure()
     r = await cli("queues", env=by_password)
