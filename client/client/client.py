@@ -82,6 +82,7 @@ DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept 
 REPLY_ID_BYTES: Final = 12  # random bytes per request's reply subject (96 bits: not guessable)
 URL_FORM: Final = "tidings://HOST:PORT (or tidings+tls://HOST:PORT)"  # what error messages show
 HANDSHAKE_QUOTE: Final = 40  # first bytes of a non-tidings answer quoted in NotABrokerError
+TLS_RECORDS: Final = (b"\x15", b"\x16")  # first byte of a TLS alert or handshake record
 
 # A new connection's binding set: (epoch, patterns, frames that arrived before its last chunk).
 _Initial = tuple[int, list[str], list[F.Frame]]
@@ -343,6 +344,8 @@ class Client:
             try:
                 ev = conn.next_event()
             except RemoteProtocolError as exc:
+                if head[:1] in TLS_RECORDS:  # a tidings+tls:// broker (or another TLS server) refusing plain text
+                    raise NotABrokerError(f"{where} speaks TLS: use a tidings+tls:// URL") from exc
                 raise NotABrokerError(f"{where} is not a tidings broker (it sent {_quote(head)})") from exc
             if ev is NEED_DATA:
                 continue

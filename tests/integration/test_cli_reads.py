@@ -305,6 +305,10 @@ async def test_a_server_that_is_not_a_tidings_broker_is_named() -> None:
             r = await cli(*cmd, "--url", f"tidings://127.0.0.1:{port}")
             line = r.one_line_failure()
             assert f"127.0.0.1:{port} is not a tidings broker (it sent 'INFO {{" in line, line
+    async with fake_server(b"\x15\x03\x03\x00\x02\x02\x46") as port:  # a TLS alert: plain text to a TLS port
+        with pytest.raises(NotABrokerError, match=r"speaks TLS: use a tidings\+tls:// URL"):
+            async with connect(f"127.0.0.1:{port}", reconnect=False):
+                pass
     async with fake_server(None) as port:  # silent: the handshake timeout says so
         with pytest.raises(ConnectError, match="is a tidings broker listening there"):
             async with connect(f"127.0.0.1:{port}", timeout=0.2):
