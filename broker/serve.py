@@ -8,6 +8,8 @@ command line, the command line imports this.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,8 +17,11 @@ from typing import Any
 
 import anyio
 
-from tidings.broker.config import DEFAULT_PORT, ConfigError, load
-from tidings.broker.durable.store.base import StorageError
+from tidings.broker.config import DEFAULT_PORT, Config, ConfigError, load
+
+log = logging.getLogger(__name__)
+
+_BIND_ERRNOS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})  # what binding a port raises
 
 DESCRIPTION = ("Run the broker. Settings: defaults < TOML file (--config or TIDINGS_CONFIG) "
                "< TIDINGS_* environment variables < flags.")
@@ -74,21 +79,36 @@ def run(ns: argparse.Namespace) -> int:
     broker = Broker(cfg)
     try:
         run_loop(broker.serve)
-    except BaseExceptionGroup as group:  # raised from the broker's task group while starting
-        storage, rest = group.split(StorageError)
-        if storage is None or rest is not None:
-            raise
-        first: BaseException = storage
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        print(f"tidings: cannot open the store: {first}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"tidings: cannot listen on {cfg.host}:{cfg.port}: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except BaseException as exc:  # one line on stderr, never a traceback (the log has it at debug level)
+        message, status = _failure(exc, cfg)
+        log.debug("the broker stopped on an error", exc_info=exc)
+        print(f"tidings: {message}", file=sys.stderr)
+        return status
     return 0
+
+
+def _failure(exc: BaseException, cfg: Config) -> tuple[str, int]:
+    """One line and the exit status for an error that stopped the broker while
+    starting (or running): 2 for the settings, 1 for the rest."""
+    from tidings.broker.durable.store.base import StorageError  # not at the top: `tidings pub` starts faster
+
+    grouped = isinstance(exc, BaseExceptionGroup)
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # raised from the broker's task group
+        exc = exc.exceptions[0]
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {text}", 2
+    if isinstance(exc, StorageError):  # e.g. the data directory is locked by another broker
+        return f"cannot open the store: {text}", 1
+    if isinstance(exc, OSError):
+        if not grouped:  # the client listener is bound before the task group starts (Broker.serve)
+            return f"cannot listen on {cfg.host}:{cfg.port}: {text}", 1
+        if exc.errno in _BIND_ERRNOS and cfg.metrics_port >= 0:  # the one listener bound inside it
+            return f"cannot listen on {cfg.metrics_host}:{cfg.metrics_port} for metrics: {text}", 1
+        return f"cannot start: {text}", 1
+    return f"the broker stopped on an unexpected error ({type(exc).__name__}): {text}", 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,4 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = args[1:]  # `python -m tidings.broker serve ...` reads like `tidings serve ...`
     p = argparse.ArgumentParser(prog="python -m tidings.broker", description=DESCRIPTION)
     add_arguments(p)
-    return run(p.parse_args(args))
+    try:
+        return run(p.parse_args(args))
+    except KeyboardInterrupt:  # Ctrl-C before the broker installed its signal handlers
+        return 130

@@ -5,6 +5,10 @@ non-empty and contains no whitespace, no ``.``, and neither ``*`` nor ``>``
 (those are wildcards, allowed only in patterns). A pattern may use ``*``
 as a whole token (exactly one token) and ``>`` as the last token (one or
 more trailing tokens).
+
+Patterns written for other brokers (MQTT's ``+`` and ``#``, AMQP's ``#``,
+``/`` between levels) are refused with :data:`WILDCARD_HINT` instead of
+silently matching nothing: in a subject those characters are plain text.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ MAX_SUBJECT_LENGTH: Final = 255  # long enough for any real naming scheme, short
 MAX_TOKENS: Final = 32  # bounds trie depth and matching work per publish
 
 _TOKEN = re.compile(r"[^\s.*>]+")
+# Tokens and separators other brokers use as wildcards; a pattern holding one is a mistake.
+_FOREIGN_WILDCARDS: Final = frozenset({"#", "+"})
+WILDCARD_HINT: Final = "tidings uses '.' between tokens, '*' for one token and '>' for the rest"
 
 
 def _check_common(subject: object, what: str) -> list[str]:
@@ -43,15 +50,22 @@ def validate_subject(subject: object) -> str:
     return subject  # type: ignore[return-value]
 
 
-def validate_pattern(pattern: object) -> str:
-    """Return ``pattern`` if it is a valid subscription pattern, else raise."""
+def validate_pattern(pattern: object, *, stored: bool = False) -> str:
+    """Return ``pattern`` if it is a valid subscription pattern, else raise.
+
+    ``stored``: a pattern accepted earlier (a binding recovered from the store,
+    or announced by the broker), checked without the other-brokers' wildcard
+    rule, which came later: data an older version accepted still loads."""
     tokens = _check_common(pattern, "pattern")
+    if not stored and ("/" in pattern or not _FOREIGN_WILDCARDS.isdisjoint(tokens)):  # type: ignore[operator]
+        raise RemoteProtocolError(f"invalid pattern {pattern!r}: {WILDCARD_HINT}", ErrorCode.INVALID_SUBJECT)
     last = len(tokens) - 1
     for i, tok in enumerate(tokens):
         if tok == "*" or (tok == ">" and i == last):
             continue
         if not _TOKEN.fullmatch(tok):
-            raise RemoteProtocolError(f"invalid pattern {pattern!r}", ErrorCode.INVALID_SUBJECT)
+            hint = f": {WILDCARD_HINT}" if "*" in tok or ">" in tok else ""
+            raise RemoteProtocolError(f"invalid pattern {pattern!r}{hint}", ErrorCode.INVALID_SUBJECT)
     return pattern  # type: ignore[return-value]
 
 
@@ -98,7 +112,7 @@ class PatternSet:
             self.add(p)
 
     def add(self, pattern: str) -> None:
-        validate_pattern(pattern)
+        validate_pattern(pattern, stored=True)
         if pattern in self._patterns:
             return
         self._patterns.add(pattern)

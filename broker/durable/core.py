@@ -111,7 +111,7 @@ class Durable:
         tg.start_soon(self.store.watchdog)
         self.ctx.last_id = await self.store.max_message_id()
         for name, conf, _created in await self.store.load_queues():
-            qc = QueueConfig.from_args(conf)
+            qc = QueueConfig.from_args(conf, stored=True)
             count = await self.store.count(name)
             lanes = [await self.store.count(name, p) for p in range(qc.max_priority + 1)] if qc.max_priority else None
             await self._start_queue(qc, count, lanes)
@@ -409,6 +409,7 @@ class Durable:
             "queue.purge": self.purge,
             "queue.list": lambda args, rid: self.list_queues(),
             "queue.info": lambda args, rid: self._queue(args, rid).info(),
+            "queue.peek": self.dlq_list,  # any queue's stored messages, left in place (`tidings queues peek`)
             "dlq.list": self.dlq_list,
             "dlq.count": lambda args, rid: {"count": self._queue(args, rid).count},
             "dlq.redrive": self.redrive,

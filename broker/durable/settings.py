@@ -76,8 +76,9 @@ class QueueConfig:
         return d
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> QueueConfig:
-        """Build from a declare call's arguments; raises RemoteProtocolError(INVALID_ARGUMENT)."""
+    def from_args(cls, args: dict[str, Any], *, stored: bool = False) -> QueueConfig:
+        """Build from a declare call's arguments (``stored``: a recovered queue's, see
+        validate_pattern); raises RemoteProtocolError(INVALID_ARGUMENT)."""
         known = set(cls.__dataclass_fields__)
         unknown = set(args) - known
         if unknown:
@@ -89,7 +90,7 @@ class QueueConfig:
         if not isinstance(bind, (list, tuple)):
             raise _bad("bind must be a list of subject patterns")
         try:
-            pats = tuple(dict.fromkeys(validate_pattern(p) for p in bind))
+            pats = tuple(dict.fromkeys(validate_pattern(p, stored=stored) for p in bind))
         except RemoteProtocolError as exc:
             raise _bad(exc.message) from None
         sched = a.get("backoff_schedule") or ()
@@ -177,7 +178,7 @@ class StreamConfig:
         return d
 
     @classmethod
-    def from_args(cls, args: dict[str, Any]) -> StreamConfig:
+    def from_args(cls, args: dict[str, Any], *, stored: bool = False) -> StreamConfig:
         unknown = set(args) - set(cls.__dataclass_fields__)
         if unknown:
             raise _bad(f"unknown stream settings: {', '.join(sorted(unknown))}")
@@ -189,7 +190,7 @@ class StreamConfig:
         if not isinstance(bind, (list, tuple)):
             raise _bad("bind must be a list of subject patterns")
         try:
-            pats = tuple(dict.fromkeys(validate_pattern(x) for x in bind))
+            pats = tuple(dict.fromkeys(validate_pattern(x, stored=stored) for x in bind))
         except RemoteProtocolError as exc:
             raise _bad(exc.message) from None
 

@@ -61,7 +61,7 @@ class Streams:
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
         for name, conf, _created in await self.store.load_streams():
-            cfg = StreamConfig.from_args(conf)
+            cfg = StreamConfig.from_args(conf, stored=True)
             bounds = await self.store.partition_bounds(name)
             floors = await self.store.partition_floors(name)
             marks = await self.store.partition_marks(name)

@@ -279,6 +279,7 @@ OBJECT_CALLS: Final[dict[str, tuple[str, ...]]] = {  # method -> argument keys n
     "queue.delete": ("name",),
     "queue.purge": ("name",),
     "queue.info": ("name",),
+    "queue.peek": ("name",),
     "dlq.list": ("name",),
     "dlq.count": ("name",),
     "dlq.purge": ("name",),
@@ -301,7 +302,7 @@ PATTERN_CALLS: Final = frozenset({"schema.bind", "schema.unbind"})
 DECLARE_CALLS: Final = frozenset({"queue.declare", "stream.declare"})  # may create a DLQ; "bind" = subscribe
 # Calls that return message payloads: reading messages is what consume grants, so
 # they need consume on the name, not admin (admin manages a queue, it does not read it).
-READ_CALLS: Final = frozenset({"dlq.list"})
+READ_CALLS: Final = frozenset({"dlq.list", "queue.peek"})
 DLQ_SUFFIX: Final = ".dlq"  # the default dead-letter name is "<name>.dlq" (broker/durable/queue_settings.py)
 
 

@@ -2,13 +2,14 @@
 
     add_url, add_credentials  --url; --user/--password/--token/--ca-file (defaults from $TIDINGS_URL/_USER/...)
     add_options               both, plus --json and --timeout: the set every admin command takes
-    run, runner               connect, run one command on uvloop, turn errors into exit statuses
-    print_json, jsonable, text_or_base64, table    output for people and for scripts
+    run, runner, failure      connect, run one command on uvloop, turn errors into one line and an exit status
+    print_json, jsonable, text_or_base64, printable, payload_json, table    output for people and scripts
 
 The default URL is the client library's (:data:`tidings.client.DEFAULT_URL`).
 Exit statuses: 0 done, 1 the broker or the connection said no (one line on
-stderr, ``tidings: ...``), 2 a usage error (argparse's, or a malformed URL),
-130 interrupted by Ctrl-C (0 for the commands that run until interrupted).
+stderr, ``tidings: ...``, never a traceback: :func:`failure`), 2 a usage error
+(argparse's, or a malformed URL), 130 interrupted by Ctrl-C (0 for the
+commands that run until interrupted).
 """
 
 from __future__ import annotations
@@ -87,14 +88,14 @@ def run(ns: argparse.Namespace, command: Command, *, reconnect: bool = False,
 
     ``reconnect``: ride through a broker restart (for `sub`, which runs until
     interrupted); an admin command fails fast instead. ``interrupted`` is the
-    status for Ctrl-C."""
-    from tidings.client import TidingsError, connect
+    status for Ctrl-C. Every failure is one line on stderr (:func:`failure`)."""
+    from tidings.client import connect
 
     options: dict[str, Any] = {"reconnect": reconnect, "user": getattr(ns, "user", None),
                                "password": getattr(ns, "password", None), "token": getattr(ns, "token", None),
                                "ca_file": getattr(ns, "ca_file", None)}
     if getattr(ns, "timeout", None) is not None:
-        options["timeout"] = ns.timeout
+        options["timeout"] = ns.timeout  # also bounds the handshake: a silent non-tidings server fails in time
 
     async def go() -> Any:
         async with connect(ns.url, name=CLIENT_NAME, **options) as tc:
@@ -102,21 +103,42 @@ def run(ns: argparse.Namespace, command: Command, *, reconnect: bool = False,
 
     try:
         run_loop(go)
-    except BaseException as exc:  # sorted by kind below; the rest is re-raised
-        err = _unwrap(exc)
-        if isinstance(err, TidingsError):
-            print(f"tidings: {err}", file=sys.stderr)
-            return FAILED
-        if isinstance(err, ValueError):  # a malformed --url
-            print(f"tidings: {err}", file=sys.stderr)
-            return USAGE
-        if isinstance(err, BrokenPipeError):  # `tidings queues | head`: the reader left, not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        if isinstance(err, KeyboardInterrupt):
-            return interrupted
-        raise
+    except BaseException as exc:  # every failure becomes one line and an exit status
+        return failure(exc, interrupted=interrupted)
     return 0
+
+
+def failure(exc: BaseException, *, interrupted: int = INTERRUPTED) -> int:
+    """Print ``exc`` as one line on stderr (``tidings: ...``) and return its exit status:
+    1 for the broker's or the connection's errors, 2 for a malformed URL (a usage
+    error), ``interrupted`` for Ctrl-C (nothing printed), 0 when the reader of our
+    output left (`tidings queues | head`). Anything else is a bug: still one line,
+    with the exception's type, so a user can report it."""
+    from tidings.client import TidingsError
+
+    err = _unwrap(exc)
+    if isinstance(err, KeyboardInterrupt):
+        return interrupted
+    if isinstance(err, BrokenPipeError):  # the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    if isinstance(err, SystemExit):  # argparse's own exit
+        return err.code if isinstance(err.code, int) else FAILED
+    if isinstance(err, TidingsError):
+        print(f"tidings: {_one_line(err)}", file=sys.stderr)
+        return FAILED
+    if isinstance(err, ValueError):  # a malformed --url (parse_url says what a URL looks like)
+        print(f"tidings: {_one_line(err)}", file=sys.stderr)
+        return USAGE
+    if isinstance(err, OSError):  # e.g. stdin or a file that cannot be read
+        print(f"tidings: {_one_line(err)}", file=sys.stderr)
+        return FAILED
+    print(f"tidings: unexpected error ({type(err).__name__}): {_one_line(err)}", file=sys.stderr)
+    return FAILED
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def runner(command: Command, *, reconnect: bool = False,
@@ -126,10 +148,9 @@ def runner(command: Command, *, reconnect: bool = False,
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """The single error inside (nested) one-error ExceptionGroups: an error
-    raised inside `async with connect()` leaves it wrapped by the client's
-    task group."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+    """The first error inside (nested) ExceptionGroups: an error raised inside
+    `async with connect()` leaves it wrapped by the client's task group."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
 
@@ -151,6 +172,23 @@ def jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [jsonable(x) for x in v]
     return v
+
+
+def printable(b: bytes) -> str:
+    """A payload for a terminal: UTF-8 text as is, other bytes as ``\\xNN`` escapes, and
+    control characters (but newline and tab) escaped, so a payload cannot drive the terminal."""
+    text = b.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+
+
+def payload_json(payload: bytes) -> dict[str, str]:
+    """``{"payload": text, "payload_encoding": "utf-8"}``, or base64 for bytes that are not UTF-8."""
+    try:
+        return {"payload": payload.decode("utf-8"), "payload_encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"payload": base64.b64encode(payload).decode("ascii"), "payload_encoding": "base64"}
 
 
 def text_or_base64(b: bytes) -> str:

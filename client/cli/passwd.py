@@ -8,24 +8,50 @@ The work is done by :func:`tidings.broker.security.auth.passwd_main` (it
 needs no broker running, so nothing from common.py); this module only
 registers the command on the `tidings` parser (``register(subparsers)``,
 called from main.py). Exit status 0, or 1 for a refused password (empty,
-too long, the two entries differ).
+too long, the two entries differ) or no terminal to prompt on (one line
+saying to use --stdin), 130 for Ctrl-C at the prompt.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import Any, Final
+
+TTY: Final = "/dev/tty"  # where getpass prompts (without echo); stdin may be a pipe
+NO_TERMINAL: Final = ("tidings passwd: no terminal to prompt on; pipe the password in with "
+                      "`tidings passwd --stdin`")
+
+
+def _has_terminal() -> bool:
+    """Can getpass prompt without echo? Without a terminal it would fall back to reading
+    stdin with the password echoed (and a warning), which is never what was meant."""
+    try:
+        with open(TTY, "rb"):
+            return True
+    except OSError:
+        return False
 
 
 def _passwd(ns: argparse.Namespace) -> int:
     from tidings.broker.security.auth import passwd_main
 
+    if not ns.stdin and not ns.token and not _has_terminal():
+        print(NO_TERMINAL, file=sys.stderr)
+        return 1
     argv = []
     if ns.stdin:
         argv.append("--stdin")
     if ns.token:
         argv.append("--token")
-    return passwd_main(argv)
+    try:
+        return passwd_main(argv)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: end the prompt's line, no traceback
+        print(file=sys.stderr)
+        return 130
+    except EOFError:  # Ctrl-D at the prompt, or an empty stdin
+        print("\ntidings passwd: no password given", file=sys.stderr)
+        return 1
 
 
 def register(sp: Any) -> None:

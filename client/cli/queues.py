@@ -3,6 +3,7 @@
     tidings queues [--json]                       list queues: depth, in-flight, consumers, DLQ depth
     tidings queues declare NAME --bind PATTERN .. create a queue (or check an identical one exists)
     tidings queues update NAME --max-deliveries N --ack-deadline 30s ..   change settings in place
+    tidings queues peek NAME [-n N]               show messages without consuming them
     tidings queues info|purge NAME
     tidings queues delete NAME [--keep-dlq]       delete a queue (and its dead-letter queue)
     tidings dlq ls|redrive|purge QUEUE            peek at, move back, or drop dead-lettered messages
@@ -93,6 +94,15 @@ async def _queues_info(tc: Any, ns: argparse.Namespace) -> None:
     print("          config:")
     for k, v in conf.items():
         print(f"{k:>24}: {v}")
+
+
+async def _queues_peek(tc: Any, ns: argparse.Namespace) -> None:
+    msgs = await tc.peek_queue(ns.name, limit=ns.limit, offset=ns.offset)
+    # No depth (queue.info): it needs admin, and peeking needs only consume.
+    title = (f"{ns.name}: {len(msgs)} message{'s' if len(msgs) != 1 else ''} from #{ns.offset + 1}, "
+             "left in the queue" if msgs
+             else f"{ns.name}: no messages from #{ns.offset + 1}")
+    _print_messages(title, msgs, json=ns.json, key="queue", name=ns.name)
 
 
 async def _queues_purge(tc: Any, ns: argparse.Namespace) -> None:
@@ -249,6 +259,18 @@ def _add_queues(sp: Any) -> None:
     add_options(s, leaf=True)
     s.set_defaults(fn=runner(_queues_update))
 
+    s = qs.add_parser(
+        "peek", help="show a queue's messages without consuming them",
+        description="Print a queue's stored messages, oldest first (in flight included), with their "
+        "subject, id, headers and payload (UTF-8 text, or base64 prefixed with "
+        f"{BASE64_MARKER!r}). Nothing is delivered or consumed: the messages stay in the queue and "
+        "their delivery counts do not change. Needs consume permission on the queue.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("-n", "--limit", type=int, default=10, help="messages to show (1..10000, default 10)")
+    s.add_argument("--offset", type=int, default=0, help="skip this many messages first")
+    add_options(s, leaf=True)
+    s.set_defaults(fn=runner(_queues_peek))
+
     for name, fn, text in (("info", _queues_info, "show a queue's counters and settings"),
                            ("purge", _queues_purge, "drop every message of a queue")):
         s = qs.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -285,28 +307,30 @@ async def _dlq_name(tc: Any, queue: str) -> str:
     return str(q["dead_letter"])
 
 
-async def _dlq_ls(tc: Any, ns: argparse.Namespace) -> None:
-    name = await _dlq_name(tc, ns.queue)
-    msgs = await tc.dlq_list(name, limit=ns.limit, offset=ns.offset)
-    if ns.json:
+def _print_messages(title: str, msgs: list[dict[str, Any]], *, json: bool, key: str, name: str) -> None:
+    """Messages as `dlq ls` and `queues peek` print them: ``--json`` as ``{key: name,
+    "messages": [...]}`` with each payload's encoding, else a block per message under ``title``."""
+    if json:
         for m in msgs:  # say how the payload is encoded, so a text payload starting "base64:" is not misread
             text = text_or_base64(m["payload"])
             binary = text.startswith(BASE64_MARKER) and not m["payload"].startswith(BASE64_MARKER.encode())
             m["payload"] = text[len(BASE64_MARKER):] if binary else text
             m["payload_encoding"] = "base64" if binary else "utf-8"
-        print_json({"dlq": name, "messages": msgs})
+        print_json({key: name, "messages": msgs})
         return
-    total = (await tc.queue_info(name))["depth"]
-    print(f"{name}: {total} messages" + (f", showing {len(msgs)} from #{ns.offset + 1}" if msgs else ""))
+    print(title)
     for m in msgs:
         h = dict(m.get("headers") or {})
         tid = {k[len("tidings-"):]: h.pop(k) for k in list(h) if k.startswith("tidings-")}
         print()
         msg_id = f"  msg_id {_shown(m['msg_id'])}" if m.get("msg_id") else ""
         print(f"id {m['id']}  subject {m['subject']}{msg_id}")
-        print(f"  reason {tid.get('dlq-reason', '-')}  source {tid.get('dlq-source', '-')}  "
-              f"deliveries {tid.get('delivery-count', m.get('deliveries', 0))}  "
-              f"dead-lettered {_when(tid.get('dead-lettered-at'))}  published {_when(m.get('published_ms'))}")
+        if "dlq-reason" in tid or "dlq-source" in tid:
+            print(f"  reason {tid.get('dlq-reason', '-')}  source {tid.get('dlq-source', '-')}  "
+                  f"deliveries {tid.get('delivery-count', m.get('deliveries', 0))}  "
+                  f"dead-lettered {_when(tid.get('dead-lettered-at'))}  published {_when(m.get('published_ms'))}")
+        else:
+            print(f"  deliveries {m.get('deliveries', 0)}  published {_when(m.get('published_ms'))}")
         if tid.get("last-error"):
             print(f"  last error: {_shown(str(tid['last-error']))}")
         if h:
@@ -315,6 +339,14 @@ async def _dlq_ls(tc: Any, ns: argparse.Namespace) -> None:
         if len(text) > PAYLOAD_SHOWN:
             text = f"{text[:PAYLOAD_SHOWN]}... ({len(m['payload'])} bytes; --json shows all)"
         print(f"  payload: {text}")
+
+
+async def _dlq_ls(tc: Any, ns: argparse.Namespace) -> None:
+    name = await _dlq_name(tc, ns.queue)
+    msgs = await tc.dlq_list(name, limit=ns.limit, offset=ns.offset)
+    total = 0 if ns.json else (await tc.queue_info(name))["depth"]
+    title = f"{name}: {total} messages" + (f", showing {len(msgs)} from #{ns.offset + 1}" if msgs else "")
+    _print_messages(title, msgs, json=ns.json, key="dlq", name=name)
 
 
 async def _dlq_redrive(tc: Any, ns: argparse.Namespace) -> None:

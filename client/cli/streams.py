@@ -9,6 +9,7 @@
     tidings streams delete NAME [--keep-dlq]      delete a stream, its groups (and its dead-letter queue)
     tidings streams groups NAME                   consumer groups: members, partitions, offsets, lag
     tidings streams groups NAME delete GROUP [--force]   delete a group and its committed offsets
+    tidings streams read NAME [--partition P] [--from earliest|latest|OFFSET|TIME] [--follow] [-n N]
 
 They talk to a running broker through the client library with the options,
 runner, exit statuses and JSON output of common.py, like the queue commands
@@ -18,10 +19,17 @@ runner, exit statuses and JSON output of common.py, like the queue commands
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import re
 from typing import Any, Final
 
-from tidings.cli.common import add_options, print_json, runner, table
+from tidings.cli.common import add_options, payload_json, print_json, printable, runner, table
 from tidings.cli.queues import changed, count_or_none, seconds
+
+# --from 5m (or --from=-5m): a time this long ago (s, m, h, d)
+_AGO: Final = re.compile(r"-?(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 #: declare flags -> stream settings (see StreamConfig); None values are not sent.
 _DECLARE_SETTINGS: Final = ("max_age", "max_messages", "max_bytes", "max_deliveries", "ack_deadline",
@@ -167,6 +175,44 @@ async def _streams_groups(tc: Any, ns: argparse.Namespace) -> None:
     print(_render([{"name": ns.name, "partitions": [], "groups": groups}], partitions=False))
 
 
+def start_position(text: str) -> Any:
+    """``--from``: "earliest", "latest", an offset, an ISO 8601 time (no zone = UTC), or
+    a time ago (``30s``, ``5m``, ``2h``, ``1d``; ``-5m`` too, written ``--from=-5m``) ->
+    what ``read_stream`` takes as ``start``."""
+    if text in ("earliest", "latest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    ago = _AGO.fullmatch(text)
+    if ago:
+        return dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=float(ago[1]) * _UNIT_SECONDS[ago[2]])
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use earliest, latest, an offset, an ISO 8601 time (2026-01-31T12:00:00Z) "
+            "or a time ago (5m)") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=dt.timezone.utc)
+
+
+async def _streams_read(tc: Any, ns: argparse.Namespace) -> None:
+    n = 0
+    if ns.limit == 0:
+        return
+    async for m in tc.read_stream(ns.name, ns.partition, ns.start, follow=ns.follow):
+        if ns.json:
+            headers = {k: (printable(v) if isinstance(v, bytes) else v) for k, v in (m.headers or {}).items()}
+            print(json.dumps({"partition": m.partition, "offset": m.offset, "key": m.key, "subject": m.subject,
+                              "timestamp_ms": m.timestamp_ms, **payload_json(m.payload), "headers": headers}),
+                  flush=True)
+        else:
+            key = f" key={printable(m.key.encode())}" if m.key is not None else ""
+            print(f"{m.partition}:{m.offset} [{m.subject}]{key} {printable(m.payload)}", flush=True)
+        n += 1
+        if ns.limit is not None and n >= ns.limit:
+            return
+
+
 def register(sp: Any) -> None:
     """Add the `streams` command to the `tidings` subparsers ``sp``."""
     q = sp.add_parser(
@@ -204,6 +250,22 @@ def register(sp: Any) -> None:
     s.add_argument("--dead-letter", metavar="QUEUE", help="dead-letter queue (default NAME.dlq)")
     add_options(s, leaf=True)
     s.set_defaults(fn=runner(_streams_declare))
+
+    s = qs.add_parser(
+        "read", help="print a partition's messages from a position, without a consumer group",
+        description="Print the messages of one partition of stream NAME, one line each "
+        "(PARTITION:OFFSET [SUBJECT] key=KEY PAYLOAD; payloads that are not UTF-8 print with \\xNN "
+        "escapes), from --from to the end of the partition, or with --follow as they come until "
+        "interrupted. Reading commits nothing and moves no consumer group.")
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("--partition", "-p", type=int, default=0, metavar="P", help="partition to read (default 0)")
+    s.add_argument("--from", dest="start", type=start_position, default="earliest", metavar="WHERE",
+                   help="earliest (default), latest, an OFFSET, an ISO 8601 TIME (no zone = UTC) or a time "
+                   "ago such as 5m (s, m, h, d)")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new messages until interrupted")
+    s.add_argument("-n", "--limit", type=int, metavar="N", help="exit after N messages")
+    add_options(s, leaf=True, json_help="print one JSON object per message")
+    s.set_defaults(fn=runner(_streams_read, interrupted=0))
 
     for name, fn, text in (("info", _streams_info, "show a stream's partitions, groups, counters and settings"),
                            ("trim", _streams_trim, "apply the stream's retention limits now")):

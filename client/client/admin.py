@@ -113,6 +113,12 @@ class Durable:
         queues: list[dict[str, Any]] = await self._call("queue.list", {})
         return queues
 
+    async def peek_queue(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """A queue's stored messages, oldest first, in flight included; they stay
+        where they are (nothing is delivered or consumed). Needs consume on it."""
+        msgs: list[dict[str, Any]] = await self._call("queue.peek", {"name": queue, "limit": limit, "offset": offset})
+        return msgs
+
     async def dlq_list(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Peek at a dead-letter queue's messages (they stay where they are)."""
         msgs: list[dict[str, Any]] = await self._call("dlq.list", {"name": queue, "limit": limit, "offset": offset})

@@ -54,6 +54,7 @@ from tidings.client.errors import (
     InvalidArgumentError,
     InvalidSubjectError,
     NoRespondersError,
+    NotABrokerError,
     NotFoundError,
     ProtocolViolationError,
     PublishBufferFullError,
@@ -84,6 +85,9 @@ DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one clien
 DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
 DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
 REPLY_ID_BYTES: Final = 12  # random bytes per request's reply subject (96 bits: not guessable)
+URL_FORM: Final = "tidings://HOST:PORT (or tidings+tls://HOST:PORT)"  # what error messages show
+HANDSHAKE_QUOTE: Final = 40  # first bytes of a non-tidings answer quoted in NotABrokerError
+TLS_RECORDS: Final = (b"\x15", b"\x16")  # first byte of a TLS alert or handshake record
 
 # A new connection's binding set: (epoch, patterns, frames that arrived before its last chunk).
 _Initial = tuple[int, list[str], list[F.Frame]]
@@ -102,11 +106,26 @@ def _add_chunk(building: tuple[int, list[str]] | None, info: dict[str, Any]) -> 
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
-    """``tidings://host:port`` (or ``tidings+tls://``) -> (host, port, tls)."""
-    parts = urlsplit(url)
+    """``tidings://host:port`` (or ``tidings+tls://``) -> (host, port, tls).
+
+    ``host:port`` and ``host`` without a scheme mean ``tidings://``. Raises
+    ValueError saying what a URL should look like."""
+    text = url.strip() if isinstance(url, str) else ""
+    if not text:
+        raise ValueError(f"empty broker URL: a tidings URL looks like {URL_FORM}")
+    if "://" not in text:
+        text = f"tidings://{text}"  # "localhost:7421"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:  # a port that is not a number, an unclosed [IPv6 address
+        raise ValueError(f"malformed broker URL {url!r} ({exc}): a tidings URL looks like {URL_FORM}") from None
     if parts.scheme not in ("tidings", "tidings+tls"):
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r}: use tidings://HOST:PORT")
-    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT, parts.scheme == "tidings+tls"
+        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r}: a tidings URL looks like {URL_FORM}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"malformed broker URL {url!r} (a path, query or fragment): "
+                         f"a tidings URL looks like {URL_FORM}")
+    return parts.hostname or "127.0.0.1", port or DEFAULT_PORT, parts.scheme == "tidings+tls"
 
 
 class Client:
@@ -310,13 +329,14 @@ class Client:
                     stream = await anyio.connect_tcp(host, port)
                 hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
                 await stream.send(conn.send(hello))
-                welcome = await self._read_welcome(stream, conn)
+                welcome = await self._read_welcome(stream, conn, f"{host}:{port}")
                 initial = await self._read_bindings(stream, conn, welcome)
         except builtins.TimeoutError as exc:
             await _aclose(stream)
             if isinstance(exc, TidingsError):
                 raise
-            raise ConnectError(f"no answer from {host}:{port} within {self.timeout}s") from exc
+            raise ConnectError(f"no answer to the tidings handshake from {host}:{port} within {self.timeout:g}s: "
+                               "is a tidings broker listening there?") from exc
         except (OSError, ssl.SSLError, anyio.BrokenResourceError) as exc:
             await _aclose(stream)
             raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
@@ -376,24 +396,32 @@ class Client:
             early.append(ev)
 
     @staticmethod
-    async def _read_welcome(stream: ByteStream, conn: Connection) -> F.Welcome:
+    async def _read_welcome(stream: ByteStream, conn: Connection, where: str) -> F.Welcome:
+        """Read the broker's answer to HELLO. A first answer that is not a tidings frame
+        (NATS greets with "INFO {...}", whose first four bytes read as a frame length
+        of 1.2 GB) raises NotABrokerError quoting what the peer sent."""
+        head = b""  # the first bytes received, quoted if they are not a tidings frame
         while True:
             try:
                 data = await stream.receive(READ_CHUNK)
             except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
                 raise ConnectError("the broker closed the connection during the handshake") from exc
+            if len(head) < HANDSHAKE_QUOTE:
+                head += data[:HANDSHAKE_QUOTE - len(head)]
             conn.receive_data(data)
             try:
                 ev = conn.next_event()
             except RemoteProtocolError as exc:
-                raise ProtocolViolationError(f"bad handshake from the broker: {exc}") from exc
+                if head[:1] in TLS_RECORDS:  # a tidings+tls:// broker (or another TLS server) refusing plain text
+                    raise NotABrokerError(f"{where} speaks TLS: use a tidings+tls:// URL") from exc
+                raise NotABrokerError(f"{where} is not a tidings broker (it sent {_quote(head)})") from exc
             if ev is NEED_DATA:
                 continue
             if isinstance(ev, F.Err):
                 raise for_code(ev.code, ev.message)
             if isinstance(ev, F.Welcome):
                 return ev
-            raise ProtocolViolationError("the broker did not answer HELLO")  # pragma: no cover
+            raise NotABrokerError(f"{where} did not answer the tidings handshake (it sent {_quote(head)})")
 
     async def _supervise(self) -> None:
         """Serve the connection; on loss, reconnect and restore, or give up."""
@@ -1149,6 +1177,10 @@ class Client:
     async def list_queues(self) -> list[dict[str, Any]]:
         return await self.durable.list_queues()
 
+    async def peek_queue(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """A queue's messages, left in place; see :meth:`Durable.peek_queue`."""
+        return await self.durable.peek_queue(queue, limit=limit, offset=offset)
+
     async def dlq_list(self, queue: str, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
         """Peek at a dead-letter queue's messages; see :meth:`Durable.dlq_list`."""
         return await self.durable.dlq_list(queue, limit=limit, offset=offset)
@@ -1309,6 +1341,13 @@ def _check_headers(headers: Any) -> None:
                                        f"{V.RESERVED_HEADER_PREFIX!r} are set by the broker only")
         if type(v) not in (str, int, bytes) or (type(v) is int and not -2**63 <= v < 2**64):
             raise InvalidArgumentError(f"header {k!r} must be a str, an int or bytes, not {type(v).__name__}")
+
+
+def _quote(head: bytes) -> str:
+    """The first bytes a peer sent, printable: ``'INFO {"server_id"...'``."""
+    text = head.decode("ascii", "backslashreplace")
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return repr(shown + ("..." if len(head) >= HANDSHAKE_QUOTE else ""))
 
 
 async def _aclose(stream: ByteStream | None) -> None:

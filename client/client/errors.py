@@ -34,6 +34,12 @@ class ConnectError(ConnectionClosedError):
     """Could not connect to the broker (refused, unreachable, or no answer to HELLO in time)."""
 
 
+class NotABrokerError(ConnectError):
+    """Something answered at the address, but not with the tidings protocol (another
+    server: NATS, Redis, HTTP...); the message quotes the first bytes it sent."""
+    retriable = False
+
+
 class TimeoutError(TidingsError, builtins.TimeoutError):
     """The operation did not complete within its timeout."""
     retriable = True

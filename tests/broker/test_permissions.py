@@ -153,6 +153,7 @@ def test_needs_for_call_table() -> None:
     assert needs_for_call("queue.declare", {"name": "x.dlq", "is_dlq": True}) == [Need("admin", "x.dlq")]
     # dlq.list returns payloads: consume, not admin
     assert needs_for_call("dlq.list", {"name": "jobs.dlq"}) == [Need("consume", "jobs.dlq")]
+    assert needs_for_call("queue.peek", {"name": "jobs"}) == [Need("consume", "jobs")]
 
 
 def test_redrive_needs_admin_and_publish_on_each_destination() -> None:

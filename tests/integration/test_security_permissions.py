@@ -320,6 +320,7 @@ TABLE_ROWS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], Any]] = 
     ("dlq.count", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]},
      lambda tc: tc.call("dlq.count", {"name": "jobs.dlq"})),
     ("dlq.list", {"consume": ["jobs.dlq"]}, {"admin": ["jobs.dlq"]}, lambda tc: tc.dlq_list("jobs.dlq")),
+    ("queue.peek", {"consume": ["jobs"]}, {"admin": ["jobs"]}, lambda tc: tc.peek_queue("jobs")),
     ("dlq.purge", {"admin": ["jobs.dlq"]}, {"consume": ["jobs.dlq"]}, lambda tc: tc.dlq_purge("jobs.dlq")),
     ("dlq.redrive", {"admin": ["jobs.dlq", "jobs"], "publish": ["jobs.>"]}, {"admin": ["jobs.dlq", "jobs"]},
      lambda tc: tc.dlq_redrive("jobs.dlq")),

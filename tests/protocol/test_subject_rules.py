@@ -30,7 +30,10 @@ INVALID_SUBJECTS = [
     ".".join(["t"] * (MAX_TOKENS + 1)), None, 5, b"a.b", ["a"], {"a": 1}, 1.5, True,
 ]
 
-VALID_PATTERNS = VALID_SUBJECTS + [
+# Subjects that are valid, but as patterns look like other brokers' wildcards or separators.
+FOREIGN_PATTERNS = ["#", "a.#", "a/b", "+", "a.+.c", "orders/#", "sensors/+/temp", "a.#.b"]
+
+VALID_PATTERNS = [s for s in VALID_SUBJECTS if s not in FOREIGN_PATTERNS] + [
     "*", ">", "a.*", "a.>", "*.b", "*.*", "*.>", "a.*.c", "a.*.>", "*.*.*", "_INBOX.abc.>",
     ".".join(["*"] * MAX_TOKENS), ".".join(["a"] * (MAX_TOKENS - 1) + [">"]),
 ]
@@ -67,6 +70,24 @@ def test_invalid_patterns(pattern: object) -> None:
     with pytest.raises(RemoteProtocolError) as ei:
         validate_pattern(pattern)
     assert ei.value.code == ErrorCode.INVALID_SUBJECT
+
+
+@pytest.mark.parametrize("pattern", FOREIGN_PATTERNS)
+def test_other_brokers_wildcards_are_refused_with_a_hint(pattern: str) -> None:
+    """MQTT's + and #, AMQP's #, / between levels would silently match nothing (in a subject
+    they are plain text): the error says how tidings writes a pattern."""
+    with pytest.raises(RemoteProtocolError) as ei:
+        validate_pattern(pattern)
+    assert ei.value.code == ErrorCode.INVALID_SUBJECT
+    assert "'*' for one token and '>' for the rest" in ei.value.message
+    assert validate_pattern(pattern, stored=True) == pattern  # a binding an older broker stored still loads
+    assert pattern in PatternSet([pattern])  # and the broker may announce it to a client
+
+
+@pytest.mark.parametrize("pattern", ["a*", "a.b*", "a.>b", ">.a"])
+def test_misplaced_wildcards_carry_the_hint(pattern: str) -> None:
+    with pytest.raises(RemoteProtocolError, match="'>' for the rest"):
+        validate_pattern(pattern)
 
 
 def test_length_limit_counts_characters_of_the_whole_subject() -> None:
