@@ -7,8 +7,8 @@
 
 The default URL is the client library's (:data:`tidings.client.DEFAULT_URL`).
 Exit statuses: 0 done, 1 the broker or the connection said no (one line on
-stderr, ``tidings: ...``, never a traceback: :func:`failure`), 2 a usage error
-(argparse's, or a malformed URL), 130 interrupted by Ctrl-C (0 for the
+stderr, ``tidings: ...``, never a traceback: :func:`failure`; a malformed URL
+too), 2 a bad command line (argparse's usage error), 130 interrupted by Ctrl-C (0 for the
 commands that run until interrupted).
 """
 
@@ -110,8 +110,8 @@ def run(ns: argparse.Namespace, command: Command, *, reconnect: bool = False,
 
 def failure(exc: BaseException, *, interrupted: int = INTERRUPTED) -> int:
     """Print ``exc`` as one line on stderr (``tidings: ...``) and return its exit status:
-    1 for the broker's or the connection's errors, 2 for a malformed URL (a usage
-    error), ``interrupted`` for Ctrl-C (nothing printed), 0 when the reader of our
+    1 for the broker's or the connection's errors and a malformed URL,
+    ``interrupted`` for Ctrl-C (nothing printed), 0 when the reader of our
     output left (`tidings queues | head`). Anything else is a bug: still one line,
     with the exception's type, so a user can report it."""
     from tidings.client import TidingsError
@@ -129,7 +129,7 @@ def failure(exc: BaseException, *, interrupted: int = INTERRUPTED) -> int:
         return FAILED
     if isinstance(err, ValueError):  # a malformed --url (parse_url says what a URL looks like)
         print(f"tidings: {_one_line(err)}", file=sys.stderr)
-        return USAGE
+        return FAILED
     if isinstance(err, OSError):  # e.g. stdin or a file that cannot be read
         print(f"tidings: {_one_line(err)}", file=sys.stderr)
         return FAILED

@@ -70,7 +70,8 @@ async def _pub(tc: Client, ns: argparse.Namespace) -> None:
     headers = dict(ns.header or [])
     data: bytes = sys.stdin.buffer.read() if ns.data == STDIN else ns.data.encode()
     for _ in range(ns.count):
-        ack = await tc.publish(ns.subject, data, headers=headers or None, key=ns.key, msg_id=ns.msg_id)
+        ack = await tc.publish(ns.subject, data, headers=headers or None, key=ns.key, msg_id=ns.msg_id,
+                               priority=ns.priority, confirm=True if ns.confirm else None)
         if ack is not None:  # the subject is bound to a queue or stream, or --key/--msg-id asked for a confirm
             print(json.dumps(ack.raw, sort_keys=True) if ns.json else _confirm_line(ns.subject, ack), flush=True)
     await tc.flush()
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a header (repeatable)")
     s.add_argument("--key", help="stream partition key (messages with one key stay in order)")
     s.add_argument("--msg-id", help="message id: the broker stores a repeated id once (de-duplication)")
+    s.add_argument("--priority", type=int, metavar="P",
+                   help="message priority (0..255; a priority queue orders by it, up to its max_priority)")
+    s.add_argument("--confirm", action="store_true",
+                   help="wait for the broker's confirm even without --key/--msg-id; a subject that "
+                   "reaches no queue, stream or subscriber then fails (no route) instead of vanishing")
     s.add_argument("--count", type=int, default=1, help="publish the message this many times")
     add_options(s, json_help="print each confirm as JSON (for scripts)")
     s.set_defaults(fn=runner(_pub))
