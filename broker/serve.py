@@ -8,6 +8,7 @@ command line, the command line imports this.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -32,9 +33,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-open", action="store_true", help="allow a non-loopback --host without authentication")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["text", "json"])
-    s.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port "
-                   "(0 picks a free one; default off)")
-    s.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
+    s.add_argument("--http-port", type=int, help="serve HTTP on this port: /metrics, /healthz, /readyz and the "
+                   "publish gateway (0 picks a free one; default off)")
+    s.add_argument("--http-host", help="address for the HTTP port (default 127.0.0.1)")
+    s.add_argument("--metrics-port", type=int, help="deprecated: the old name of --http-port")
+    s.add_argument("--metrics-host", help="deprecated: the old name of --http-host")
 
 
 def run_loop(fn: Any, *args: Any) -> Any:
@@ -56,6 +59,7 @@ def run(ns: argparse.Namespace) -> int:
     flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "durability": ns.durability,
              "log_level": ns.log_level, "log_format": ns.log_format,
              "allow_open": True if ns.allow_open else None,
+             "http_host": ns.http_host, "http_port": ns.http_port,
              "metrics_host": ns.metrics_host, "metrics_port": ns.metrics_port}
     try:
         cfg = load(ns.config or os.environ.get("TIDINGS_CONFIG"), os.environ, flags)
@@ -63,6 +67,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level, cfg.log_format)
+    for warning in cfg.deprecations:
+        logging.getLogger("tidings.broker").warning("%s", warning)
     # Everything the broker creates (data directory, database, WAL, lock, audit log,
     # backups) is for its own OS user only; the store also restricts what older versions left.
     os.umask(0o077)
