@@ -184,8 +184,9 @@ class Config:
         if not -1 <= self.http_port <= 65535:
             name = "metrics_port" if self.metrics_port != -1 else "http_port"
             raise ConfigError(f"{name} must be -1 (off) or 0..65535, not {self.http_port}")
-        if self.http_max_body < 0:
-            raise ConfigError("http_max_body must be >= 0 (0 = max_payload)")
+        if not 0 <= self.http_max_body <= self.max_payload:
+            raise ConfigError(f"http_max_body must be 0 (= max_payload) up to max_payload ({self.max_payload}): "
+                              "a larger body could not be stored as one message")
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
         if self.slow_consumer not in ("drop", "disconnect"):

@@ -29,6 +29,8 @@ def test_http_settings_are_validated() -> None:
     for name in ("http_header_timeout", "http_body_timeout"):
         with pytest.raises(ConfigError, match=f"{name} must be positive"):
             Config(**{name: 0.0}).validate()
+    with pytest.raises(ConfigError, match="http_max_body must be 0 .= max_payload. up to max_payload"):
+        Config(http_max_body=Config().max_payload + 1).validate()
     with pytest.raises(ConfigError, match="http_max_connections must be positive"):
         Config(http_max_connections=0).validate()
     assert Config().http_body_limit == Config().max_payload
