@@ -12,9 +12,10 @@ index at ``/`` comes last, so a part mounted at ``/`` takes its place. An
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,7 +25,7 @@ from tidings.broker.http import ops
 from tidings.broker.http.auth import HttpAuth
 from tidings.broker.http.errors import HttpError
 from tidings.broker.http.gateway import Gateway
-from tidings.broker.http.server import HttpServer
+from tidings.broker.http.server import ConnectionGuard, HttpServer
 from tidings.broker.ops.metrics import Metrics, install_hooks
 
 if TYPE_CHECKING:
@@ -63,6 +64,29 @@ def build_server(broker: HttpHost, host: str, port: int, *, metrics: Metrics | N
     auth = HttpAuth(broker.users, broker.audit)
     app = build_app(ops.routes(broker, metrics, auth, metrics_public=cfg.metrics_public),
                     Gateway(broker, auth).routes(), *extra)
-    return HttpServer(app, host, port, max_connections=cfg.http_max_connections,
-                      header_timeout=cfg.http_header_timeout if header_timeout is None else header_timeout)
+    server = HttpServer(app, host, port, max_connections=cfg.http_max_connections,
+                        header_timeout=cfg.http_header_timeout if header_timeout is None else header_timeout)
+    # Read on the loop with the histograms, so a scrape's numbers are one instant's.
+    metrics.histograms.register(GuardCollector(server.guard))
+    return server
+
+
+class GuardCollector:
+    """``tidings_http_*``: the HTTP port's connections and what its guard closed."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self.guard = guard
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.guard
+        yield GaugeMetricFamily("tidings_http_connections", "HTTP connections open now.", value=g.active)
+        yield CounterMetricFamily("tidings_http_evicted", "HTTP connections closed to make room at "
+                                  "http_max_connections (the oldest one waiting on its client).", value=g.evicted)
+        yield CounterMetricFamily("tidings_http_refused", "HTTP connections closed at once at "
+                                  "http_max_connections (every open one was being answered).", value=g.refused)
+        yield CounterMetricFamily("tidings_http_header_timeouts", "HTTP connections answered 408: no complete "
+                                  "request head within http_header_timeout.", value=g.timed_out)
 

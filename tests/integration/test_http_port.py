@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.securitytools import PASSWORDS, TOKENS, user, write_config
-from tests.opshttp import get, metrics_address, request
+from tests.opshttp import get, metrics_address, request, scrape, value
 
 WAIT = 10.0
 IDLE = 500  # the issue's bar: 500 idle HTTP connections and /healthz still answers
@@ -84,6 +84,9 @@ def test_500_idle_connections_do_not_starve_healthz(start_broker) -> None:
             first.settimeout(WAIT)
             data = first.recv(65536)
             assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:80]  # evicted, not holding a slot
+            s = scrape(host, port)
+            assert value(s, "tidings_http_evicted_total") >= IDLE - 256  # http_max_connections' default
+            assert 1 <= value(s, "tidings_http_connections") <= 256
         finally:
             for s in held:
                 s.close()
@@ -120,6 +123,7 @@ def test_a_slow_loris_gets_408_and_never_blocks_others(start_broker) -> None:
     assert got.startswith(b"HTTP/1.1 408"), got[:80]
     assert answered >= 1
     assert get(host, port, "/healthz")[0] == 200
+    assert value(scrape(host, port), "tidings_http_header_timeouts_total") >= 1
 
 
 def _auth_broker(start_broker, tmp_path: Path, **settings: object):
