@@ -6,7 +6,10 @@ durable layer, security and ops, serves the listener and owns ordered shutdown.
 works), accepts connections into their own actors under one task group,
 and on SIGINT/SIGTERM shuts down in a fixed order: stop accepting, tell
 every client (NOTICE shutdown), let each connection flush for a bounded
-time, then cancel what is left.
+time, stop the HTTP port (its requests in flight, gateway publishes
+included, finish for a bounded time), close the store, then cancel what is
+left. The HTTP port (broker/http/, on with ``http_port``) starts before
+recovery, so /healthz answers while /readyz says 503.
 
 Each connection actor gets the Broker as its port (net/ports.py: admit,
 welcome_info, opened, handle_request, publish_durable, detach), never more.
