@@ -6,7 +6,10 @@ durable layer, security and ops, serves the listener and owns ordered shutdown.
 works), accepts connections into their own actors under one task group,
 and on SIGINT/SIGTERM shuts down in a fixed order: stop accepting, tell
 every client (NOTICE shutdown), let each connection flush for a bounded
-time, then cancel what is left.
+time, stop the HTTP port (its requests in flight, gateway publishes
+included, finish for a bounded time), close the store, then cancel what is
+left. The HTTP port (broker/http/, on with ``http_port``) starts before
+recovery, so /healthz answers while /readyz says 503.
 
 Each connection actor gets the Broker as its port (net/ports.py: admit,
 welcome_info, opened, handle_request, publish_durable, detach), never more.
@@ -69,6 +72,9 @@ ACCEPT_RESOURCE_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 # The peer went away between the SYN and our accept(): nothing to do but accept the next one.
 ACCEPT_PEER_ERRNOS: Final = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 MAX_SUBS_PER_CONNECTION: Final = 100_000  # bounds router memory one client can claim
+# Seconds the HTTP port gets to stop at shutdown: uvicorn's own grace for requests in flight
+# (broker/http/server.py GRACEFUL_SHUTDOWN) and a little more; then it is cancelled.
+HTTP_STOP_GRACE: Final = 7.0
 
 
 class Broker:
@@ -126,6 +132,7 @@ class Broker:
             calls={"stats": self._stats_call, "server.info": self._info_call}, durable_calls=durable_calls)
         self.handle_request = self.dispatcher.handle_request  # the connection's port (net/ports.py)
         self._audit_file: AuditFile | None = None
+        self.http: Any = None  # the HTTP port (broker/http/server.py HttpServer) while it runs
         self.monitor = ResourceMonitor(memory_high_water=config.memory_high_water,
                                        min_free_disk=config.min_free_disk, data_dir=config.data_dir,
                                        interval=config.resource_check_interval)
@@ -391,15 +398,22 @@ class Broker:
                 try:
                     await root.start(self.audit.run_flusher)
                     await root.start(self.monitor.run)
-                    if cfg.metrics_port >= 0:
-                        # Before recovery: liveness answers while readiness says 503.
-                        from tidings.broker.ops.metrics import serve_metrics
-                        await root.start(serve_metrics, self, cfg.metrics_host, cfg.metrics_port)
+                    if cfg.http_port >= 0:
+                        # Before recovery: liveness answers while readiness says 503. Imported
+                        # here: the web stack is only loaded when the HTTP port is on.
+                        from tidings.broker.http.app import build_server
+                        self.http = build_server(self, cfg.http_host, cfg.http_port)
+                        await root.start(self.http.run)
                     await self.durable.start(root)
                     await self.schemas.load()
                     await self._serve_connections(tcp, install_signals)
                 finally:
                     with anyio.CancelScope(shield=True):
+                        if self.http is not None:
+                            # After the TCP clients drained (/readyz said 503 meanwhile), before the
+                            # store closes: gateway publishes in flight get their confirms.
+                            with anyio.move_on_after(HTTP_STOP_GRACE):
+                                await self.http.stop()
                         await self.durable.close()
                     root.cancel_scope.cancel()
         finally:
@@ -434,7 +448,9 @@ class Broker:
         soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             return
-        budget = max(soft - FD_RESERVE, 2)
+        # The HTTP port's connections have their own cap: keep descriptors for them too.
+        http = cfg.http_max_connections if cfg.http_port >= 0 else 0
+        budget = max(soft - FD_RESERVE - http, 2)
         pending = cfg.max_pending_handshakes
         conns = cfg.max_connections
         if conns + pending > budget:
@@ -443,7 +459,7 @@ class Broker:
             log.warning("the open-file limit is %d: max_connections lowered from %d to %d and "
                         "max_pending_handshakes from %d to %d (%d descriptors are kept in reserve); "
                         "raise the limit (ulimit -n, LimitNOFILE=) to allow more", soft, cfg.max_connections,
-                        conns, cfg.max_pending_handshakes, pending, FD_RESERVE)
+                        conns, cfg.max_pending_handshakes, pending, FD_RESERVE + http)
         self.max_connections = conns
         self.max_pending_handshakes = pending
 

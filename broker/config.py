@@ -10,7 +10,7 @@ The security sections of the TOML file (``auth``, ``[users.*]``, ``[tls]``;
 see broker/security/auth.py) are validated by :func:`auth.load_security` and kept
 as ``Config.security``; they have no environment variables or flags
 (secrets and certificate paths belong in a file). Without users the broker
-(client port and metrics port) only listens on a loopback address unless
+(client port and HTTP port) only listens on a loopback address unless
 ``allow_open`` says otherwise.
 """
 
@@ -115,13 +115,56 @@ class Config:
     allow_open: bool = False  # permit binding a non-loopback host without authentication
     log_level: str = "info"
     log_format: str = "text"
-    # Prometheus metrics and health endpoints (/metrics, /healthz, /readyz) on
-    # their own port: -1 = off, 0 = a free port (printed), e.g. 9421.
-    metrics_host: str = "127.0.0.1"
+    # The HTTP port (broker/http/): /metrics, /healthz, /readyz and the publish gateway
+    # (POST /v1/publish/SUBJECT): -1 = off, 0 = a free port (printed), e.g. 9421.
+    http_host: str = "127.0.0.1"
+    http_port: int = -1
+    # Open HTTP connections. Idle keep-alive connections and clients still sending their
+    # request head (or not reading their answer) are closed oldest-first to make room, so
+    # silent sockets never lock probes out; this only bounds the descriptors HTTP may hold.
+    http_max_connections: int = 256
+    # Seconds a client gets to send a complete request head (a slow-loris sender dripping a
+    # byte at a time is answered 408 and closed), and to send a request body.
+    http_header_timeout: float = 10.0
+    http_body_timeout: float = 30.0
+    # Largest body POST /v1/publish accepts (413 beyond); 0 = max_payload, the TCP limit.
+    http_max_body: int = 0
+    # With users configured /metrics needs a login (bearer token or basic auth of a user with
+    # admin on every name, like the stats call): it names every queue, stream and group.
+    # True serves it to anyone who reaches the port (a scraper without credentials).
+    metrics_public: bool = False
+    # Old names of http_host / http_port (deprecated: a warning at start-up). "" and -1 = unset.
+    metrics_host: str = ""
     metrics_port: int = -1
     # users, permissions and TLS from the config file's auth/[users]/[tls] sections
     # (see broker/security/auth.py)
     security: Security = dataclasses.field(default_factory=Security)
+
+    def __post_init__(self) -> None:
+        # metrics_host/metrics_port are the old names of http_host/http_port: they keep working.
+        for old, new, unset in (("metrics_host", "http_host", ""), ("metrics_port", "http_port", -1)):
+            value = getattr(self, old)
+            if value == unset:
+                continue
+            default = Config.__dataclass_fields__[new].default
+            current = getattr(self, new)
+            if current != default and current != value:
+                raise ConfigError(f"{old} is the old name of {new}: set {new} only (they differ: "
+                                  f"{value!r} and {current!r})")
+            object.__setattr__(self, new, value)
+
+    @property
+    def deprecations(self) -> list[str]:
+        """Warnings about old setting names in use (logged at start-up)."""
+        return [f"{old} is deprecated: it is now {new} (TIDINGS_{new.upper()}, --{new.replace('_', '-')}); "
+                "the old name keeps working for now"
+                for old, new, unset in (("metrics_host", "http_host", ""), ("metrics_port", "http_port", -1))
+                if getattr(self, old) != unset]
+
+    @property
+    def http_body_limit(self) -> int:
+        """The largest body POST /v1/publish accepts: http_max_body, or max_payload when 0."""
+        return self.http_max_body or self.max_payload
 
     @property
     def audit_path(self) -> str | None:
@@ -138,8 +181,12 @@ class Config:
     def validate(self) -> "Config":
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, not {self.port}")
-        if not -1 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics_port must be -1 (off) or 0..65535, not {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            name = "metrics_port" if self.metrics_port != -1 else "http_port"
+            raise ConfigError(f"{name} must be -1 (off) or 0..65535, not {self.http_port}")
+        if not 0 <= self.http_max_body <= self.max_payload:
+            raise ConfigError(f"http_max_body must be 0 (= max_payload) up to max_payload ({self.max_payload}): "
+                              "a larger body could not be stored as one message")
         if self.durability not in ("full", "normal"):
             raise ConfigError("durability must be 'full' or 'normal'")
         if self.slow_consumer not in ("drop", "disconnect"):
@@ -157,13 +204,13 @@ class Config:
                      "max_subscriptions_per_connection", "max_subscriptions_per_user",
                      "max_consumers_per_connection", "max_consumers_per_user", "max_groups_per_stream",
                      "max_pending_handshakes", "max_pending_handshakes_per_ip", "max_bind_patterns",
-                     "max_bindings", "window_memory"):
+                     "max_bindings", "window_memory", "http_max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         if self.max_payload > 32 * 1024 * 1024:
             raise ConfigError("max_payload may be at most 32 MiB")
         for name in ("hello_timeout", "frame_timeout", "heartbeat", "dedup_window", "resource_check_interval",
-                     "store_stall_timeout"):
+                     "store_stall_timeout", "http_header_timeout", "http_body_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if not is_loopback(self.host) and not self.allow_open and not self.security.auth_enabled:
@@ -171,13 +218,15 @@ class Config:
                 f"refusing to listen on {self.host!r} with no users configured: add [users] to the config "
                 "file, or set allow_open = true (TIDINGS_ALLOW_OPEN=1, --allow-open) to run an open broker "
                 "on the network")
-        if (self.metrics_port >= 0 and not is_loopback(self.metrics_host) and not self.allow_open
+        if (self.http_port >= 0 and not is_loopback(self.http_host) and not self.allow_open
                 and not self.security.auth_enabled):
-            # /metrics names every queue, stream and group and has no login of its own.
+            # Without users nothing on the HTTP port has a login: /metrics names every queue,
+            # stream and group, and the gateway publishes anywhere.
             raise ConfigError(
-                f"refusing to serve metrics on {self.metrics_host!r} with no users configured: /metrics "
-                "shows every queue, stream and group name to whoever can reach it; use a loopback "
-                "metrics_host, add [users], or set allow_open = true")
+                f"refusing to serve metrics on {self.http_host!r} with no users configured: the HTTP "
+                "port (/metrics, the publish gateway) has no login without users, and /metrics shows "
+                "every queue, stream and group name to whoever can reach it; use a loopback http_host, "
+                "add [users], or set allow_open = true")
         return self
 
 

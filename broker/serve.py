@@ -37,9 +37,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-open", action="store_true", help="allow a non-loopback --host without authentication")
     s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", choices=["text", "json"])
-    s.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz, /readyz on this port "
-                   "(0 picks a free one; default off)")
-    s.add_argument("--metrics-host", help="address for the metrics port (default 127.0.0.1)")
+    s.add_argument("--http-port", type=int, help="serve HTTP on this port: /metrics, /healthz, /readyz and the "
+                   "publish gateway (0 picks a free one; default off)")
+    s.add_argument("--http-host", help="address for the HTTP port (default 127.0.0.1)")
+    s.add_argument("--metrics-port", type=int, help="deprecated: the old name of --http-port")
+    s.add_argument("--metrics-host", help="deprecated: the old name of --http-host")
 
 
 def run_loop(fn: Any, *args: Any) -> Any:
@@ -61,6 +63,7 @@ def run(ns: argparse.Namespace) -> int:
     flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "durability": ns.durability,
              "log_level": ns.log_level, "log_format": ns.log_format,
              "allow_open": True if ns.allow_open else None,
+             "http_host": ns.http_host, "http_port": ns.http_port,
              "metrics_host": ns.metrics_host, "metrics_port": ns.metrics_port}
     try:
         cfg = load(ns.config or os.environ.get("TIDINGS_CONFIG"), os.environ, flags)
@@ -68,6 +71,8 @@ def run(ns: argparse.Namespace) -> int:
         print(f"tidings: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(cfg.log_level, cfg.log_format)
+    for warning in cfg.deprecations:
+        logging.getLogger("tidings.broker").warning("%s", warning)
     # Everything the broker creates (data directory, database, WAL, lock, audit log,
     # backups) is for its own OS user only; the store also restricts what older versions left.
     os.umask(0o077)
@@ -105,8 +110,8 @@ def _failure(exc: BaseException, cfg: Config) -> tuple[str, int]:
     if isinstance(exc, OSError):
         if not grouped:  # the client listener is bound before the task group starts (Broker.serve)
             return f"cannot listen on {cfg.host}:{cfg.port}: {text}", 1
-        if exc.errno in _BIND_ERRNOS and cfg.metrics_port >= 0:  # the one listener bound inside it
-            return f"cannot listen on {cfg.metrics_host}:{cfg.metrics_port} for metrics: {text}", 1
+        if exc.errno in _BIND_ERRNOS and cfg.http_port >= 0:  # the one listener bound inside it
+            return f"cannot listen on {cfg.http_host}:{cfg.http_port} for HTTP (metrics, console): {text}", 1
         return f"cannot start: {text}", 1
     return f"the broker stopped on an unexpected error ({type(exc).__name__}): {text}", 1
 

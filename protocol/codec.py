@@ -253,6 +253,14 @@ def _check_pub_message(m: Any, subjects: SubjectCache, max_payload: int) -> None
                 raise _fail(f"option {k!r} must be an integer in [0, {_OPT_MAX[k]}]", 0, ErrorCode.INVALID_ARGUMENT)
 
 
+def check_pub_message(m: Any, max_payload: int, subjects: SubjectCache | None = None) -> None:
+    """Check one PUB message ``[subject, payload, headers, reply, seq, opts]`` by the
+    rules a PUB frame's messages follow (subject, payload size, headers and their
+    reserved names, options); raises RemoteProtocolError. For publishers that do not
+    arrive in a frame (the broker's HTTP gateway)."""
+    _check_pub_message(m, subjects if subjects is not None else SubjectCache(), max_payload)
+
+
 # Upper bounds of the integer PUB options (see protocol/numbers.py).
 _OPT_MAX: Final = {F.OPT_DELAY: N.MAX_DURATION_MS, F.OPT_TTL: N.MAX_DURATION_MS, F.OPT_AT: N.MAX_TIMESTAMP_MS,
                    F.OPT_PRIORITY: N.MAX_PRIORITY,

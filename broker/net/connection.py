@@ -42,6 +42,7 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError
 
+from tidings.broker.net.publish import route
 from tidings.broker.security.auth import ANONYMOUS, User
 from tidings.broker.durable.store.base import StorageError, StorageFull
 
@@ -53,7 +54,6 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK: Final = 65_536  # one receive() takes up to this much: per-read costs amortise over many frames
 SHUTDOWN_FLUSH: Final = 2.0  # seconds a closing connection gets to flush what it has queued
-MSG_OVERHEAD: Final = 24  # estimated envelope bytes per delivered message
 # While paused for memory, a publisher is PINGed this often so its client sees a live broker
 # (the Python client declares a silent broker dead after a few seconds).
 PAUSE_KEEPALIVE: Final = 1.0
@@ -69,13 +69,6 @@ class Subscription:
         self.pattern = pattern
         self.group = group
         self.delivered = 0
-
-
-def _headers_size(h: dict[str, Any]) -> int:
-    n = 0
-    for k, v in h.items():
-        n += len(k) + (len(v) if type(v) is not int else 8) + 4
-    return n
 
 
 class ConnectionActor:
@@ -467,8 +460,8 @@ class ConnectionActor:
     # ------------------------------------------------------------ publish
 
     def _on_pub(self, msgs: list[list[Any]]) -> list[Any] | None:
-        """Route a PUB batch to subscribers now; return the messages that
-        durable targets must store (with their targets), if any."""
+        """Route a PUB batch to subscribers now (net/publish.py); return the messages
+        that durable targets must store (with their targets), if any."""
         port = self.port
         if self.restricted:
             msgs = self._permitted(msgs)
@@ -477,42 +470,7 @@ class ConnectionActor:
             msgs, dead = self._screened(msgs)
         self.msgs_in += len(msgs)
         port.stats.published += len(msgs)
-        match = port.router.match
-        durable = port.durable_match
-        confirms: list[Any] | None = None
-        entries: list[Any] | None = None
-        for m in msgs:
-            subj = m[0]
-            plain, groups = match(subj)
-            targets = durable(subj) if durable is not None else None
-            if plain or groups:
-                payload = m[1]
-                h = m[2]
-                item = [subj, payload, h, m[3]]
-                size = len(payload) + len(subj) + MSG_OVERHEAD
-                if h:
-                    size += _headers_size(h)
-                for s in plain:
-                    s.conn.push_msg(s.sid, item, size)
-                for g in groups:
-                    s = g.pick()
-                    s.conn.push_msg(s.sid, item, size)
-            elif m[3] is not None and not targets:
-                # A request nobody can answer: tell the requester at once.
-                self._no_responders(m[3])
-            if targets:
-                if entries is None:
-                    entries = []
-                entries.append((m, targets))
-            elif m[4]:
-                # A confirm was asked for, but no durable target holds this subject: taken if
-                # a live subscriber got it, else nothing has it (a mistyped subject, say).
-                if confirms is None:
-                    confirms = []
-                if plain or groups:
-                    confirms.append([m[4], 0, None])
-                else:
-                    confirms.append([m[4], int(ErrorCode.NO_ROUTE), f"no queue, stream or subscriber for {subj!r}"])
+        entries, confirms = route(port.router, port.durable_match, msgs)
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
         if dead:
@@ -610,15 +568,6 @@ class ConnectionActor:
     def _learn_reply(self, reply: str) -> bool:
         # No memo here: reply subjects are unique per request (Permissions' own bounded cache suffices).
         return self.perms.allows("subscribe", reply)
-
-    def _no_responders(self, reply: str) -> None:
-        plain, groups = self.port.router.match(reply)
-        item = [reply, b"", {V.HDR_STATUS: V.STATUS_NO_RESPONDERS}, None]
-        for s in plain:
-            s.conn.push_msg(s.sid, item, 64)
-        for g in groups:
-            s = g.pick()
-            s.conn.push_msg(s.sid, item, 64)
 
     # ------------------------------------------------------------- writer
 

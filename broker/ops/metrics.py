@@ -1,9 +1,10 @@
-"""Prometheus metrics and health endpoints over a small HTTP listener of its own.
+"""Prometheus metrics and the readiness check, served on the HTTP port (broker/http/ops.py).
 
     metrics = install_hooks(broker)      # histograms fed by the store and the publish path
-    await tg.start(serve_metrics, broker, "127.0.0.1", 0)   # prints "tidings metrics on http://HOST:PORT"
+    body, content_type = await metrics.render(accept)
+    readiness(broker)                    # {"ready": ..., "listener": ..., "storage": ...}
 
-Endpoints (HTTP/1.1, GET or HEAD, one request per connection, then close):
+Endpoints (broker/http/ops.py; GET or HEAD):
 
 - ``/metrics``: every metric in the Prometheus text format (or OpenMetrics,
   if the scraper asks for it in ``Accept``). Names start with ``tidings_``;
@@ -33,7 +34,6 @@ with cumulative ``le`` buckets, ``+Inf``, OpenMetrics negotiation.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -42,7 +42,6 @@ from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -51,22 +50,6 @@ from tidings.protocol.errors import ErrorCode
 
 if TYPE_CHECKING:
     from tidings.broker.ops.view import BrokerView
-
-log = logging.getLogger(__name__)
-
-#: Largest request head accepted: a scrape request is a few hundred bytes.
-MAX_REQUEST_BYTES: Final = 8 * 1024
-#: Seconds a client gets to send its request head (a silent peer cannot hold a task forever).
-READ_TIMEOUT: Final = 5.0
-#: Seconds to write a response before giving up on a reader that does not read.
-WRITE_TIMEOUT: Final = 10.0
-#: Concurrent HTTP connections (each one a task and a descriptor). Scrapers and
-#: health checkers open one at a time; this only bounds what a misbehaving client
-#: can claim. At the cap a new connection closes the oldest one that is waiting on
-#: its peer (still sending its request, or not reading its response), so idle and
-#: slow clients can never lock health checks out; only when every connection is
-#: being answered (bounded work) is the new one closed at once.
-MAX_CONNECTIONS: Final = 32
 
 CONFIRM_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 COMMIT_BUCKETS: Final = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -453,172 +436,3 @@ def readiness(broker: Any) -> dict[str, bool]:
     shutting_down = bool(broker.shutting_down)
     return {"ready": listener and storage and not stalled and not shutting_down, "listener": listener,
             "storage": storage, "storage_stalled": stalled, "shutting_down": shutting_down}
-
-
-# ------------------------------------------------------------------ HTTP
-
-_REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                   408: "Request Timeout", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}
-_TEXT: Final = "text/plain; charset=utf-8"
-_INDEX: Final = b"tidings metrics: /metrics /healthz /readyz\n"
-
-
-def _response(status: int, content_type: str, body: bytes, *, head: bool = False,
-              extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}", "Cache-Control: no-store", "Connection: close",
-             *(f"{k}: {v}" for k, v in extra)]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
-
-
-class _RequestError(Exception):
-    """The request cannot be served; ``status`` says why."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(status)
-        self.status = status
-
-
-async def _read_head(stream: SocketStream, limit: int) -> bytes:
-    buf = bytearray()
-    while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            return bytes(buf[:end])
-        if len(buf) > limit:
-            raise _RequestError(431)
-        try:
-            buf += await stream.receive(4096)
-        except anyio.EndOfStream:
-            raise _RequestError(400) from None
-
-
-def _parse(head: bytes) -> tuple[str, str, dict[str, str]]:
-    """(method, path without query, lower-cased headers) of a request head."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise _RequestError(400) from None
-    request_line, *header_lines = text.split("\r\n")
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _RequestError(400)
-    headers = {}
-    for line in header_lines:
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise _RequestError(400)
-        headers[name.strip().lower()] = value.strip()
-    return parts[0], parts[1].split("?", 1)[0], headers
-
-
-class _Conn:
-    """One HTTP connection: its cancel scope, and whether it waits on its peer."""
-
-    __slots__ = ("scope", "waiting")
-
-    def __init__(self) -> None:
-        self.scope = anyio.CancelScope()
-        self.waiting = True  # reading the request head, or writing the response
-
-
-class _Server:
-    """Each connection is served in its own task (``listener.serve``); nothing
-    one client does delays another's answer."""
-
-    def __init__(self, broker: Any, metrics: Metrics, read_timeout: float,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
-        self.broker = broker
-        self.metrics = metrics
-        self.read_timeout = read_timeout
-        self.max_connections = max_connections
-        self.conns: dict[_Conn, None] = {}  # insertion order = oldest first
-        self.evicted = 0
-        self.refused = 0
-
-    @property
-    def active(self) -> int:
-        return len(self.conns)
-
-    def _make_room(self) -> bool:
-        """Close the oldest connection waiting on its peer; False if none is."""
-        for conn in self.conns:
-            if conn.waiting:
-                del self.conns[conn]
-                conn.scope.cancel()
-                self.evicted += 1
-                return True
-        return False
-
-    async def handle(self, stream: SocketStream) -> None:
-        if len(self.conns) >= self.max_connections and not self._make_room():
-            self.refused += 1
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            return
-        conn = _Conn()
-        self.conns[conn] = None
-        try:
-            with conn.scope:
-                try:
-                    with anyio.fail_after(self.read_timeout):
-                        head = await _read_head(stream, MAX_REQUEST_BYTES)
-                    conn.waiting = False
-                    response = await self._respond(*_parse(head))
-                except _RequestError as exc:
-                    response = _response(exc.status, _TEXT, f"{_REASONS[exc.status]}\n".encode())
-                except TimeoutError:
-                    response = _response(408, _TEXT, b"Request Timeout\n")
-                conn.waiting = True
-                with anyio.move_on_after(WRITE_TIMEOUT):
-                    await stream.send(response)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass  # the client went away; nothing to tell it
-        except Exception:  # boundary: one bad request must not take the listener down
-            log.exception("metrics request failed")
-        finally:
-            self.conns.pop(conn, None)
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-
-    async def _respond(self, method: str, path: str, headers: dict[str, str]) -> bytes:
-        if method not in ("GET", "HEAD"):
-            return _response(405, _TEXT, b"Method Not Allowed\n", extra=(("Allow", "GET, HEAD"),))
-        head = method == "HEAD"
-        if path == "/metrics":
-            body, ctype = await self.metrics.render(headers.get("accept", ""))
-            return _response(200, ctype, body, head=head)
-        if path in ("/healthz", "/livez"):
-            return _response(200, _TEXT, b"ok\n", head=head)
-        if path == "/readyz":
-            r = readiness(self.broker)
-            text = "".join(f"{k}: {str(v).lower()}\n" for k, v in r.items())
-            return _response(200 if r["ready"] else 503, _TEXT, text.encode(), head=head)
-        if path == "/":
-            return _response(200, _TEXT, _INDEX, head=head)
-        return _response(404, _TEXT, b"Not Found\n", head=head)
-
-
-async def serve_metrics(broker: BrokerView, host: str, port: int, *, metrics: Metrics | None = None,
-                        read_timeout: float = READ_TIMEOUT,
-                        task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED) -> None:
-    """Serve /metrics, /healthz and /readyz on ``host:port`` (0 = a free port) until cancelled.
-
-    Installs the metrics hooks (unless ``metrics`` is given), binds, prints
-    ``tidings metrics on http://HOST:PORT`` with the real port to stdout, and
-    reports ``(host, port)`` through ``task_status``. Start it before the
-    broker's storage is recovered, so liveness answers during a long recovery
-    while readiness says 503. Raises OSError if it cannot bind.
-    """
-    if metrics is None:
-        metrics = install_hooks(broker)
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, reuse_port=False)
-    addr = listener.extra(SocketAttribute.local_address)
-    bound = (str(addr[0]), int(addr[1]))
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    print(f"tidings metrics on http://{shown}:{bound[1]}", flush=True)
-    log.info("metrics on http://%s:%d (/metrics, /healthz, /readyz)", shown, bound[1])
-    server = _Server(broker, metrics, read_timeout)
-    task_status.started(bound)
-    async with listener:
-        await listener.serve(server.handle)

@@ -1,5 +1,5 @@
-"""broker/metrics.py in-process: a real Broker served on the test's loop, its
-metrics listener beside it, scraped over loopback and parsed as Prometheus text."""
+"""broker/ops/metrics.py in-process: a real Broker served on the test's loop, its
+HTTP port (broker/http/) beside it, scraped over loopback and parsed as Prometheus text."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import anyio
 import pytest
 
 from tidings.broker.config import Config
-from tidings.broker.ops.metrics import BrokerCollector, install_hooks, readiness, serve_metrics
+from tidings.broker.http.app import build_server
+from tidings.broker.ops.metrics import BrokerCollector, install_hooks, readiness
 from tidings.broker.durable.queue import QueueActor
 from tidings.broker.durable.settings import QueueConfig
 from tidings.broker.app import Broker
@@ -45,10 +46,10 @@ async def ascrape(addr: tuple[str, int]) -> dict[Any, float]:
 
 @contextlib.asynccontextmanager
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Broker, tuple[str, int]]]:
-    """A broker serving clients on a free port, with its metrics listener."""
+    """A broker serving clients on a free port, with its HTTP port."""
     broker = Broker(config(tmp_path))
     async with anyio.create_task_group() as tg:
-        addr = await tg.start(serve_metrics, broker, "127.0.0.1", 0)
+        addr = await tg.start(build_server(broker, "127.0.0.1", 0).run)
         tg.start_soon(functools.partial(broker.serve, install_signals=False))
         with anyio.fail_after(WAIT):
             await broker.ready.wait()
@@ -74,7 +75,7 @@ async def take(deliveries: Any, n: int) -> list[Any]:
 async def test_health_flips_with_the_broker_lifecycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broker = Broker(config(tmp_path))
     async with anyio.create_task_group() as outer:
-        addr = await outer.start(serve_metrics, broker, "127.0.0.1", 0)
+        addr = await outer.start(build_server(broker, "127.0.0.1", 0).run)
         assert f"tidings metrics on http://127.0.0.1:{addr[1]}" in capsys.readouterr().out
         # before storage is recovered and the listener bound: alive, not ready
         assert (await aget(addr, "/healthz"))[0] == 200
@@ -210,7 +211,7 @@ async def test_http_errors_and_limits(tmp_path: Path) -> None:
     broker = Broker(config(tmp_path))
     async with anyio.create_task_group() as tg:
         # read_timeout: long next to sending a complete request, even from a busy machine's thread
-        h, p = await tg.start(functools.partial(serve_metrics, broker, "127.0.0.1", 0, read_timeout=2.0))
+        h, p = await tg.start(build_server(broker, "127.0.0.1", 0, header_timeout=2.0).run)
 
         async def raw(data: bytes) -> tuple[int, dict[str, str], bytes]:
             return await anyio.to_thread.run_sync(request, h, p, data)

@@ -359,7 +359,7 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         r = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--metrics-port", str(port))
     res = Result(r.returncode, r.stdout.decode(), r.stderr.decode())
-    assert f"cannot listen on 127.0.0.1:{port} for metrics" in res.one_line_failure()
+    assert f"cannot listen on 127.0.0.1:{port} for HTTP" in res.one_line_failure()
 
 
 def test_serve_flag_typos_show_the_usage_of_serve() -> None:
