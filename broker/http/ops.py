@@ -14,11 +14,13 @@ and consumer group. /healthz and /readyz stay open for probes.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, request_response
+from starlette.types import Receive, Scope, Send
 
 from tidings.protocol.errors import ErrorCode
 
@@ -78,10 +80,23 @@ def routes(broker: BrokerView, metrics: Metrics, auth: HttpAuth, *, metrics_publ
         text = "".join(f"{k}: {str(v).lower()}\n" for k, v in r.items())
         return _plain(200 if r["ready"] else 503, text.encode())
 
-    return [Route("/metrics", metrics_endpoint, methods=None),
-            Route("/healthz", health, methods=None),
-            Route("/livez", health, methods=None),
-            Route("/readyz", ready, methods=None)]
+    return [Route("/metrics", AnyMethod(metrics_endpoint)),
+            Route("/healthz", AnyMethod(health)),
+            Route("/livez", AnyMethod(health)),
+            Route("/readyz", AnyMethod(ready))]
+
+
+class AnyMethod:
+    """An endpoint that sees every method and answers 405 itself (with ``Allow: GET, HEAD``
+    in that order). Starlette gives a plain function route ``methods = {GET, HEAD}`` and
+    answers other methods on its own, its Allow header ordered by set iteration, which
+    changes with PYTHONHASHSEED; an ASGI app (this class) is passed every method."""
+
+    def __init__(self, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        self.app = request_response(endpoint)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def _with_ops_headers(exc: HttpError) -> Response:

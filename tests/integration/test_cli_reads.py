@@ -350,14 +350,14 @@ def test_a_second_broker_on_a_locked_data_dir_is_one_line(broker) -> None:
     assert "is locked: another tidings process is using this data directory" in res.one_line_failure()
 
 
-def test_a_metrics_port_in_use_is_one_line(tmp_path: Path) -> None:
+def test_an_http_port_in_use_is_one_line(tmp_path: Path) -> None:
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--metrics-port", str(port))
+        r = run_cli("serve", "--port", "0", "--data-dir", str(tmp_path / "d"), "--http-port", str(port))
     res = Result(r.returncode, r.stdout.decode(), r.stderr.decode())
     assert f"cannot listen on 127.0.0.1:{port} for HTTP" in res.one_line_failure()
 
