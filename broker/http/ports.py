@@ -6,18 +6,45 @@ satisfies this port structurally. Types only: no cost at run time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from tidings.broker.ops.view import BrokerView
 
 if TYPE_CHECKING:
     from tidings.broker.security.audit import AuditLog
-    from tidings.broker.security.auth import Users
+    from tidings.broker.security.auth import User, Users
+
+
+class ConsoleConnection(Protocol):
+    """One client connection as the console lists it (net/connection.py ConnectionActor)."""
+
+    number: int
+    name: str  # the client name its HELLO gave
+    peer: str  # "host:port"
+    user: User
+    admitted: bool  # past HELLO
+    subs: Mapping[int, Any]  # sid -> subscription (.pattern, .group)
+    consumers: Mapping[int, Any]  # cid -> queue consumer, group member or stream reader
+    msgs_in: int
+    msgs_out: int  # pub/sub messages sent
+    opened: float  # wall time
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued for the client and not yet written."""
+        ...
 
 
 class HttpHost(BrokerView, Protocol):
     """The broker as the HTTP port sees it: the ops view (metrics, readiness), the
-    users HTTP requests log in as, the audit log, and the publish path of the gateway."""
+    users HTTP requests log in as, the audit log, the publish path of the gateway, and the
+    open connections the console lists."""
+
+    @property
+    def connections(self) -> Mapping[int, ConsoleConnection]:
+        """The open connections by number (the console lists them)."""
+        ...
 
     @property
     def users(self) -> Users | None:
