@@ -221,3 +221,27 @@ def test_static_files_ship_with_the_security_headers(start_broker) -> None:
         assert headers["x-content-type-options"] == "nosniff"
     assert v.request("GET", "/console/static/../web.py")[0] == 404
     assert v.request("GET", "/healthz")[0] == 200 and v.request("GET", "/metrics")[0] == 200
+
+
+def test_event_stream_ends_when_the_broker_shuts_down(start_broker) -> None:
+    import http.client
+
+    b = start_broker("--http-port", "0")
+    v = ConsoleHttp.of(b)
+    conn = http.client.HTTPConnection(v.host, v.port, timeout=WAIT)
+    try:
+        conn.request("GET", "/console/events", headers={"Host": f"{v.host}:{v.port}"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        seen: list[bytes] = []
+        for _ in range(100):  # until the first snapshot
+            line = resp.readline()
+            seen.append(line)
+            if line.startswith(b"data: "):
+                break
+        assert b.terminate() == 0  # the open stream does not hold the shutdown up
+        rest = resp.read()  # the broker said goodbye or closed: the stream ends
+        assert b"event: end" in rest or rest == b"" or b"event: snapshot" in rest
+    finally:
+        conn.close()
+    assert "Traceback" not in b.stderr()
