@@ -19,16 +19,50 @@ if TYPE_CHECKING:
 class ConsoleConnection(Protocol):
     """One client connection as the console lists it (net/connection.py ConnectionActor)."""
 
-    number: int
-    name: str  # the client name its HELLO gave
-    peer: str  # "host:port"
-    user: User
-    admitted: bool  # past HELLO
-    subs: Mapping[int, Any]  # sid -> subscription (.pattern, .group)
-    consumers: Mapping[int, Any]  # cid -> queue consumer, group member or stream reader
-    msgs_in: int
-    msgs_out: int  # pub/sub messages sent
-    opened: float  # wall time
+    # Read-only here (properties), so the actor's plain attributes and dicts satisfy them.
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def name(self) -> str:
+        """The client name its HELLO gave."""
+        ...
+
+    @property
+    def peer(self) -> str:
+        """"host:port"."""
+        ...
+
+    @property
+    def user(self) -> User: ...
+
+    @property
+    def admitted(self) -> bool:
+        """Past HELLO."""
+        ...
+
+    @property
+    def subs(self) -> Mapping[int, Any]:
+        """sid -> subscription (``.pattern``, ``.group``)."""
+        ...
+
+    @property
+    def consumers(self) -> Mapping[int, Any]:
+        """cid -> queue consumer, group member or stream reader."""
+        ...
+
+    @property
+    def msgs_in(self) -> int: ...
+
+    @property
+    def msgs_out(self) -> int:
+        """Pub/sub messages sent."""
+        ...
+
+    @property
+    def opened(self) -> float:
+        """Wall time it connected."""
+        ...
 
     @property
     def pending_bytes(self) -> int:
