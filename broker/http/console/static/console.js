@@ -298,7 +298,11 @@
       document.body.dataset.snapshots = String((+document.body.dataset.snapshots || 0) + 1);
       render();
     });
-    es.addEventListener("end", () => { es.close(); live.textContent = "stopped"; live.className = "live off"; });
+    es.addEventListener("end", () => {
+      // the broker is shutting down, or the session ended: a 401 from the session check signs out
+      es.close(); live.textContent = "stopped"; live.className = "live off";
+      setTimeout(() => api("GET", "/console/api/session").then(connect, () => setTimeout(connect, 5000)), 3000);
+    });
     es.addEventListener("error", () => {
       live.textContent = "reconnecting"; live.className = "live off";
       if (es.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
