@@ -126,7 +126,7 @@ async def test_console_in_a_browser(start_broker, tmp_path: Path, browser: Any) 
 
         # peek: the stored messages, left in place
         await page.click('button[data-action="peek"][data-name="a.work"]')
-        await page.wait_for_function("document.querySelectorAll('#peek-body .msg').length === 5",
+        await page.wait_for_function("() => document.querySelectorAll('#peek-body .msg').length === 5",
                                      timeout=WAIT_MS)
         assert await page.text_content("#peek-body .msg pre") == "job-0"
         await shot(page, "peek")
@@ -149,7 +149,7 @@ async def test_console_in_a_browser(start_broker, tmp_path: Path, browser: Any) 
 
         # the rate chart moves while a publisher runs
         await page.goto(base + "/#/overview")
-        await page.wait_for_function("+document.getElementById('chart-rates').dataset.points >= 1",
+        await page.wait_for_function("() => +document.getElementById('chart-rates').dataset.points >= 1",
                                      timeout=WAIT_MS)
         before = int(await page.get_attribute("#chart-rates", "data-points") or 0)
         stop = anyio.Event()
@@ -176,7 +176,7 @@ async def test_console_in_a_browser(start_broker, tmp_path: Path, browser: Any) 
                 " return g !== null && !g.textContent.includes('none'); }", timeout=WAIT_MS)
             await shot(page, "streams")
         await page.goto(base + "/#/connections")
-        await page.wait_for_function("document.querySelector('#connections tbody').textContent"
+        await page.wait_for_function("() => document.querySelector('#connections tbody').textContent"
                                      ".includes('console-test')", timeout=WAIT_MS)
         await shot(page, "connections")
 

@@ -104,19 +104,19 @@
   function renderOverview(s) {
     const t = s.totals, r = s.resources, lim = s.limits;
     const cards = [
-      card("Messages in/s", rate(t.rate_in), s.scope === "broker" ? "published" : "your queues and streams"),
-      card("Messages out/s", rate(t.rate_out), "delivered"),
+      card("In/s", rate(t.rate_in), s.scope === "broker" ? "published" : "your queues, streams"),
+      card("Out/s", rate(t.rate_out), "delivered"),
       card("Connections", num(t.connections), s.scope === "broker" ? num(t.subscriptions) + " subscriptions" : "yours"),
       card("Queues", num(t.queues)), card("Streams", num(t.streams)),
     ];
     if (r) {
       cards.push(card("Memory", bytes(r.rss), lim && lim.memory_high_water ? "limit " + bytes(lim.memory_high_water) : "resident",
                       lim && lim.memory_high));
-      cards.push(card("Disk free", bytes(r.disk_free), lim && lim.min_free_disk ? "minimum " + bytes(lim.min_free_disk) : "data directory",
+      cards.push(card("Disk free", bytes(r.disk_free), lim && lim.min_free_disk ? "min " + bytes(lim.min_free_disk) : "data directory",
                       lim && lim.disk_low));
       cards.push(card("Database", bytes(r.db_bytes), "WAL " + bytes(r.wal_bytes)));
     }
-    cards.push(card("Durability", s.broker.durability, s.broker.durability === "full" ? "survives power loss" : "survives a process crash"));
+    cards.push(card("Durability", s.broker.durability, s.broker.durability === "full" ? "power-loss safe" : "crash safe"));
     $("cards").replaceChildren(...cards);
     const facts = [["Server", s.broker.server_name], ["Address", s.broker.address || "–"],
                    ["Uptime", duration(s.broker.uptime)], ["Ready", s.broker.ready ? "yes" : "no"],
@@ -177,7 +177,7 @@
       const x = pad.l + pw - pw * sec / (HISTORY - 1);
       g.fillText(sec ? "-" + sec + "s" : "now", Math.min(Math.max(x, pad.l + 10), w - pad.r - 12), pad.t + ph + 8);
     }
-    for (const [key, color] of [["in", "#2563eb"], ["out", "#16a34a"]]) {
+    for (const [key, color] of [["out", "#16a34a"], ["in", "#2563eb"]]) {  // "in" drawn on top
       const series = state.rates[key];
       if (!series.length) continue;
       const x0 = pad.l + pw - pw * (series.length - 1) / (HISTORY - 1);
@@ -208,10 +208,11 @@
     const rows = filterRows(s.queues.rows, "filter-queues", ["name"]);
     const body = $("queues").tBodies[0];
     body.replaceChildren(...rows.map((q) => {
-      const actions = el("td", {class: "actions"});
-      if (q.can_peek) actions.append(el("button", {class: "btn", type: "button", "data-action": "peek", "data-name": q.name, text: "Peek"}));
-      if (q.can_admin && q.is_dlq) actions.append(el("button", {class: "btn", type: "button", "data-action": "redrive", "data-name": q.name, text: "Redrive"}));
-      if (q.can_admin) actions.append(el("button", {class: "btn", type: "button", "data-action": "purge", "data-name": q.name, text: "Purge"}));
+      const btns = el("div", {class: "btns"});
+      const actions = el("td", {class: "actions"}, btns);
+      if (q.can_peek) btns.append(el("button", {class: "btn", type: "button", "data-action": "peek", "data-name": q.name, text: "Peek"}));
+      if (q.can_admin && q.is_dlq) btns.append(el("button", {class: "btn", type: "button", "data-action": "redrive", "data-name": q.name, text: "Redrive"}));
+      if (q.can_admin) btns.append(el("button", {class: "btn", type: "button", "data-action": "purge", "data-name": q.name, text: "Purge"}));
       const name = el("td", {class: "name"}, q.name);
       if (q.is_dlq) name.append(el("span", {class: "badge", text: "DLQ"}));
       if (q.bind && q.bind.length) name.title = "bound to " + q.bind.join(", ");
