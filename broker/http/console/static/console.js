@@ -56,7 +56,7 @@
   function td(text, cls) { return el("td", {class: cls, text: text}); }
 
   function toast(message, error) {
-    const t = el("div", {class: "toast" + (error ? " error" : ""), role: error ? "alert" : "status", text: message});
+    const t = el("div", {class: "toast" + (error ? " toast-error" : ""), role: error ? "alert" : "status", text: message});
     $("toasts").append(t);
     setTimeout(() => t.remove(), error ? 8000 : 4000);
   }
