@@ -245,3 +245,45 @@ def test_event_stream_ends_when_the_broker_shuts_down(start_broker) -> None:
     finally:
         conn.close()
     assert "Traceback" not in b.stderr()
+
+
+def test_open_event_streams_are_bounded(start_broker) -> None:
+    import socket
+
+    from tidings.broker.http.console.web import MAX_VIEWERS
+
+    b = start_broker("--http-port", "0")
+    v = ConsoleHttp.of(b)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(MAX_VIEWERS):
+            s = socket.create_connection((v.host, v.port), timeout=WAIT)
+            held.append(s)
+            s.sendall(f"GET /console/events HTTP/1.1\r\nHost: {v.host}:{v.port}\r\n\r\n".encode())
+            got = b""
+            while b"event: snapshot" not in got:  # the stream runs: it counts as a viewer
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+        status, data = v.json("GET", "/console/events")
+        assert status == 503 and data["error"] == "OVERLOADED" and data["retriable"]
+        assert v.request("GET", "/healthz")[0] == 200
+        held.pop().close()
+        # a page that left makes room, once the broker has seen it go (a bounded poll)
+        deadline = time.monotonic() + WAIT
+        while _events_refused(v):
+            assert time.monotonic() < deadline, "the closed page's slot was never freed"
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
+
+
+def _events_refused(v: ConsoleHttp) -> bool:
+    """True if /console/events answers 503 now; else reads one snapshot of it and hangs up."""
+    try:
+        return not read_events(v, 1)
+    except AssertionError as exc:
+        if "503" in str(exc):
+            return True
+        raise
