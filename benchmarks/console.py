@@ -38,8 +38,8 @@ HTTP = re.compile(rb"tidings http on http://(\S+):(\d+)")
 def broker_with_http() -> Iterator[tuple[str, str, int]]:
     """A broker with ``--http-port 0``: (tidings URL, http host, http port)."""
     with tempfile.TemporaryDirectory(prefix="tidings-bench-") as data:
-        cmd = [sys.executable, "-m", "tidings", "serve", "--port", "0", "--http-port", "0", "--data-dir", data,
-               "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "tidings", "serve", "--port", "0", "--http-port", "0",
+               "--data-dir", data, "--log-level", "warning"]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         try:
             assert proc.stdout is not None

@@ -68,7 +68,7 @@ class ConsoleHttp:
         if "set-cookie" in got:
             self.set_cookie = got["set-cookie"]
             value = got["set-cookie"].split(";", 1)[0]
-            self.cookie = None if value.endswith("=") or value.endswith('=""') else value
+            self.cookie = None if value.endswith(("=", '=""')) else value
         return resp.status, got, payload
 
     def json(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:

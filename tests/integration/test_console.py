@@ -172,7 +172,8 @@ async def test_console_in_a_browser(start_broker, tmp_path: Path, browser: Any) 
         async with tc.stream_consume("a.events", "billing") as _group:
             await page.goto(base + "/#/streams")
             await page.wait_for_function(
-                "() => { const g = document.querySelector('[data-stream=\"a.events\"] tr[data-group=\"billing\"]');"
+                "() => { const g = document.querySelector("
+                "'[data-stream=\"a.events\"] tr[data-group=\"billing\"]');"
                 " return g !== null && !g.textContent.includes('none'); }", timeout=WAIT_MS)
             await shot(page, "streams")
         await page.goto(base + "/#/connections")

@@ -125,7 +125,8 @@ class Actions:
         rows = await self._run(user, peer, "dlq.list", {"name": name, "limit": limit, "offset": offset})
         return {"queue": name, "offset": offset, "messages": [
             {"id": r["id"], "subject": r["subject"],
-             "msg_id": None if r["msg_id"] is None else _header(r["msg_id"]), "published_ms": r["published_ms"],
+             "msg_id": None if r["msg_id"] is None else _header(r["msg_id"]),
+             "published_ms": r["published_ms"],
              "deliveries": r["deliveries"], "payload": _payload(r["payload"]),
              "headers": {str(k)[:PEEK_HEADER_CHARS]: _header(v) for k, v in (r["headers"] or {}).items()}}
             for r in rows]}

@@ -126,7 +126,8 @@ class Hub:
     async def _compute(self) -> None:
         snap = self._read()  # on the loop, no await: one consistent instant
         host = self.host
-        snap["resources"] = await anyio.to_thread.run_sync(_disk, host.config.data_dir, host.durable.store.path)
+        snap["resources"] = await anyio.to_thread.run_sync(_disk, host.config.data_dir,
+                                                           host.durable.store.path)
         self._snap = snap
         self._views = {}
         self.computed += 1
@@ -153,7 +154,8 @@ class Hub:
             rout = _rate(q["delivered"], pq[1] if pq else None, dt)
             out_total += rout or 0.0
             queues.append({"name": name, "depth": q["depth"], "in_flight": q["in_flight"],
-                           "consumers": q["consumers"], "dead_letter": q["dead_letter"], "is_dlq": q["is_dlq"],
+                           "consumers": q["consumers"], "dead_letter": q["dead_letter"],
+                           "is_dlq": q["is_dlq"],
                            "dlq_depth": q["dlq_depth"], "bind": q["bind"], "published": q["published"],
                            "delivered": q["delivered"], "acked": q["acked"], "redelivered": q["redelivered"],
                            "dead_lettered": q["dead_lettered"], "rate_in": rin, "rate_out": rout})
@@ -170,7 +172,8 @@ class Hub:
                 out_total += rout or 0.0
                 groups.append({"name": gname, "generation": g["generation"], "members": g["members"],
                                "lag": sum(p["lag"] for p in g["partitions"]), "partitions": g["partitions"],
-                               "delivered": g["delivered"], "redelivered": g["redelivered"], "rate_out": rout})
+                               "delivered": g["delivered"], "redelivered": g["redelivered"],
+                               "rate_out": rout})
             conf = info["config"]
             streams.append({"name": name, "partitions": info["partitions"], "bind": info["bind"],
                             "messages": sum(p["messages"] for p in info["partitions"]),
@@ -197,11 +200,13 @@ class Hub:
                           "opened": c.opened})
         self._prev, self._prev_at = cur, now
         tls = cfg.security.tls is not None
+        bound = host.bound_address
         return {
             "time": time.time(),
-            "broker": {"server_name": cfg.server_name, "durability": cfg.durability, "version": F.PROTOCOL_VERSION,
+            "broker": {"server_name": cfg.server_name, "durability": cfg.durability,
+                       "version": F.PROTOCOL_VERSION,
                        "pid": os.getpid(), "uptime": stats["uptime"], "auth": host.users is not None,
-                       "tls": tls, "address": "%s:%d" % host.bound_address if host.bound_address else None,
+                       "tls": tls, "address": "%s:%d" % bound if bound else None,
                        "ready": readiness(host)["ready"]},
             "totals": {"rate_in": _rate(stats["published"], prev.get("published"), dt),
                        "rate_out": out_total if dt is not None else None,

@@ -1,6 +1,6 @@
 """The console's routes: the page, sign-in and out, the live event stream, the actions.
 
-    GET  /                                   the console (index.html); 303 to the sign-in page without a session
+    GET  /                                   the console (index.html); 303 to sign-in without a session
     GET  /console/login                      the sign-in page     POST (JSON {user, password}): sign in
     POST /console/logout                     sign out
     GET  /console/api/session                who is signed in, the CSRF token for actions
@@ -60,11 +60,13 @@ MAX_BODY: Final = 4096
 #: Milliseconds a page waits before reconnecting its event stream (the ``retry:`` field).
 RECONNECT_MS: Final = 2000
 SECURITY_HEADERS: Final = {
-    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "Content-Security-Policy":
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "same-origin",
 }
+HEADER_PAIRS: Final = tuple((k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items())
 NO_STORE: Final = {"Cache-Control": "no-store"}
 
 
@@ -88,8 +90,7 @@ class _StaticWithHeaders:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []),
-                                      *((k.lower().encode(), v.encode()) for k, v in SECURITY_HEADERS.items())]
+                message["headers"] = [*message.get("headers", []), *HEADER_PAIRS]
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -124,8 +125,8 @@ class Console:
 
     def _guard_host(self, request: Request) -> None:
         if not self.auth and not _loopback_host(request.headers.get("host", "")):
-            raise HttpError(ErrorCode.PERMISSION_DENIED, "without users the console answers only to a loopback "
-                            "Host (localhost, 127.0.0.1, [::1])", status=403)
+            raise HttpError(ErrorCode.PERMISSION_DENIED, "without users the console answers only to a "
+                            "loopback Host (localhost, 127.0.0.1, [::1])", status=403)
 
     def _session(self, request: Request) -> tuple[User, Session | None]:
         """The caller's user and session; raises HttpError 401 without a live session."""
@@ -152,7 +153,8 @@ class Console:
         ok = session.csrf_ok(token) if session is not None else (
             token is not None and Session(ANONYMOUS, self.sessions.open_csrf, 0, 0).csrf_ok(token))
         if not ok:
-            raise HttpError(ErrorCode.PERMISSION_DENIED, "missing or wrong CSRF token (X-CSRF-Token)", status=403)
+            raise HttpError(ErrorCode.PERMISSION_DENIED, "missing or wrong CSRF token (X-CSRF-Token)",
+                            status=403)
 
     @staticmethod
     async def _body(request: Request) -> dict[str, Any]:
@@ -194,7 +196,8 @@ class Console:
         self._check_origin(request)
         users = self.host.users
         if users is None:
-            raise HttpError(ErrorCode.INVALID_ARGUMENT, "no users are configured: the console needs no sign-in")
+            raise HttpError(ErrorCode.INVALID_ARGUMENT,
+                            "no users are configured: the console needs no sign-in")
         body = await self._body(request)
         ip, peer = peer_of(request)
         user = await sign_in(users, self.host.audit, body.get("user"), body.get("password"), ip, peer)
@@ -259,8 +262,8 @@ class Console:
             limit = int(request.query_params.get("limit", "20"))
             offset = int(request.query_params.get("offset", "0"))
         except ValueError:
-            raise HttpError(ErrorCode.INVALID_ARGUMENT, f"limit (1..{PEEK_MAX}) and offset must be integers") \
-                from None
+            raise HttpError(ErrorCode.INVALID_ARGUMENT,
+                            f"limit (1..{PEEK_MAX}) and offset must be integers") from None
         name = request.path_params["name"]
         return _json(await self.actions.peek(user, peer_of(request)[1], name, limit, offset))
 
@@ -276,7 +279,8 @@ class Console:
         to, count = body.get("to"), body.get("count")
         if (to is not None and not isinstance(to, str)) or (count is not None and type(count) is not int):
             raise HttpError(ErrorCode.INVALID_ARGUMENT, "to must be a queue name and count an integer")
-        return _json(await self.actions.redrive(user, peer_of(request)[1], request.path_params["name"], to, count))
+        name = request.path_params["name"]
+        return _json(await self.actions.redrive(user, peer_of(request)[1], name, to, count))
 
     def routes(self) -> list[BaseRoute]:
         return [
@@ -290,5 +294,6 @@ class Console:
             Route("/console/api/queues/{name}/messages", self.peek, methods=["GET"]),
             Route("/console/api/queues/{name}/purge", self.purge, methods=["POST"]),
             Route("/console/api/queues/{name}/redrive", self.redrive, methods=["POST"]),
-            Mount("/console/static", app=_StaticWithHeaders(StaticFiles(directory=STATIC)), name="console-static"),
+            Mount("/console/static", app=_StaticWithHeaders(StaticFiles(directory=STATIC)),
+                  name="console-static"),
         ]
