@@ -106,6 +106,20 @@ def test_the_wheel_installs_exactly_one_top_level_name(env: dict[str, Any]) -> N
     assert not any(n.startswith("benchmarks/") or "/benchmarks/" in n for n in names)
 
 
+def test_the_wheel_ships_the_web_console(env: dict[str, Any]) -> None:
+    """The console's page is package data: every file of its static/ folder is in the wheel."""
+    static = ROOT / "broker" / "http" / "console" / "static"
+    files = sorted(p.name for p in static.iterdir() if p.is_file())
+    assert {"index.html", "login.html", "console.js", "console.css", "login.js"} <= set(files)
+    with zipfile.ZipFile(env["ours"]) as z:
+        names = set(z.namelist())
+        assert "tidings/broker/http/console/web.py" in names
+        for name in files:
+            path = f"tidings/broker/http/console/static/{name}"
+            assert path in names, path
+            assert z.read(path) == (static / name).read_bytes(), path
+
+
 def test_tidings_imports_and_runs_next_to_other_generic_packages(env: dict[str, Any]) -> None:
     script = textwrap.dedent("""\
         import protocol  # the other distribution's

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tidings.broker.http import ops
+from tidings.broker.http import console, ops
 from tidings.broker.http.auth import HttpAuth
 from tidings.broker.http.errors import HttpError
 from tidings.broker.http.gateway import Gateway
@@ -55,15 +55,16 @@ def build_app(*parts: Iterable[BaseRoute]) -> Starlette:
 
 def build_server(broker: HttpHost, host: str, port: int, *, metrics: Metrics | None = None,
                  extra: Sequence[Iterable[BaseRoute]] = (), header_timeout: float | None = None) -> HttpServer:
-    """The HTTP port of ``broker``: ops routes, the publish gateway and any ``extra``
-    parts (before the index), served on ``host:port``. Installs the metrics hooks unless
+    """The HTTP port of ``broker``: ops routes, the publish gateway, any ``extra``
+    parts and the console (before the index), served on ``host:port``. Installs the metrics hooks unless
     ``metrics`` is given."""
     cfg = broker.config
     if metrics is None:
         metrics = install_hooks(broker)
     auth = HttpAuth(broker.users, broker.audit)
+    # The console comes last: it serves "/" (the plain index steps aside) and /console/...
     app = build_app(ops.routes(broker, metrics, auth, metrics_public=cfg.metrics_public),
-                    Gateway(broker, auth).routes(), *extra)
+                    Gateway(broker, auth).routes(), *extra, console.routes(broker))
     server = HttpServer(app, host, port, max_connections=cfg.http_max_connections,
                         header_timeout=cfg.http_header_timeout if header_timeout is None else header_timeout)
     # Read on the loop with the histograms, so a scrape's numbers are one instant's.
