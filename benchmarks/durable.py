@@ -1,21 +1,31 @@
 """Durable queue throughput: publish with confirms -> commit -> deliver -> ack.
 
     python -m benchmarks.durable [--messages 100000] [--in-flight 1000] [--durability full]
+                                 [--store sqlite] [--store pg] [--store postgresql://USER@HOST:PORT/DB]
 
 One producer process keeps up to ``--in-flight`` confirms outstanding
 (``publish_nowait`` + awaiting the oldest confirmation: the idiom from
 docs/CLIENT.md), one consumer process acks every delivery, 128-byte
 payloads, against a broker subprocess at the chosen durability. Prints
 end-to-end messages/s, confirm latency p50/p99 and store commits/s.
+
+``--store`` picks where the broker keeps durable state, once per row of the
+table (repeat it to compare in one run): ``sqlite`` (the default: the data
+directory), ``pg`` (a throwaway PostgreSQL from Debian's postgresql package,
+started and removed by tests/pgserver.py, fsync on) or a ``postgresql://`` URL
+(``TIDINGS_BENCH_STORE`` sets the default list, comma-separated).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from ._common import broker, emit, percentile, spawn
@@ -82,6 +92,7 @@ def run(url: str, count: int, size: int, in_flight: int, prefetch: int) -> dict[
     async def setup() -> dict[str, Any]:
         async with connect(url) as tc:
             await tc.declare_queue("bench.durable", bind=["bench.durable.>"])
+            await tc.purge_queue("bench.durable")  # a reused PostgreSQL database may hold an old run's
             return (await tc.call("stats")).get("store", {})  # type: ignore[no-any-return]
 
     before = anyio.run(setup)
@@ -124,6 +135,8 @@ def main() -> None:
     ap.add_argument("--in-flight", type=int, default=1000)
     ap.add_argument("--prefetch", type=int, default=1000)
     ap.add_argument("--durability", choices=["full", "normal"], default="full")
+    ap.add_argument("--store", action="append",
+                    help="sqlite (default), pg (a throwaway PostgreSQL) or a postgresql:// URL; repeat to compare")
     ap.add_argument("--role", choices=["producer", "consumer"], help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ns = ap.parse_args()
@@ -134,10 +147,39 @@ def main() -> None:
     if ns.role == "producer":
         run_loop(_producer, ns.url, "bench.durable.x", ns.messages, ns.payload, ns.in_flight)
         return
-    with broker("--durability", ns.durability) as url:
-        row = run(url, ns.messages, ns.payload, ns.in_flight, ns.prefetch)
-    row["durability"] = ns.durability
-    emit([row], list(row))
+    stores = ns.store or os.environ.get("TIDINGS_BENCH_STORE", "sqlite").split(",")
+    rows = []
+    for store in stores:
+        with store_args(store) as extra, broker("--durability", ns.durability, *extra) as url:
+            row = {"store": "postgresql" if extra else "sqlite",
+                   **run(url, ns.messages, ns.payload, ns.in_flight, ns.prefetch)}
+        row["durability"] = ns.durability
+        rows.append(row)
+    emit(rows, list(rows[0]))
+
+
+@contextlib.contextmanager
+def store_args(store: str) -> Iterator[list[str]]:
+    """The `tidings serve` arguments for one --store value (a throwaway server for `pg`)."""
+    if store == "sqlite":
+        yield []
+    elif store == "pg":
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.pgserver import SKIP_REASON, PgServer, find_bin_dir
+
+        bin_dir = find_bin_dir()
+        if bin_dir is None:
+            raise SystemExit(SKIP_REASON)
+        server = PgServer(bin_dir)
+        try:
+            server.start()
+            yield ["--store", server.new_database()]
+        finally:
+            server.cleanup()
+    elif store.startswith(("postgresql://", "postgres://")):
+        yield ["--store", store]
+    else:
+        raise SystemExit(f"--store: sqlite, pg or a postgresql:// URL, not {store!r}")
 
 
 if __name__ == "__main__":
