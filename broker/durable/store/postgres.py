@@ -140,15 +140,20 @@ def _asyncpg() -> Any:
 
 def _op_specific(exc: BaseException) -> bool:
     """Whether `exc` comes from some op's data (a duplicate key, a value PostgreSQL
-    refuses or asyncpg cannot encode) rather than from the database as a whole."""
+    refuses or asyncpg cannot encode) rather than from the database or the connection:
+    a server error of class 22 (data) or 23 (integrity), asyncpg's client-side
+    DataError, or a plain Python error (TypeError, ValueError...) raised while encoding.
+    Anything else asyncpg raises (a lost connection, a protocol state it cannot leave)
+    and every OS-level error is about the connection."""
     asyncpg = _asyncpg()
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
-        return state[:2] in ("22", "23")  # data exception, integrity constraint violation
-    if isinstance(exc, asyncpg.DataError):  # asyncpg could not encode a value
+        return state[:2] in ("22", "23")
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
         return True
-    return not isinstance(exc, (asyncpg.InterfaceError, OSError, asyncio.TimeoutError, TimeoutError,
-                                ConnectionError, asyncpg.exceptions.ConnectionDoesNotExistError))
+    if type(exc).__module__.startswith("asyncpg"):
+        return False
+    return not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError))
 
 
 class PostgresStore(PgReads):
@@ -627,6 +632,10 @@ class PostgresStore(PgReads):
             if isinstance(err, StorageUnavailable):
                 self._drop_writer()  # a connection in an unknown state is not reused
                 self._down(str(err))
+            elif not isinstance(exc, _asyncpg().PostgresError):
+                # Refused by the client (an op's value it could not encode), perhaps in the
+                # middle of a COPY: the next batch starts on a fresh connection, at once.
+                self._drop_writer()
             else:
                 await self._rollback(conn)
             log.debug("transaction of %d ops failed: %s", len(items), err)
