@@ -129,6 +129,24 @@ class PgServer:
         self.psql(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def pids(self) -> list[int]:
+        """The server's processes (the postmaster and its children: backends, writers)."""
+        try:
+            with open(os.path.join(self.data, "postmaster.pid")) as fh:
+                master = int(fh.readline())
+        except (OSError, ValueError):
+            return []
+        out = [master]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as fh:
+                        if int(fh.read().rsplit(")", 1)[1].split()[1]) == master:
+                            out.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return out
+
     def cleanup(self) -> None:
         try:
             self.stop("immediate")
