@@ -151,15 +151,22 @@ async def test_database_stopped_and_started_again(pg_server: PgServer) -> None:
     await store.open()
     async with anyio.create_task_group() as tg:
         await tg.start(store.run)
+        tg.start_soon(store.watchdog)
         await store.write(PutMessages([make_row("q", 1)]))
+        assert store.is_open
         await anyio.to_thread.run_sync(pg_server.stop, "immediate")
         try:
             with pytest.raises(StorageUnavailable):
                 await store.write(PutMessages([make_row("q", 2)]))
+            assert not store.is_open  # readiness fails while the database is away
             with pytest.raises(StorageError):
                 await store.count("q")  # reads fail too, and are retried by their callers
         finally:
             await anyio.to_thread.run_sync(pg_server.restart)
+        with anyio.fail_after(120):  # no write needed: the watchdog's probe reconnects
+            while not store.is_open:
+                await anyio.sleep(0.1)
+        assert store.reconnects == 1
         for _ in range(RECONNECT_ATTEMPTS):
             try:
                 await store.write(PutMessages([make_row("q", 3)]))
@@ -170,6 +177,7 @@ async def test_database_stopped_and_started_again(pg_server: PgServer) -> None:
             raise AssertionError("the store did not reconnect")
         assert await store.count("q") == 2
         await store.close()
+        tg.cancel_scope.cancel()
 
 
 async def test_durability_sets_synchronous_commit(pg_url) -> None:

@@ -54,6 +54,7 @@ from anyio.abc import TaskStatus
 from tidings.broker.durable.store import pg_sql
 from tidings.broker.durable.store.base import (
     DURABILITIES,
+    DeleteMessages,
     Durability,
     SchemaTooNew,
     StorageClosed,
@@ -297,6 +298,7 @@ class PostgresStore(PgReads):
             raise err from exc
         self.reconnects += 1
         self._backoff = RECONNECT_MIN
+        self._down_reason = ""
         self._writer = conn
         log.warning("store %s: reconnected to the database", self.path)
         return conn
@@ -431,7 +433,9 @@ class PostgresStore(PgReads):
 
     @property
     def is_open(self) -> bool:
-        return self._pool is not None and not self._closing
+        """Open, not closing, and the database reachable as far as the last attempt
+        knows (readiness fails while it is away; the watchdog probes it meanwhile)."""
+        return self._pool is not None and not self._closing and not self._down_reason
 
     @property
     def pending_ops(self) -> int:
@@ -547,9 +551,19 @@ class PostgresStore(PgReads):
         return self.transaction_seconds > self.stall_timeout
 
     async def watchdog(self) -> None:
+        """Report each stalled batch once (as SqliteStore's), and probe a database that
+        is away when no write would (see is_open). Runs until cancelled."""
         interval = min(1.0, self.stall_timeout / WATCH_CHECKS_PER_TIMEOUT)
         while True:
             await anyio.sleep(interval)
+            if (self._down_reason and self._running and not self._mailbox and self._batch_started is None
+                    and time.monotonic() >= self._retry_at):
+                # Nothing to write, but the database is known away: an empty operation makes
+                # the actor try to reconnect, so readiness comes back without traffic.
+                try:
+                    self.submit_nowait(DeleteMessages("", []))
+                except (StorageError, anyio.WouldBlock):
+                    pass
             serial = self._batch_serial
             if self.stalled and self._reported_serial != serial:
                 self._reported_serial = serial
