@@ -4,6 +4,8 @@ retriable when the database is away) and reconnecting after the connection is lo
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import anyio
 import pytest
@@ -231,3 +233,43 @@ async def test_connection_lost_mid_transaction_confirms_nothing(pg_url) -> None:
             await store.close()
     finally:
         await admin.close()
+
+
+async def test_acks_and_delivery_counts_find_their_rows_by_primary_key(pg_url) -> None:
+    """The ids of a delete or update are parsed once per statement and, with statistics
+    (the store ANALYZEs at open; autovacuum keeps them), are an index condition on
+    (queue, id): not a filter over the whole queue (a million-message backlog scanned per
+    commit), and never a literal parsed again for each row of the queue."""
+    store = PostgresStore(pg_url)
+    await store.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.run)
+        await store.write(PutMessages([make_row("q", i) for i in range(1, 5001)]))
+        await store.close()
+    conn = await asyncpg.connect(pg_url)
+    ids = pg_sql.int_array(range(100, 600))
+    statements = ((pg_sql.DELETE_MESSAGES, ("q", ids)),
+                  (pg_sql.UPDATE_MESSAGES, ("q", ids, pg_sql.int_array([1] * 500), pg_sql.int_array([1] * 500),
+                                            [None] * 500)))
+
+    async def plan(sql: str, args: Any) -> list[str]:
+        tx = conn.transaction()
+        await tx.start()
+        try:  # EXPLAIN ANALYZE runs the statement: rolled back
+            return [r[0] for r in await conn.fetch("EXPLAIN ANALYZE " + sql, *args)]
+        finally:
+            await tx.rollback()
+
+    try:
+        for sql, args in statements:  # statistics still those of an empty table
+            lines = await plan(sql, args)
+            assert not any("Filter" in line and "cstring" in line for line in lines), "\n".join(lines)
+        store = PostgresStore(pg_url)
+        await store.open()  # ANALYZEs
+        await store.close()
+        for sql, args in statements:
+            lines = await plan(sql, args)
+            assert any("Index Cond" in line and "id = ANY" in line for line in lines), "\n".join(lines)
+            assert any("tidings_messages_pkey" in line for line in lines), "\n".join(lines)
+    finally:
+        await conn.close()

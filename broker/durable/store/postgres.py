@@ -332,6 +332,9 @@ class PostgresStore(PgReads):
             conn = await self._connect()
             await self._lock(conn)
             await migrate(conn, self.path)
+            # Fresh planner statistics: a backlog that grew since the last autovacuum must not
+            # look like an empty queue (acks would then scan it instead of using the key).
+            await conn.execute(f"ANALYZE {', '.join(pg_sql.ANALYZED)}")
             self._max_id = int(await conn.fetchval("SELECT value FROM tidings_meta WHERE key = 'max_message_id'"))
             try:
                 pool = await asyncpg.create_pool(
