@@ -38,11 +38,10 @@ lose its last few hundred milliseconds of commits if it crashes itself).
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import time
-import traceback
-import io
 import urllib.parse
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Final
@@ -234,7 +233,12 @@ class PostgresStore(PgReads):
     # --- errors and connections -------------------------------------------------------
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._password, "***") if self._password else text
+        """`text` without the URL's password (as written, or percent-decoded)."""
+        if self._password:
+            for secret in {self._password, urllib.parse.unquote(self._password)}:
+                if secret:
+                    text = text.replace(secret, "***")
+        return text
 
     def _translate(self, exc: BaseException) -> StorageError:
         """An asyncpg/OS error as a StorageError (StorageFull for a full disk,
