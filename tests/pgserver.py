@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -160,6 +161,11 @@ def pg_server() -> Iterator[PgServer]:
     bin_dir = find_bin_dir()
     if bin_dir is None:
         pytest.skip(SKIP_REASON)
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL tests run as root need the postgres system user: apt-get install postgresql")
     server = PgServer(bin_dir)
     try:
         server.start()
