@@ -52,6 +52,10 @@ class Config:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     data_dir: str = dataclasses.field(default_factory=default_data_dir)
+    # Where durable state lives: "" = SQLite in data_dir (the default); a
+    # postgresql://USER@HOST:PORT/DB URL = that PostgreSQL database (needs tidings[postgresql];
+    # the data directory still holds the lock file and the audit log). docs/SCALING.md.
+    store: str = ""
     server_name: str = "tidings"
     # durability: "full" (synchronous=FULL: a confirm survives power loss) or
     # "normal" (synchronous=NORMAL: survives a process crash only).
@@ -197,6 +201,14 @@ class Config:
             raise ConfigError("log_level must be debug, info, warning or error")
         if self.max_db_pages < 0:
             raise ConfigError("max_db_pages must be >= 0")
+        if self.store:
+            scheme = self.store.split("://", 1)[0] if "://" in self.store else ""
+            if scheme not in ("postgresql", "postgres"):
+                # the value is not echoed: it may hold a password
+                raise ConfigError("store must be empty (SQLite in data_dir) or a postgresql://USER@HOST:PORT/DB URL"
+                                  f"{f', not a {scheme}:// URL' if scheme else ''}")
+            if self.max_db_pages:
+                raise ConfigError("max_db_pages caps the SQLite store only; it cannot be set with a PostgreSQL store")
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")

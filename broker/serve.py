@@ -32,6 +32,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
     s.add_argument("--data-dir", help="where durable data lives (default ~/.local/share/tidings)")
+    s.add_argument("--store", help="where durable state lives: a postgresql://USER@HOST:PORT/DB URL "
+                   "(needs tidings[postgresql]; prefer PGPASSWORD or ~/.pgpass to a password in the URL); "
+                   "default: SQLite in the data directory")
     s.add_argument("--durability", choices=["full", "normal"], help="full: confirms survive power loss (default); "
                    "normal: confirms survive a process crash only")
     s.add_argument("--allow-open", action="store_true", help="allow a non-loopback --host without authentication")
@@ -60,7 +63,8 @@ def run(ns: argparse.Namespace) -> int:
     from tidings.broker.app import Broker
     from tidings.broker.ops import logs
 
-    flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "durability": ns.durability,
+    flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "store": ns.store,
+             "durability": ns.durability,
              "log_level": ns.log_level, "log_format": ns.log_format,
              "allow_open": True if ns.allow_open else None,
              "http_host": ns.http_host, "http_port": ns.http_port,

@@ -1,10 +1,11 @@
-"""Shared test configuration: the --soak flag, the real-broker fixture and the TLS `certs` fixture."""
+"""Shared test configuration: the --soak flag, the real-broker fixture, the TLS `certs` fixture
+and the throwaway PostgreSQL server (`pg_server`, `pg_url`)."""
 
 from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.brokerproc", "tests.certs"]
+pytest_plugins = ["tests.brokerproc", "tests.certs", "tests.pgserver"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

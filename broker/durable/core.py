@@ -38,6 +38,7 @@ from tidings.broker.durable.store.base import (
     PutQueue,
     StorageError,
     StorageFull,
+    Store,
     StoredMessage,
 )
 from tidings.broker.durable.store.sqlite import SqliteStore
@@ -61,10 +62,16 @@ class Durable:
     def __init__(self, broker: Host) -> None:
         self.broker = broker
         cfg = broker.config
-        self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"),
-                                 durability=cast(Durability, cfg.durability),  # validated by Config
-                                 max_page_count=cfg.max_db_pages or None,
-                                 stall_timeout=cfg.store_stall_timeout)
+        self.store: Store
+        if cfg.store:  # a postgresql:// URL (validated by Config); asyncpg is imported when it opens
+            from tidings.broker.durable.store.postgres import PostgresStore
+            self.store = PostgresStore(cfg.store, durability=cast(Durability, cfg.durability),
+                                       data_dir=cfg.data_dir, stall_timeout=cfg.store_stall_timeout)
+        else:
+            self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"),
+                                     durability=cast(Durability, cfg.durability),  # validated by Config
+                                     max_page_count=cfg.max_db_pages or None,
+                                     stall_timeout=cfg.store_stall_timeout)
         self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
         # What every queue, group and reader actor is given instead of this object.
         self.ctx = DurableContext(self.store, self.window_budget)

@@ -1,7 +1,8 @@
 """Fixtures for the actor unit tests: a real store, opened and running.
 
 ``store`` is the one place the backend is chosen: every actor test runs on
-SQLite (a real file) and on the in-memory store of the Store contract. It gives a factory, used inside the test's own task (a task group
+SQLite (a real file), on the in-memory store of the Store contract and on
+PostgreSQL (a fresh database on tests/pgserver.py's server). It gives a factory, used inside the test's own task (a task group
 must be entered and left by the same task)::
 
     async with store() as s:     # opened, its actor running; closed on exit
@@ -19,18 +20,26 @@ import anyio
 import pytest
 
 from tidings.broker.durable.store.memory import MemoryStore
+from tidings.broker.durable.store.postgres import PostgresStore
 from tidings.broker.durable.store.sqlite import SqliteStore
 
 OpenStore = Callable[[], contextlib.AbstractAsyncContextManager[Any]]
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
     """``async with store() as s``: an open store whose actor runs in a task group."""
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
 
     @contextlib.asynccontextmanager
     async def _open() -> AsyncIterator[Any]:
-        s: Any = SqliteStore(tmp_path / "tidings.db") if request.param == "sqlite" else MemoryStore()
+        s: Any
+        if request.param == "sqlite":
+            s = SqliteStore(tmp_path / "tidings.db")
+        elif request.param == "postgres":
+            s = PostgresStore(url)
+        else:
+            s = MemoryStore()
         await s.open()
         try:
             async with anyio.create_task_group() as tg:

@@ -6,7 +6,8 @@
         async with open_store() as store:       # opened, actor running
             await store.write(PutMessages([row("q", 1)]))
 
-`backend`: the contract tests' store, once per backend (sqlite, memory).
+`backend`: the contract tests' store, once per backend (sqlite, memory, postgres:
+a fresh database on the session's PostgreSQL server, tests/pgserver.py).
 `backend.open()` opens a store over the backend's one data set, so opening
 again after a close is a restart that sees what was committed.
 
@@ -28,6 +29,7 @@ import pytest
 
 from tests.storage.storetools import BACKENDS, make_row
 from tidings.broker.durable.store import MemoryData, MemoryStore, SqliteStore, Store, StoredMessage
+from tidings.broker.durable.store.postgres import PostgresStore
 
 
 @pytest.fixture
@@ -79,15 +81,18 @@ def peek(db_path: Path) -> Callable[..., list[Any]]:
 class Backend:
     """One store backend over one data set (a file, or a MemoryData)."""
 
-    def __init__(self, kind: str, tmp_path: Path) -> None:
+    def __init__(self, kind: str, tmp_path: Path, url: str = "") -> None:
         self.kind = kind
         self.path = tmp_path / "data" / "tidings.db"
         self.data = MemoryData()
+        self.url = url  # postgres: the test's database
 
     def new(self, **kw: Any) -> Store:
         """A store over this backend's data, not opened."""
         if self.kind == "sqlite":
             return SqliteStore(self.path, **kw)
+        if self.kind == "postgres":
+            return PostgresStore(self.url, **kw)
         return MemoryStore(self.data, **kw)
 
     @contextlib.asynccontextmanager
@@ -111,7 +116,8 @@ class Backend:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return Backend(request.param, tmp_path)
+    url = request.getfixturevalue("pg_url") if request.param == "postgres" else ""
+    return Backend(request.param, tmp_path, url)
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ from typing import Any
 from tidings.broker.durable.store import StoredMessage
 
 #: The backends the contract tests run against (tests/storage/test_store_contract.py).
-BACKENDS = ("sqlite", "memory")
+#: "postgres" runs on the throwaway server of tests/pgserver.py (skipped when PostgreSQL is absent).
+BACKENDS = ("sqlite", "memory", "postgres")
 
 
 def make_row(queue: str, id: int, *, payload: bytes | None = None, available_ms: int = 1_000,

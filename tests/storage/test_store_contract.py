@@ -1,7 +1,7 @@
 """The Store contract (broker/durable/store/base.py), run against every backend.
 
-Each test runs once per backend (the `backend` fixture: a SQLite file, and the
-in-memory store). A new backend passes this file before the broker may use it.
+Each test runs once per backend (the `backend` fixture: a SQLite file, the
+in-memory store, and a PostgreSQL database on the throwaway server of tests/pgserver.py). A new backend passes this file before the broker may use it.
 SQLite-specific behaviour (files, WAL, locking, migrations, crash, watchdog, a
 full disk) stays in the other test_store_*.py files.
 """
@@ -45,6 +45,8 @@ from tidings.broker.durable.store import (
     UpdateMessages,
 )
 
+from tidings.broker.durable.store.postgres import PostgresStore
+
 from tests.storage.storetools import BACKENDS, make_row
 
 
@@ -61,7 +63,7 @@ def srow(stream: str, partition: int, offset: int, *, payload: bytes | None = No
 def test_every_backend_has_every_member_of_the_protocol(tmp_path):
     members = {n for n in vars(Store) if not n.startswith("_")} | set(Store.__annotations__)
     assert {"read_partition", "load_offsets", "submit_nowait", "backup", "is_open"} <= members
-    for store in (SqliteStore(tmp_path / "x.db"), MemoryStore()):
+    for store in (SqliteStore(tmp_path / "x.db"), MemoryStore(), PostgresStore("postgresql://u@localhost/d")):
         missing = sorted(n for n in members if not hasattr(store, n))
         assert missing == [], f"{type(store).__name__} lacks {missing}"
 
@@ -71,6 +73,8 @@ def test_bad_durability_is_refused(kind, tmp_path):
     with pytest.raises(ValueError):
         if kind == "sqlite":
             SqliteStore(tmp_path / "x.db", "fast")  # type: ignore[arg-type]
+        elif kind == "postgres":
+            PostgresStore("postgresql://u@localhost/d", "fast")  # type: ignore[arg-type]
         else:
             MemoryStore(None, "fast")  # type: ignore[arg-type]
 
@@ -669,18 +673,22 @@ def _op(kind: str, args: Any) -> Any:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(initial=st.lists(st.tuples(QUEUES, IDS), unique=True, max_size=6),
        spec=st.lists(ops(), min_size=1, max_size=25))
 def test_one_batch_equals_ops_in_order(kind: str, initial: list[tuple[str, int]],
-                                       spec: list[tuple[str, Any]]) -> None:
+                                       spec: list[tuple[str, Any]], request: pytest.FixtureRequest) -> None:
     state = {k: (1_000, 0) for k in initial}
     expected_ok = _model(spec, state)
+    url = request.getfixturevalue("pg_server").new_database() if kind == "postgres" else ""
 
     async def main(path: str) -> None:
         data = MemoryData()
 
         def new() -> Store:
+            if kind == "postgres":
+                return PostgresStore(url)
             return SqliteStore(path) if kind == "sqlite" else MemoryStore(data)
 
         store = new()
@@ -913,7 +921,7 @@ async def test_backup_copies_committed_state_or_refuses_cleanly(backend, row, tm
         with pytest.raises(StorageError):
             await store.backup(str(stale))
         assert stale.read_bytes() == b"stale"
-        if backend.kind == "memory":
+        if backend.kind in ("memory", "postgres"):  # no file to copy: pg_dump is PostgreSQL's tool
             with pytest.raises(StorageError):
                 await store.backup(str(copy))
             assert list(copy.parent.iterdir()) == [stale]
