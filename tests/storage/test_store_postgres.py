@@ -17,10 +17,14 @@ from tidings.broker.durable.store import (
     DeleteStream,
     ExpireDedup,
     MarkStreamNext,
+    DeleteGroup,
+    DeleteSchemaBinding,
     MoveMessages,
     PurgeQueue,
     PutMessages,
     PutQueue,
+    PutSchema,
+    PutSchemaBinding,
     PutStream,
     SchemaTooNew,
     StorageError,
@@ -51,7 +55,9 @@ def test_every_write_operation_has_its_postgresql_statements() -> None:
         PutMessages([make_row("q", 1)]), DeleteMessages("q", [1]), UpdateMessages("q", [(1, 2, 3, None)]),
         MoveMessages("q", [(1, make_row("d", 2))]), PutQueue("q", {}, 1), DeleteQueue("q"), PurgeQueue("q"),
         ExpireDedup(1), PutStream("s", {}, 1), DeleteStream("s"), CommitOffsets([("s", "g", 0, 1, 1)]),
-        MarkStreamNext([("s", 0, 1)]), TrimStream("s", 0, 1),
+        MarkStreamNext([("s", 0, 1)]), TrimStream("s", 0, 1), DeleteGroup("s", "g"),
+        PutSchema("S", 1, {"type": "object"}, "backward", 1), PutSchemaBinding("a.>", "S", "reject", None, 1),
+        DeleteSchemaBinding("a.>"),
     ]
     assert {type(op) for op in ops} == set(WriteOp.__args__)  # type: ignore[attr-defined]
     for op in ops:

@@ -22,14 +22,14 @@ if TYPE_CHECKING:
     import asyncpg
 
 _COLUMNS: Final = ("queue, id, subject, payload, headers, msg_id, published_ms, available_ms,"
-                   " expires_ms, deliveries, last_error")
+                   " expires_ms, deliveries, last_error, priority")
 _STREAM_COLUMNS: Final = 'stream, partition, "offset", subject, key, payload, headers, msg_id, timestamp_ms'
 
 
 def decode_message(r: Any) -> StoredMessage:
     h = r[4]
     return StoredMessage(r[0], r[1], r[2], bytes(r[3]), None if h is None else msgpack.unpackb(h, raw=False),
-                         r[5], r[6], r[7], r[8], r[9], r[10])
+                         r[5], r[6], r[7], r[8], r[9], r[10], r[11])
 
 
 def decode_stream_row(t: Any) -> StreamRow:
@@ -106,9 +106,13 @@ class PgReads:
 
     async def load_messages(self, queue: str, after: PageKey | None = None, *,
                             due_before_ms: int | None = None, limit: int = 1000,
-                            max_bytes: int | None = None, min_rows: int = 1) -> list[StoredMessage]:
+                            max_bytes: int | None = None, min_rows: int = 1,
+                            priority: int | None = None) -> list[StoredMessage]:
         where = ["queue = $1"]
         params: list[Any] = [queue]
+        if priority is not None:  # one lane of a priority queue (index tidings_messages_priority)
+            where.append(f"priority = ${len(params) + 1}")
+            params.append(priority)
         if after is not None:
             where.append(f"(available_ms, id) > (${len(params) + 1}, ${len(params) + 2})")
             params += [after[0], after[1]]
@@ -120,7 +124,14 @@ class PgReads:
             f" LIMIT ${len(params) + 1}", params, limit, max_bytes, min_rows)
         return [decode_message(r) for r in rows]
 
-    async def next_available_ms(self, queue: str, after: PageKey | None = None) -> int | None:
+    async def next_available_ms(self, queue: str, after: PageKey | None = None,
+                                priority: int | None = None) -> int | None:
+        if priority is not None:
+            lo = after if after is not None else (-1, -1)
+            rows = await self._fetch(
+                "SELECT available_ms FROM tidings_messages WHERE queue = $1 AND priority = $2"
+                " AND (available_ms, id) > ($3, $4) ORDER BY available_ms, id LIMIT 1", queue, priority, lo[0], lo[1])
+            return rows[0][0] if rows else None
         if after is None:
             rows = await self._fetch("SELECT min(available_ms) FROM tidings_messages WHERE queue = $1", queue)
         else:
@@ -129,7 +140,11 @@ class PgReads:
                 " ORDER BY available_ms, id LIMIT 1", queue, after[0], after[1])
         return rows[0][0] if rows else None
 
-    async def count(self, queue: str) -> int:
+    async def count(self, queue: str, priority: int | None = None) -> int:
+        if priority is not None:
+            rows = await self._fetch("SELECT count(*) FROM tidings_messages WHERE queue = $1 AND priority = $2",
+                                     queue, priority)
+            return int(rows[0][0])
         rows = await self._fetch("SELECT count(*) FROM tidings_messages WHERE queue = $1", queue)
         return int(rows[0][0])
 
@@ -143,6 +158,18 @@ class PgReads:
             f"SELECT {_COLUMNS} FROM tidings_messages WHERE queue = $1 ORDER BY id LIMIT $2 OFFSET $3",
             queue, limit, offset)
         return [decode_message(r) for r in rows]
+
+    # --- the schema registry -----------------------------------------------------------
+
+    async def load_schemas(self) -> list[tuple[str, int, Any, str, int]]:
+        rows = await self._fetch("SELECT name, version, document, compatibility, created_ms FROM tidings_schemas"
+                                 " ORDER BY name COLLATE \"C\", version")
+        return [(r[0], r[1], json.loads(r[2]), r[3], r[4]) for r in rows]
+
+    async def load_schema_bindings(self) -> list[tuple[str, str, str, str | None, int]]:
+        rows = await self._fetch("SELECT pattern, schema, on_invalid, dead_letter, created_ms"
+                                 " FROM tidings_schema_bindings ORDER BY pattern COLLATE \"C\"")
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     # --- streams ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from tidings.broker.durable.store import batch, streams
+from tidings.broker.durable.store import batch, schemas, streams
 from tidings.broker.durable.store.base import WriteOp
 from tidings.broker.durable.store.batch import Item, Stage
 
@@ -125,15 +125,45 @@ CREATE TABLE tidings_stream_next (
 );
 """
 
+#: 1 -> 2: the schema registry (SQLite's step 3 -> 4, store/schemas.py): a version is
+#: immutable once stored (the primary key refuses a second row); a binding is replaced whole.
+_V2_SCHEMAS: Final = """
+CREATE TABLE tidings_schemas (
+    name          text NOT NULL,
+    version       integer NOT NULL,
+    document      text NOT NULL,          -- the JSON Schema document, as JSON
+    compatibility text NOT NULL,
+    created_ms    bigint NOT NULL,
+    PRIMARY KEY (name, version)
+);
+CREATE TABLE tidings_schema_bindings (
+    pattern     text PRIMARY KEY,
+    schema      text NOT NULL,
+    on_invalid  text NOT NULL,
+    dead_letter text,
+    created_ms  bigint NOT NULL
+);
+"""
+
+#: 2 -> 3: priority queues (SQLite's step 4 -> 5): each message's priority, NULL in a
+#: plain queue; a priority queue pages each priority in (available_ms, id) order.
+_V3_PRIORITY: Final = """
+ALTER TABLE tidings_messages ADD COLUMN priority integer;
+CREATE INDEX tidings_messages_priority ON tidings_messages (queue, priority, available_ms, id)
+    WHERE priority IS NOT NULL;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: meta, queues, messages, dedup, streams and their rows, floors, offsets, next marks
+    _V2_SCHEMAS,  # 1 -> 2: tidings_schemas, tidings_schema_bindings (the schema registry)
+    _V3_PRIORITY,  # 2 -> 3: tidings_messages.priority and its partial index (priority queues)
 )
 
 #: Every table of the schema (a database holding some of them but no tidings_meta is
 #: not one tidings made, and is refused).
 TABLES: Final = ("tidings_meta", "tidings_queues", "tidings_messages", "tidings_dedup", "tidings_streams",
                  "tidings_stream_messages", "tidings_stream_floors", "tidings_stream_offsets",
-                 "tidings_stream_next")
+                 "tidings_stream_next", "tidings_schemas", "tidings_schema_bindings")
 
 #: The tables the store ANALYZEs when it opens (those that grow and shrink by the million).
 ANALYZED: Final = ("tidings_messages", "tidings_stream_messages", "tidings_dedup")
@@ -148,7 +178,7 @@ MIGRATION_LOCK: Final = 0x5449444D
 #: inserts go by binary COPY (asyncpg encodes a record per row in C; arrays of
 #: parameters cost it Python-level type checks per element, 3x slower end to end).
 MESSAGE_COLUMNS: Final = ("queue", "id", "subject", "payload", "headers", "msg_id", "published_ms",
-                          "available_ms", "expires_ms", "deliveries", "last_error")
+                          "available_ms", "expires_ms", "deliveries", "last_error", "priority")
 STREAM_COLUMNS: Final = ("stream", "partition", "offset", "subject", "key", "payload", "headers", "msg_id",
                          "timestamp_ms")
 UPSERT_DEDUP: Final = (
@@ -188,6 +218,14 @@ PG_STATEMENTS: Final[dict[str, str]] = {
                            " ON CONFLICT (stream, partition) DO UPDATE SET first = GREATEST(f.first, excluded.first)"),
     streams.UPSERT_NEXT: ("INSERT INTO tidings_stream_next AS n (stream, partition, next) VALUES ($1, $2, $3)"
                           " ON CONFLICT (stream, partition) DO UPDATE SET next = GREATEST(n.next, excluded.next)"),
+    streams.DELETE_GROUP: "DELETE FROM tidings_stream_offsets WHERE stream = $1 AND grp = $2",
+    schemas.INSERT_SCHEMA: ("INSERT INTO tidings_schemas (name, version, document, compatibility, created_ms)"
+                            " VALUES ($1, $2, $3, $4, $5)"),
+    schemas.UPSERT_BINDING: ("INSERT INTO tidings_schema_bindings (pattern, schema, on_invalid, dead_letter,"
+                             " created_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (pattern) DO UPDATE SET"
+                             " schema = excluded.schema, on_invalid = excluded.on_invalid,"
+                             " dead_letter = excluded.dead_letter, created_ms = excluded.created_ms"),
+    schemas.DELETE_BINDING: "DELETE FROM tidings_schema_bindings WHERE pattern = $1",
     streams.DELETE_STREAM[0][0]: "DELETE FROM tidings_stream_next WHERE stream = $1",
     streams.DELETE_STREAM[1][0]: "DELETE FROM tidings_stream_messages WHERE stream = $1",
     streams.DELETE_STREAM[2][0]: "DELETE FROM tidings_stream_offsets WHERE stream = $1",
