@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from tidings.broker.security.auth import User
 
 #: Request header prefix whose headers become message headers (prefix removed).
-HEADER_PREFIX: Final = "tidings-"
+HEADER_PREFIX: Final = V.RESERVED_HEADER_PREFIX
 #: Kept as they are: CloudEvents' binary-mode attributes.
 CE_PREFIX: Final = "ce-"
 #: Request headers that are publish options, and the query parameters that may carry them instead.

@@ -123,7 +123,9 @@ async def test_client_refuses_oversized_prefix_before_welcome(size: int) -> None
 
     async def client_part(url: str) -> None:
         t0 = time.monotonic()
-        with pytest.raises(E.ProtocolViolationError):
+        # Before WELCOME an absurd frame means the peer is no tidings broker (issue 15.5): the
+        # client says so, quoting what it sent, instead of reporting a frame-size violation.
+        with pytest.raises(E.NotABrokerError, match="is not a tidings broker"):
             async with connect(url, reconnect=False):
                 pass
         assert time.monotonic() - t0 < PROMPT

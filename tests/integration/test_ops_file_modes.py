@@ -57,7 +57,8 @@ def test_lock_file_owned_by_another_user_is_a_clear_error(start_broker, tmp_path
     lock.touch(mode=0o644)
     os.chown(lock, OTHER_UID, OTHER_UID)
     with pytest.raises(RuntimeError, match="exited with 1") as info:
-        start_broker(data_dir=data)
+        # at the default log level, as an operator runs it (debug logs the traceback too, for us)
+        start_broker("--log-level", "info", data_dir=data)
     err = str(info.value)
     want = (f"tidings: cannot open the store: lock file {lock} belongs to uid {OTHER_UID}, not to this "
             f"broker's user (uid 0)")
