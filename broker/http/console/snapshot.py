@@ -13,8 +13,8 @@ user and tick (viewers signed in as the same user share the bytes).
 Reading the broker is the same plain attribute walk as /metrics (ops/metrics.py
 ``BrokerCollector.snapshot``: on the event loop, no await in between, so one
 consistent instant): ``Stats.snapshot()``, ``Durable.list_queues()``, each
-stream's ``info()`` and the schema registry's schemas and bindings. The process's memory and the database's size on disk are read
-in a worker thread. Rates are differences between two consecutive snapshots,
+stream's ``info()`` and the schema registry's schemas and bindings. The process's
+memory and the database's size on disk are read in a worker thread. Rates are differences between two consecutive snapshots,
 per second; after a gap longer than ``STALE_TICKS`` ticks (nobody was watching)
 a rate is unknown (null) for one tick rather than an average over the gap.
 
