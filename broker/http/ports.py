@@ -74,7 +74,7 @@ class ConsoleConnection(Protocol):
 class HttpHost(BrokerView, Protocol):
     """The broker as the HTTP port sees it: the ops view (metrics, readiness), the
     users HTTP requests log in as, the audit log, the publish path of the gateway, and the
-    open connections the console lists."""
+    open connections and schema registry the console lists."""
 
     @property
     def connections(self) -> Mapping[int, ConsoleConnection]:
@@ -91,7 +91,8 @@ class HttpHost(BrokerView, Protocol):
 
     @property
     def schemas(self) -> SchemaRegistry:
-        """Schema bindings: while ``schemas.active``, a gateway publish passes ``screen`` first."""
+        """Schema bindings: while ``schemas.active``, a gateway publish passes ``screen`` first;
+        the console lists ``schemas.schemas`` and ``schemas.bindings`` (read only)."""
         ...
 
     @property

@@ -4,7 +4,8 @@ downloads a browser).
 
 One broker with users; the page is signed in, watches queues fill and empty through the
 tidings client, peeks, purges, redrives a dead-letter queue, shows the rate chart moving
-while a publisher runs, refuses an action the user has no permission for, and signs out.
+while a publisher runs, lists schemas and bindings, refuses an action the user has no
+permission for, and signs out.
 Every wait is on the page's state (``wait_for_function`` on the DOM the live updates
 write), never a sleep. A screenshot of each page goes to tests/artifacts/ (git-ignored).
 """
@@ -180,6 +181,22 @@ async def test_console_in_a_browser(start_broker, tmp_path: Path, browser: Any) 
         await page.wait_for_function("() => document.querySelector('#connections tbody').textContent"
                                      ".includes('console-test')", timeout=WAIT_MS)
         await shot(page, "connections")
+
+        # schemas and bindings: a name is user input, shown as text (">" is not allowed in names)
+        schema = 'a.<img/src=x/onerror=alert(1)//Order'
+        await tc.declare_queue("a.bad")
+        await tc.register_schema(schema, {"type": "object", "required": ["id"]})
+        await tc.bind_schema("a.orders.>", schema, on_invalid="dead_letter", dead_letter_queue="a.bad")
+        await tc.publish("a.orders.new", b'{"id": 1}')
+        await page.click('#tabs a[data-page="schemas"]')
+        await page.wait_for_function(
+            "(n) => { const r = document.querySelector('#schemas tbody tr');"
+            " return r !== null && r.dataset.schema === n && r.querySelector('.c-valid').textContent === '1'"
+            " && document.querySelector('#bindings tbody').textContent.includes('a.orders.>'); }",
+            arg=schema, timeout=WAIT_MS)
+        assert await page.text_content("#schemas tbody td.name") == schema
+        assert await page.query_selector("#page-schemas img") is None
+        await shot(page, "schemas")
 
         # a second user: names outside its permissions are not shown, and an action it may
         # not do is refused (redriving into a.work needs publish on it)

@@ -15,6 +15,7 @@ from tests.brokerproc import BrokerProcess
 from tests.integration.consoletools import ConsoleHttp, read_events
 from tests.integration.securitytools import PASSWORDS, audit_lines, user, write_config
 from tidings.client import connect
+from tidings.client import errors as E
 
 WAIT = 15.0
 
@@ -146,6 +147,50 @@ async def test_names_are_hidden_and_actions_refused_without_permission(start_bro
         assert {c["user"] for c in snap["connections"]["rows"]} == {"admin", "alice"}
         assert snap["scope"] == "broker" and snap["resources"]["rss"] > 0
         assert admin_view.json("GET", "/console/api/queues/b.secret/messages")[0] == 200
+
+
+ORDER = {"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}}
+
+
+async def test_schemas_and_bindings_are_listed_to_who_may_see_them(start_broker, tmp_path: Path) -> None:
+    """The Schemas page's data: each schema with its versions, mode and counters, each binding
+    with what happens to an invalid message; alice sees only the schemas she administers and
+    the bindings of patterns she may publish on (names are user input: sent as JSON strings)."""
+    b = users_broker(start_broker, tmp_path)
+    mine, theirs = 'a.<img/src=x/onerror=alert(1)//"&Order', "b.Secret"  # ">" is not allowed in names
+    async with connect(b.url, user="admin", password=PASSWORDS["admin"]) as tc:
+        await tc.declare_queue("a.orders", bind=["a.orders"])
+        await tc.declare_queue("a.bad")
+        assert await tc.register_schema(mine, ORDER) == 1
+        relaxed = {k: v for k, v in ORDER.items() if k != "required"}  # backward compatible
+        assert await tc.register_schema(mine, relaxed) == 2
+        await tc.register_schema(theirs, ORDER, compatibility="full")
+        await tc.bind_schema("a.orders", mine, on_invalid="dead_letter", dead_letter_queue="a.bad")
+        await tc.bind_schema("b.>", theirs)
+        await tc.publish("a.orders", b'{"id": 1}', confirm=True)
+        await tc.publish("a.orders", b'{"id": "x"}', confirm=True)  # dead-lettered into a.bad
+        with pytest.raises(E.SchemaViolationError):
+            await tc.publish("b.x", b"{}", confirm=True)
+
+    admin = ConsoleHttp.of(b)
+    assert admin.sign_in("admin", PASSWORDS["admin"]) == 200
+    assert admin.session()["schemas"] is True  # the page shows its Schemas tab
+    [snap] = await anyio.to_thread.run_sync(read_events, admin, 1)  # what the live page gets
+    assert snap["schemas"] == {"total": 2, "rows": [
+        {"name": mine, "latest": 2, "versions": 2, "compatibility": "backward", "valid": 1, "invalid": 1,
+         "dead_lettered": 1},
+        {"name": theirs, "latest": 1, "versions": 1, "compatibility": "full", "valid": 0, "invalid": 1,
+         "dead_lettered": 0}]}
+    assert snap["bindings"] == {"total": 2, "rows": [
+        {"pattern": "a.orders", "schema": mine, "on_invalid": "dead_letter", "dead_letter": "a.bad"},
+        {"pattern": "b.>", "schema": theirs, "on_invalid": "reject", "dead_letter": None}]}
+
+    alice = ConsoleHttp.of(b)
+    assert alice.sign_in("alice", PASSWORDS["alice"]) == 200
+    snap = alice.snapshot()
+    assert [s["name"] for s in snap["schemas"]["rows"]] == [mine] and snap["schemas"]["total"] == 1
+    assert [x["pattern"] for x in snap["bindings"]["rows"]] == ["a.orders"]
+    assert theirs not in str(snap) and "b.>" not in str(snap)
 
 
 async def test_peek_is_safe_and_non_destructive_and_redrive_moves_a_dlq_back(start_broker,

@@ -11,8 +11,8 @@
 - ``static/``: the page itself, plain HTML, CSS and JavaScript (no build step, no
   CDN: the files ship in the package).
 
-Schemas and bindings pages are not here yet: ``session_info`` says ``"schemas": false``
-and the page hides that tab until a schema registry exposes what it would list.
+Pages: overview, queues, streams, connections, and schemas (the schema registry's
+schemas and subject bindings, read-only, from the same per-tick snapshot).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ user and tick (viewers signed in as the same user share the bytes).
 
 Reading the broker is the same plain attribute walk as /metrics (ops/metrics.py
 ``BrokerCollector.snapshot``: on the event loop, no await in between, so one
-consistent instant): ``Stats.snapshot()``, ``Durable.list_queues()`` and each
-stream's ``info()``. The process's memory and the database's size on disk are read
-in a worker thread. Rates are differences between two consecutive snapshots,
+consistent instant): ``Stats.snapshot()``, ``Durable.list_queues()``, each
+stream's ``info()`` and the schema registry's schemas and bindings. The process's
+memory and the database's size on disk are read in a worker thread. Rates are differences between two consecutive snapshots,
 per second; after a gap longer than ``STALE_TICKS`` ticks (nobody was watching)
 a rate is unknown (null) for one tick rather than an average over the gap.
 
@@ -40,6 +40,7 @@ from tidings.broker.security.permissions import ALL_NAMES
 
 if TYPE_CHECKING:
     from tidings.broker.http.ports import HttpHost
+    from tidings.broker.schemas.registry import SchemaRegistry
     from tidings.broker.security.auth import User
     from tidings.broker.security.permissions import Permissions
 
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 TICK_SECONDS: Final = 1.0
 #: A previous snapshot older than this many ticks is not used for rates.
 STALE_TICKS: Final = 5
-#: Rows of each table (queues, streams, connections) sent to one page; the rest are counted.
+#: Rows of each table (queues, streams, connections, schemas, bindings) sent to one page;
+#: the rest are counted.
 MAX_ROWS: Final = 500
 #: Subscription patterns listed per connection (the count is always given).
 MAX_SUBS_SHOWN: Final = 20
@@ -199,6 +201,7 @@ class Hub:
                           "rate_in": _rate(c.msgs_in, pc[0] if pc else None, dt), "rate_out": rout,
                           "opened": c.opened})
         self._prev, self._prev_at = cur, now
+        schemas, bindings = _registry(host.schemas)
         tls = cfg.security.tls is not None
         bound = host.bound_address
         return {
@@ -217,7 +220,20 @@ class Hub:
                        "store_pending": durable.store.pending_messages},
             "limits": host.monitor.snapshot(),
             "queues": queues, "streams": streams, "connections": conns,
+            "schemas": schemas, "bindings": bindings,
         }
+
+
+def _registry(reg: SchemaRegistry) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The schema registry's schemas and bindings, sorted by name and pattern (in memory:
+    a walk of two dicts, like ``schema.list`` and ``schema.bindings`` without their checks)."""
+    schemas = [{"name": s.name, "latest": s.latest.version, "versions": len(s.versions),
+                "compatibility": s.compatibility, "valid": s.valid, "invalid": s.invalid,
+                "dead_lettered": s.dead_lettered}
+               for _n, s in sorted(reg.schemas.items()) if s.versions]
+    bindings = [{"pattern": b.pattern, "schema": b.schema, "on_invalid": b.on_invalid,
+                 "dead_letter": b.dead_letter} for _p, b in sorted(reg.bindings.items())]
+    return schemas, bindings
 
 
 def _sees_all(perms: Permissions) -> bool:
@@ -231,7 +247,8 @@ def _cut(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def view(snap: dict[str, Any], user: User) -> dict[str, Any]:
     """What ``user`` may see of ``snap``: the queues and streams it may consume or
-    administer (each marked with what it may do there), its own connections, and
+    administer (each marked with what it may do there), its own connections, the
+    schemas it administers and the bindings of patterns it may publish on, and
     broker-wide figures only with admin on every name."""
     perms = user.permissions
     everything = _sees_all(perms)
@@ -246,6 +263,10 @@ def view(snap: dict[str, Any], user: User) -> dict[str, Any]:
 
     queues = [r for r in map(mark, snap["queues"]) if r is not None]
     streams = [r for r in map(mark, snap["streams"]) if r is not None]
+    # As the schema.* calls check them (security/permissions.py): a schema is read with admin
+    # on its name; a binding governs what may be published on its pattern.
+    schemas = [r for r in snap["schemas"] if everything or perms.allows("admin", r["name"])]
+    bindings = [r for r in snap["bindings"] if everything or perms.allows("publish", r["pattern"])]
     if everything:
         conns = snap["connections"]
         totals, limits, resources = snap["totals"], snap["limits"], snap["resources"]
@@ -260,4 +281,5 @@ def view(snap: dict[str, Any], user: User) -> dict[str, Any]:
         limits, resources = None, None
     return {"time": snap["time"], "broker": snap["broker"], "scope": "broker" if everything else "user",
             "user": user.name, "totals": totals, "limits": limits, "resources": resources,
-            "queues": _cut(queues), "streams": _cut(streams), "connections": _cut(conns)}
+            "queues": _cut(queues), "streams": _cut(streams), "connections": _cut(conns),
+            "schemas": _cut(schemas), "bindings": _cut(bindings)}

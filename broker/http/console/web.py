@@ -222,7 +222,7 @@ class Console:
         return _json({"auth": self.auth, "user": user.name or None,
                       "csrf": s.csrf if s is not None else self.sessions.open_csrf,
                       "tls": request.url.scheme == "https", "interval": self.hub.interval,
-                      "schemas": False})
+                      "schemas": True})  # the broker has a schema registry: show the Schemas tab
 
     # ------------------------------------------------------------ live data
 

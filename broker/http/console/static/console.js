@@ -276,6 +276,21 @@
     $("connections-empty").hidden = rows.length > 0;
   }
 
+  function renderSchemas(s) {
+    const schemas = filterRows(s.schemas.rows, "filter-schemas", ["name"]);
+    $("schemas").tBodies[0].replaceChildren(...schemas.map((x) => el("tr", {"data-schema": x.name},
+      td(x.name, "name"), td(String(x.latest), "num"), td(num(x.versions), "num"), td(x.compatibility),
+      td(num(x.valid), "num c-valid"), td(num(x.invalid), "num c-invalid"), td(num(x.dead_lettered), "num c-dead"))));
+    more("schemas-more", s.schemas.rows.length, s.schemas.total);
+    $("schemas-empty").hidden = schemas.length > 0;
+    const bindings = filterRows(s.bindings.rows, "filter-schemas", ["pattern", "schema"]);
+    $("bindings").tBodies[0].replaceChildren(...bindings.map((b) => el("tr", {"data-binding": b.pattern},
+      td(b.pattern, "name"), td(b.schema, "name"), td(b.on_invalid === "dead_letter" ? "dead-letter" : "reject"),
+      td(b.dead_letter || "–", "name"))));
+    more("bindings-more", s.bindings.rows.length, s.bindings.total);
+    $("bindings-empty").hidden = bindings.length > 0;
+  }
+
   function render() {
     const s = state.snap;
     if (!s) return;
@@ -284,6 +299,7 @@
     else if (state.page === "queues") renderQueues(s);
     else if (state.page === "streams") renderStreams(s);
     else if (state.page === "connections") renderConnections(s);
+    else if (state.page === "schemas" && s.schemas) renderSchemas(s);
   }
 
   // ---------------------------------------------------------------- live updates
@@ -391,7 +407,7 @@
 
   async function start() {
     window.addEventListener("hashchange", showPage);
-    for (const id of ["filter-queues", "filter-streams", "filter-connections"]) $(id).addEventListener("input", render);
+    for (const id of ["filter-queues", "filter-streams", "filter-connections", "filter-schemas"]) $(id).addEventListener("input", render);
     $("peek-close").addEventListener("click", () => $("peek").close());
     $("peek-prev").addEventListener("click", () => peek(state.peek.name, state.peek.offset - state.peek.limit));
     $("peek-next").addEventListener("click", () => peek(state.peek.name, state.peek.offset + state.peek.limit));
