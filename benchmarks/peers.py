@@ -388,7 +388,8 @@ def scenario_pubsub(server: Server, fanout: int, n: int) -> dict[str, Any]:
                                 on_go=lambda: cpu.__setitem__(0, cpu_seconds(server.pid)),
                                 on_done=lambda: cpu.__setitem__(0, cpu_seconds(server.pid) - cpu[0]))
         return _row(f"pubsub 1->{fanout}", server, n * fanout, r["delivered"], r["seconds"], cpu[0],
-                    p50_ms=round(r["p50_us"] / 1e3, 3), p99_ms=round(r["p99_us"] / 1e3, 3))
+                    p50_ms=round(r["p50_us"] / 1e3, 3), p99_ms=round(r["p99_us"] / 1e3, 3),
+                    dropped=r["dropped"], disconnected=0)
     subj = f"peers.fan{fanout}"
     cons = [_worker("sub", server, messages=n, subject=subj) for _ in range(fanout)]
     prod = _worker("pub", server, messages=n, subject=subj)
@@ -397,7 +398,8 @@ def scenario_pubsub(server: Server, fanout: int, n: int) -> dict[str, Any]:
     lat = sorted(x / 1e6 for c in cs for x in c["lat"])
     return _row(f"pubsub 1->{fanout}", server, n * fanout, received,
                 (max(c["last"] for c in cs) - p["start"]) / 1e9, cpu,
-                p50_ms=round(percentile(lat, 50), 3), p99_ms=round(percentile(lat, 99), 3))
+                p50_ms=round(percentile(lat, 50), 3), p99_ms=round(percentile(lat, 99), 3),
+                dropped=n * fanout - received, disconnected=sum(c.get("disconnected", 0) for c in cs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,10 +695,11 @@ async def _nats_publish_all(js: Any, subjects_payloads: Any) -> int:
     return sum(1 for f in futures if f.cancelled() or f.exception() is not None)
 
 
-async def _nats_connect(url: str) -> Any:
+async def _nats_connect(url: str, **kwargs: Any) -> Any:
     import nats
 
-    return await nats.connect(url, max_reconnect_attempts=0, pending_size=8 * 1024 * 1024)
+    return await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False,
+                              pending_size=8 * 1024 * 1024, **kwargs)
 
 
 async def _nats_queue_producer(url: str, p: dict[str, Any]) -> dict[str, Any]:
@@ -848,7 +851,7 @@ async def _nats_pub(url: str, p: dict[str, Any]) -> dict[str, Any]:
 async def _nats_sub(url: str, p: dict[str, Any]) -> dict[str, Any]:
     n = p["messages"]
     lat: list[int] = []
-    state = {"n": 0, "first": 0, "last": 0}
+    state = {"n": 0, "first": 0, "last": 0, "cut": 0}
     done = asyncio.Event()
     mono = time.monotonic_ns
     unpack = STAMP.unpack_from
@@ -872,15 +875,26 @@ async def _nats_sub(url: str, p: dict[str, Any]) -> dict[str, Any]:
             await asyncio.sleep(0.01)
         done.set()
 
-    nc = await _nats_connect(url)
+    async def on_closed() -> None:
+        # nats-server disconnects a subscriber that falls too far behind (its slow-consumer
+        # rule): what arrived until then is counted, the rest shows as dropped
+        state["cut"] = 1
+        done.set()
+
+    async def on_error(exc: Exception) -> None:
+        pass  # the disconnect above, reported in the result
+
+    nc = await _nats_connect(url, closed_cb=on_closed, error_cb=on_error)
     sub = await nc.subscribe(p["subject"], cb=on_msg, pending_msgs_limit=2 * n + 1,
                              pending_bytes_limit=1 << 30)
     await nc.subscribe(p["subject"] + ".end", cb=on_end)
     await nc.flush()
     print("ready", flush=True)
     await done.wait()
-    await nc.close()
-    return {"received": state["n"], "first": state["first"], "last": state["last"], "lat": lat}
+    if not nc.is_closed:
+        await nc.close()
+    return {"received": state["n"], "first": state["first"], "last": state["last"], "lat": lat,
+            "disconnected": state["cut"]}
 
 
 WORKERS = {
@@ -912,7 +926,7 @@ def run_worker(system: str, role: str, url: str, params: dict[str, Any]) -> None
 
 
 ROW_COLUMNS = ["scenario", "system", "messages", "received", "seconds", "msgs_per_s", "p50_ms", "p99_ms",
-               "broker_cpu_us_per_msg", "order_violations", "gaps", "load1"]
+               "broker_cpu_us_per_msg", "order_violations", "gaps", "dropped", "load1"]
 
 # (label in the comparison, scenario, metric, higher is better)
 COMPARISON = [
@@ -976,9 +990,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peers: skipping {s}: {why}", file=sys.stderr)
         else:
             systems.append(s)
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds the servers' context managers: nothing left running
+
+    signal.signal(signal.SIGTERM, on_term)
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     dog = Watchdog()
+    status = 0
     try:
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="peers-bench-"))
@@ -1013,14 +1032,18 @@ def main(argv: list[str] | None = None) -> int:
                     dog.arm(ns.timeout, f"{name} on {s}")
                     rows.append(fn(servers[s]))
                     dog.disarm()
-    except Exception as exc:
+    except Exception:
         dog.disarm()
-        if dog.fired:
-            print(f"peers: timed out: {dog.fired}; stopped the processes this run started", file=sys.stderr)
-            return 3
-        raise
+        if not dog.fired:
+            raise
+        # the results so far are printed; the servers are gone, so the run ends here
+        print(f"peers: timed out: {dog.fired}; stopped the processes this run started", file=sys.stderr)
+        status = 3
     load_after = os.getloadavg()
-    emit(rows, ROW_COLUMNS)
+    if rows:
+        emit(rows, ROW_COLUMNS)
+    else:
+        print("[]")
     comp = comparison(rows, systems)
     if comp:
         print()
@@ -1040,7 +1063,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in bad:
         print(f"FAILED: {r['scenario']} on {r['system']}: received {r['received']:,} of {r['messages']:,}, "
               f"{r.get('order_violations', 0)} order violations", file=sys.stderr)
-    return 1 if bad else 0
+    return status or (1 if bad else 0)
 
 
 if __name__ == "__main__":
