@@ -281,10 +281,13 @@ def run_pair(server: Server, consumers: list[list[str]], producer: list[str],
         procs.append(prod)
         _ready(prod)
         cpu0 = cpu_seconds(server.pid)
+        clients0 = sum(cpu_seconds(w.pid) for w in procs)
         _send(prod, "go")
         p = _result(prod)
         cs = [_result(c) for c in cons]
         cpu = cpu_seconds(server.pid) - cpu0
+        # the workers are not reaped yet (a zombie keeps its CPU times): what the clients spent
+        p["client_cpu"] = sum(cpu_seconds(w.pid) for w in procs) - clients0
     finally:
         _finish(procs)
     return p, cs, cpu
@@ -294,15 +297,26 @@ def run_pair(server: Server, consumers: list[list[str]], producer: list[str],
 # scenarios (parent side)
 
 
-def _tidings_setup(url: str, queue: str, bind: str) -> None:
+def _tidings_setup(url: str, queue: str | None = None, bind: str = "") -> dict[str, Any]:
+    """Declare ``queue`` (if given); return the broker's store counters (commits, ...)."""
     from tidings.broker.serve import run_loop
     from tidings.client import connect
 
-    async def setup() -> None:
+    async def setup() -> dict[str, Any]:
         async with connect(url) as tc:
-            await tc.declare_queue(queue, bind=[bind])
+            if queue is not None:
+                await tc.declare_queue(queue, bind=[bind])
+            return (await tc.call("stats")).get("store", {})  # type: ignore[no-any-return]
 
-    run_loop(setup)
+    return run_loop(setup)  # type: ignore[no-any-return]
+
+
+def _commits(before: dict[str, Any], after: dict[str, Any], messages: int) -> dict[str, Any]:
+    """tidings only: store commits and write operations per message in a scenario."""
+    commits = after.get("commits", 0) - before.get("commits", 0)
+    ops = after.get("committed_ops", 0) - before.get("committed_ops", 0)
+    return {"commits_per_msg": round(commits / max(messages, 1), 3),
+            "store_ops_per_msg": round(ops / max(messages, 1), 3)}
 
 
 def _nats_setup(url: str) -> None:
@@ -322,16 +336,20 @@ def _nats_setup(url: str) -> None:
 
 
 def _row(scenario: str, server: Server, messages: int, received: int, seconds: float, cpu: float,
-         **extra: Any) -> dict[str, Any]:
-    return {"scenario": scenario, "system": server.system, "messages": messages, "received": received,
-            "seconds": round(seconds, 3), "msgs_per_s": round(received / seconds) if seconds > 0 else None,
-            **extra, "broker_cpu_us_per_msg": round(cpu / max(received, 1) * 1e6, 1),
-            "load1": round(os.getloadavg()[0], 2)}
+         client_cpu: float | None = None, **extra: Any) -> dict[str, Any]:
+    row = {"scenario": scenario, "system": server.system, "messages": messages, "received": received,
+           "seconds": round(seconds, 3), "msgs_per_s": round(received / seconds) if seconds > 0 else None,
+           **extra, "broker_cpu_us_per_msg": round(cpu / max(received, 1) * 1e6, 1)}
+    if client_cpu is not None:  # producer + consumers together (they share the 2 cores with the broker)
+        row["clients_cpu_us_per_msg"] = round(client_cpu / max(received, 1) * 1e6, 1)
+    row["load1"] = round(os.getloadavg()[0], 2)
+    return row
 
 
 def scenario_queue(server: Server, n: int, in_flight: int) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
     if server.system == "tidings":
-        _tidings_setup(server.url, "bench.durable", "bench.durable.>")
+        before = _tidings_setup(server.url, "bench.durable", "bench.durable.>")
         cons = [["benchmarks.durable", "--role", "consumer", "--url", server.url, "--messages", str(n),
                  "--prefetch", str(in_flight)]]
         prod = ["benchmarks.durable", "--role", "producer", "--url", server.url, "--messages", str(n),
@@ -341,7 +359,10 @@ def scenario_queue(server: Server, n: int, in_flight: int) -> dict[str, Any]:
         prod = _worker("queue-producer", server, messages=n, in_flight=in_flight)
     p, cs, cpu = run_pair(server, cons, prod)
     c = cs[0]
-    return _row("queue", server, n, c["received"], (c["last"] - p["start"]) / 1e9, cpu)
+    if server.system == "tidings":
+        extra = _commits(before, _tidings_setup(server.url), n)
+    return _row("queue", server, n, c["received"], (c["last"] - p["start"]) / 1e9, cpu, p["client_cpu"],
+                **extra)
 
 
 def scenario_partitions(server: Server, n: int, in_flight: int) -> dict[str, Any]:
@@ -350,7 +371,7 @@ def scenario_partitions(server: Server, n: int, in_flight: int) -> dict[str, Any
 
         from . import streams
 
-        run_loop(streams._setup, server.url, PARTITIONS)
+        before = run_loop(streams._setup, server.url, PARTITIONS)
         cons = [["benchmarks.streams", "--role", "consumer", "--url", server.url, "--window", str(in_flight)]
                 for _ in range(2)]
         prod = ["benchmarks.streams", "--role", "producer", "--url", server.url, "--messages", str(n),
@@ -362,21 +383,23 @@ def scenario_partitions(server: Server, n: int, in_flight: int) -> dict[str, Any
     p, cs, cpu = run_pair(server, cons, prod)
     received = sum(c["received"] for c in cs)
     last = max(c["last"] for c in cs)
-    return _row("partitions", server, n, received, (last - p["start"]) / 1e9, cpu,
-                order_violations=sum(c["violations"] for c in cs), gaps=sum(c["gaps"] for c in cs))
+    extra = _commits(before, _tidings_setup(server.url), n) if server.system == "tidings" else {}
+    return _row("partitions", server, n, received, (last - p["start"]) / 1e9, cpu, p["client_cpu"],
+                order_violations=sum(c["violations"] for c in cs), gaps=sum(c["gaps"] for c in cs), **extra)
 
 
 def scenario_latency(server: Server, n: int, rate: int) -> dict[str, Any]:
     if server.system == "tidings":
-        _tidings_setup(server.url, "bench.lat", "bench.lat.>")
+        before = _tidings_setup(server.url, "bench.lat", "bench.lat.>")
     cons = [_worker("lat-consumer", server, messages=n)]
     prod = _worker("lat-producer", server, messages=n, rate=rate)
     p, cs, cpu = run_pair(server, cons, prod)
     c = cs[0]
+    extra = _commits(before, _tidings_setup(server.url), n) if server.system == "tidings" else {}
     warm = min(n // 10, rate // 2)  # the first quarter second or tenth: connections and caches warming
     lat = sorted(x / 1e6 for x in c["lat"][warm:])
-    return _row("latency", server, n, c["received"], (c["last"] - p["start"]) / 1e9, cpu,
-                rate=rate, p50_ms=round(percentile(lat, 50), 3), p99_ms=round(percentile(lat, 99), 3))
+    return _row("latency", server, n, c["received"], (c["last"] - p["start"]) / 1e9, cpu, p["client_cpu"],
+                rate=rate, p50_ms=round(percentile(lat, 50), 3), p99_ms=round(percentile(lat, 99), 3), **extra)
 
 
 def scenario_pubsub(server: Server, fanout: int, n: int) -> dict[str, Any]:
@@ -397,7 +420,7 @@ def scenario_pubsub(server: Server, fanout: int, n: int) -> dict[str, Any]:
     received = sum(c["received"] for c in cs)
     lat = sorted(x / 1e6 for c in cs for x in c["lat"])
     return _row(f"pubsub 1->{fanout}", server, n * fanout, received,
-                (max(c["last"] for c in cs) - p["start"]) / 1e9, cpu,
+                (max(c["last"] for c in cs) - p["start"]) / 1e9, cpu, p["client_cpu"],
                 p50_ms=round(percentile(lat, 50), 3), p99_ms=round(percentile(lat, 99), 3),
                 dropped=n * fanout - received, disconnected=sum(c.get("disconnected", 0) for c in cs))
 
@@ -926,7 +949,7 @@ def run_worker(system: str, role: str, url: str, params: dict[str, Any]) -> None
 
 
 ROW_COLUMNS = ["scenario", "system", "messages", "received", "seconds", "msgs_per_s", "p50_ms", "p99_ms",
-               "broker_cpu_us_per_msg", "order_violations", "gaps", "dropped", "load1"]
+               "broker_cpu_us_per_msg", "clients_cpu_us_per_msg", "commits_per_msg", "order_violations", "gaps", "dropped", "load1"]
 
 # (label in the comparison, scenario, metric, higher is better)
 COMPARISON = [
