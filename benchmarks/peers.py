@@ -42,6 +42,11 @@ The peers, each with its recommended idiom and the settings of issue 14:
   when the host makes one late, the messages due go at once (Redis: in one
   pipeline), so every system is offered the same rate.
 
+The run also prints the load average and the disk's ``fdatasync`` time (a
+4 KiB append, p50/p99, before and after): at synchronous=FULL a durable
+publish-to-receive cannot be faster than one ``fdatasync``, and on a shared
+machine that time moves with the neighbours' I/O.
+
 Servers are started on free loopback ports in a temp dir and stopped after;
 a system whose server or client library is missing is skipped with the
 command that installs it. Every scenario is bounded by its message count and
@@ -179,6 +184,28 @@ def missing(system: str) -> str | None:
 def _binary(system: str) -> str:
     path = REDIS_SERVER if system == "redis" else NATS_SERVER
     return path if os.path.exists(path) else (shutil.which(os.path.basename(path)) or path)
+
+
+FSYNC_PROBES = 100  # 4 KiB appends, each followed by fdatasync: ~0.1-1 s
+
+
+def fsync_ms(directory: str) -> tuple[float, float]:
+    """p50 and p99 of ``fdatasync`` after a 4 KiB append in ``directory``, in ms: the floor of
+    a durable commit at synchronous=FULL on this disk right now (other work moves it a lot)."""
+    path = os.path.join(directory, "fsync-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    times = []
+    try:
+        for _ in range(FSYNC_PROBES):
+            os.write(fd, b"\0" * 4096)
+            t0 = time.perf_counter()
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    times.sort()
+    return round(percentile(times, 50), 3), round(percentile(times, 99), 3)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -743,26 +770,31 @@ async def _nats_pull(nc: Any, stream: str, durable: str, on_msg: Any, stop: Any,
     """A continuous pull on a durable consumer, as nats.go's ``Consume()`` does it: pull
     requests for ``batch`` messages, the next one sent when half of the outstanding ones have
     arrived, so messages flow as they are stored (nats-py's ``fetch(n)`` waits for its batch to
-    fill or expire, which holds messages back at a low rate). Each message is acked."""
+    fill or expire, which holds messages back at a low rate), handled in the subscription's
+    callback (no per-message ``next_msg`` timeout). Each message is acked."""
     inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, pending_msgs_limit=batch * 4)
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
     request = json.dumps({"batch": batch}).encode()  # no expiry: outstanding is then exact
-    await nc.publish(subject, request, reply=inbox)
-    outstanding = batch
-    while not stop():
-        try:
-            m = await sub.next_msg(timeout=1)
-        except asyncio.TimeoutError:
-            continue
+    done = asyncio.Event()
+    outstanding = [batch]
+
+    async def handle(m: Any) -> None:
         if not m.reply:  # a status message (no reply subject: nothing to ack)
-            continue
-        outstanding -= 1
+            return
+        outstanding[0] -= 1
         on_msg(m)
         await m.ack()
-        if outstanding <= batch // 2:
+        if stop():
+            done.set()
+        elif outstanding[0] <= batch // 2:
             await nc.publish(subject, request, reply=inbox)
-            outstanding += batch
+            outstanding[0] += batch
+
+    sub = await nc.subscribe(inbox, cb=handle, pending_msgs_limit=batch * 4)
+    await nc.publish(subject, request, reply=inbox)
+    if not stop():
+        await done.wait()
+    await sub.unsubscribe()
     await nc.flush()
 
 
@@ -1021,9 +1053,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     dog = Watchdog()
     status = 0
+    fsync_before = fsync_after = (float("nan"), float("nan"))
     try:
         with contextlib.ExitStack() as stack:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="peers-bench-"))
+            fsync_before = fsync_ms(tmp)  # the same file system as the brokers' data (the temp dir)
             servers: dict[str, Server] = {}
             for s in systems:
                 dog.arm(SERVER_START_S * 2, f"starting {s}")
@@ -1055,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
                     dog.arm(ns.timeout, f"{name} on {s}")
                     rows.append(fn(servers[s]))
                     dog.disarm()
+            fsync_after = fsync_ms(tmp)
     except Exception:
         dog.disarm()
         if not dog.fired:
@@ -1072,12 +1107,16 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(json.dumps({"comparison": comp, "skipped": skipped,
                           "loadavg_before": [round(x, 2) for x in load_before],
-                          "loadavg_after": [round(x, 2) for x in load_after]}, indent=2))
+                          "loadavg_after": [round(x, 2) for x in load_after],
+                          "fdatasync_ms_p50_p99_before": fsync_before,
+                          "fdatasync_ms_p50_p99_after": fsync_after}, indent=2))
         from ._common import table
         print()
         print(table(comp, list(comp[0])))
     print(f"\nload average (1/5/15 min) before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}"
           f"; after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(f"fdatasync of a 4 KiB append (p50/p99 ms) before: {fsync_before[0]}/{fsync_before[1]}"
+          f"; after: {fsync_after[0]}/{fsync_after[1]}")
     for s, why in skipped.items():
         print(f"skipped {s}: {why}")
     # durable scenarios must deliver everything in order; pub/sub may drop (NATS core does by design)

@@ -52,10 +52,10 @@ def check_rows(rows: list[dict[str, Any]], system: str, scenarios: set[str]) -> 
 def test_tidings_alone_prints_rows_comparison_and_load() -> None:
     rows, comp, out = run_peers("tidings")
     check_rows(rows, "tidings", SCENARIOS)
-    assert {"comparison", "skipped", "loadavg_before", "loadavg_after"} <= set(comp)
+    assert {"comparison", "skipped", "loadavg_before", "loadavg_after", "fdatasync_ms_p50_p99_before"} <= set(comp)
     metrics = {c["metric"]: c for c in comp["comparison"]}
     assert metrics["durable queue msg/s"]["tidings"] > 0
-    assert "load average (1/5/15 min) before:" in out
+    assert "load average (1/5/15 min) before:" in out and "fdatasync of a 4 KiB append" in out
 
 
 def _peer_missing() -> str | None:
