@@ -946,10 +946,11 @@ async def _nats_sub(url: str, p: dict[str, Any]) -> dict[str, Any]:
     await nc.flush()
     print("ready", flush=True)
     await done.wait()
+    result = {"received": state["n"], "first": state["first"], "last": state["last"], "lat": lat,
+              "disconnected": state["cut"]}  # read before our own close() calls on_closed
     if not nc.is_closed:
         await nc.close()
-    return {"received": state["n"], "first": state["first"], "last": state["last"], "lat": lat,
-            "disconnected": state["cut"]}
+    return result
 
 
 WORKERS = {
