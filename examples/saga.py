@@ -131,7 +131,8 @@ def service_app(url: str, service: str) -> tidings.App:
                 ok, reason = decide(command["action"], command["order"])
                 effect = {"service": service, "saga": command["saga"], "action": command["action"],
                           "msg_id": msg_id, "ok": ok, "reason": reason}
-                # no msg_id here on purpose: the ledger shows every application, so a test can count them
+                # no msg_id here on purpose: the ledger shows every application, so a test can count
+                # them. A real service would write the effect and this record in one transaction.
                 await app.client.publish(f"{PREFIX}.ledger.{service}", json=effect, key=command["saga"])
                 applied[msg_id] = effect
             reply = {"saga": command["saga"], "action": command["action"], "ok": effect["ok"],
@@ -195,7 +196,11 @@ def orchestrator_app(url: str, verbose: bool = True, crash_after: int = 0) -> ti
     recorded = 0
 
     async def record(saga: Saga, event: dict[str, Any]) -> None:
-        """Append one transition (committed when this returns), then apply it."""
+        """Append one transition (committed when this returns), then apply it.
+
+        The msg_id makes the append safe when a killed predecessor's last append
+        commits only after this process replayed the log: the event at a given
+        seq is the same whoever computes it, and the broker stores it once."""
         event = {"saga": saga.id, "seq": saga.seq, **event}
         await app.client.publish(f"{PREFIX}.log.{event['event']}", json=event, key=saga.id,
                                  msg_id=f"{saga.id}.log.{saga.seq}")
