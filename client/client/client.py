@@ -910,10 +910,12 @@ class Client:
             payload = payload.encode() if type(payload) is str else to_bytes(payload)
         if headers is not None:
             _check_headers(headers)
-        if headers is None or "traceparent" not in headers:  # (V.TRACEPARENT: literal, see above)
-            trace = CURRENT.get()  # set only while a handler runs in a message's trace (tracing.py)
-            if trace is not None:
-                headers = trace.child_headers(headers)  # same trace, new parent id: the trace goes on
+        # Set only while a handler runs in a message's trace (tracing.py): then a publish without a
+        # traceparent of its own continues the trace (same trace id, new parent id). One
+        # ContextVar.get per publish otherwise. ("traceparent": V.TRACEPARENT as a literal, see above.)
+        trace = CURRENT.get()
+        if trace is not None and (headers is None or "traceparent" not in headers):
+            headers = trace.child_headers(headers)
         if len(payload) > self._conn.max_payload:
             raise InvalidArgumentError(
                 f"payload of {len(payload)} bytes exceeds the broker's max_payload of {self._conn.max_payload}")
