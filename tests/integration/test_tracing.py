@@ -145,6 +145,25 @@ async def test_a_worker_handler_publish_continues_the_trace(broker) -> None:
         assert current_trace() is None  # the context was the handler's only
 
 
+async def test_a_stream_group_worker_continues_the_trace(broker) -> None:
+    async with connect(broker.url) as tc:
+        await tc.declare_stream("tsw", partitions=1, bind=["tsw.>"])
+        out = await tc.subscribe("tsw-out.>")
+        await tc.publish("tsw.a", b"", headers=TRACE, key="k")
+
+        async def handle(m: Any) -> None:
+            await tc.publish("tsw-out.a", b"")
+
+        worker = Worker(tc, handle, stream="tsw", group="g")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(WAIT):
+                msg = await out.next()
+            tg.cancel_scope.cancel()
+        ctx = TraceContext.from_headers(msg.headers)
+        assert ctx is not None and ctx.trace_id == TRACE_ID and ctx.span_id != PARENT
+
+
 async def test_app_handlers_continue_the_trace(broker) -> None:
     app = tidings.App(broker.url)
     ready = anyio.Event()
@@ -161,6 +180,10 @@ async def test_app_handlers_continue_the_trace(broker) -> None:
     @app.subscriber("ta-sub.>")
     async def relay(msg: tidings.Message) -> None:
         await app.client.publish("ta-out.subscriber", b"")
+
+    @app.responder("ta-svc.echo")
+    async def echo(msg: tidings.Message) -> str:
+        return "ok"
 
     async with connect(broker.url) as tc:
         out = await tc.subscribe("ta-out.>")
@@ -182,8 +205,15 @@ async def test_app_handlers_continue_the_trace(broker) -> None:
                 while "ta-out.consumer" not in got:
                     m = await out.next()
                     got[m.subject] = m
+            with anyio.fail_after(WAIT):
+                while True:  # the responder is there once it answers (bounded)
+                    try:
+                        got["reply"] = await tc.request("ta-svc.echo", b"", headers=TRACE, timeout=WAIT)
+                        break
+                    except tidings.NoRespondersError:
+                        await anyio.sleep(0.02)
             app.stop()
-    for subject in ("ta-out.consumer", "ta-out.subscriber"):
+    for subject in ("ta-out.consumer", "ta-out.subscriber", "reply"):
         ctx = TraceContext.from_headers(got[subject].headers)
         assert ctx is not None and ctx.trace_id == TRACE_ID and ctx.span_id != PARENT, subject
 
