@@ -20,8 +20,9 @@ A request is one PUB message, admitted the way a TCP publish is:
 Request headers: ``Tidings-NAME: v`` becomes message header ``NAME`` (names
 starting with ``tidings-`` are the broker's own in a message, hence the prefix is
 taken off), ``ce-*`` (CloudEvents binary mode), ``Content-Type`` and the W3C
-trace context (``traceparent``, ``tracestate``) are kept as they are; ``Tidings-Msg-Id`` and ``Tidings-Key`` (or the query parameters
-``msg_id`` and ``key``) are the publish options. Other headers are not copied.
+trace context (``traceparent``, ``tracestate``) are kept as they are;
+``Tidings-Msg-Id`` and ``Tidings-Key`` (or the query parameters ``msg_id`` and
+``key``) are the publish options. Other headers are not copied.
 
 Answers: durable targets answer once the message is committed, with the
 confirm a TCP publisher gets (``id``, ``queues``; ``stream``, ``partition``,

@@ -114,8 +114,9 @@ class OtelTracing(Propagation):
         if size is not None:
             attributes["messaging.message.body.size"] = size
         valid = headers is None or isinstance(headers, dict)
-        with self.tracer.start_as_current_span(f"publish {subject}", context=self._parent(headers if valid else None),
-                                               kind=SpanKind.PRODUCER, attributes=attributes):
+        parent = self._parent(headers if valid else None)
+        with self.tracer.start_as_current_span(f"publish {subject}", context=parent, kind=SpanKind.PRODUCER,
+                                               attributes=attributes):
             if not valid:
                 yield headers
                 return
@@ -146,8 +147,9 @@ class OtelTracing(Propagation):
                     yield span
                 return
             # A client that is not instrumented, publishing in this handler, continues this span too.
+            state = headers.get("tracestate")
             ctx = TraceContext(f"{sc.trace_id:032x}", f"{sc.span_id:016x}", f"{int(sc.trace_flags):02x}",
-                               headers.get("tracestate") if isinstance(headers.get("tracestate"), str) else None)
+                               state if isinstance(state, str) else None)
             token = CURRENT.set(ctx)
             try:
                 yield span

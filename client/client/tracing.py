@@ -28,7 +28,8 @@ from typing import Any, Final
 from tidings.protocol.vocabulary import TRACEPARENT, TRACESTATE
 
 # version 2 hex, trace id 32, parent id 16, flags 2; a later version may append "-..." (W3C 3.2.4)
-_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+_TRACEPARENT: Final = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?",
+                                 re.DOTALL)
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
 

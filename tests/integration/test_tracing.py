@@ -235,7 +235,8 @@ async def test_a_caller_traceparent_wins_and_use_trace_starts_one(broker) -> Non
 def test_the_client_does_not_import_opentelemetry() -> None:
     code = ("import sys, tidings.client, tidings.client.tracing; c = tidings.client.Client(); "
             "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=120)
     assert out.stdout.strip() == "[]"
 
 

@@ -13,18 +13,19 @@ import anyio
 import pytest
 from queuetools import WAIT, declare
 
-pytest.importorskip("opentelemetry.sdk", reason="opentelemetry-sdk is in the test extra: pip install -e '.[test]'")
+pytest.importorskip("opentelemetry.sdk",
+                    reason="opentelemetry-sdk is in the test extra: pip install -e '.[test]'")
 
-from opentelemetry import trace  # noqa: E402
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
-import tidings  # noqa: E402
-from tidings.client import Worker, connect  # noqa: E402
-from tidings.client.otel import OtelTracing, instrument, uninstrument  # noqa: E402
-from tidings.client.tracing import TraceContext  # noqa: E402
+import tidings
+from tidings.client import Worker, connect
+from tidings.client.otel import OtelTracing, instrument, uninstrument
+from tidings.client.tracing import TraceContext
 
 
 @pytest.fixture
