@@ -83,6 +83,12 @@ CE_DATASCHEMA: Final = "ce-dataschema"
 CE_SUBJECT: Final = "ce-subject"
 CE_SPEC: Final = "1.0"
 
+# W3C trace context (https://www.w3.org/TR/trace-context/): the broker passes both through
+# unchanged on every path (pub/sub, queues, streams, dead-letter moves, redrive); the client
+# continues them across a handler (client/tracing.py) and OpenTelemetry injects/extracts them.
+TRACEPARENT: Final = "traceparent"  # version-traceid-parentid-flags, lowercase hex
+TRACESTATE: Final = "tracestate"  # vendor entries, carried as they are
+
 # The broker's answer to a request nobody is subscribed to: an empty MSG on the reply
 # subject whose headers are {HDR_STATUS: STATUS_NO_RESPONDERS}.
 HDR_STATUS: Final = "status"

@@ -19,9 +19,10 @@ A request is one PUB message, admitted the way a TCP publish is:
 
 Request headers: ``Tidings-NAME: v`` becomes message header ``NAME`` (names
 starting with ``tidings-`` are the broker's own in a message, hence the prefix is
-taken off), ``ce-*`` (CloudEvents binary mode) and ``Content-Type`` are kept as
-they are; ``Tidings-Msg-Id`` and ``Tidings-Key`` (or the query parameters
-``msg_id`` and ``key``) are the publish options. Other headers are not copied.
+taken off), ``ce-*`` (CloudEvents binary mode), ``Content-Type`` and the W3C
+trace context (``traceparent``, ``tracestate``) are kept as they are;
+``Tidings-Msg-Id`` and ``Tidings-Key`` (or the query parameters ``msg_id`` and
+``key``) are the publish options. Other headers are not copied.
 
 Answers: durable targets answer once the message is committed, with the
 confirm a TCP publisher gets (``id``, ``queues``; ``stream``, ``partition``,
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
 HEADER_PREFIX: Final = V.RESERVED_HEADER_PREFIX
 #: Kept as they are: CloudEvents' binary-mode attributes.
 CE_PREFIX: Final = "ce-"
+#: Kept as they are too: the W3C trace context an instrumented HTTP client sends, so the
+#: trace goes on through the broker to the consumers (docs/PROTOCOL.md, "Trace context").
+TRACE_HEADERS: Final = frozenset({V.TRACEPARENT, V.TRACESTATE})
 #: Request headers that are publish options, and the query parameters that may carry them instead.
 OPTION_HEADERS: Final = {"tidings-msg-id": F.OPT_MSG_ID, "tidings-key": F.OPT_KEY}
 OPTION_PARAMS: Final = {"msg_id": F.OPT_MSG_ID, "key": F.OPT_KEY}
@@ -181,7 +185,7 @@ class Gateway:
                 if not key:
                     raise HttpError(ErrorCode.INVALID_ARGUMENT, f"header {raw_name.decode('latin-1')!r} names "
                                     "no message header")
-            elif name.startswith(CE_PREFIX) or name == "content-type":
+            elif name.startswith(CE_PREFIX) or name == "content-type" or name in TRACE_HEADERS:
                 key = name
             else:
                 continue

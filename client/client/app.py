@@ -26,6 +26,10 @@ down gracefully: no new work is taken, running handlers get ``grace``
 seconds to finish, the rest are cancelled and their messages go back to the
 queue at once (the consumer stops unsettled: like a nack without delay);
 then the ``on_shutdown`` hooks run and the connection closes.
+
+Every handler runs in its message's trace context (``traceparent``), so what it
+publishes continues the trace (``tidings.App(url, tracing="otel")`` records
+OpenTelemetry spans too: docs/CLIENT.md, "Tracing").
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import anyio
 from tidings.client.client import DEFAULT_URL, Client, connect
 from tidings.client.consumer import Delivery
 from tidings.client.message import Message
+from tidings.client.tracing import PROPAGATION, Propagation
 from tidings.client.worker import Reject, Worker, describe
 
 log = logging.getLogger(__name__)
@@ -165,6 +170,7 @@ class _SubscriptionRoute:
         self.concurrency = concurrency
         self.reply = reply
         self._scope: anyio.CancelScope | None = None  # made in serve(): declaring runs outside any event loop
+        self._tracing: Propagation = PROPAGATION  # the client's, from serve()
         self._stopped = False
 
     async def serve(self, tc: Client) -> None:
@@ -172,6 +178,7 @@ class _SubscriptionRoute:
         self._scope = scope = anyio.CancelScope()
         if self._stopped:
             return
+        self._tracing = tc.tracing
         async with anyio.create_task_group() as tg:
             with scope:
                 async with await tc.subscribe(self.pattern, self.group) as sub:
@@ -186,10 +193,12 @@ class _SubscriptionRoute:
 
     async def _handle(self, msg: Message, slots: anyio.Semaphore) -> None:
         try:
-            result = await self.handler(self.decode(msg))
-            if self.reply and msg.reply is not None:
-                payload, headers = encode_reply(result)
-                await msg.respond(payload, headers=headers)
+            # In the message's trace context: what the handler publishes, and the reply, continue it.
+            with self._tracing.processing(msg, self.group or self.pattern):
+                result = await self.handler(self.decode(msg))
+                if self.reply and msg.reply is not None:
+                    payload, headers = encode_reply(result)
+                    await msg.respond(payload, headers=headers)
         except Exception as exc:
             # The type only: the text may quote the payload (logs never hold payloads).
             log.warning("%s failed on a message to %s: %s", self.name, msg.subject, type(exc).__name__)

@@ -67,6 +67,7 @@ from tidings.client.message import Message
 from tidings.client.results import Confirmation, PublishAck, Waiter
 from tidings.client.schemas import Schemas
 from tidings.client.subscription import DEFAULT_MAX_PENDING, Subscription, SubscriptionPort
+from tidings.client.tracing import CURRENT, PROPAGATION, Propagation
 from tidings.client.units import seconds_to_ms
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Client:
                  on_state_change: Callable[[str], Any] | None = None,
                  user: str | None = None, password: str | None = None, token: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, ca_file: str | None = None,
-                 inbox_prefix: str | None = None) -> None:
+                 inbox_prefix: str | None = None, tracing: str | None = None) -> None:
         if dead_after <= heartbeat:
             raise ValueError("dead_after must be longer than heartbeat")
         if inbox_prefix is not None:
@@ -233,6 +234,15 @@ class Client:
         self._consumer_port = ConsumerPort(self._check_open, self._queue_ack, self._settle_now, self.upcasters)
         self.durable = Durable(DurablePort(self.call, self._open_consumer, self._close_consumer))
         self.schemas = Schemas(self.call)  # the schema registry (client/schemas.py)
+        # How handlers run in their message's trace context (Worker, App): W3C propagation, or
+        # OpenTelemetry spans once instrumented (tracing="otel": imported only then).
+        self.tracing: Propagation = PROPAGATION
+        if tracing == "otel":
+            from tidings.client.otel import instrument
+
+            instrument(self)
+        elif tracing is not None:
+            raise ValueError(f"tracing must be None (W3C propagation) or 'otel', not {tracing!r}")
 
     # ----------------------------------------------------------- lifecycle
 
@@ -900,6 +910,12 @@ class Client:
             payload = payload.encode() if type(payload) is str else to_bytes(payload)
         if headers is not None:
             _check_headers(headers)
+        # Set only while a handler runs in a message's trace (tracing.py): then a publish without a
+        # traceparent of its own continues the trace (same trace id, new parent id). One
+        # ContextVar.get per publish otherwise. ("traceparent": V.TRACEPARENT as a literal, see above.)
+        trace = CURRENT.get()
+        if trace is not None and (headers is None or "traceparent" not in headers):
+            headers = trace.child_headers(headers)
         if len(payload) > self._conn.max_payload:
             raise InvalidArgumentError(
                 f"payload of {len(payload)} bytes exceeds the broker's max_payload of {self._conn.max_payload}")

@@ -21,6 +21,10 @@ worker stops consuming (the broker returns its unsettled messages), waits
 ``cooldown`` seconds, then lets one message through (half-open); success
 closes the breaker, failure opens it again. In a stream group, messages of
 one partition are handled one at a time, in order.
+
+Each handler runs in its message's trace context (``traceparent``: see
+:mod:`tidings.client.tracing`), so what it publishes continues the trace; a
+client connected with ``tracing="otel"`` also records a CONSUMER span.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tidings.protocol.frames import MAX_ERROR_TEXT
 
 from tidings.client.consumer import Delivery, QueueConsumer, StreamMessage
 from tidings.client.errors import TidingsError
+from tidings.client.tracing import PROPAGATION, Propagation
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,10 @@ class Worker:
         self._loop_scope = anyio.CancelScope()
         self._partitions: dict[int, Any] = {}
         self._void: dict[int, int] = {}
+        # The client's tracing (W3C propagation, or OpenTelemetry spans once instrumented); a
+        # source without one (e.g. tc.durable) propagates the W3C context.
+        self._tracing: Propagation = getattr(client, "tracing", None) or PROPAGATION
+        self._consumer_name = queue if queue is not None else f"{stream}/{group}"
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -247,7 +256,9 @@ class Worker:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_keep_extending, d, extend)
             try:
-                await self.handler(d)
+                # In the message's trace context: what the handler publishes continues the trace.
+                with self._tracing.processing(d, self._consumer_name):
+                    await self.handler(d)
             except Exception as exc:  # the handler's failure is the message's failure, not ours
                 # The type only: an error's text may quote the payload (OPERATIONS.md: logs never hold payloads).
                 log.warning("handler failed on %r: %s", d, type(exc).__name__)

@@ -122,6 +122,18 @@ async def test_publishes_reach_subscribers_queues_and_streams(open_broker) -> No
         assert [(m.payload, m.key) for m in got] == [(f"click {i}".encode(), "u-7") for i in range(3)]
 
 
+async def test_the_w3c_trace_context_goes_through_the_gateway(open_broker) -> None:
+    b = open_broker
+    addr = http_address(b.extra_lines)
+    trace = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tracestate": "rojo=1"}
+    async with connect(b.url, reconnect=False) as tc:
+        sub = await tc.subscribe("traced.>")
+        status, _, _ = await apost(addr, "/v1/publish/traced.a", b"", {**trace, "X-Other": "dropped"})
+        assert status == 202
+        [m] = await take(sub, 1)
+        assert m.headers == trace
+
+
 async def test_request_errors_map_to_statuses(start_broker) -> None:
     b = start_broker("--http-port", "0", env={"TIDINGS_HTTP_MAX_BODY": "64"})
     addr = http_address(b.extra_lines)
