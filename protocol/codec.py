@@ -391,8 +391,8 @@ class Decoder:
             _int(v[1], "rid")
             return F.Ping(v[1]) if op == F.Op.PING else F.Pong(v[1])
         if op == F.Op.SUB:
-            if n != 5:
-                raise _fail("SUB is [11, rid, sid, pattern, group]", rid)
+            if n != 5 and n != 6:
+                raise _fail("SUB is [11, rid, sid, pattern, group, filter?]", rid)
             _int(v[1], "rid")
             _int(v[2], "sid", rid, 1)
             validate_pattern(v[3])
@@ -400,7 +400,10 @@ class Decoder:
                 _name(v[4], "group", rid)
                 if "." in v[4] or " " in v[4]:
                     raise _fail("group names may not contain dots or spaces", rid)
-            return F.Sub(v[1], v[2], v[3], v[4])
+            flt = v[5] if n == 6 else None
+            if flt is not None and type(flt) is not dict:
+                raise _fail("a SUB filter is a map (or nil)", rid, ErrorCode.INVALID_ARGUMENT)
+            return F.Sub(v[1], v[2], v[3], v[4], flt)
         if op == F.Op.UNSUB or op == F.Op.STOP:
             if n != 3:
                 raise _fail("UNSUB/STOP is [op, rid, id]", rid)

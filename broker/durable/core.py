@@ -43,6 +43,7 @@ from tidings.broker.durable.store.base import (
 )
 from tidings.broker.durable.store.sqlite import SqliteStore
 from tidings.broker.durable.streams import Streams
+from tidings.broker.durable.targets import FilteredTarget, add_bindings, remove_bindings
 from tidings.broker.durable.window import WindowBudget
 
 if TYPE_CHECKING:
@@ -79,7 +80,9 @@ class Durable:
         self.queues: dict[str, QueueActor] = {}
         self.dead_letters = self.ctx.dead_letters = DeadLetters(self.ctx, self.queues, self._start_queue)
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
-        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters)
+        # Bindings with a content filter (targets.py): matched, then filtered, per message.
+        self.filtered: Router[FilteredTarget] = Router()
+        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters, self.filtered)
         self._tg: TaskGroup | None = None
         self._updating = anyio.Lock()  # one settings update at a time: each starts from the last one's result
         # Admission of durable publishes (de-dup, ids, confirms): the connections' publish path.
@@ -136,8 +139,7 @@ class Durable:
     async def _start_queue(self, qc: QueueConfig, count: int, lanes: list[int] | None = None) -> QueueActor:
         q = PriorityQueueActor(self.ctx, qc, count, lanes) if qc.max_priority else QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
-        for p in qc.bind:
-            self.bindings.add(p, q)
+        add_bindings(self.bindings, self.filtered, q)
         assert self._tg is not None
         await self._tg.start(q.run)
         return q
@@ -235,8 +237,7 @@ class Durable:
 
     async def _drop(self, q: QueueActor) -> None:
         q.close("queue deleted")
-        for p in q.cfg.bind:
-            self.bindings.remove(p, q)
+        remove_bindings(self.bindings, self.filtered, q)
         del self.queues[q.name]
         await self.store.write(DeleteQueue(q.name))
         self.broker.bindings_changed()

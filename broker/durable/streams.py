@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
+from tidings.broker.durable.targets import FilteredTarget, add_bindings, remove_bindings
 from tidings.broker.durable.group import GroupActor
 from tidings.broker.durable.partition import Partition
 from tidings.broker.durable.reader import Reader, resolve_start
@@ -44,11 +45,13 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
 
 class Streams:
     def __init__(self, ctx: DurableContext, broker: Host, queues: Mapping[str, QueueActor],
-                 bindings: Router[Any], dead_letters: DeadLetters) -> None:
+                 bindings: Router[Any], dead_letters: DeadLetters,
+                 filtered: Router[FilteredTarget] | None = None) -> None:
         self.ctx = ctx
         self.broker = broker
         self.queues = queues  # read only: a stream's name must not be a queue's
         self.bindings = bindings  # the publish routing table queues and streams share
+        self.filtered: Router[FilteredTarget] = filtered if filtered is not None else Router()  # (targets.py)
         self.dead_letters = dead_letters
         self.streams: dict[str, StreamActor] = {}
         self._tg: TaskGroup | None = None
@@ -85,8 +88,7 @@ class Streams:
 
     def _register(self, st: StreamActor) -> None:
         self.streams[st.name] = st
-        for p in st.cfg.bind:
-            self.bindings.add(p, st)
+        add_bindings(self.bindings, self.filtered, st)
 
     async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
         g = GroupActor(self.ctx, st, name, offsets)
@@ -178,8 +180,7 @@ class Streams:
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         st = self._stream(args, rid)
         st.close("stream deleted")
-        for p in st.cfg.bind:
-            self.bindings.remove(p, st)
+        remove_bindings(self.bindings, self.filtered, st)
         del self.streams[st.name]
         await self.store.write(DeleteStream(st.name))
         self.broker.bindings_changed()
