@@ -46,7 +46,7 @@ from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 from tidings.broker.http.auth import HttpAuth, peer_of
 from tidings.broker.http.errors import HttpError
-from tidings.broker.net.publish import route
+from tidings.broker.net.publish import route, route_filtered
 
 if TYPE_CHECKING:
     from tidings.broker.http.ports import HttpHost
