@@ -24,6 +24,7 @@ key and the operator. Both the client (early error) and the broker use it.
 from __future__ import annotations
 
 import json
+import operator
 from typing import Any, Callable, Final
 
 #: The key whose map filters payload fields instead of headers.
@@ -36,6 +37,9 @@ MAX_CONDITIONS: Final = 64
 MAX_FILTER_BYTES: Final = 16 * 1024
 NUMERIC_OPS: Final = ("<", "<=", "=", ">", ">=")
 OPERATORS: Final = ("prefix", "suffix", "anything-but", "numeric", "exists")
+
+_COMPARE: Final = {"<": operator.lt, "<=": operator.le, "=": operator.eq, ">": operator.gt, ">=": operator.ge}
+_NO_FIELDS: Final[dict[str, Any]] = {}
 
 MISSING: Final[Any] = object()  # the value of a key the message does not have
 
@@ -56,15 +60,6 @@ def _num(v: Any) -> float | None:
             return float(v)
         except ValueError:
             return None
-    return None
-
-
-def _text(v: Any) -> str | None:
-    t = type(v)
-    if t is str:
-        return v  # type: ignore[no-any-return]
-    if t is bytes:
-        return v.decode("latin-1")  # type: ignore[no-any-return]
     return None
 
 
@@ -102,35 +97,30 @@ def _numeric(key: str, spec: Any) -> Test:
         bounds.append((op, float(n)))
     if len(bounds) == 2 and ("=" in (bounds[0][0], bounds[1][0])):
         raise FilterError(f"{where}: '=' stands alone ([\"=\", n])")
-    checks: list[Callable[[float], bool]] = []
-    for op, n in bounds:
-        if op == "<":
-            checks.append(lambda x, n=n: x < n)
-        elif op == "<=":
-            checks.append(lambda x, n=n: x <= n)
-        elif op == ">":
-            checks.append(lambda x, n=n: x > n)
-        elif op == ">=":
-            checks.append(lambda x, n=n: x >= n)
-        else:
-            checks.append(lambda x, n=n: x == n)
+    cmps = [(_COMPARE[op], n) for op, n in bounds]
 
-    if len(checks) == 1:
-        c0 = checks[0]
+    if len(cmps) == 1:
+        c0, n0 = cmps[0]
 
         def one(v: Any) -> bool:
-            if v is MISSING or type(v) is bool:
-                return False
-            x = _num(v)
-            return x is not None and c0(x)
+            t = type(v)
+            if t is int or t is float:
+                return c0(v, n0)  # type: ignore[no-any-return]
+            if t is str or t is bytes:
+                x = _num(v)
+                return x is not None and c0(x, n0)
+            return False  # missing, bool, null, containers
         return one
-    c1, c2 = checks
+    (c1, n1), (c2, n2) = cmps
 
     def two(v: Any) -> bool:
-        if v is MISSING or type(v) is bool:
-            return False
-        x = _num(v)
-        return x is not None and c1(x) and c2(x)
+        t = type(v)
+        if t is int or t is float:
+            return c1(v, n1) and c2(v, n2)  # type: ignore[no-any-return]
+        if t is str or t is bytes:
+            x = _num(v)
+            return x is not None and c1(x, n1) and c2(x, n2)
+        return False
     return two
 
 
@@ -152,17 +142,23 @@ def _condition(key: str, cond: Any) -> Test:
     op, arg = next(iter(cond.items()))
     if op == "prefix":
         p = _string_arg(key, op, arg)
+        pb = p.encode("latin-1", "replace")
 
         def prefix(v: Any) -> bool:
-            s = _text(v)
-            return s is not None and s.startswith(p)
+            t = type(v)
+            if t is str:
+                return v.startswith(p)  # type: ignore[no-any-return]
+            return t is bytes and v.startswith(pb)  # type: ignore[no-any-return]
         return prefix
     if op == "suffix":
         sfx = _string_arg(key, op, arg)
+        sb = sfx.encode("latin-1", "replace")
 
         def suffix(v: Any) -> bool:
-            s = _text(v)
-            return s is not None and s.endswith(sfx)
+            t = type(v)
+            if t is str:
+                return v.endswith(sfx)  # type: ignore[no-any-return]
+            return t is bytes and v.endswith(sb)  # type: ignore[no-any-return]
         return suffix
     if op == "exists":
         if type(arg) is not bool:
@@ -226,7 +222,7 @@ class Filter:
     """A compiled filter. ``header_tests``/``data_tests`` are ``(key, test)``
     pairs; ``needs_data`` is True when some condition reads the payload."""
 
-    __slots__ = ("spec", "header_tests", "data_tests", "needs_data")
+    __slots__ = ("spec", "header_tests", "data_tests", "needs_data", "__weakref__")
 
     def __init__(self, spec: dict[str, Any], header_tests: list[tuple[str, Test]],
                  data_tests: list[tuple[str, Test]]) -> None:
@@ -236,15 +232,15 @@ class Filter:
         self.needs_data = bool(data_tests)
 
     def matches(self, headers: dict[str, Any] | None, data: Any = MISSING) -> bool:
-        """Does a message with ``headers`` (and decoded payload ``data``; MISSING when it
-        was not or could not be decoded, or a schema does not bind its subject) match?"""
+        """Does a message with ``headers`` (and decoded payload ``data``; None or MISSING
+        when it was not or could not be decoded, or a schema does not bind its subject) match?"""
         if self.header_tests:
-            h = headers or {}
+            h = headers or _NO_FIELDS
             for key, test in self.header_tests:
                 if not test(h.get(key, MISSING)):
                     return False
         if self.data_tests:
-            d = data if type(data) is dict else {}
+            d = data if type(data) is dict else _NO_FIELDS
             for key, test in self.data_tests:
                 if not test(d.get(key, MISSING)):
                     return False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 
 from tidings.protocol import ErrorCode, RemoteProtocolError
 from tidings.protocol import frames as F
-from tidings.protocol.filters import FilterError, compile_filter
+from tidings.protocol.filters import FilterError
 
 from tidings.broker.net.connection import ConnectionActor, Subscription
 from tidings.broker.net.publish import Filtering
@@ -144,7 +144,7 @@ class Dispatcher:
         flt = None
         if ev.filter is not None:
             try:
-                flt = compile_filter(ev.filter)
+                flt = self.filtering.compile(ev.filter)
             except FilterError as exc:
                 raise RemoteProtocolError(str(exc), ErrorCode.INVALID_ARGUMENT, rid=ev.rid) from None
         sub = Subscription(actor, ev.sid, ev.pattern, ev.group, flt)

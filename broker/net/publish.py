@@ -22,11 +22,12 @@ evaluates each filter once per message and decodes a payload at most once
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Final
+import weakref
+from typing import Any, Callable, Final
 
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode
-from tidings.protocol.filters import MISSING
+from tidings.protocol.filters import Filter, canonical, compile_filter
 
 from tidings.broker.router import Router
 
@@ -50,6 +51,17 @@ class Filtering:
         self.group_members = 0
         self.durable = durable
         self.decode = decode
+        self._interned: weakref.WeakValueDictionary[str, Filter] = weakref.WeakValueDictionary()
+
+    def compile(self, spec: Any) -> Filter:
+        """``compile_filter(spec)`` (raises FilterError), one shared Filter per distinct
+        filter while some subscription holds it, so a message is judged once per filter."""
+        key = canonical(spec) if type(spec) is dict else None
+        flt = self._interned.get(key) if key is not None else None
+        if flt is None:
+            flt = compile_filter(spec)
+            self._interned[canonical(spec)] = flt
+        return flt
 
     @property
     def active(self) -> bool:
@@ -148,19 +160,16 @@ def route_filtered(router: Router[Any], durable_match: Callable[[str], Any] | No
     for m in msgs:
         subj = m[0]
         h = m[2]
-        data: Any = None  # None: not decoded yet
         plain, groups = match(subj)
         fplain = fmatch(subj)[0] if fmatch is not None else ()
         targets = durable_match(subj) if durable_match is not None else None
         ftargets = dmatch(subj)[0] if dmatch is not None else ()
         taken = False
-
-        def ok(f: Any) -> bool:
-            nonlocal data
-            if f.needs_data and data is None:
-                data = m[P_DECODED] if len(m) > P_DECODED else decode(m)
-            return f.matches(h, data if data is not None else MISSING)  # type: ignore[no-any-return]
-
+        # Per message: the payload decoded at most once (None: not yet), and the last filter's
+        # verdict (subscriptions with the same filter share one compiled Filter: Filtering.compile).
+        data: Any = None
+        last_f: Any = None
+        last_ok = False
         if plain or groups or fplain:
             payload = m[1]
             item = [subj, payload, h, m[3]]
@@ -171,23 +180,41 @@ def route_filtered(router: Router[Any], durable_match: Callable[[str], Any] | No
                 s.conn.push_msg(s.sid, item, size)
                 taken = True
             for s in fplain:
-                if ok(s.flt):
+                f = s.flt
+                if f is not last_f:
+                    if f.needs_data and data is None:
+                        data = m[P_DECODED] if len(m) > P_DECODED else decode(m)
+                    last_f = f
+                    last_ok = f.matches(h, data)
+                if last_ok:
                     s.conn.push_msg(s.sid, item, size)
                     taken = True
             for g in groups:
-                s = g.pick_matching(ok) if g.filtered else g.pick()
-                if s is not None:
-                    s.conn.push_msg(s.sid, item, size)
-                    taken = True
+                if g.filtered:
+                    if data is None:
+                        data = m[P_DECODED] if len(m) > P_DECODED else decode(m)
+                    s = g.pick_matching(lambda f, h=h, data=data: f.matches(h, data))
+                    if s is None:
+                        continue
+                else:
+                    s = g.pick()
+                s.conn.push_msg(s.sid, item, size)
+                taken = True
+        filtered_out = False
         if ftargets:
             chosen = list(targets) if targets else []
             for ft in ftargets:
-                if ft.target not in chosen and ok(ft.flt):
-                    chosen.append(ft.target)
+                f = ft.flt
+                if ft.target not in chosen:
+                    if f is not last_f:
+                        if f.needs_data and data is None:
+                            data = m[P_DECODED] if len(m) > P_DECODED else decode(m)
+                        last_f = f
+                        last_ok = f.matches(h, data)
+                    if last_ok:
+                        chosen.append(ft.target)
             filtered_out = not chosen
             targets = chosen
-        else:
-            filtered_out = False
         if not taken and m[3] is not None and not targets:
             no_responders(router, m[3])
         if targets:
