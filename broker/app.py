@@ -141,6 +141,11 @@ class Broker:
                                        min_free_disk=config.min_free_disk, data_dir=config.data_dir,
                                        interval=config.resource_check_interval)
 
+    @property
+    def subscription_count(self) -> int:
+        """Live pub/sub subscriptions: the router's and the filtered ones kept apart."""
+        return self.router.count + self.filtering.subs.count
+
     # ------------------------------------------------------ connections
 
     @property
@@ -351,7 +356,7 @@ class Broker:
         snap["connections"] = len(self.connections)
         snap["pending_handshakes"] = len(self._pending)
         snap["max_connections"] = self.max_connections
-        snap["subscriptions"] = self.router.count + self.filtering.subs.count
+        snap["subscriptions"] = self.subscription_count
         conns = self.connections.values()
         snap["outbound_bytes"] = sum(a.pending_bytes for a in conns)
         snap["outbound_bytes_max"] = max((a.pending_bytes for a in conns), default=0)
