@@ -148,7 +148,7 @@ def _condition(key: str, cond: Any) -> Test:
             t = type(v)
             if t is str:
                 return v.startswith(p)  # type: ignore[no-any-return]
-            return t is bytes and v.startswith(pb)  # type: ignore[no-any-return]
+            return t is bytes and v.startswith(pb)
         return prefix
     if op == "suffix":
         sfx = _string_arg(key, op, arg)
@@ -158,7 +158,7 @@ def _condition(key: str, cond: Any) -> Test:
             t = type(v)
             if t is str:
                 return v.endswith(sfx)  # type: ignore[no-any-return]
-            return t is bytes and v.endswith(sb)  # type: ignore[no-any-return]
+            return t is bytes and v.endswith(sb)
         return suffix
     if op == "exists":
         if type(arg) is not bool:

@@ -193,7 +193,7 @@ def route_filtered(router: Router[Any], durable_match: Callable[[str], Any] | No
                 if g.filtered:
                     if data is None:
                         data = m[P_DECODED] if len(m) > P_DECODED else decode(m)
-                    s = g.pick_matching(lambda f, h=h, data=data: f.matches(h, data))
+                    s = g.pick_matching(_verdict(h, data))
                     if s is None:
                         continue
                 else:
@@ -229,6 +229,11 @@ def route_filtered(router: Router[Any], durable_match: Callable[[str], Any] | No
             else:
                 confirms.append([m[4], int(ErrorCode.NO_ROUTE), f"no queue, stream or subscriber for {subj!r}"])
     return entries, confirms
+
+
+def _verdict(h: Any, data: Any) -> Callable[[Filter], bool]:
+    """``filter -> does this message (headers ``h``, decoded ``data``) match it``, for a group's pick."""
+    return lambda f: f.matches(h, data)
 
 
 def no_responders(router: Router[Any], reply: str) -> None:
