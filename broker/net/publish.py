@@ -56,11 +56,12 @@ class Filtering:
     def compile(self, spec: Any) -> Filter:
         """``compile_filter(spec)`` (raises FilterError), one shared Filter per distinct
         filter while some subscription holds it, so a message is judged once per filter."""
-        key = canonical(spec) if type(spec) is dict else None
-        flt = self._interned.get(key) if key is not None else None
-        if flt is None:
-            flt = compile_filter(spec)
-            self._interned[canonical(spec)] = flt
+        flt = compile_filter(spec)  # checks it (JSON values only) before it is a key
+        key = canonical(spec)
+        shared = self._interned.get(key)
+        if shared is not None:
+            return shared
+        self._interned[key] = flt
         return flt
 
     @property

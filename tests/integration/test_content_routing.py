@@ -209,6 +209,10 @@ async def test_invalid_filters_are_refused_and_the_broker_keeps_serving(broker):
             await rc.send_wire([F.Op.SUB, rid, 2, "a.>", None, ["not", "a", "map"]])
             err = await rc.read_until(lambda f: isinstance(f, (F.Ok, F.Err)) and f.rid == rid, WAIT)
             assert isinstance(err, F.Err) and err.code == ErrorCode.INVALID_ARGUMENT
+            rid = rc.next_rid()
+            await rc.send_wire([F.Op.SUB, rid, 3, "a.>", None, {"region": [b"eu"]}])  # bytes: not JSON
+            err = await rc.read_until(lambda f: isinstance(f, (F.Ok, F.Err)) and f.rid == rid, WAIT)
+            assert isinstance(err, F.Err) and err.code == ErrorCode.INVALID_ARGUMENT, err
             await rc.ping()
         sub = await other.subscribe("a.>")
         await tc.publish("a.b", b"still serving")
