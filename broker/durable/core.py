@@ -31,7 +31,7 @@ from tidings.broker.durable.group import Member
 from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
 from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.settings import QueueConfig, updated, validate_name
+from tidings.broker.durable.settings import QueueConfig, bind_entries, updated, validate_name
 from tidings.broker.durable.store.base import (
     Durability,
     DeleteQueue,
@@ -163,7 +163,8 @@ class Durable:
                 raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
                            "change mutable ones with queue.update (`tidings queues update`)", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
-        self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
+        # every entry counts (one pattern with many filters is many bindings, each checked per message)
+        self.broker.bindings.check_declare("queue", qc.name, bind_entries(qc.bind, qc.bind_filters), rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:
             if may_create_on_demand(qc.dead_letter):
                 await self.dead_letters.ensure(qc.dead_letter)

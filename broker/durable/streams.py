@@ -21,7 +21,7 @@ from tidings.broker.durable.targets import FilteredTarget, add_bindings, remove_
 from tidings.broker.durable.group import GroupActor
 from tidings.broker.durable.partition import Partition
 from tidings.broker.durable.reader import Reader, resolve_start
-from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, dlq_name, updated, validate_name
+from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, bind_entries, dlq_name, updated, validate_name
 from tidings.broker.durable.store.base import DeleteGroup, StorageError
 from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
 from tidings.broker.durable.stream import StreamActor
@@ -162,7 +162,8 @@ class Streams:
             return {"created": False, **existing.info()}
         if cfg.name in self.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
-        self.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
+        # every entry counts (one pattern with many filters is many bindings, each checked per message)
+        self.broker.bindings.check_declare("stream", cfg.name, bind_entries(cfg.bind, cfg.bind_filters), rid)
         await self.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
         await self.store.write(PutStream(cfg.name, cfg.to_dict(), self.ctx.now_ms()))
         st = StreamActor(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])

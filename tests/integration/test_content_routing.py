@@ -198,6 +198,11 @@ async def test_invalid_filters_are_refused_and_the_broker_keeps_serving(broker):
             await tc.declare_stream("bad-s", bind=[{"subject": "a.b", "match": {"region": "eu"}}])
         with pytest.raises(InvalidArgumentError):
             await tc.declare_queue("bad-q", bind=[{"subject": "a.b", "filter": {}}])
+        # each filtered entry is a binding checked per message: max_bind_patterns counts entries
+        many = [{"subject": "a.b", "match": {"n": [i]}} for i in range(65)]
+        with pytest.raises(InvalidArgumentError) as info:
+            await tc.declare_queue("bad-q", bind=many)
+        assert "max_bind_patterns" in str(info.value)
         # the broker checks too (a client that does not): INVALID_ARGUMENT for that SUB only
         async with RawClient.open(broker.host, broker.port) as rc:
             await rc.hello()
