@@ -51,6 +51,7 @@ from tidings.broker.ops.backup import backup_handler
 from tidings.broker.net.bindings import BindingsFeed
 from tidings.broker.net.caps import Caps
 from tidings.broker.net.dispatch import Dispatcher
+from tidings.broker.net.publish import Filtering
 from tidings.broker.durable.core import Durable
 from tidings.broker.ops.limits import ResourceMonitor
 from tidings.broker.router import Router
@@ -98,6 +99,9 @@ class Broker:
         # The schema registry keeps its state in the durable store; a binding's dead-letter
         # destination is a queue target, as the durable bindings match returns them.
         self.schemas = SchemaRegistry(self.durable.store, self.durable.queues.get, now_ms=self.durable.now_ms)
+        # Content filters of subscriptions and bindings (net/publish.py); payload fields are
+        # read where a schema binds the subject.
+        self.filtering = Filtering(self.durable.filtered, self.schemas.decoded)
         durable_calls = self.durable.calls()
         durable_calls["backup"] = backup_handler(self)
         durable_calls.update(self.schemas.calls())
@@ -128,7 +132,7 @@ class Broker:
         self.caps = Caps(config, self.audit)
         # Requests (everything but PUB and PING) of every connection: net/dispatch.py.
         self.dispatcher = Dispatcher(
-            router=self.router, caps=self.caps, durable=self.durable, audit=self.audit,
+            router=self.router, caps=self.caps, durable=self.durable, audit=self.audit, filtering=self.filtering,
             calls={"stats": self._stats_call, "server.info": self._info_call}, durable_calls=durable_calls)
         self.handle_request = self.dispatcher.handle_request  # the connection's port (net/ports.py)
         self._audit_file: AuditFile | None = None
@@ -136,6 +140,11 @@ class Broker:
         self.monitor = ResourceMonitor(memory_high_water=config.memory_high_water,
                                        min_free_disk=config.min_free_disk, data_dir=config.data_dir,
                                        interval=config.resource_check_interval)
+
+    @property
+    def subscription_count(self) -> int:
+        """Live pub/sub subscriptions: the router's and the filtered ones kept apart."""
+        return self.router.count + self.filtering.subs.count
 
     # ------------------------------------------------------ connections
 
@@ -284,7 +293,7 @@ class Broker:
             actor.counted = False
             self.users.release(actor.user)
         for sub in actor.subs.values():
-            self.router.remove(sub.pattern, sub, sub.group)
+            self.filtering.remove(self.router, sub)
         actor.subs.clear()
         self.caps.left(actor)
         self.durable.detach_all(actor)
@@ -347,7 +356,7 @@ class Broker:
         snap["connections"] = len(self.connections)
         snap["pending_handshakes"] = len(self._pending)
         snap["max_connections"] = self.max_connections
-        snap["subscriptions"] = self.router.count
+        snap["subscriptions"] = self.subscription_count
         conns = self.connections.values()
         snap["outbound_bytes"] = sum(a.pending_bytes for a in conns)
         snap["outbound_bytes_max"] = max((a.pending_bytes for a in conns), default=0)

@@ -8,7 +8,7 @@ follows the subject's depth, not the number of subscriptions.
 
 from __future__ import annotations
 
-from typing import Any, Final, Generic, Iterable, TypeVar
+from typing import Any, Callable, Final, Generic, Iterable, TypeVar
 
 CACHE_LIMIT: Final = 65_536  # distinct subjects remembered; cleared whole when exceeded (bounded memory)
 
@@ -16,14 +16,35 @@ T = TypeVar("T")
 
 
 class Group(Generic[T]):
-    """Members of one queue group on one pattern; each message goes to one."""
+    """Members of one queue group on one pattern; each message goes to one.
 
-    __slots__ = ("name", "members", "next")
+    ``filtered`` counts members carrying a content filter (a non-None ``flt``):
+    while it is 0 the publish path calls :meth:`pick`, else :meth:`pick_matching`."""
+
+    __slots__ = ("name", "members", "next", "filtered")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: list[T] = []
         self.next = 0
+        self.filtered = 0
+
+    def pick_matching(self, ok: Callable[[Any], bool]) -> T | None:
+        """The next member (round-robin) without a filter or whose filter ``ok`` accepts;
+        None if no member's filter accepts the message."""
+        members = self.members
+        n = len(members)
+        i = self.next
+        for _ in range(n):
+            if i >= n:
+                i = 0
+            m = members[i]
+            i += 1
+            f = getattr(m, "flt", None)
+            if f is None or ok(f):
+                self.next = i
+                return m
+        return None
 
     def pick(self) -> T:
         members = self.members
@@ -74,6 +95,8 @@ class Router(Generic[T]):
             if g is None:
                 g = node.groups[group] = Group(group)
             g.members.append(item)
+            if getattr(item, "flt", None) is not None:
+                g.filtered += 1
         self.count += 1
         self._cache.clear()
 
@@ -93,6 +116,8 @@ class Router(Generic[T]):
             else:
                 g = node.groups[group]
                 g.members.remove(item)
+                if getattr(item, "flt", None) is not None:
+                    g.filtered -= 1
                 if not g.members:
                     del node.groups[group]
         except (ValueError, KeyError):

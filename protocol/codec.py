@@ -27,7 +27,10 @@ PRE_HELLO_MAX_FRAME: Final = 16 * 1024  # before HELLO only a small frame is acc
 DEFAULT_MAX_FRAME: Final = 1024 * 1024  # after HELLO, unless negotiated otherwise
 MAX_FRAME_CEILING: Final = 64 * 1024 * 1024  # no side may announce more than this
 MAX_HEADERS: Final = 64  # headers per message
-MAX_NESTING: Final = 8  # nesting depth of CALL/CONSUME/HELLO argument maps
+# Nesting depth of CALL/CONSUME/HELLO argument maps and SUB filters (10 containers): a content
+# filter (protocol/filters.py, 5 deep with "data" and "numeric") inside a bind entry takes 8 in a
+# declare's args and 9 in queue.info's answer; the rest is margin. It bounds recursion, not memory.
+MAX_NESTING: Final = 11
 MAX_NAME_LENGTH: Final = 255  # client names, queue/stream/group names, header keys
 # Decoded size. msgpack turns one byte into a Python object of 56-80 bytes (an empty array or
 # map), so a frame of empty containers decoded to ~70 times its size. The densest legitimate
@@ -391,8 +394,8 @@ class Decoder:
             _int(v[1], "rid")
             return F.Ping(v[1]) if op == F.Op.PING else F.Pong(v[1])
         if op == F.Op.SUB:
-            if n != 5:
-                raise _fail("SUB is [11, rid, sid, pattern, group]", rid)
+            if n != 5 and n != 6:
+                raise _fail("SUB is [11, rid, sid, pattern, group, filter?]", rid)
             _int(v[1], "rid")
             _int(v[2], "sid", rid, 1)
             validate_pattern(v[3])
@@ -400,7 +403,16 @@ class Decoder:
                 _name(v[4], "group", rid)
                 if "." in v[4] or " " in v[4]:
                     raise _fail("group names may not contain dots or spaces", rid)
-            return F.Sub(v[1], v[2], v[3], v[4])
+            flt = v[5] if n == 6 else None
+            if flt is not None:
+                if type(flt) is not dict:
+                    raise _fail("a SUB filter is a map (or nil)", rid, ErrorCode.INVALID_ARGUMENT)
+                try:
+                    check_plain(flt, 1)
+                except RemoteProtocolError as exc:
+                    exc.rid = rid
+                    raise
+            return F.Sub(v[1], v[2], v[3], v[4], flt)
         if op == F.Op.UNSUB or op == F.Op.STOP:
             if n != 3:
                 raise _fail("UNSUB/STOP is [op, rid, id]", rid)

@@ -162,14 +162,21 @@ class Pub:
 
 @dataclass(frozen=True, slots=True)
 class Sub:
+    """Subscribe ``sid`` to ``pattern`` (in queue group ``group``). ``filter``, an
+    optional sixth element, is a content filter (protocol/filters.py): only
+    messages it matches are delivered."""
+
     OP: ClassVar[Op] = Op.SUB
     rid: int
     sid: int
     pattern: str
     group: str | None = None
+    filter: dict[str, Any] | None = None
 
     def to_wire(self) -> list[Any]:
-        return [Op.SUB, self.rid, self.sid, self.pattern, self.group]
+        if self.filter is None:
+            return [Op.SUB, self.rid, self.sid, self.pattern, self.group]
+        return [Op.SUB, self.rid, self.sid, self.pattern, self.group, self.filter]
 
 
 @dataclass(frozen=True, slots=True)

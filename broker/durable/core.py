@@ -31,7 +31,7 @@ from tidings.broker.durable.group import Member
 from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
 from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.settings import QueueConfig, updated, validate_name
+from tidings.broker.durable.settings import QueueConfig, bind_entries, updated, validate_name
 from tidings.broker.durable.store.base import (
     Durability,
     DeleteQueue,
@@ -43,6 +43,7 @@ from tidings.broker.durable.store.base import (
 )
 from tidings.broker.durable.store.sqlite import SqliteStore
 from tidings.broker.durable.streams import Streams
+from tidings.broker.durable.targets import FilteredTarget, add_bindings, remove_bindings
 from tidings.broker.durable.window import WindowBudget
 
 if TYPE_CHECKING:
@@ -79,7 +80,9 @@ class Durable:
         self.queues: dict[str, QueueActor] = {}
         self.dead_letters = self.ctx.dead_letters = DeadLetters(self.ctx, self.queues, self._start_queue)
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
-        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters)
+        # Bindings with a content filter (targets.py): matched, then filtered, per message.
+        self.filtered: Router[FilteredTarget] = Router()
+        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters, self.filtered)
         self._tg: TaskGroup | None = None
         self._updating = anyio.Lock()  # one settings update at a time: each starts from the last one's result
         # Admission of durable publishes (de-dup, ids, confirms): the connections' publish path.
@@ -136,8 +139,7 @@ class Durable:
     async def _start_queue(self, qc: QueueConfig, count: int, lanes: list[int] | None = None) -> QueueActor:
         q = PriorityQueueActor(self.ctx, qc, count, lanes) if qc.max_priority else QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
-        for p in qc.bind:
-            self.bindings.add(p, q)
+        add_bindings(self.bindings, self.filtered, q)
         assert self._tg is not None
         await self._tg.start(q.run)
         return q
@@ -161,7 +163,8 @@ class Durable:
                 raise _err(f"queue {qc.name!r} exists with different settings ({', '.join(diff)}); "
                            "change mutable ones with queue.update (`tidings queues update`)", ErrorCode.CONFLICT, rid)
             return {"created": False, **existing.info()}
-        self.broker.bindings.check_declare("queue", qc.name, qc.bind, rid)
+        # every entry counts (one pattern with many filters is many bindings, each checked per message)
+        self.broker.bindings.check_declare("queue", qc.name, bind_entries(qc.bind, qc.bind_filters), rid)
         if qc.dead_letter and qc.dead_letter not in self.queues:
             if may_create_on_demand(qc.dead_letter):
                 await self.dead_letters.ensure(qc.dead_letter)
@@ -235,8 +238,7 @@ class Durable:
 
     async def _drop(self, q: QueueActor) -> None:
         q.close("queue deleted")
-        for p in q.cfg.bind:
-            self.bindings.remove(p, q)
+        remove_bindings(self.bindings, self.filtered, q)
         del self.queues[q.name]
         await self.store.write(DeleteQueue(q.name))
         self.broker.bindings_changed()

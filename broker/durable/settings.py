@@ -6,12 +6,14 @@ too, for queues and streams alike.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
+from tidings.protocol.filters import FilterError, canonical, compile_filter
 from tidings.protocol.numbers import check_int
 from tidings.protocol.subjects import validate_pattern
 
@@ -30,6 +32,59 @@ MAX_QUEUE_PRIORITY: Final = 9
 
 def _bad(msg: str) -> RemoteProtocolError:
     return RemoteProtocolError(msg, ErrorCode.INVALID_ARGUMENT)
+
+
+def parse_bind(bind: Any, stored: bool = False) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """A declare's ``bind`` list -> (every distinct pattern, the (pattern, filter JSON) pairs).
+
+    An entry is a subject pattern, or ``{"subject": pattern, "match": filter}``
+    (protocol/filters.py; ``match`` may be left out or null). Several filters on one
+    pattern are alternatives (any matches); a pattern also bound without a filter
+    takes every message, so its filters are dropped. Raises INVALID_ARGUMENT naming
+    the entry, and for a bad filter its key and operator."""
+    if not isinstance(bind, (list, tuple)):
+        raise _bad("bind must be a list of subject patterns or {subject, match} maps")
+    pats: dict[str, None] = {}
+    plain: set[str] = set()
+    filters: dict[tuple[str, str], None] = {}
+    for entry in bind:
+        spec = None
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"subject", "match"}
+            if unknown or "subject" not in entry:
+                raise _bad(f"a bind entry is a pattern or a map {{subject, match}}, not {entry!r}")
+            pattern, spec = entry["subject"], entry.get("match")
+        else:
+            pattern = entry
+        try:
+            pattern = validate_pattern(pattern, stored=stored)
+        except RemoteProtocolError as exc:
+            raise _bad(exc.message) from None
+        pats[pattern] = None
+        if spec is None:
+            plain.add(pattern)
+            continue
+        try:
+            compile_filter(spec)
+        except FilterError as exc:
+            raise _bad(f"bind {pattern!r}: {exc}") from None
+        filters[(pattern, canonical(spec))] = None
+    return tuple(pats), tuple(f for f in filters if f[0] not in plain)
+
+
+def bind_entries(bind: tuple[str, ...], filters: tuple[tuple[str, str], ...]) -> list[Any]:
+    """The ``bind`` list as a declare takes it back (what configs store and info shows)."""
+    by: dict[str, list[str]] = {}
+    for p, text in filters:
+        by.setdefault(p, []).append(text)
+    out: list[Any] = []
+    for p in bind:
+        texts = by.get(p)
+        if texts is None:
+            out.append(p)
+        else:
+            out.extend({"subject": p, "match": json.loads(t)} for t in texts)
+    return out
 
 
 def validate_name(name: Any, what: str = "queue") -> str:
@@ -61,6 +116,9 @@ class QueueConfig:
     overflow: str = "reject"
     is_dlq: bool = field(default=False)
     max_priority: int = 0  # > 0: a priority queue (priority.py), messages 0..max_priority, higher first
+    # (pattern, canonical filter JSON) of the bindings that carry a filter (parse_bind); given
+    # and stored inside ``bind`` as {subject, match} entries, never as a setting of its own.
+    bind_filters: tuple[tuple[str, str], ...] = ()
 
     def priority_of(self, p: int | None) -> int | None:
         """The priority a message stored in this queue gets: None in a plain queue,
@@ -71,7 +129,8 @@ class QueueConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["bind"] = list(self.bind)
+        d["bind"] = bind_entries(self.bind, self.bind_filters)
+        del d["bind_filters"]
         d["backoff_schedule"] = list(self.backoff_schedule)
         return d
 
@@ -79,20 +138,14 @@ class QueueConfig:
     def from_args(cls, args: dict[str, Any], *, stored: bool = False) -> QueueConfig:
         """Build from a declare call's arguments (``stored``: a recovered queue's, see
         validate_pattern); raises RemoteProtocolError(INVALID_ARGUMENT)."""
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - {"bind_filters"}
         unknown = set(args) - known
         if unknown:
             raise _bad(f"unknown queue settings: {', '.join(sorted(unknown))}")
         a = dict(args)
         name = validate_name(a.get("name"))
         is_dlq = bool(a.get("is_dlq", False))
-        bind = a.get("bind", [])
-        if not isinstance(bind, (list, tuple)):
-            raise _bad("bind must be a list of subject patterns")
-        try:
-            pats = tuple(dict.fromkeys(validate_pattern(p, stored=stored) for p in bind))
-        except RemoteProtocolError as exc:
-            raise _bad(exc.message) from None
+        pats, filters = parse_bind(a.get("bind", []), stored)
         sched = a.get("backoff_schedule") or ()
         if not isinstance(sched, (list, tuple)) or not all(_num(x) and 0 <= x <= MAX_BACKOFF for x in sched):
             raise _bad(f"backoff_schedule must be a list of numbers of seconds in [0, {MAX_BACKOFF}]")
@@ -139,7 +192,7 @@ class QueueConfig:
             dead_letter=dl,
             message_ttl=num("message_ttl", None, 0.001, 86400 * 365, optional=True),  # type: ignore[arg-type]
             dead_letter_expired=bool(a.get("dead_letter_expired", False)),
-            max_length=ml, overflow=overflow, is_dlq=is_dlq, max_priority=mp,
+            max_length=ml, overflow=overflow, is_dlq=is_dlq, max_priority=mp, bind_filters=filters,
         )
 
     def backoff(self, deliveries: int, rng: random.Random | None = None) -> float:
@@ -171,28 +224,24 @@ class StreamConfig:
     backoff_multiplier: float = 2.0
     backoff_max: float = 30.0
     dead_letter: str | None = None  # default dlq_name(name)
+    bind_filters: tuple[tuple[str, str], ...] = ()  # as QueueConfig.bind_filters
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["bind"] = list(self.bind)
+        d["bind"] = bind_entries(self.bind, self.bind_filters)
+        del d["bind_filters"]
         return d
 
     @classmethod
     def from_args(cls, args: dict[str, Any], *, stored: bool = False) -> StreamConfig:
-        unknown = set(args) - set(cls.__dataclass_fields__)
+        unknown = set(args) - (set(cls.__dataclass_fields__) - {"bind_filters"})
         if unknown:
             raise _bad(f"unknown stream settings: {', '.join(sorted(unknown))}")
         name = validate_name(args.get("name"), "stream")
         p = args.get("partitions", 1)
         if type(p) is not int or not 1 <= p <= MAX_PARTITIONS:
             raise _bad(f"partitions must be an integer in 1..{MAX_PARTITIONS}")
-        bind = args.get("bind", [])
-        if not isinstance(bind, (list, tuple)):
-            raise _bad("bind must be a list of subject patterns")
-        try:
-            pats = tuple(dict.fromkeys(validate_pattern(x, stored=stored) for x in bind))
-        except RemoteProtocolError as exc:
-            raise _bad(exc.message) from None
+        pats, filters = parse_bind(args.get("bind", []), stored)
 
         def opt_num(key: str, lo: float, hi: float, integer: bool = False) -> Any:
             v = args.get(key)
@@ -221,7 +270,7 @@ class StreamConfig:
             backoff_initial=num("backoff_initial", 0.5, 0.0, 3600.0),
             backoff_multiplier=num("backoff_multiplier", 2.0, 1.0, 100.0),
             backoff_max=num("backoff_max", 30.0, 0.0, 86400.0),
-            dead_letter=dl,
+            dead_letter=dl, bind_filters=filters,
         )
 
     def backoff(self, attempts: int) -> float:
@@ -275,7 +324,8 @@ def updated(old: Any, args: dict[str, Any], what: str = "queue") -> Any:
     changes = {k: v for k, v in args.items() if k != "name"}
     new = type(old).from_args({**old.to_dict(), **changes, "name": old.name})
     for key, why in immutable.items():
-        if key in changes and getattr(new, key) != getattr(old, key):
+        if key in changes and (getattr(new, key) != getattr(old, key)
+                               or (key == "bind" and new.bind_filters != old.bind_filters)):
             raise RemoteProtocolError(f"{what} {old.name!r}: {key} cannot change in place: {why}",
                                       ErrorCode.IMMUTABLE_SETTING)
     return new

@@ -17,10 +17,11 @@ from anyio.abc import TaskGroup
 from tidings.protocol import numbers as N
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
+from tidings.broker.durable.targets import FilteredTarget, add_bindings, remove_bindings
 from tidings.broker.durable.group import GroupActor
 from tidings.broker.durable.partition import Partition
 from tidings.broker.durable.reader import Reader, resolve_start
-from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, dlq_name, updated, validate_name
+from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, bind_entries, dlq_name, updated, validate_name
 from tidings.broker.durable.store.base import DeleteGroup, StorageError
 from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
 from tidings.broker.durable.stream import StreamActor
@@ -44,11 +45,13 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
 
 class Streams:
     def __init__(self, ctx: DurableContext, broker: Host, queues: Mapping[str, QueueActor],
-                 bindings: Router[Any], dead_letters: DeadLetters) -> None:
+                 bindings: Router[Any], dead_letters: DeadLetters,
+                 filtered: Router[FilteredTarget] | None = None) -> None:
         self.ctx = ctx
         self.broker = broker
         self.queues = queues  # read only: a stream's name must not be a queue's
         self.bindings = bindings  # the publish routing table queues and streams share
+        self.filtered: Router[FilteredTarget] = filtered if filtered is not None else Router()  # (targets.py)
         self.dead_letters = dead_letters
         self.streams: dict[str, StreamActor] = {}
         self._tg: TaskGroup | None = None
@@ -85,8 +88,7 @@ class Streams:
 
     def _register(self, st: StreamActor) -> None:
         self.streams[st.name] = st
-        for p in st.cfg.bind:
-            self.bindings.add(p, st)
+        add_bindings(self.bindings, self.filtered, st)
 
     async def _start_group(self, st: StreamActor, name: str, offsets: dict[int, tuple[int, int]]) -> GroupActor:
         g = GroupActor(self.ctx, st, name, offsets)
@@ -160,7 +162,8 @@ class Streams:
             return {"created": False, **existing.info()}
         if cfg.name in self.queues:
             raise _err(f"{cfg.name!r} is already a queue", ErrorCode.CONFLICT, rid)
-        self.broker.bindings.check_declare("stream", cfg.name, cfg.bind, rid)
+        # every entry counts (one pattern with many filters is many bindings, each checked per message)
+        self.broker.bindings.check_declare("stream", cfg.name, bind_entries(cfg.bind, cfg.bind_filters), rid)
         await self.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
         await self.store.write(PutStream(cfg.name, cfg.to_dict(), self.ctx.now_ms()))
         st = StreamActor(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
@@ -178,8 +181,7 @@ class Streams:
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         st = self._stream(args, rid)
         st.close("stream deleted")
-        for p in st.cfg.bind:
-            self.bindings.remove(p, st)
+        remove_bindings(self.bindings, self.filtered, st)
         del self.streams[st.name]
         await self.store.write(DeleteStream(st.name))
         self.broker.bindings_changed()

@@ -47,7 +47,7 @@ from tidings.protocol.errors import ErrorCode, RemoteProtocolError
 
 from tidings.broker.http.auth import HttpAuth, peer_of
 from tidings.broker.http.errors import HttpError
-from tidings.broker.net.publish import route
+from tidings.broker.net.publish import route, route_filtered
 
 if TYPE_CHECKING:
     from tidings.broker.http.ports import HttpHost
@@ -140,7 +140,11 @@ class Gateway:
                                       else str(dead[1][0]), "violation": violation.message()})
         plain, groups = broker.router.match(subject)
         subscribers = len(plain) + len(groups)
-        entries, _confirms = route(broker.router, broker.durable_match, [message])
+        fl = broker.filtering
+        if fl.active:
+            entries, _confirms = route_filtered(broker.router, broker.durable_match, [message], fl)
+        else:
+            entries, _confirms = route(broker.router, broker.durable_match, [message])
         if not entries:
             if not subscribers:
                 raise HttpError(ErrorCode.NO_ROUTE, f"no subscriber and no queue or stream is bound to "

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from tidings.broker.ops.view import BrokerView
 
 if TYPE_CHECKING:
+    from tidings.broker.net.publish import Filtering
     from tidings.broker.schemas.registry import SchemaRegistry
     from tidings.broker.security.audit import AuditLog
     from tidings.broker.security.auth import User, Users
@@ -93,6 +94,12 @@ class HttpHost(BrokerView, Protocol):
     def schemas(self) -> SchemaRegistry:
         """Schema bindings: while ``schemas.active``, a gateway publish passes ``screen`` first;
         the console lists ``schemas.schemas`` and ``schemas.bindings`` (read only)."""
+        ...
+
+    @property
+    def filtering(self) -> Filtering:
+        """Content filters of subscriptions and bindings: while ``filtering.active`` a publish
+        is routed by ``route_filtered``."""
         ...
 
     @property

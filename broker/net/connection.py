@@ -41,8 +41,9 @@ from tidings.protocol import CLOSED, NEED_DATA, Connection, ErrorCode, RemotePro
 from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError
+from tidings.protocol.filters import Filter
 
-from tidings.broker.net.publish import route
+from tidings.broker.net.publish import route, route_filtered
 from tidings.broker.security.auth import ANONYMOUS, User
 from tidings.broker.durable.store.base import StorageError, StorageFull
 
@@ -61,14 +62,16 @@ PUB_MEMO: Final = 1024  # publish answers a restricted connection remembers (one
 
 
 class Subscription:
-    __slots__ = ("conn", "sid", "pattern", "group", "delivered")
+    __slots__ = ("conn", "sid", "pattern", "group", "delivered", "flt")
 
-    def __init__(self, conn: ConnectionActor, sid: int, pattern: str, group: str | None) -> None:
+    def __init__(self, conn: ConnectionActor, sid: int, pattern: str, group: str | None,
+                 flt: Filter | None = None) -> None:
         self.conn = conn
         self.sid = sid
         self.pattern = pattern
         self.group = group
         self.delivered = 0
+        self.flt = flt  # a content filter (protocol/filters.py): then routed by net/publish.py route_filtered
 
 
 class ConnectionActor:
@@ -470,7 +473,11 @@ class ConnectionActor:
             msgs, dead = self._screened(msgs)
         self.msgs_in += len(msgs)
         port.stats.published += len(msgs)
-        entries, confirms = route(port.router, port.durable_match, msgs)
+        fl = port.filtering
+        if fl.active:  # one property read per frame while no filter exists
+            entries, confirms = route_filtered(port.router, port.durable_match, msgs, fl)
+        else:
+            entries, confirms = route(port.router, port.durable_match, msgs)
         if confirms:
             self.push_wire([F.Op.CONFIRM, confirms], 16 * len(confirms))
         if dead:

@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 
 from tidings.protocol import ErrorCode, RemoteProtocolError
 from tidings.protocol import frames as F
+from tidings.protocol.filters import FilterError
 
 from tidings.broker.net.connection import ConnectionActor, Subscription
+from tidings.broker.net.publish import Filtering
+from tidings.broker.router import Router
 from tidings.broker.security.permissions import Need, redrive_needs
 
 if TYPE_CHECKING:
     from tidings.broker.durable.core import Durable
     from tidings.broker.net.caps import Caps
-    from tidings.broker.router import Router
     from tidings.broker.security.audit import AuditLog
 
 # Every call is written to the audit log except these, which read only counters and settings (a
@@ -42,8 +44,9 @@ class Dispatcher:
 
     def __init__(self, *, router: Router[Subscription], caps: Caps, durable: Durable, audit: AuditLog,
                  calls: dict[str, Callable[[dict[str, Any]], Any]],
-                 durable_calls: dict[str, Callable[..., Any]]) -> None:
+                 durable_calls: dict[str, Callable[..., Any]], filtering: Filtering | None = None) -> None:
         self.router = router
+        self.filtering = filtering if filtering is not None else Filtering(Router(), lambda m: None)
         self.caps = caps
         self.durable = durable
         self.audit = audit
@@ -69,7 +72,7 @@ class Dispatcher:
             sub = actor.subs.pop(ev.sid, None)
             if sub is None:
                 raise RemoteProtocolError(f"no subscription {ev.sid}", ErrorCode.NOT_FOUND, rid=ev.rid)
-            self.router.remove(sub.pattern, sub, sub.group)
+            self.filtering.remove(self.router, sub)
             if ev.rid:
                 actor.push_wire([F.Op.OK, ev.rid, None])
         elif t is F.Call:
@@ -138,9 +141,15 @@ class Dispatcher:
             raise RemoteProtocolError(f"subscription id {ev.sid} is already in use", ErrorCode.INVALID_ARGUMENT,
                                       rid=ev.rid)
         self.caps.check_subscription(actor, ev.rid)
-        sub = Subscription(actor, ev.sid, ev.pattern, ev.group)
+        flt = None
+        if ev.filter is not None:
+            try:
+                flt = self.filtering.compile(ev.filter)
+            except FilterError as exc:
+                raise RemoteProtocolError(str(exc), ErrorCode.INVALID_ARGUMENT, rid=ev.rid) from None
+        sub = Subscription(actor, ev.sid, ev.pattern, ev.group, flt)
         actor.subs[ev.sid] = sub
-        self.router.add(ev.pattern, sub, ev.group)
+        self.filtering.add(self.router, sub)
         if ev.rid:
             actor.push_wire([F.Op.OK, ev.rid, None])
 

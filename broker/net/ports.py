@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from tidings.broker.config import Config
     from tidings.broker.ops.limits import ResourceMonitor
     from tidings.broker.ops.stats import Stats
+    from tidings.broker.net.publish import Filtering
     from tidings.broker.router import Router
     from tidings.broker.schemas.registry import SchemaRegistry
     from tidings.broker.security.audit import AuditLog
@@ -62,6 +63,12 @@ class BrokerPort(Protocol[Conn]):
     @property
     def schemas(self) -> SchemaRegistry:
         """Schema bindings: while ``schemas.active``, each published message passes ``screen``."""
+        ...
+
+    @property
+    def filtering(self) -> Filtering:
+        """Content filters of subscriptions and bindings: while ``filtering.active`` a publish
+        is routed by ``route_filtered``."""
         ...
 
     @property

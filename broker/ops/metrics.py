@@ -144,7 +144,7 @@ class BrokerCollector:
             server_name=b.config.server_name, durability=b.config.durability, ready=readiness(b)["ready"],
             uptime=time.time() - s.started,
             stats={"connections": len(b.connections), "connections_total": s.connections_total,
-                   "connections_refused": s.connections_refused, "subscriptions": b.router.count,
+                   "connections_refused": s.connections_refused, "subscriptions": b.subscription_count,
                    "published": s.published, "dropped": s.dropped, "slow_disconnects": s.slow_disconnects,
                    "confirmed": d.confirmed, "duplicates": d.duplicates,
                    "state_failures": d.state_failures, "read_errors": d.read_errors},

@@ -50,6 +50,11 @@ class BrokerView(Protocol):
         ...
 
     @property
+    def subscription_count(self) -> int:
+        """Live pub/sub subscriptions, those with a content filter included."""
+        ...
+
+    @property
     def ready(self) -> anyio.Event:
         """Set once the broker has recovered its state and listens."""
         ...

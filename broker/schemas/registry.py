@@ -36,6 +36,7 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.codec import MAX_HEADERS
 from tidings.protocol.errors import ErrorCode, RemoteProtocolError
+from tidings.protocol.filters import MISSING
 from tidings.protocol.subjects import validate_pattern
 
 from tidings.broker.durable.settings import validate_name
@@ -235,12 +236,27 @@ class SchemaRegistry:
         if not ok:
             return self._refused(m, b, schema, first_violation(ver.validator, instance, schema.name, ver.version))
         schema.valid += 1
+        m.append(instance)  # net/publish.py P_DECODED: content filters on "data" read it, not decode again
         if h is None:
             m[2] = {V.H_SCHEMA: schema.name, V.H_SCHEMA_VERSION: ver.version}
         elif len(h) < STAMP_ROOM:
             h[V.H_SCHEMA] = schema.name
             h[V.H_SCHEMA_VERSION] = ver.version
         return None
+
+    def decoded(self, m: list[Any]) -> Any:
+        """The payload of PUB message ``m`` as a JSON value, for content filters on its
+        fields: only when a schema binds its subject (MISSING otherwise, or when it cannot
+        be decoded). A message that passed :meth:`screen` already carries it."""
+        hit = self._memo.get(m[0], _MISSING)
+        if hit is _MISSING:
+            hit = self._resolve(m[0])
+        if hit is None:
+            return MISSING
+        try:
+            return decode(m[1], media_type(m[2]))
+        except (LookupError, ValueError):
+            return MISSING
 
     def _resolve(self, subject: str) -> tuple[Binding, Schema] | None:
         """The binding that applies to ``subject`` and its schema (None: no binding, or its

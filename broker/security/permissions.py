@@ -349,7 +349,10 @@ def needs_for_call(method: str, args: Mapping[str, Any]) -> list[Need]:
         if isinstance(bind, str):
             bind = [bind]
         if isinstance(bind, (list, tuple)):
-            needs.extend(Need("subscribe", p) for p in bind if isinstance(p, str) and p)
+            # an entry is a pattern or {"subject": pattern, "match": filter}: a filter narrows what is
+            # stored, never what it needs
+            pats = (p.get("subject") if isinstance(p, dict) else p for p in bind)
+            needs.extend(Need("subscribe", p) for p in pats if isinstance(p, str) and p)
     return needs
 
 

@@ -158,6 +158,25 @@ def _unwrap(exc: BaseException) -> BaseException:
 # ----------------------------------------------------------------- output
 
 
+def add_bind_match(p: argparse.ArgumentParser, what: str) -> None:
+    """``--bind-match PATTERN FILTER``: a binding with a content filter (docs/PROTOCOL.md §16)."""
+    p.add_argument("--bind-match", nargs=2, action="append", metavar=("PATTERN", "FILTER"),
+                   help=f"subject pattern to store in the {what} only where the content filter (JSON, "
+                   "e.g. '{\"region\": [{\"prefix\": \"eu-\"}]}') matches (repeatable)")
+
+
+def bind_entries(ns: argparse.Namespace) -> list[Any]:
+    """``--bind`` patterns and ``--bind-match`` pairs as a declare's ``bind`` list; a FILTER
+    that is not JSON raises ValueError (one line, exit status 1)."""
+    out: list[Any] = list(ns.bind or [])
+    for pattern, text in ns.bind_match or []:
+        try:
+            out.append({"subject": pattern, "match": json.loads(text)})
+        except ValueError as exc:
+            raise ValueError(f"--bind-match {pattern}: the filter is not JSON ({exc})") from None
+    return out
+
+
 def print_json(value: Any) -> None:
     """``value`` as indented JSON with sorted keys; bytes as :func:`text_or_base64`."""
     print(json.dumps(jsonable(value), indent=2, sort_keys=True))

@@ -22,7 +22,9 @@ from typing import Any, Final
 
 from tidings.cli.common import (
     BASE64_MARKER,
+    add_bind_match,
     add_options,
+    bind_entries,
     jsonable,
     print_json,
     runner,
@@ -74,7 +76,7 @@ _DECLARE_SETTINGS: Final = ("ack_deadline", "max_deliveries", "backoff_initial",
 
 async def _queues_declare(tc: Any, ns: argparse.Namespace) -> None:
     settings = {k: getattr(ns, k) for k in _DECLARE_SETTINGS if getattr(ns, k) is not None}
-    info = await tc.declare_queue(ns.name, bind=ns.bind or [], **settings)
+    info = await tc.declare_queue(ns.name, bind=bind_entries(ns), **settings)
     if ns.json:
         print_json(info)
         return
@@ -210,6 +212,7 @@ def _add_queues(sp: Any) -> None:
     s.add_argument("name", metavar="NAME")
     s.add_argument("--bind", action="append", metavar="PATTERN",
                    help="subject pattern to store in the queue (repeatable; `*` one token, `>` the rest)")
+    add_bind_match(s, "queue")
     s.add_argument("--ack-deadline", type=float, metavar="S", help="seconds a delivery may stay unsettled")
     s.add_argument("--max-deliveries", type=int, metavar="N",
                    help="deliveries before the message is dead-lettered (0 = unlimited)")

@@ -24,7 +24,8 @@ import json
 import re
 from typing import Any, Final
 
-from tidings.cli.common import add_options, payload_json, print_json, printable, runner, table
+from tidings.cli.common import (add_bind_match, add_options, bind_entries, payload_json, print_json, printable,
+                                 runner, table)
 from tidings.cli.queues import changed, count_or_none, seconds
 
 # --from 5m (or --from=-5m): a time this long ago (s, m, h, d)
@@ -92,7 +93,7 @@ async def _streams_ls(tc: Any, ns: argparse.Namespace) -> None:
 
 async def _streams_declare(tc: Any, ns: argparse.Namespace) -> None:
     settings = {k: getattr(ns, k) for k in _DECLARE_SETTINGS if getattr(ns, k) is not None}
-    info = await tc.declare_stream(ns.name, partitions=ns.partitions, bind=ns.bind or [], **settings)
+    info = await tc.declare_stream(ns.name, partitions=ns.partitions, bind=bind_entries(ns), **settings)
     if ns.json:
         print_json(info)
         return
@@ -238,6 +239,7 @@ def register(sp: Any) -> None:
     s.add_argument("--partitions", "-p", type=int, default=1, metavar="P", help="number of partitions (default 1)")
     s.add_argument("--bind", action="append", metavar="PATTERN",
                    help="subject pattern to store in the stream (repeatable; `*` one token, `>` the rest)")
+    add_bind_match(s, "stream")
     s.add_argument("--max-age", type=float, metavar="S", help="retention: drop messages older than S seconds")
     s.add_argument("--max-messages", type=int, metavar="N", help="retention: keep at most N messages per partition")
     s.add_argument("--max-bytes", type=int, metavar="N", help="retention: keep at most N bytes per partition")

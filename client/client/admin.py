@@ -11,7 +11,7 @@ consumer, close one), and nothing else. ``Client`` keeps one as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, Protocol
+from typing import Any, AsyncGenerator, Awaitable, Callable, Generic, Protocol, Sequence
 
 import anyio
 
@@ -64,11 +64,13 @@ class Durable:
     async def _call(self, method: str, args: dict[str, Any]) -> Any:
         return await self._port.call(method, args)
 
-    async def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (),
+    async def declare_queue(self, name: str, *, bind: Sequence[str | dict[str, Any]] = (),
                             **settings: Any) -> dict[str, Any]:
         """Create a durable queue (or confirm an identical one exists).
 
-        ``bind``: subject patterns whose publishes are stored in the queue.
+        ``bind``: subject patterns whose publishes are stored in the queue; an
+        entry may be ``{"subject": pattern, "match": filter}`` to store only the
+        messages the content filter matches (docs/CLIENT.md, "Content filters").
         Settings (all optional): ack_deadline (s), max_deliveries (0 =
         unlimited; default 5), backoff_initial, backoff_multiplier,
         backoff_max, backoff_jitter, backoff_schedule (list of s),
@@ -146,10 +148,10 @@ class Durable:
 
     # ----------------------------------------------------------- streams
 
-    async def declare_stream(self, name: str, *, partitions: int = 1, bind: list[str] | tuple[str, ...] = (),
+    async def declare_stream(self, name: str, *, partitions: int = 1, bind: Sequence[str | dict[str, Any]] = (),
                              **settings: Any) -> dict[str, Any]:
         """Create a stream of ``partitions`` ordered partitions bound to ``bind``
-        patterns (or confirm an identical one exists; ConflictError if it
+        patterns (entries as for :meth:`declare_queue`, filters included) (or confirm an identical one exists; ConflictError if it
         differs). Settings: max_age (s), max_messages and max_bytes (per
         partition), max_deliveries (default 5, then the stream's DLQ),
         ack_deadline (s), backoff_initial/multiplier/max (s), dead_letter."""

@@ -29,7 +29,7 @@ import random
 import secrets
 import ssl
 import time
-from typing import Any, AsyncGenerator, Callable, Final, Generator
+from typing import Any, AsyncGenerator, Callable, Final, Generator, Sequence
 from urllib.parse import urlsplit
 
 import anyio
@@ -40,6 +40,7 @@ from tidings.protocol import CLOSED, NEED_DATA, Connection, Role
 from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from tidings.protocol.filters import FilterError, compile_filter
 from tidings.protocol.frames import M_HEADERS, M_PAYLOAD, M_REPLY, M_SUBJECT, P_OPTS, P_SEQ
 from tidings.protocol.numbers import MAX_DURATION_MS, MAX_PRIORITY, MAX_TIMESTAMP_MS
 from tidings.protocol.subjects import PatternSet, validate_pattern, validate_subject
@@ -561,7 +562,7 @@ class Client:
         if self._inbox_sid:
             request([F.Op.SUB, 0, self._inbox_sid, self._inbox + ".>", None], None)
         for sub in self._subs.values():
-            request([F.Op.SUB, 0, sub.sid, sub.pattern, sub.group], sub)
+            request(_sub_wire(sub.sid, sub.pattern, sub.group, sub.match), sub)
         for cons in list(self._consumers.values()):
             self._consumers.pop(cons.cid, None)
             cons.cid = next(self._cids)  # deliveries of the old registration must never ack new ones
@@ -1171,7 +1172,7 @@ class Client:
 
     # ------------------------------------- durable API (forwarded to self.durable)
 
-    async def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (),
+    async def declare_queue(self, name: str, *, bind: Sequence[str | dict[str, Any]] = (),
                             **settings: Any) -> dict[str, Any]:
         """Create a durable queue; see :meth:`Durable.declare_queue`."""
         return await self.durable.declare_queue(name, bind=bind, **settings)
@@ -1212,7 +1213,7 @@ class Client:
         """``async with tc.consume(queue) as deliveries:``; see :meth:`Durable.consume`."""
         return self.durable.consume(queue, prefetch=prefetch)
 
-    async def declare_stream(self, name: str, *, partitions: int = 1, bind: list[str] | tuple[str, ...] = (),
+    async def declare_stream(self, name: str, *, partitions: int = 1, bind: Sequence[str | dict[str, Any]] = (),
                              **settings: Any) -> dict[str, Any]:
         """Create a stream; see :meth:`Durable.declare_stream`."""
         return await self.durable.declare_stream(name, partitions=partitions, bind=bind, **settings)
@@ -1252,22 +1253,33 @@ class Client:
     # ---------------------------------------------------------- subscribe
 
     async def subscribe(self, pattern: str, group: str | None = None, *,
-                        max_pending: int = DEFAULT_MAX_PENDING) -> Subscription:
+                        max_pending: int = DEFAULT_MAX_PENDING,
+                        match: dict[str, Any] | None = None) -> Subscription:
         """Subscribe to ``pattern`` (``*`` one token, ``>`` the rest).
 
         With ``group``, the subscription joins that queue group: each
-        message goes to one member of the group. Returns once the broker
-        has registered it, so messages published afterwards are received.
+        message goes to one member of the group (among those whose filter
+        matches). ``match`` is a content filter the broker applies (headers,
+        and under ``"data"`` the payload's top-level fields where a schema
+        binds the subject; docs/CLIENT.md "Content filters"): only matching
+        messages are sent. A bad filter raises InvalidArgumentError naming its
+        key and operator. Returns once the broker has registered it, so
+        messages published afterwards are received.
         """
         try:
             validate_pattern(pattern)
         except RemoteProtocolError as exc:
             raise InvalidSubjectError(exc.message) from None
+        if match is not None:
+            try:
+                compile_filter(match)
+            except FilterError as exc:
+                raise InvalidArgumentError(str(exc)) from None
         sid = next(self._sids)
-        sub = Subscription(self._sub_port, sid, pattern, group, max_pending)
+        sub = Subscription(self._sub_port, sid, pattern, group, max_pending, match)
         self._subs[sid] = sub
         try:
-            await self._request([F.Op.SUB, 0, sid, pattern, group])
+            await self._request(_sub_wire(sid, pattern, group, match))
         except BaseException:
             self._subs.pop(sid, None)
             raise
@@ -1399,6 +1411,14 @@ class connect:
         with anyio.CancelScope(shield=True):
             await self._client.close()
         return False
+
+
+def _sub_wire(sid: int, pattern: str, group: str | None, match: dict[str, Any] | None) -> list[Any]:
+    """A SUB frame (rid filled in by the request); the filter element only when there is one,
+    so a subscription without one is the frame every broker version reads."""
+    if match is None:
+        return [F.Op.SUB, 0, sid, pattern, group]
+    return [F.Op.SUB, 0, sid, pattern, group, match]
 
 
 def _set_priority(m: list[Any], priority: int) -> None:

@@ -36,7 +36,7 @@ class Subscription(Inbox[Message]):
     """
 
     def __init__(self, port: SubscriptionPort, sid: int, pattern: str, group: str | None,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_PENDING, match: dict[str, Any] | None = None) -> None:
         super().__init__()
         self._what = f"message on {pattern!r}"
         self._port = port
@@ -44,6 +44,7 @@ class Subscription(Inbox[Message]):
         self.sid = sid
         self.pattern = pattern
         self.group = group
+        self.match = match  # the content filter the broker applies (re-sent on reconnect)
         self.max_pending = max_pending
         self.dropped = 0
         self.dropped_by_broker = 0

@@ -27,7 +27,7 @@ import atexit
 import concurrent.futures
 import threading
 from collections.abc import Coroutine, Iterator
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Sequence, TypeVar
 
 from tidings.client.admin import ConsumeContext
 from tidings.client.client import DEFAULT_URL, Client
@@ -261,10 +261,11 @@ class SyncClient:
         return self._run(self.client.request(subject, payload, headers=headers, timeout=timeout, **kwargs))
 
     def subscribe(self, pattern: str, group: str | None = None, *,
-                  max_pending: int = DEFAULT_MAX_PENDING) -> SyncSubscription:
+                  max_pending: int = DEFAULT_MAX_PENDING, match: dict[str, Any] | None = None) -> SyncSubscription:
         """Subscribe (registered when this returns); reply to a message with
-        ``tc.publish(msg.reply, ...)``."""
-        return SyncSubscription(self, self._run(self.client.subscribe(pattern, group, max_pending=max_pending)))
+        ``tc.publish(msg.reply, ...)``. ``match``: a content filter, as for Client.subscribe."""
+        return SyncSubscription(self, self._run(self.client.subscribe(pattern, group, max_pending=max_pending,
+                                                                      match=match)))
 
     def call(self, method: str, args: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         return self._run(self.client.call(method, args, timeout=timeout))
@@ -279,7 +280,7 @@ class SyncClient:
                        start: str = "earliest") -> SyncConsumer[StreamMessage]:
         return SyncConsumer(self, self.client.stream_consume(stream, group, window=window, start=start))
 
-    def declare_queue(self, name: str, *, bind: list[str] | tuple[str, ...] = (), **settings: Any) -> dict[str, Any]:
+    def declare_queue(self, name: str, *, bind: Sequence[str | dict[str, Any]] = (), **settings: Any) -> dict[str, Any]:
         return self._run(self.client.declare_queue(name, bind=bind, **settings))
 
     def delete_queue(self, name: str) -> dict[str, Any]:
@@ -303,7 +304,7 @@ class SyncClient:
     def dlq_purge(self, queue: str) -> int:
         return self._run(self.client.dlq_purge(queue))
 
-    def declare_stream(self, name: str, *, partitions: int = 1, bind: list[str] | tuple[str, ...] = (),
+    def declare_stream(self, name: str, *, partitions: int = 1, bind: Sequence[str | dict[str, Any]] = (),
                        **settings: Any) -> dict[str, Any]:
         return self._run(self.client.declare_stream(name, partitions=partitions, bind=bind, **settings))
 

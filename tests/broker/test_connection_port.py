@@ -39,6 +39,7 @@ class StubPort:
         self.router: Router[Subscription] = Router()
         self.durable_match = None
         self.schemas = SimpleNamespace(active=False)  # no subject is schema-bound
+        self.filtering = SimpleNamespace(active=False)  # no content filter anywhere
         self.shutting_down = False
         self.calls: list[str] = []
         self.detached = anyio.Event()

@@ -197,3 +197,11 @@ def test_check_call_reports_first_unmet_need() -> None:
     assert p.check_call("queue.purge", {"name": "other"}) == Need("admin", "other")
     assert p.check_call("stats", {}) == Need("admin", ">")
     assert p.check_call("server.info", {}) is None
+
+
+def test_a_filtered_bind_entry_needs_subscribe_on_its_subject() -> None:
+    # a {subject, match} entry binds its subject as a plain pattern does: no way around the check
+    assert needs_for_call("queue.declare", {"name": "q", "bind": [
+        "a.>", {"subject": "secret.>", "match": {"region": ["eu"]}}]}) == [
+        Need("admin", "q"), Need("admin", "q.dlq"), Need("subscribe", "a.>"), Need("subscribe", "secret.>")]
+    assert Need("subscribe", "x.y") in needs_for_call("stream.declare", {"name": "s", "bind": [{"subject": "x.y"}]})

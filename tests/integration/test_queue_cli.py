@@ -181,3 +181,21 @@ async def test_no_broker_is_a_clear_error(start_broker) -> None:
     r = await tidings("queues", url=url, check=False)
     assert r.returncode == 1
     assert r.stderr.startswith("tidings: cannot connect to") and "Traceback" not in r.stderr
+
+
+async def test_declare_with_a_content_filter_and_info_shows_it(broker) -> None:
+    flt = '{"region": [{"prefix": "eu-"}]}'
+    await tidings("queues", "declare", "eu-orders", "--bind", "audit.>", "--bind-match", "orders.*", flt,
+                  url=broker.url)
+    info = await tidings_json("queues", "info", "eu-orders", url=broker.url)
+    assert info["config"]["bind"] == ["audit.>", {"subject": "orders.*", "match": json.loads(flt)}]
+    assert "prefix" in (await tidings("queues", "info", "eu-orders", url=broker.url)).stdout
+    await tidings("streams", "declare", "eu-log", "--bind-match", "orders.*", flt, url=broker.url)
+    assert (await tidings_json("streams", "info", "eu-log", url=broker.url))["config"]["bind"] == [
+        {"subject": "orders.*", "match": json.loads(flt)}]
+    bad = await tidings("queues", "declare", "bad", "--bind-match", "orders.*", '{"region": "eu"}',
+                        url=broker.url, check=False)
+    assert bad.returncode == 1 and "'region'" in bad.stderr
+    notjson = await tidings("queues", "declare", "bad", "--bind-match", "orders.*", "{region", url=broker.url,
+                            check=False)
+    assert notjson.returncode == 1 and "not JSON" in notjson.stderr

@@ -192,7 +192,7 @@ SERVER_BAD: list[tuple[str, bytes, ErrorCode, int]] = [
     ("call-method-long", pack([13, 5, "m" * (MAX_NAME_LENGTH + 1), {}]), PE, 5),
     ("call-args-list", pack([13, 5, "m", []]), PE, 5),
     ("call-args-nil", pack([13, 5, "m", None]), PE, 5),
-    ("call-args-too-deep", pack([13, 5, "m", {"a": [[[[[[[[1]]]]]]]]}]), PE, 5),
+    ("call-args-too-deep", pack([13, 5, "m", {"a": [[[[[[[[[[[1]]]]]]]]]]]}]), PE, 5),
     # CONSUME
     ("consume-rid-zero", pack([14, 0, 1, {}]), PE, 0),
     ("consume-cid-zero", pack([14, 5, 0, {}]), PE, 5),
@@ -391,18 +391,18 @@ def _nested(levels: int) -> dict[str, object]:
     return {"a": v}
 
 
-def test_nesting_limit_is_seven_containers(make_pair) -> None:
+def test_nesting_limit_is_ten_containers(make_pair) -> None:
     c, s = make_pair()
-    s.receive_data(c.send(F.Call(1, "m", _nested(7))))
-    assert s.next_event() == F.Call(1, "m", _nested(7))
-    s.receive_data(c.send(F.Call(2, "m", _nested(8))) + c.send(F.Ping(3)))
+    s.receive_data(c.send(F.Call(1, "m", _nested(10))))
+    assert s.next_event() == F.Call(1, "m", _nested(10))
+    s.receive_data(c.send(F.Call(2, "m", _nested(11))) + c.send(F.Ping(3)))
     with pytest.raises(RemoteProtocolError) as ei:
         s.next_event()
     assert ei.value.rid == 2 and not ei.value.fatal
     assert s.next_event() == F.Ping(3)
     # the same limit applies to results the client reads
-    c.receive_data(s.send(F.Ok(4, [[[[[[[1]]]]]]])))
-    assert c.next_event() == F.Ok(4, [[[[[[[1]]]]]]])
-    c.receive_data(s.send(F.Ok(5, [[[[[[[[1]]]]]]]])))
+    c.receive_data(s.send(F.Ok(4, [[[[[[[[[[1]]]]]]]]]])))
+    assert c.next_event() == F.Ok(4, [[[[[[[[[[1]]]]]]]]]])
+    c.receive_data(s.send(F.Ok(5, [[[[[[[[[[[1]]]]]]]]]]])))
     with pytest.raises(RemoteProtocolError):
         c.next_event()

@@ -214,7 +214,7 @@ class Hub:
             "totals": {"rate_in": _rate(stats["published"], prev.get("published"), dt),
                        "rate_out": out_total if dt is not None else None,
                        "published": stats["published"], "connections": len(conns),
-                       "subscriptions": host.router.count, "queues": len(queues), "streams": len(streams),
+                       "subscriptions": host.subscription_count, "queues": len(queues), "streams": len(streams),
                        "confirmed": durable.confirmed, "dropped": stats["dropped"],
                        "slow_disconnects": stats["slow_disconnects"],
                        "store_pending": durable.store.pending_messages},
