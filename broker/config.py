@@ -56,6 +56,14 @@ class Config:
     # postgresql://USER@HOST:PORT/DB URL = that PostgreSQL database (needs tidings[postgresql];
     # the data directory still holds the lock file and the audit log). docs/SCALING.md.
     store: str = ""
+    # Several brokers on one PostgreSQL database form one service (docs/SCALING.md): each
+    # registers itself with a lease and shares the database with the others. Needs a
+    # postgresql:// store; off, a second broker on the same database is refused (it holds
+    # the broker lock) so that nobody shares a database by accident.
+    cluster: bool = False
+    # The host:port other brokers and clients use to reach this one ("" = host:port as
+    # listened on; set it when listening on 0.0.0.0 or behind NAT).
+    cluster_address: str = ""
     server_name: str = "tidings"
     # durability: "full" (synchronous=FULL: a confirm survives power loss) or
     # "normal" (synchronous=NORMAL: survives a process crash only).
@@ -209,6 +217,9 @@ class Config:
                                   f"{f', not a {scheme}:// URL' if scheme else ''}")
             if self.max_db_pages:
                 raise ConfigError("max_db_pages caps the SQLite store only; it cannot be set with a PostgreSQL store")
+        if self.cluster and not self.store:
+            raise ConfigError("cluster = true needs a shared postgresql://USER@HOST:PORT/DB store "
+                              "(brokers form one service through the database they share)")
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")

@@ -35,6 +35,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--store", help="where durable state lives: a postgresql://USER@HOST:PORT/DB URL "
                    "(needs tidings[postgresql]; prefer PGPASSWORD or ~/.pgpass to a password in the URL); "
                    "default: SQLite in the data directory")
+    s.add_argument("--cluster", action="store_true", help="join the other brokers on the same --store "
+                   "PostgreSQL database as one service (docs/SCALING.md)")
     s.add_argument("--durability", choices=["full", "normal"], help="full: confirms survive power loss (default); "
                    "normal: confirms survive a process crash only")
     s.add_argument("--allow-open", action="store_true", help="allow a non-loopback --host without authentication")
@@ -64,7 +66,7 @@ def run(ns: argparse.Namespace) -> int:
     from tidings.broker.ops import logs
 
     flags = {"host": ns.host, "port": ns.port, "data_dir": ns.data_dir, "store": ns.store,
-             "durability": ns.durability,
+             "durability": ns.durability, "cluster": True if ns.cluster else None,
              "log_level": ns.log_level, "log_format": ns.log_format,
              "allow_open": True if ns.allow_open else None,
              "http_host": ns.http_host, "http_port": ns.http_port,

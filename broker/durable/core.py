@@ -67,7 +67,8 @@ class Durable:
         if cfg.store:  # a postgresql:// URL (validated by Config); asyncpg is imported when it opens
             from tidings.broker.durable.store.postgres import PostgresStore
             self.store = PostgresStore(cfg.store, durability=cast(Durability, cfg.durability),
-                                       data_dir=cfg.data_dir, stall_timeout=cfg.store_stall_timeout)
+                                       data_dir=cfg.data_dir, stall_timeout=cfg.store_stall_timeout,
+                                       cluster=cfg.cluster)
         else:
             self.store = SqliteStore(os.path.join(cfg.data_dir, "tidings.db"),
                                      durability=cast(Durability, cfg.durability),  # validated by Config

@@ -279,3 +279,31 @@ async def test_acks_and_delivery_counts_find_their_rows_by_primary_key(pg_url) -
             assert any("tidings_messages_pkey" in line for line in lines), "\n".join(lines)
     finally:
         await conn.close()
+
+
+async def test_second_broker_is_refused_unless_both_are_in_a_cluster(pg_url, tmp_path) -> None:
+    """Sharing a database is a choice (`cluster = true`), never an accident."""
+    for name in "abcd":
+        (tmp_path / name).mkdir()
+    first = PostgresStore(pg_url, data_dir=tmp_path / "a")
+    await first.open()
+    try:
+        second = PostgresStore(pg_url, data_dir=tmp_path / "b")
+        with pytest.raises(StorageError, match="in use by another tidings broker"):
+            await second.open()
+    finally:
+        await first.close()
+    shared = [PostgresStore(pg_url, data_dir=tmp_path / n, cluster=True) for n in ("c", "d")]
+    for store in shared:
+        await store.open()
+    try:
+        assert all(store.is_open for store in shared)
+    finally:
+        for store in shared:
+            await store.close()
+
+
+def test_cluster_needs_a_postgresql_store(tmp_path) -> None:
+    from tidings.broker.config import Config, ConfigError
+    with pytest.raises(ConfigError, match="cluster = true needs a shared postgresql"):
+        Config(data_dir=str(tmp_path), cluster=True).validate()

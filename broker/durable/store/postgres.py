@@ -175,7 +175,8 @@ class PostgresStore(PgReads):
                  batch_max_messages: int = BATCH_MAX_MESSAGES,
                  stall_timeout: float = STALL_TIMEOUT,
                  connect_timeout: float = CONNECT_TIMEOUT,
-                 command_timeout: float = COMMAND_TIMEOUT) -> None:
+                 command_timeout: float = COMMAND_TIMEOUT,
+                 cluster: bool = False) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         if not is_postgres_url(url):
@@ -191,6 +192,8 @@ class PostgresStore(PgReads):
         self.stall_timeout = stall_timeout
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
+        # Several brokers share the database (docs/SCALING.md): no exclusive broker lock.
+        self.cluster = cluster
         self._password = urllib.parse.urlsplit(url).password
         self._lockfile = LockFile(os.path.join(os.fspath(data_dir), LOCK_FILENAME)) if data_dir is not None else None
         self._writer: asyncpg.Connection | None = None
@@ -268,7 +271,10 @@ class PostgresStore(PgReads):
                 f"cannot connect to {self.path}: {self._scrub(str(exc) or type(exc).__name__)}") from exc
 
     async def _lock(self, conn: asyncpg.Connection) -> None:
-        """Take the broker lock on `conn` (held until it closes). Raises StorageError."""
+        """Take the broker lock on `conn` (held until it closes). Raises StorageError.
+        In a cluster the brokers share the database: nothing to take."""
+        if self.cluster:
+            return
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", BROKER_LOCK):
             raise StorageError(
                 f"{self.path} is in use by another tidings broker (it holds the broker lock); "
