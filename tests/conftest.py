@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.brokerproc", "tests.certs", "tests.pgserver"]
+pytest_plugins = ["tests.brokerproc", "tests.certs", "tests.pgserver", "tests.clustertools"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
