@@ -46,6 +46,7 @@ from tidings.broker.security import tls
 from tidings.broker.security.audit import AuditFile, AuditLog, logger_sink
 from tidings.broker.security.auth import AuthError, AuthThrottled, Users, auth_method
 from tidings.broker.config import Config, ConfigError, is_loopback
+from tidings.broker.cluster.node import Cluster
 from tidings.broker.net.connection import ConnectionActor, Subscription
 from tidings.broker.ops.backup import backup_handler
 from tidings.broker.net.bindings import BindingsFeed
@@ -137,6 +138,8 @@ class Broker:
         self.handle_request = self.dispatcher.handle_request  # the connection's port (net/ports.py)
         self._audit_file: AuditFile | None = None
         self.http: Any = None  # the HTTP port (broker/http/server.py HttpServer) while it runs
+        # Several brokers on one database (broker/cluster/): membership, routes, interest.
+        self.cluster: Cluster | None = Cluster(config, self.router, self.filtering) if config.cluster else None
         self.monitor = ResourceMonitor(memory_high_water=config.memory_high_water,
                                        min_free_disk=config.min_free_disk, data_dir=config.data_dir,
                                        interval=config.resource_check_interval)
@@ -144,7 +147,8 @@ class Broker:
     @property
     def subscription_count(self) -> int:
         """Live pub/sub subscriptions: the router's and the filtered ones kept apart."""
-        return self.router.count + self.filtering.subs.count
+        remote = self.cluster.remote_count if self.cluster is not None else 0  # other brokers' interest
+        return self.router.count + self.filtering.subs.count - remote
 
     # ------------------------------------------------------ connections
 
@@ -272,6 +276,15 @@ class Broker:
             "bindings": {"epoch": self.bindings.epoch},
         }
 
+    async def serve_route(self, actor: ConnectionActor, hello: F.Hello) -> None:
+        """A HELLO with the route option: another broker of the cluster (broker/cluster/mesh.py
+        authenticates it); the connection is a route until it ends. Refused unless clustered."""
+        self._untrack_handshake(actor.number)  # not a client: neither pending nor admitted
+        if self.cluster is None:
+            actor.send_err(0, ErrorCode.BAD_STATE, "this broker is not in a cluster (cluster = false)")
+            return
+        await self.cluster.accept_route(actor.stream, hello.options, actor.peer)
+
     def opened(self, actor: ConnectionActor) -> None:
         """WELCOME is queued for ``actor``: the durable bindings it may see follow (NOTICEs)."""
         self.bindings.send(actor)
@@ -375,6 +388,8 @@ class Broker:
         snap["store"]["state_failures"] = self.durable.state_failures
         snap["store"]["read_errors"] = self.durable.read_errors
         snap["pid"] = os.getpid()
+        if self.cluster is not None:
+            snap["cluster"] = self.cluster.info()
         snap["limits"] = self.monitor.snapshot()
         snap["auth"] = {"enabled": self.users is not None, "users": len(self.users) if self.users else 0,
                         "throttled_peers": len(self.users.throttle) if self.users else 0}
@@ -415,6 +430,8 @@ class Broker:
                         await root.start(self.http.run)
                     await self.durable.start(root)
                     await self.schemas.load()
+                    if self.cluster is not None:
+                        await self.cluster.start(root, self.bound_address)
                     await self._serve_connections(tcp, install_signals)
                 finally:
                     with anyio.CancelScope(shield=True):
@@ -423,6 +440,8 @@ class Broker:
                             # store closes: gateway publishes in flight get their confirms.
                             with anyio.move_on_after(HTTP_STOP_GRACE):
                                 await self.http.stop()
+                        if self.cluster is not None:
+                            await self.cluster.close()
                         await self.durable.close()
                     root.cancel_scope.cancel()
         finally:

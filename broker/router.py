@@ -19,15 +19,33 @@ class Group(Generic[T]):
     """Members of one queue group on one pattern; each message goes to one.
 
     ``filtered`` counts members carrying a content filter (a non-None ``flt``):
-    while it is 0 the publish path calls :meth:`pick`, else :meth:`pick_matching`."""
+    while it is 0 the publish path calls :meth:`pick`, else :meth:`pick_matching`.
 
-    __slots__ = ("name", "members", "next", "filtered")
+    ``remote`` holds the other brokers of a cluster that have members of this group
+    (items with a true ``remote`` attribute, broker/cluster/mesh.py): a local member
+    is always preferred, and only a group without one picks a remote broker
+    (round-robin), which then picks one of its own members."""
+
+    __slots__ = ("name", "members", "next", "filtered", "remote", "rnext")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: list[T] = []
         self.next = 0
         self.filtered = 0
+        self.remote: list[T] = []
+        self.rnext = 0
+
+    def pick_remote(self) -> T | None:
+        """The next remote broker with members (round-robin), None if there is none."""
+        remote = self.remote
+        if not remote:
+            return None
+        i = self.rnext
+        if i >= len(remote):
+            i = 0
+        self.rnext = i + 1
+        return remote[i]
 
     def pick_matching(self, ok: Callable[[Any], bool]) -> T | None:
         """The next member (round-robin) without a filter or whose filter ``ok`` accepts;
@@ -44,10 +62,12 @@ class Group(Generic[T]):
             if f is None or ok(f):
                 self.next = i
                 return m
-        return None
+        return self.pick_remote()
 
     def pick(self) -> T:
         members = self.members
+        if not members:
+            return self.pick_remote()  # type: ignore[return-value]  # a group is never empty
         i = self.next
         if i >= len(members):
             i = 0
@@ -94,7 +114,10 @@ class Router(Generic[T]):
             g = node.groups.get(group)
             if g is None:
                 g = node.groups[group] = Group(group)
-            g.members.append(item)
+            if getattr(item, "remote", False):
+                g.remote.append(item)
+            else:
+                g.members.append(item)
             if getattr(item, "flt", None) is not None:
                 g.filtered += 1
         self.count += 1
@@ -115,10 +138,10 @@ class Router(Generic[T]):
                 node.plain.remove(item)
             else:
                 g = node.groups[group]
-                g.members.remove(item)
+                (g.remote if getattr(item, "remote", False) else g.members).remove(item)
                 if getattr(item, "flt", None) is not None:
                     g.filtered -= 1
-                if not g.members:
+                if not g.members and not g.remote:
                     del node.groups[group]
         except (ValueError, KeyError):
             return False
@@ -130,6 +153,16 @@ class Router(Generic[T]):
                 break
             del parent.children[tok]
         return True
+
+    def group(self, pattern: str, name: str) -> Group[T] | None:
+        """The queue group ``name`` registered on exactly ``pattern``, if any."""
+        node = self._root
+        for tok in pattern.split("."):
+            nxt = node.children.get(tok)
+            if nxt is None:
+                return None
+            node = nxt
+        return node.groups.get(name)
 
     def match(self, subject: str) -> Match:
         hit = self._cache.get(subject)
@@ -173,6 +206,8 @@ class Router(Generic[T]):
                 yield pat, it, None
             for g in node.groups.values():
                 for it in g.members:
+                    yield pat, it, g.name
+                for it in g.remote:
                     yield pat, it, g.name
             for tok, child in node.children.items():
                 stack.append((child, toks + [tok]))

@@ -42,6 +42,7 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import LocalProtocolError
 from tidings.protocol.filters import Filter
+from tidings.protocol.route import HELLO_ROUTE
 
 from tidings.broker.net.publish import route, route_filtered
 from tidings.broker.security.auth import ANONYMOUS, User
@@ -280,6 +281,9 @@ class ConnectionActor:
             if scope.cancelled_caught:
                 self.send_err(0, ErrorCode.HELLO_TIMEOUT, f"no HELLO within {cfg.hello_timeout}s")
                 self.port.audit.limit_refused("", self.peer, "hello_timeout", seconds=cfg.hello_timeout)
+                return
+            if hello is not None and HELLO_ROUTE in hello.options:
+                await self.port.serve_route(self, hello)  # another broker: a route until it ends
                 return
             if hello is None or not await self._accept_hello(hello):
                 return

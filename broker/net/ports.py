@@ -6,6 +6,7 @@ the durable bindings match, counters, the audit log, the resource monitor)
 and the few things it asks the broker to do:
 
 * ``admit``: may this HELLO stay (authentication, connection caps)?
+* ``serve_route``: the HELLO came from another broker of the cluster;
 * ``welcome_info`` / ``opened``: what WELCOME carries; after it, the
   durable bindings (NOTICEs) follow;
 * ``handle_request``: dispatch any request frame but PUB and PING;
@@ -78,6 +79,11 @@ class BrokerPort(Protocol[Conn]):
 
     async def admit(self, conn: Conn, hello: F.Hello) -> tuple[ErrorCode, str] | None:
         """Decide whether a connection that said HELLO may stay; None = yes, else the refusal."""
+        ...
+
+    async def serve_route(self, conn: Conn, hello: F.Hello) -> None:
+        """The HELLO has the route option (another broker of a cluster): serve the
+        connection as a route until it ends (broker/cluster/mesh.py)."""
         ...
 
     def welcome_info(self, conn: Conn) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class Filtering:
         self.durable = durable
         self.decode = decode
         self._interned: weakref.WeakValueDictionary[str, Filter] = weakref.WeakValueDictionary()
+        # In a cluster: ``on_interest(pattern, group, +1/-1)`` after each local subscription
+        # is added or removed, so the other brokers learn this broker's interest (broker/cluster/).
+        self.on_interest: Callable[[str, str | None, int], None] | None = None
 
     def compile(self, spec: Any) -> Filter:
         """``compile_filter(spec)`` (raises FilterError), one shared Filter per distinct
@@ -71,6 +74,8 @@ class Filtering:
 
     def add(self, router: Router[Any], sub: Any) -> None:
         """Register subscription ``sub`` (``sub.flt`` may be None) in the right router."""
+        if self.on_interest is not None:
+            self.on_interest(sub.pattern, sub.group, 1)
         if sub.flt is not None and sub.group is None:
             self.subs.add(sub.pattern, sub)
             return
@@ -80,6 +85,8 @@ class Filtering:
 
     def remove(self, router: Router[Any], sub: Any) -> None:
         """Undo :meth:`add`."""
+        if self.on_interest is not None:
+            self.on_interest(sub.pattern, sub.group, -1)
         if sub.flt is not None and sub.group is None:
             self.subs.remove(sub.pattern, sub)
             return
@@ -230,6 +237,62 @@ def route_filtered(router: Router[Any], durable_match: Callable[[str], Any] | No
             else:
                 confirms.append([m[4], int(ErrorCode.NO_ROUTE), f"no queue, stream or subscriber for {subj!r}"])
     return entries, confirms
+
+
+def deliver_forwarded(router: Router[Any], fl: Filtering, msgs: list[list[Any]],
+                      groups: dict[int, list[Any]] | None, remote: type) -> int:
+    """Deliver messages another broker forwarded (broker/cluster/route.py) to this broker's
+    own subscribers, through the same subscriptions, content filters and mailboxes as
+    :func:`route_filtered`, and nothing else: never to another broker (items of type
+    ``remote``), never to a durable target (the publishing broker stored it), never a
+    no-responders answer (only the publishing broker knows that nobody listens).
+
+    ``msgs`` are ``[subject, payload, headers, reply]``; ``groups`` maps a message's index
+    to the queue groups the publishing broker chose this broker for, each as the Group
+    object or None (gone here since), and one local member of each gets it. Returns the
+    number of deliveries."""
+    match = router.match
+    fmatch = fl.subs.match if fl.subs.count else None
+    decode = fl.decode
+    n = 0
+    for i, item in enumerate(msgs):
+        subj = item[0]
+        h = item[2]
+        plain = match(subj)[0]
+        size = len(item[1]) + len(subj) + MSG_OVERHEAD
+        if h:
+            size += headers_size(h)
+        for s in plain:
+            if type(s) is not remote:
+                s.conn.push_msg(s.sid, item, size)
+                n += 1
+        data: Any = None
+        if fmatch is not None:
+            for s in fmatch(subj)[0]:
+                f = s.flt
+                if f.needs_data and data is None:
+                    data = decode(item)
+                if f.matches(h, data):
+                    s.conn.push_msg(s.sid, item, size)
+                    n += 1
+        if groups is None:
+            continue
+        for g in groups.get(i, ()):
+            if g is None or not g.members:
+                continue  # its last local member left meanwhile: pub/sub is at most once
+            if g.filtered:
+                if data is None:
+                    data = decode(item)
+                ok = _verdict(h, data)
+                s = next((m for m in g.members if m.flt is None or ok(m.flt)), None)
+                if s is None:
+                    continue
+            else:
+                s = g.members[g.next % len(g.members)]
+                g.next += 1
+            s.conn.push_msg(s.sid, item, size)
+            n += 1
+    return n
 
 
 def _verdict(h: Any, data: Any) -> Callable[[Filter], bool]:
