@@ -303,10 +303,12 @@ class Mesh:
         """What ``stats`` shows under "cluster"."""
         m = self.membership
         peers = []
-        for p in sorted(m.peers.values(), key=lambda p: p.id):
-            r = self.routes.get(p.id)
-            peers.append({"id": p.id, "address": p.address, "route": r is not None,
-                          "forwarded": r.forwarded if r else 0, "received": r.received if r else 0,
+        for pid in sorted(set(m.peers) | set(self.routes)):
+            r = self.routes.get(pid)
+            member = m.peers.get(pid)
+            address = member.address if member is not None else r.address if r is not None else ""
+            peers.append({"id": pid, "address": address, "alive": member is not None, "route": r is not None,
+                          "forwarded": r.forwarded + r.queued if r else 0, "received": r.received if r else 0,
                           "dropped": r.dropped if r else 0, "interest": len(r.subs) if r else 0})
         return {"id": m.my_id, "address": m.address, "peers": peers, "routes": len(self.routes),
                 "local_interest": len(self._local), "remote_interest": self.remote_count,

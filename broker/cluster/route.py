@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import anyio
 import msgpack
@@ -38,11 +38,6 @@ from tidings.protocol import route as R
 from tidings.protocol import vocabulary as V
 from tidings.protocol.codec import HEADER
 from tidings.protocol.errors import RemoteProtocolError
-
-from tidings.broker.net.publish import deliver_forwarded
-
-if TYPE_CHECKING:
-    from tidings.broker.cluster.mesh import Mesh
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +59,22 @@ PING_INTERVAL: Final = 2.0
 DEAD_AFTER: Final = 3 * PING_INTERVAL
 #: Estimated bytes of one message's envelope in the outbound queue.
 MSG_OVERHEAD: Final = 24
+
+
+class RouteHost(Protocol):
+    """What a route asks of its owner (mesh.py ``Mesh``)."""
+
+    def deliver(self, msgs: list[Any], pairs: Any) -> None:
+        """Messages the peer forwarded: to local subscribers only."""
+        ...
+
+    def remote_interest(self, route: Route, entries: Any) -> None:
+        """The peer's interest changed (RSUB entries)."""
+        ...
+
+    def interest_snapshot(self) -> list[list[Any]]:
+        """This broker's whole interest, sent first on a new route."""
+        ...
 
 
 class RemoteSub:
@@ -89,7 +100,7 @@ class RemoteSub:
 class Route:
     """The actor of one authenticated route (see the module doc)."""
 
-    def __init__(self, mesh: Mesh, peer_id: str, address: str, stream: ByteStream, splitter: R.FrameSplitter,
+    def __init__(self, mesh: RouteHost, peer_id: str, address: str, stream: ByteStream, splitter: R.FrameSplitter,
                  dialer: bool) -> None:
         self.mesh = mesh
         self.peer_id = peer_id
@@ -140,6 +151,11 @@ class Route:
         if self._idle:
             self._idle = False
             self._wake.set()
+
+    @property
+    def queued(self) -> int:
+        """Messages queued for the peer and not yet written."""
+        return len(self._out)
 
     def queue_interest(self, entry: list[Any]) -> None:
         """Send ``[iid, pattern, group, count]`` with the next write (a later change of
