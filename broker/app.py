@@ -279,7 +279,8 @@ class Broker:
     async def serve_route(self, actor: ConnectionActor, hello: F.Hello) -> None:
         """A HELLO with the route option: another broker of the cluster (broker/cluster/mesh.py
         authenticates it); the connection is a route until it ends. Refused unless clustered."""
-        self._untrack_handshake(actor.number)  # not a client: neither pending nor admitted
+        self._untrack_handshake(actor.number)  # not a client: neither pending nor admitted,
+        self.connections.pop(actor.number, None)  # nor told of shutdowns (the cluster closes routes)
         if self.cluster is None:
             actor.send_err(0, ErrorCode.BAD_STATE, "this broker is not in a cluster (cluster = false)")
             return
@@ -571,6 +572,8 @@ class Broker:
     async def _drain_connections(self) -> None:
         """Tell every client we are going, and give them SHUTDOWN_GRACE to flush."""
         self._shutting_down = True
+        if self.cluster is not None:
+            self.cluster.close_routes()
         for actor in list(self.connections.values()):
             actor.push_wire([F.Op.NOTICE, V.NOTICE_SHUTDOWN, {}])
             actor.close()

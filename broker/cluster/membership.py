@@ -89,7 +89,7 @@ class Membership:
         self._conn: Any = None
         self._changed = anyio.Event()
         self._closed = False
-        self._scope = anyio.CancelScope()  # the renewals; close() ends them before leaving
+        self._scope: anyio.CancelScope | None = None  # the renewals; close() ends them before leaving
 
     def watch(self, *, joined: Callable[[Member], None] | None = None,
               died: Callable[[Member], None] | None = None) -> None:
@@ -125,7 +125,9 @@ class Membership:
             raise
         log.info("cluster: joined as %s at %s (%d peers alive)", self.my_id, self.address, len(self.peers))
         task_status.started()
-        with self._scope:
+        with anyio.CancelScope() as self._scope:
+            if self._closed:
+                return
             await self._renewals()
 
     async def _renewals(self) -> None:
@@ -150,7 +152,8 @@ class Membership:
         if self._closed:
             return
         self._closed = True
-        self._scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
         self._drop_conn()  # a renewal cancelled mid-query may have left it busy: a fresh one
         with anyio.CancelScope(shield=True), anyio.move_on_after(DB_TIMEOUT):
             try:

@@ -197,6 +197,11 @@ class Mesh:
                 return
             route = Route(self, member.id, member.address, stream, split, dialer=True)
             self._register(route)
+        except Exception:  # actor boundary: a peer's odd answer must not take the mesh down
+            log.exception("cluster: dialing %s at %s failed", member.id, member.address)
+            if stream is not None:
+                await anyio.aclose_forcefully(stream)
+            return
         finally:
             self._dialing.discard(member.id)
         await self._serve(route)

@@ -39,8 +39,10 @@ class Cluster:
         self.config = config
         self.router = router
         self.filtering = filtering
-        self.membership: Membership | None = None
-        self.mesh: Mesh | None = None
+        # Built here (its id is known from now on) so that other parts can hold it from the start;
+        # its address is set and its row inserted by start().
+        self.membership = Membership(config.store, "")
+        self.mesh = Mesh(self.membership, router, filtering, config.server_name)
 
     async def start(self, tg: TaskGroup, bound: tuple[str, int]) -> None:
         """Register in the membership table and start the mesh. Raises ConfigError when the
@@ -53,29 +55,28 @@ class Cluster:
                 raise ConfigError(f"listening on {host or 'every address'}: set cluster_address to the "
                                   "host:port other brokers reach this one at")
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.membership = Membership(cfg.store, address)
-        self.mesh = Mesh(self.membership, self.router, self.filtering, cfg.server_name)
+        self.membership.address = address
         # From here on every local SUB/UNSUB reaches the peers (none is served yet).
         self.filtering.on_interest = self.mesh.local_changed
         await tg.start(self.membership.run)
         await tg.start(self.mesh.run)
 
     async def accept_route(self, stream: ByteStream, options: dict[str, Any], peer: str) -> None:
-        if self.mesh is None:
-            return
         await self.mesh.accept(stream, options, peer)
 
     @property
     def remote_count(self) -> int:
         """Router items that stand for other brokers' interest (not subscriptions of ours)."""
-        return self.mesh.remote_count if self.mesh is not None else 0
+        return self.mesh.remote_count
 
     def info(self) -> dict[str, Any]:
-        return self.mesh.info() if self.mesh is not None else {}
+        return self.mesh.info()
+
+    def close_routes(self) -> None:
+        """Shutdown begins: close every route (peers see it at once and drop our interest)."""
+        self.mesh.close()
 
     async def close(self) -> None:
         """Close the routes and leave the membership table (shielded, never raises)."""
-        if self.mesh is not None:
-            self.mesh.close()
-        if self.membership is not None:
-            await self.membership.close()
+        self.mesh.close()
+        await self.membership.close()

@@ -176,21 +176,29 @@ class Route:
         try:
             with self._scope:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._writer)
-                    tg.start_soon(self._pinger)
-                    try:
-                        await self._reader()
-                    finally:
-                        tg.cancel_scope.cancel()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError,
-                OSError) as exc:
-            log.info("cluster: route to %s at %s broke: %s", self.peer_id, self.address, exc or type(exc).__name__)
-        except RemoteProtocolError as exc:
-            log.error("cluster: route to %s at %s sent a bad frame: %s", self.peer_id, self.address, exc.message)
+                    tg.start_soon(self._guarded, self._writer, tg)
+                    tg.start_soon(self._guarded, self._pinger, tg)
+                    await self._guarded(self._reader, tg)
         finally:
             self.closed = True
             with anyio.CancelScope(shield=True):
                 await anyio.aclose_forcefully(self.stream)
+
+    async def _guarded(self, task: Any, tg: Any) -> None:
+        """Run one of the route's tasks; whatever ends it ends the route (an actor boundary:
+        a broken route is logged and closed, the broker keeps serving)."""
+        try:
+            await task()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError,
+                OSError) as exc:
+            log.info("cluster: route to %s at %s broke: %s", self.peer_id, self.address,
+                     str(exc) or type(exc).__name__)
+        except RemoteProtocolError as exc:
+            log.error("cluster: route to %s at %s sent a bad frame: %s", self.peer_id, self.address, exc.message)
+        except Exception:  # noqa: BLE001 - actor boundary
+            log.exception("cluster: route to %s at %s failed", self.peer_id, self.address)
+        finally:
+            tg.cancel_scope.cancel()
 
     async def _reader(self) -> None:
         split = self._splitter

@@ -151,6 +151,14 @@ async def test_wildcard_interest_and_unsubscribe(start_cluster: Cluster) -> None
             await ta.publish("orders.eu.created", b"x")
         await ta.flush()
         assert forwarded((await stats(ta))["cluster"], b_id) == sent
+        # a clean shutdown (routes closed first, then the row deleted) ends with status 0,
+        # and A sees B leave without waiting for its lease
+        assert b.terminate() == 0
+
+        async def b_gone() -> bool:
+            return not (await stats(ta))["cluster"]["peers"]
+        await wait_for(b_gone, "B gone from A's view")
+    assert a.terminate() == 0
 
 
 async def test_queue_group_across_brokers_one_member_each(start_cluster: Cluster) -> None:
