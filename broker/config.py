@@ -220,6 +220,9 @@ class Config:
         if self.cluster and not self.store:
             raise ConfigError("cluster = true needs a shared postgresql://USER@HOST:PORT/DB store "
                               "(brokers form one service through the database they share)")
+        if self.cluster and self.security.tls is not None:
+            raise ConfigError("cluster = true with [tls] is not supported yet: routes between brokers use the "
+                              "client port without TLS (docs/SCALING.md)")
         for name in ("memory_high_water", "min_free_disk"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 turns the check off)")

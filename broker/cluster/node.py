@@ -33,9 +33,6 @@ class Cluster:
     """Membership and mesh of one broker (owned by the event loop thread)."""
 
     def __init__(self, config: Config, router: Router[Any], filtering: Filtering) -> None:
-        if config.security.tls is not None:
-            raise ConfigError("cluster = true with [tls] is not supported yet: routes between brokers use the "
-                              "client port without TLS (docs/SCALING.md)")
         self.config = config
         self.router = router
         self.filtering = filtering

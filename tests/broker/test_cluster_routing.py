@@ -76,3 +76,15 @@ def test_forwarded_messages_reach_local_subscribers_only() -> None:
     assert local.got == [(5, b"1"), (5, b"2")]
     assert sum(len(m.got) for m in members) == 1  # the group only for the message it was picked for
     assert other_peer._out == []  # never forwarded again
+
+
+async def test_a_broker_on_every_address_must_name_its_cluster_address(tmp_path: Any) -> None:
+    import pytest
+
+    from tidings.broker.cluster.node import Cluster
+    from tidings.broker.config import Config, ConfigError
+
+    cfg = Config(data_dir=str(tmp_path), store="postgresql://t@127.0.0.1:1/db", cluster=True)
+    cluster = Cluster(cfg, Router(), Filtering(Router(), lambda m: None))
+    with pytest.raises(ConfigError, match="set cluster_address"):
+        await cluster.start(None, ("0.0.0.0", 7421))  # type: ignore[arg-type]  # refused before any task starts
