@@ -139,7 +139,8 @@ class Broker:
         self._audit_file: AuditFile | None = None
         self.http: Any = None  # the HTTP port (broker/http/server.py HttpServer) while it runs
         # Several brokers on one database (broker/cluster/): membership, routes, interest.
-        self.cluster: Cluster | None = Cluster(config, self.router, self.filtering) if config.cluster else None
+        self.cluster: Cluster | None = (Cluster(config, self.router, self.filtering, self.audit)
+                                        if config.cluster else None)
         # Who is alive (docs/ARCHITECTURE.md "Membership"); None without cluster = true.
         self.membership = self.cluster.membership if self.cluster is not None else None
         self.monitor = ResourceMonitor(memory_high_water=config.memory_high_water,

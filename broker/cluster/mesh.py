@@ -24,7 +24,7 @@ never answered with no-responders.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
 from anyio.abc import ByteStream, TaskGroup, TaskStatus
@@ -75,6 +75,8 @@ class Mesh:
         self._next_iid = 0
         self.remote_count = 0  # RemoteSub items in the router
         self.refused = 0  # route handshakes refused (a wrong proof, a stranger)
+        # ``on_refused(peer, claimed id, why)``: a refused route handshake (the audit log's auth_failed)
+        self.on_refused: Callable[[str, str, str], None] | None = None
         self._tg: TaskGroup | None = None
         membership.watch(died=self._died)
 
@@ -276,6 +278,8 @@ class Mesh:
                       why: str) -> None:
         self.refused += 1
         log.warning("cluster: refused a route from %s (claiming broker %s): %s", peer, claimed, why)
+        if self.on_refused is not None:
+            self.on_refused(peer, claimed, why)
         try:
             await stream.send(enc.encode_value([F.Op.ERR, 0, int(code), why]))
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):

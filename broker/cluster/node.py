@@ -22,6 +22,7 @@ from tidings.broker.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from tidings.broker.net.publish import Filtering
+    from tidings.broker.security.audit import AuditLog
     from tidings.broker.router import Router
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "")
 class Cluster:
     """Membership and mesh of one broker (owned by the event loop thread)."""
 
-    def __init__(self, config: Config, router: Router[Any], filtering: Filtering) -> None:
+    def __init__(self, config: Config, router: Router[Any], filtering: Filtering,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
         self.router = router
         self.filtering = filtering
@@ -40,6 +42,8 @@ class Cluster:
         # its address is set and its row inserted by start().
         self.membership = Membership(config.store, "")
         self.mesh = Mesh(self.membership, router, filtering, config.server_name)
+        if audit is not None:  # a refused route handshake is a failed login: audited as one
+            self.mesh.on_refused = lambda peer, claimed, why: audit.auth_failed(claimed, peer, "route", why)
 
     async def start(self, tg: TaskGroup, bound: tuple[str, int]) -> None:
         """Register in the membership table and start the mesh. Raises ConfigError when the

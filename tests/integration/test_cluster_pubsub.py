@@ -321,6 +321,13 @@ async def test_unauthenticated_route_is_refused(start_cluster: Cluster) -> None:
         assert await take_until_sentinel(watched) == [b"real"]  # nothing forged got through
         assert (await stats(ta))["cluster"]["routes_refused"] == info["routes_refused"] + 2
 
+        from tests.integration.securitytools import audit_lines
+
+        async def audited() -> bool:  # a refused route is a failed login in the audit log
+            return any(x["event"] == "auth_failed" and x.get("method") == "route" and x["user"] == "intruder"
+                       for x in audit_lines(a.data_dir))
+        await wait_for(audited, "the refused routes in A's audit log")
+
 
 async def test_a_broker_outside_a_cluster_refuses_routes(start_broker: Any) -> None:
     plain = start_broker()
