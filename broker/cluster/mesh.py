@@ -247,8 +247,9 @@ class Mesh:
             return
         dialer, nd = info["id"], info["nonce"]
         if info.get("to") != me:
+            # a peer's stale view (this address's previous broker restarted): not an intruder
             await self._refuse(stream, enc, peer, dialer, ErrorCode.BAD_STATE,
-                               f"this is broker {me}, not {info.get('to')!r} (membership changed)")
+                               f"this is broker {me}, not {info.get('to')!r} (membership changed)", stale=True)
             return
         secret = self.membership.secret
         na = R.nonce()
@@ -275,11 +276,14 @@ class Mesh:
         await self._serve(route)
 
     async def _refuse(self, stream: ByteStream, enc: Encoder, peer: str, claimed: str, code: ErrorCode,
-                      why: str) -> None:
-        self.refused += 1
-        log.warning("cluster: refused a route from %s (claiming broker %s): %s", peer, claimed, why)
-        if self.on_refused is not None:
-            self.on_refused(peer, claimed, why)
+                      why: str, stale: bool = False) -> None:
+        if stale:
+            log.info("cluster: refused a route from %s (broker %s): %s", peer, claimed, why)
+        else:
+            self.refused += 1
+            log.warning("cluster: refused a route from %s (claiming broker %s): %s", peer, claimed, why)
+            if self.on_refused is not None:
+                self.on_refused(peer, claimed, why)
         try:
             await stream.send(enc.encode_value([F.Op.ERR, 0, int(code), why]))
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
