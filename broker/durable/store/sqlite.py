@@ -698,7 +698,7 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         assert conn is not None
         self.forced_checkpoints += 1
         try:
-            await conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")  # its row read: the statement ends
         except sqlite3.Error as exc:
             log.warning("store %s: checkpoint failed: %s", self.path, exc)
 
