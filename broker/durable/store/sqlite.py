@@ -175,6 +175,10 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         super().__init__()
+        try:  # the actor takes the lock once per commit: no extra pass of the event loop when free
+            self._lock = anyio.Lock(fast_acquire=True)
+        except TypeError:  # anyio < 4.5
+            pass
         self.path = os.fspath(path)
         self.durability: Durability = durability
         self.max_page_count = max_page_count
