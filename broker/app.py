@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
 import logging
 import math
 import os
@@ -97,6 +98,9 @@ class Broker:
         self._tg: TaskGroup | None = None
         self._shutting_down = False
         self.ready = anyio.Event()
+        # serve.py sets it (the daemon, not in-process use): after recovery, the long-lived state
+        # goes to the collector's permanent generation, so full passes stop walking it
+        self.freeze_gc_when_ready = False
         # The schema registry keeps its state in the durable store; a binding's dead-letter
         # destination is a queue target, as the durable bindings match returns them.
         self.schemas = SchemaRegistry(self.durable.store, self.durable.queues.get, now_ms=self.durable.now_ms)
@@ -558,6 +562,8 @@ class Broker:
                     if sec.auth_enabled and sec.tls is None and not is_loopback(cfg.host):
                         log.warning("authentication without TLS on %s: passwords and tokens cross the network "
                                     "in clear; configure [tls]", cfg.host)
+                    if self.freeze_gc_when_ready:
+                        gc.freeze()
                     self.ready.set()
                     if signals is None:
                         await anyio.sleep_forever()

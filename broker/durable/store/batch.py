@@ -4,8 +4,8 @@
 submitted (so a malformed op fails its submitter, not a batch). `plan(items)`
 cuts a batch into stages: a stage is at most four `executemany` calls (insert
 messages, upsert dedup entries, update messages, delete messages, in that fixed
-order), so a batch of interleaved publishes and acks costs a handful of thread
-round trips instead of one per operation.
+order), so a batch of interleaved publishes and acks costs a handful of statements
+instead of one per operation (and the whole transaction one thread hop).
 
 Reordering must not change the outcome: per key, the batch has to end as if its
 operations had run in submission order. With the fixed stage order, an update
@@ -20,10 +20,10 @@ a stage of their own, at their place in the order.
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Callable
 from typing import Any, Final
 
-import aiosqlite
 import msgpack
 
 from tidings.broker.durable.store.base import (
@@ -262,18 +262,19 @@ class Stage:
             self.deletes += it.deletes
             self.touched.update(it.deletes)
 
-    async def execute(self, conn: aiosqlite.Connection) -> None:
-        """Run the stage inside the caller's transaction. Raises sqlite3.Error."""
+    def execute(self, conn: sqlite3.Connection) -> None:
+        """Run the stage inside the caller's transaction, on the SQLite thread (the whole
+        transaction is one call there: see SqliteStore._transaction). Raises sqlite3.Error."""
         if self.statements is not None:
             for sql, params in self.statements:
-                await conn.execute(sql, params)
+                conn.execute(sql, params)
             return
         if self.stream_inserts:
-            await conn.executemany(INSERT_STREAM_ROW, self.stream_inserts)
+            conn.executemany(INSERT_STREAM_ROW, self.stream_inserts)
         if self.inserts:
-            await conn.executemany(INSERT_MESSAGE, self.inserts)
+            conn.executemany(INSERT_MESSAGE, self.inserts)
         if self.dedup:
-            await conn.executemany(UPSERT_DEDUP, self.dedup)
+            conn.executemany(UPSERT_DEDUP, self.dedup)
         updates = self.updates
         if updates and self.deletes:
             # An update of a row this stage deletes anyway is wasted work (the
@@ -281,11 +282,11 @@ class Stage:
             gone = set(self.deletes)
             updates = [u for u in updates if (u[0], u[1]) not in gone]
         if updates:
-            await conn.executemany(UPDATE_MESSAGE, updates)
+            conn.executemany(UPDATE_MESSAGE, updates)
         if self.deletes:
-            await conn.executemany(DELETE_MESSAGE, self.deletes)
+            conn.executemany(DELETE_MESSAGE, self.deletes)
         if self.offsets:
-            await conn.executemany(UPSERT_OFFSET, self.offsets)
+            conn.executemany(UPSERT_OFFSET, self.offsets)
 
 
 def plan(items: list[Item]) -> list[Stage]:

@@ -10,6 +10,15 @@ pages fail with StorageFull at once while those that free space (acks, purges)
 still commit; any other error (I/O, busy, corrupt) fails the whole batch.
 Each operation is atomic either way: it is wholly stored or not at all.
 
+One transaction is one hand-off to the SQLite thread: BEGIN, every statement,
+the id high-water mark, COMMIT (or the rollback) run there in one call, so a
+commit costs one loop <-> thread round trip however many statements it has.
+Bookkeeping writes nobody waits on (fire-and-forget acks, delivery counts) do
+not get a transaction of their own while publishes are arriving: they ride in
+the next one (BOOKKEEPING_DELAY, BOOKKEEPING_MAX_ROWS). Checkpoints run off the
+commit path: SQLite's automatic checkpoint is off and a thread with its own
+connection checkpoints the WAL (see _Checkpointer).
+
 Reads run on the same connection, serialised with transactions by a lock, so
 a read never sees a half-done transaction and sees everything committed.
 """
@@ -23,6 +32,7 @@ import logging
 import os
 import sqlite3
 import sys
+import threading
 import time
 import traceback
 from types import FrameType
@@ -32,16 +42,19 @@ from typing import TYPE_CHECKING, Any, Callable, Final
 import aiosqlite
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import TaskStatus
 
 from tidings.broker.durable.store import migrations
 from tidings.broker.durable.store.base import (
     DURABILITIES,
+    DeleteMessages,
     Durability,
     StorageClosed,
     StorageError,
     StorageFull,
     Store,
+    UpdateMessages,
     WriteOp,
 )
 from tidings.broker.durable.store.batch import RAISE_MAX_ID, Item, plan, prepare
@@ -67,6 +80,25 @@ BATCH_MAX_MESSAGES: Final = 20_000
 CACHE_KIB: Final = 32 * 1024
 #: The WAL file is truncated back to this size after a checkpoint.
 JOURNAL_SIZE_LIMIT: Final = 64 * 1024 * 1024
+#: How often the checkpoint thread looks for new commits and, if any, runs a PASSIVE
+#: checkpoint on its own connection. SQLite's automatic checkpoint (wal_autocheckpoint)
+#: is off: it ran inside the commit that crossed 1,000 WAL pages, so that publish paid
+#: the checkpoint's two syncs. A PASSIVE checkpoint never blocks the writer.
+CHECKPOINT_INTERVAL: Final = 0.2
+#: The WAL bound: when a commit leaves the WAL file larger than this (the background
+#: checkpoint could not catch up with the writer, which then never restarts the log),
+#: the actor runs one checkpoint itself between transactions, after that commit's
+#: confirms went out. Above JOURNAL_SIZE_LIMIT, to which a restarted WAL is truncated,
+#: so a WAL that is being restarted never looks over the bound.
+WAL_MAX_BYTES: Final = 96 * 1024 * 1024
+#: Bookkeeping writes nobody waits on (DeleteMessages, UpdateMessages without a waiter)
+#: wait at most this long for the next publish commit to ride in while publishes are
+#: arriving (no transaction of their own, so no publish waits behind one). They are
+#: already asynchronous to clients; a few ms only delays when an ack's row is gone.
+BOOKKEEPING_DELAY: Final = 0.005
+#: ... and at most this many rows wait: beyond it they commit at once, so riding
+#: along never adds more than ~2 ms (at ~7 us a row) to a publish commit.
+BOOKKEEPING_MAX_ROWS: Final = 256
 #: Modes of the data directory and of every file in it: payloads are private to the
 #: broker's OS user (another user could read them, or hold the lock and stop restarts).
 DIR_MODE: Final = 0o700
@@ -83,6 +115,8 @@ STALL_TIMEOUT: Final = 5.0
 WATCH_CHECKS_PER_TIMEOUT: Final = 4
 
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
+#: The operations that may wait for the next publish commit when nobody waits on them.
+_BOOKKEEPING: Final = frozenset({DeleteMessages, UpdateMessages})
 
 
 def _op_specific(error: StorageError) -> bool:
@@ -141,6 +175,10 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         super().__init__()
+        try:  # the actor takes the lock once per commit: no extra pass of the event loop when free
+            self._lock = anyio.Lock(fast_acquire=True)
+        except TypeError:  # anyio < 4.5
+            pass
         self.path = os.fspath(path)
         self.durability: Durability = durability
         self.max_page_count = max_page_count
@@ -154,11 +192,18 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         self._mailbox: deque[Item] = deque()
         self._pending_messages = 0
         self._pending_bytes = 0
-        self._wakeup = anyio.Event()          # set when work arrives (or on close)
+        # set when work arrives (or on close); one Event, cleared after each wake-up
+        self._wakeup = asyncio.Event()
         self._space: anyio.Event | None = None  # set when a full mailbox drains
         self._stopped = anyio.Event()
         self._running = False
         self._idle = False  # the actor is parked on _wakeup
+        self._deferring = False  # the actor holds bookkeeping for the next publish commit
+        self._urgent_pending = 0  # mailbox items that are not bookkeeping nobody waits on
+        self._last_batch_urgent = False  # the last batch taken had such an item (publishes arrive)
+        self._db: sqlite3.Connection | None = None  # aiosqlite's sqlite3 connection (its thread only)
+        self._checkpointer: _Checkpointer | None = None
+        self._wal_over = False  # the last commit left the WAL over WAL_MAX_BYTES
         self._closing = False
         self._max_id = 0
         self._actor_task: asyncio.Task[Any] | None = None  # for the watchdog's stack dump
@@ -181,6 +226,8 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         self.last_batch_ops = 0
         self.last_batch_messages = 0
         self.stalls = 0  # batches the watchdog reported as stalled
+        self.checkpoints = 0  # background PASSIVE checkpoints run
+        self.forced_checkpoints = 0  # checkpoints the actor ran because the WAL passed WAL_MAX_BYTES
         self.on_commit: Callable[[float, int], None] | None = None  # the metrics exporter's hook
 
     @classmethod
@@ -237,6 +284,8 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
                 raise StorageError(f"cannot open {self.path}: {exc}") from exc
             raise
         self._conn = conn
+        self._db = _raw_connection(conn)
+        self._checkpointer = _Checkpointer(self)
         log.info("store %s open (durability=%s, max message id %d)", self.path, self.durability, self._max_id)
 
     async def _configure(self, conn: aiosqlite.Connection) -> None:
@@ -250,6 +299,7 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
             await conn.execute("PRAGMA checkpoint_fullfsync = ON")
         await conn.execute(f"PRAGMA cache_size = {-CACHE_KIB}")
         await conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+        await conn.execute("PRAGMA wal_autocheckpoint = 0")  # the _Checkpointer's job
         await conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA temp_store = MEMORY")
         if self.max_page_count is not None:
@@ -287,8 +337,16 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
                     self._idle = True
                     await self._wakeup.wait()
                     self._idle = False
-                    self._wakeup = anyio.Event()
+                    self._wakeup.clear()
                     continue
+                if self._may_defer():
+                    # Only bookkeeping is pending and publishes are arriving: wait for the
+                    # next one (or the delay, or the row bound) and commit them together.
+                    self._deferring = True
+                    with anyio.move_on_after(BOOKKEEPING_DELAY):
+                        await self._wakeup.wait()
+                    self._deferring = False
+                    self._wakeup.clear()
                 with anyio.CancelScope(shield=True):
                     await self._commit_next()
                 # Under sustained load the mailbox never empties: be cancellable between batches.
@@ -314,8 +372,12 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
                 await self._stopped.wait()
             while self._mailbox:
                 await self._commit_next()
+            checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None:
+                await anyio.to_thread.run_sync(checkpointer.stop)
             async with self._lock:
                 conn, self._conn = self._conn, None
+                self._db = None
                 if conn is not None:
                     await conn.close()
             self._lockfile.release()
@@ -398,20 +460,11 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         """Submit `op` and wait until it is committed. Raises the StorageError it
         failed with. If the caller is cancelled after submitting, the operation
         still commits (its own on_done, if any, still runs)."""
-        done = anyio.Event()
-        outcome: list[Exception | None] = []
-        chained = op.on_done
-
-        def on_done(error: Exception | None) -> None:
-            outcome.append(error)
-            done.set()
-            if chained is not None:
-                chained(error)
-
-        op.on_done = on_done
+        waiter = _Waiter(op.on_done)
+        op.on_done = waiter  # waited on: never held back as bookkeeping
         await self.submit(op)
-        await done.wait()
-        error = outcome[0]
+        await waiter.done.wait()
+        error = waiter.outcome[0]
         if error is not None:
             # A fresh instance: one error object is shared by every op of a failed batch.
             raise type(error)(*error.args) from error.__cause__
@@ -420,9 +473,20 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         self._mailbox.append(it)
         self._pending_messages += it.messages
         self._pending_bytes += it.nbytes
-        if self._idle:  # only a parked actor needs the (not free) Event.set()
-            self._idle = False
+        urgent = _urgent(it)
+        if urgent:
+            self._urgent_pending += 1
+        # only a parked actor needs the (not free) Event.set(); one holding bookkeeping,
+        # only for work that ends the wait
+        if self._idle or (self._deferring and (urgent or self._pending_messages >= BOOKKEEPING_MAX_ROWS)):
+            self._idle = self._deferring = False
             self._wakeup.set()
+
+    def _may_defer(self) -> bool:
+        """Whether the mailbox holds only bookkeeping nobody waits on, few rows of it,
+        and the last batch carried publishes (so the next one is likely near)."""
+        return (self._urgent_pending == 0 and self._last_batch_urgent and not self._closing
+                and self._pending_messages < BOOKKEEPING_MAX_ROWS)
 
     def _take_batch(self) -> list[Item]:
         mailbox, cap = self._mailbox, self.batch_max_messages
@@ -435,6 +499,9 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
             nbytes += it.nbytes
         self._pending_messages -= n
         self._pending_bytes -= nbytes
+        urgent_left = sum(1 for it in mailbox if _urgent(it)) if mailbox else 0  # rare: the cap cut the batch
+        self._last_batch_urgent = self._urgent_pending > urgent_left
+        self._urgent_pending = urgent_left
         self.inflight_ops, self.inflight_messages, self.inflight_bytes = len(batch), n, nbytes
         self._batch_serial += 1
         self._batch_started = time.monotonic()
@@ -451,6 +518,10 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
             self.transaction_phase = "lock"  # a read holds the connection
             async with self._lock:
                 await self._execute(batch)
+                if self._wal_over:  # after the batch's callbacks: its confirms are out
+                    self._wal_over = False
+                    self.transaction_phase = "checkpoint"
+                    await self._forced_checkpoint()
         finally:
             if self._reported_serial == self._batch_serial:
                 log.warning("store: the stalled batch (%d ops) ended after %.1f s", len(batch),
@@ -560,35 +631,14 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
     async def _transaction(self, items: list[Item]) -> StorageError | None:
         """Run `items` as one transaction. Returns None once committed, or the error
         after rolling back (the database is then exactly as before)."""
-        conn = self._conn
-        assert conn is not None
+        conn, db = self._conn, self._db
+        assert conn is not None and db is not None
         started = time.perf_counter()
-        try:
-            if conn.in_transaction:  # left over from a rollback that failed
-                self.transaction_phase = "ROLLBACK"
-                await conn.execute("ROLLBACK")
-            self.transaction_phase = "BEGIN"
-            await conn.execute("BEGIN IMMEDIATE")
-            self.transaction_phase = "write"
-            for stage in plan(items):
-                await stage.execute(conn)
-            max_id = max(it.max_id for it in items)
-            if max_id > self._max_id:
-                await conn.execute(RAISE_MAX_ID, (max_id,))
-            self.transaction_phase = "COMMIT"
-            await conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        error = await _on_sqlite_thread(conn, self._transaction_on_thread, db, items)
+        if error is not None:
             self.failed_transactions += 1
-            await self._rollback()
-            log.debug("transaction of %d ops failed: %s", len(items), exc)
-            return translate(exc)
-        except Exception as exc:  # actor boundary: a bug must fail these ops, not the store
-            log.exception("store transaction failed unexpectedly")
-            self.failed_transactions += 1
-            await self._rollback()
-            err = StorageError(f"internal store error: {exc!r}")
-            err.__cause__ = exc
-            return err
+            return error
+        max_id = max(it.max_id for it in items)
         self._max_id = max(self._max_id, max_id)
         self.last_commit_seconds = time.perf_counter() - started
         self.commit_seconds_total += self.last_commit_seconds
@@ -601,15 +651,60 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
             self.on_commit(self.last_commit_seconds, self.last_batch_messages)
         return None
 
-    async def _rollback(self) -> None:
-        conn = self._conn
-        if conn is None or not conn.in_transaction:
+    def _transaction_on_thread(self, db: sqlite3.Connection, items: list[Item]) -> StorageError | None:
+        """The whole transaction in one call on the SQLite thread: BEGIN, the stages, the
+        id high-water mark, COMMIT, or the rollback. Sets transaction_phase as it goes (a
+        plain attribute, read by the watchdog). Returns None once committed, or the error."""
+        try:
+            if db.in_transaction:  # left over from a rollback that failed
+                self.transaction_phase = "ROLLBACK"
+                db.execute("ROLLBACK")
+            self.transaction_phase = "BEGIN"
+            db.execute("BEGIN IMMEDIATE")
+            self.transaction_phase = "write"
+            for stage in plan(items):
+                stage.execute(db)
+            max_id = max(it.max_id for it in items)
+            if max_id > self._max_id:
+                db.execute(RAISE_MAX_ID, (max_id,))
+            self.transaction_phase = "COMMIT"
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback(db)
+            log.debug("transaction of %d ops failed: %s", len(items), exc)
+            return translate(exc)
+        except Exception as exc:  # actor boundary: a bug must fail these ops, not the store
+            log.exception("store transaction failed unexpectedly")
+            self._rollback(db)
+            err = StorageError(f"internal store error: {exc!r}")
+            err.__cause__ = exc
+            return err
+        try:
+            self._wal_over = os.stat(self.path + "-wal").st_size > WAL_MAX_BYTES
+        except OSError:
+            pass  # no WAL file (yet): nothing to bound
+        return None
+
+    def _rollback(self, db: sqlite3.Connection) -> None:
+        if not db.in_transaction:
             return  # SQLite already rolled back (it does so itself on SQLITE_FULL, for one)
         self.transaction_phase = "ROLLBACK"
         try:
-            await conn.execute("ROLLBACK")
+            db.execute("ROLLBACK")
         except sqlite3.Error:
             log.exception("store rollback failed; it is retried before the next transaction")
+
+    async def _forced_checkpoint(self) -> None:
+        """The background checkpoint fell behind: checkpoint on the writer's connection,
+        between transactions (a PASSIVE one: it never waits for a reader, such as a
+        backup, whose snapshot keeps the WAL)."""
+        conn = self._conn
+        assert conn is not None
+        self.forced_checkpoints += 1
+        try:
+            await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")  # its row read: the statement ends
+        except sqlite3.Error as exc:
+            log.warning("store %s: checkpoint failed: %s", self.path, exc)
 
     @staticmethod
     def _resolve(items: list[Item], error: StorageError | None) -> None:
@@ -621,6 +716,98 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
                 cb(error)
             except Exception:  # actor boundary: a faulty callback must not stop the store
                 log.exception("store on_done callback raised (op %s)", type(it.op).__name__)
+
+
+def _urgent(it: Item) -> bool:
+    """Anything but bookkeeping, and bookkeeping someone waits on (`SqliteStore.write`),
+    starts a transaction at once; the rest may ride in the next one."""
+    op = it.op
+    return type(op) not in _BOOKKEEPING or isinstance(op.on_done, _Waiter)
+
+
+class _Waiter:
+    """The callback `SqliteStore.write` puts on the op it waits for."""
+
+    __slots__ = ("chained", "done", "outcome")
+
+    def __init__(self, chained: Callable[[Exception | None], None] | None) -> None:
+        self.chained = chained
+        self.done = anyio.Event()
+        self.outcome: list[Exception | None] = []
+
+    def __call__(self, error: Exception | None) -> None:
+        self.outcome.append(error)
+        self.done.set()
+        if self.chained is not None:
+            self.chained(error)
+
+
+def _raw_connection(conn: aiosqlite.Connection) -> sqlite3.Connection:
+    """The sqlite3 connection inside `conn`, to be used on its thread only (through
+    `_on_sqlite_thread`). aiosqlite keeps it in a private attribute; a version that
+    moved it fails here, at open, not in a transaction."""
+    db = getattr(conn, "_connection", None)
+    if not isinstance(db, sqlite3.Connection) or not callable(getattr(conn, "_execute", None)):
+        raise StorageError(f"aiosqlite {aiosqlite.__version__} does not expose its connection and thread "
+                           "as this store expects (Connection._connection, Connection._execute)")
+    return db
+
+
+async def _on_sqlite_thread(conn: aiosqlite.Connection, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run `fn(*args)` on `conn`'s thread, after every call queued before it, in one
+    hand-off (aiosqlite runs any callable there; its public methods are one statement each)."""
+    return await conn._execute(fn, *args)
+
+
+class _Checkpointer:
+    """PASSIVE checkpoints of the store's WAL on a connection and a thread of their own,
+    every CHECKPOINT_INTERVAL when something was committed meanwhile: the WAL's pages
+    reach the database file (and the writer can restart the log) without a publish
+    commit paying the syncs. A PASSIVE checkpoint takes no write lock; SQLite never runs
+    two checkpoints at once (the actor's forced one waits for this one, or the reverse)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tidings-checkpoint", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop and join the thread (blocking: call it from a worker thread)."""
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        store = self._store
+        try:
+            db = sqlite3.connect(store.path, isolation_level=None, check_same_thread=True)
+        except sqlite3.Error as exc:
+            log.error("store %s: the checkpoint thread cannot open the database: %s", store.path, exc)
+            return
+        try:
+            # the checkpoint's syncs follow the connection that runs it: the store's own setting
+            db.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[store.durability]}")
+            if store.durability == "full":
+                db.execute("PRAGMA checkpoint_fullfsync = ON")
+            db.execute("PRAGMA wal_autocheckpoint = 0")
+            seen = store.commits
+            failing = False
+            while not self._stop.wait(CHECKPOINT_INTERVAL):
+                commits = store.commits
+                if commits == seen:
+                    continue
+                seen = commits
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    if not failing:  # once per run of failures, not every interval
+                        log.warning("store %s: background checkpoint failed: %s", store.path, exc)
+                    failing = True
+                    continue
+                failing = False
+                store.checkpoints += 1
+        finally:
+            db.close()
 
 
 def _await_chain(task: asyncio.Task[Any]) -> str:
