@@ -68,3 +68,41 @@ def test_the_order_is_shuffled_per_client_and_keeps_every_address() -> None:
     orders = {tuple(Client(url)._order) for _ in range(200)}
     assert len(orders) > 1  # 24 orders: 200 clients all in one order is a ~1e-274 chance
     assert all(sorted(o) == [("a", 1), ("b", 1), ("c", 1), ("d", 1)] for o in orders)
+
+
+def test_dials_go_round_the_list_and_a_lost_broker_comes_last() -> None:
+    """connect() tries each address once, in the client's order, from where it is; after a
+    loss the next dial starts at the broker after the lost one (which comes last)."""
+    import anyio
+
+    from tidings.client.errors import ConnectError, ConnectionClosedError
+
+    tc = Client("tidings://a:1,b:1,c:1")
+    tc._order = [("a", 1), ("b", 1), ("c", 1)]
+    dialled: list[str] = []
+    answers = {"b"}
+
+    async def dial_one(host: str, port: int) -> object:
+        dialled.append(host)
+        if host not in answers:
+            raise ConnectError(f"{host} is down")
+        return "connection"
+
+    tc._dial_one = dial_one  # type: ignore[method-assign]
+    assert anyio.run(tc._dial) == "connection"
+    assert dialled == ["a", "b"] and tc.address == ("b", 1)
+
+    tc._lost(ConnectionClosedError("b died"))  # on b: the next dial starts at c, b comes last
+    assert tc.address is None
+    dialled.clear()
+    answers = {"a", "b"}
+    anyio.run(tc._dial)
+    assert dialled == ["c", "a"] and tc.address == ("a", 1)
+
+    tc._lost(ConnectionClosedError("a died"))
+    dialled.clear()
+    answers = set()
+    with pytest.raises(ConnectError, match="cannot connect to any of the 3 brokers: b:1: b is down; c:1: c is down; "
+                                           "a:1: a is down"):
+        anyio.run(tc._dial)
+    assert dialled == ["b", "c", "a"]

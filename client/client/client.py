@@ -530,8 +530,6 @@ class Client:
                 self._shutdown(reason)
                 return
             log.warning("connection to %s lost (%s); reconnecting", _hostport(self.address or ("?", 0)), reason)
-            self._next += 1  # the broker that was lost is tried last: the service's others first
-            self.address = None
             self._connected = anyio.Event()
             self._set_state("disconnected")
             self._lost(reason)
@@ -583,6 +581,8 @@ class Client:
 
     def _lost(self, reason: TidingsError) -> None:
         """Forget what died with the connection; keep what a reconnect restores."""
+        self._next += 1  # the broker that was lost is tried last: the service's others first
+        self.address = None
         err = ConnectionClosedError(f"connection lost ({reason}); the request may or may not have run")
         for w in list(self._requests.values()):
             w.fail(err)
