@@ -32,6 +32,7 @@ def test_credentials_before_the_host_list_and_never_shown() -> None:
     assert str(parsed) == "tidings+tls://al%40ice@[::1]:7000,b:7001"
     assert "s3cr" not in repr(parsed)
     assert parse_urls("tidings://bob@h").password is None
+    assert parse_urls("tidings://@h").user is None
 
 
 def test_credentials_in_the_url_are_used_unless_the_keywords_give_some() -> None:

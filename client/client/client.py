@@ -152,7 +152,7 @@ def parse_urls(url: str) -> BrokerURL:
     user = password = None
     if at:
         name, colon, secret = userinfo.partition(":")
-        user, password = unquote(name), (unquote(secret) if colon else None)
+        user, password = unquote(name) or None, (unquote(secret) if colon else None)  # "@host": no user
     shown = f"{scheme}://{userinfo.partition(':')[0]}@{hosts}" if at else text  # never the password
     if scheme not in ("tidings", "tidings+tls"):
         raise ValueError(f"unsupported URL scheme {scheme!r} in {shown!r}: a tidings URL looks like {URL_FORM}")
