@@ -48,7 +48,8 @@ def add_url(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
     defaults are SUPPRESS, so an option given before the leaf name (`tidings
     queues --url U declare X`) is kept instead of being reset by the leaf's default."""
     p.add_argument("--url", default=argparse.SUPPRESS if leaf else os.environ.get("TIDINGS_URL", DEFAULT_URL),
-                   help=f"broker URL (default: $TIDINGS_URL or {DEFAULT_URL})")
+                   help=f"broker URL, or the brokers of one service comma-separated (tidings://a:7421,b:7421) "
+                   f"(default: $TIDINGS_URL or {DEFAULT_URL})")
 
 
 def add_credentials(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:

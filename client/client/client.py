@@ -11,7 +11,8 @@ subscription in one step.
 
 Resilience: a heartbeat task PINGs an idle broker and declares it dead
 after ``dead_after`` seconds of silence; a lost connection is re-dialled
-with exponential backoff and jitter, every subscription and consumer is
+with exponential backoff and jitter (a URL with several brokers tries the
+others first, then round the list), every subscription and consumer is
 restored, and unconfirmed durable publishes are resent with their message
 ids (generated when the application gave none), so the broker's
 de-duplication makes the resend invisible.
@@ -21,16 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import importlib
 import itertools
 import logging
 import os
 import random
+import re
 import secrets
 import ssl
 import time
 from typing import Any, AsyncGenerator, Callable, Final, Generator, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -87,7 +90,7 @@ DEFAULT_MAX_IN_FLIGHT: Final = 65_536  # unconfirmed durable publishes one clien
 DEFAULT_MAX_IN_FLIGHT_BYTES: Final = 64 * 1024 * 1024  # ... and their payload bytes
 DEFAULT_OUTAGE_BUFFER: Final = 8 * 1024 * 1024  # bytes of plain publishes kept while disconnected
 REPLY_ID_BYTES: Final = 12  # random bytes per request's reply subject (96 bits: not guessable)
-URL_FORM: Final = "tidings://HOST:PORT (or tidings+tls://HOST:PORT)"  # what error messages show
+URL_FORM: Final = "tidings://HOST:PORT[,HOST:PORT...] (or tidings+tls://...)"  # what error messages show
 HANDSHAKE_QUOTE: Final = 40  # first bytes of a non-tidings answer quoted in NotABrokerError
 TLS_RECORDS: Final = (b"\x15", b"\x16")  # first byte of a TLS alert or handshake record
 
@@ -107,27 +110,79 @@ def _add_chunk(building: tuple[int, list[str]] | None, info: dict[str, Any]) -> 
     return building
 
 
-def parse_url(url: str) -> tuple[str, int, bool]:
-    """``tidings://host:port`` (or ``tidings+tls://``) -> (host, port, tls).
+@dataclasses.dataclass(frozen=True, slots=True)
+class BrokerURL:
+    """A parsed broker URL: the brokers to try (in the URL's order, duplicates dropped),
+    TLS or not, and the credentials it carries (``tidings://USER:PASSWORD@...``,
+    percent-decoded; None when absent). ``str()`` shows it without the password."""
 
-    ``host:port`` and ``host`` without a scheme mean ``tidings://``. Raises
-    ValueError saying what a URL should look like."""
+    addresses: tuple[tuple[str, int], ...]
+    tls: bool = False
+    user: str | None = None
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    def __str__(self) -> str:
+        scheme = "tidings+tls" if self.tls else "tidings"
+        user = f"{quote(self.user, safe='')}@" if self.user is not None else ""
+        return f"{scheme}://{user}{','.join(_hostport(a) for a in self.addresses)}"
+
+
+def _hostport(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_urls(url: str) -> BrokerURL:
+    """``tidings://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT...]`` (or ``tidings+tls://``)
+    -> :class:`BrokerURL`.
+
+    Comma-separated addresses name the brokers of one service (docs/SCALING.md); an
+    IPv6 address goes in brackets (``[::1]:7421``); a missing port is 7421; ``host:port``
+    and ``host`` without a scheme mean ``tidings://``. Raises ValueError, one line
+    naming the bad part (never the password) and what a URL should look like."""
     text = url.strip() if isinstance(url, str) else ""
     if not text:
         raise ValueError(f"empty broker URL: a tidings URL looks like {URL_FORM}")
     if "://" not in text:
         text = f"tidings://{text}"  # "localhost:7421"
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as exc:  # a port that is not a number, an unclosed [IPv6 address
-        raise ValueError(f"malformed broker URL {url!r} ({exc}): a tidings URL looks like {URL_FORM}") from None
-    if parts.scheme not in ("tidings", "tidings+tls"):
-        raise ValueError(f"unsupported URL scheme {parts.scheme!r} in {url!r}: a tidings URL looks like {URL_FORM}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"malformed broker URL {url!r} (a path, query or fragment): "
+    scheme, _, rest = text.partition("://")
+    cut = re.search(r"[/?#]", rest)
+    netloc, after = (rest[:cut.start()], rest[cut.start():]) if cut else (rest, "")
+    userinfo, at, hosts = netloc.rpartition("@")
+    user = password = None
+    if at:
+        name, colon, secret = userinfo.partition(":")
+        user, password = unquote(name) or None, (unquote(secret) if colon else None)  # "@host": no user
+    shown = f"{scheme}://{userinfo.partition(':')[0]}@{hosts}" if at else text  # never the password
+    if scheme not in ("tidings", "tidings+tls"):
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {shown!r}: a tidings URL looks like {URL_FORM}")
+    if after not in ("", "/"):
+        raise ValueError(f"malformed broker URL {shown!r} (a path, query or fragment): "
                          f"a tidings URL looks like {URL_FORM}")
-    return parts.hostname or "127.0.0.1", port or DEFAULT_PORT, parts.scheme == "tidings+tls"
+    entries = hosts.split(",")
+    addresses: list[tuple[str, int]] = []
+    for n, entry in enumerate(entries, 1):
+        where = f"address {n} of {len(entries)}, {entry!r}" if len(entries) > 1 else repr(entry)
+        if len(entries) > 1 and not entry.strip():
+            raise ValueError(f"malformed broker URL {shown!r} (address {n} of {len(entries)} is empty): "
+                             f"a tidings URL looks like {URL_FORM}")
+        try:
+            parts = urlsplit(f"//{entry.strip()}")
+            port = parts.port
+        except ValueError as exc:  # a port that is not a number, an unclosed [IPv6 address
+            raise ValueError(f"malformed broker URL {shown!r} ({where}: {exc}): "
+                             f"a tidings URL looks like {URL_FORM}") from None
+        address = (parts.hostname or "127.0.0.1", port or DEFAULT_PORT)
+        if address not in addresses:
+            addresses.append(address)
+    return BrokerURL(tuple(addresses), scheme == "tidings+tls", user, password)
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """``tidings://host:port`` -> (host, port, tls) of the URL's first address
+    (:func:`parse_urls` gives them all). Raises ValueError as parse_urls does."""
+    parsed = parse_urls(url)
+    return *parsed.addresses[0], parsed.tls
 
 
 class Client:
@@ -158,6 +213,13 @@ class Client:
                 raise ValueError(f"inbox_prefix {inbox_prefix!r} is not a valid subject prefix") from None
         self.inbox_prefix = inbox_prefix
         self.url = url
+        self._url = parse_urls(url)  # ValueError here, before anything is dialled
+        # The order the brokers are tried in: shuffled once per client, so that the clients of a
+        # service spread over its brokers, then round robin from there (see _dial).
+        self._order = list(self._url.addresses)
+        random.shuffle(self._order)
+        self._next = 0  # index in _order of the broker the next dial tries first
+        self.address: tuple[str, int] | None = None  # (host, port) of the broker connected to, None between
         self.name = name or f"python-client/{os.getpid()}"
         self.timeout = timeout
         self.reconnect = reconnect
@@ -173,6 +235,8 @@ class Client:
             self._auth = {"token": token}
         elif user is not None:
             self._auth = {"user": user, "password": password or ""}
+        elif self._url.user is not None:  # tidings://USER:PASSWORD@...: the keywords win
+            self._auth = {"user": self._url.user, "password": self._url.password or ""}
         self._ssl_context = ssl_context
         self._ca_file = ca_file
         self.state = "connecting"
@@ -270,7 +334,7 @@ class Client:
         done = self._runner_done = anyio.Event()
         scope = self._runner_scope = anyio.CancelScope()
         failed: list[BaseException] = []
-        name = f"tidings client {self.url}"
+        name = f"tidings client {self._url}"
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # pragma: no cover - not asyncio: trio (not a test dependency)
@@ -325,10 +389,32 @@ class Client:
         return ctx
 
     async def _dial(self) -> tuple[ByteStream, Connection, F.Welcome, _Initial]:
-        """Connect, handshake and receive the durable binding patterns (so the
-        first publish already knows whether it needs a confirm); raises
+        """Dial the URL's brokers in turn, from ``_order[_next]`` round the list, until
+        one answers; it becomes ``address`` and the next dial starts at it. Raises the
+        first refusal that is not retriable (bad credentials, ...) at once, else, when
+        none answered, ConnectError naming each one's failure (with one broker: its error)."""
+        failures: list[tuple[tuple[str, int], TidingsError]] = []
+        for step in range(len(self._order)):
+            i = (self._next + step) % len(self._order)
+            try:
+                dialled = await self._dial_one(*self._order[i])
+            except TidingsError as exc:
+                if not (isinstance(exc, ConnectError) or exc.retriable):
+                    raise
+                failures.append((self._order[i], exc))
+                continue
+            self._next, self.address = i, self._order[i]
+            return dialled
+        if len(failures) == 1:
+            raise failures[0][1]
+        raise ConnectError(f"cannot connect to any of the {len(failures)} brokers: "
+                           + "; ".join(f"{_hostport(a)}: {e}" for a, e in failures))
+
+    async def _dial_one(self, host: str, port: int) -> tuple[ByteStream, Connection, F.Welcome, _Initial]:
+        """Connect to one broker, handshake and receive the durable binding patterns (so
+        the first publish already knows whether it needs a confirm); raises
         ConnectError (or the broker's refusal)."""
-        host, port, tls = parse_url(self.url)
+        tls = self._url.tls
         conn = Connection(Role.CLIENT, max_frame=CLIENT_MAX_FRAME)
         stream: ByteStream | None = None
         try:
@@ -443,7 +529,7 @@ class Client:
             if not self.reconnect:
                 self._shutdown(reason)
                 return
-            log.warning("connection to %s lost (%s); reconnecting", self.url, reason)
+            log.warning("connection to %s lost (%s); reconnecting", _hostport(self.address or ("?", 0)), reason)
             self._connected = anyio.Event()
             self._set_state("disconnected")
             self._lost(reason)
@@ -495,6 +581,8 @@ class Client:
 
     def _lost(self, reason: TidingsError) -> None:
         """Forget what died with the connection; keep what a reconnect restores."""
+        self._next += 1  # the broker that was lost is tried last: the service's others first
+        self.address = None
         err = ConnectionClosedError(f"connection lost ({reason}); the request may or may not have run")
         for w in list(self._requests.values()):
             w.fail(err)
@@ -517,7 +605,7 @@ class Client:
         while not self._closed:
             attempt += 1
             if self.max_reconnects is not None and attempt > self.max_reconnects:
-                self._shutdown(ConnectionClosedError(f"gave up reconnecting to {self.url} after "
+                self._shutdown(ConnectionClosedError(f"gave up reconnecting to {self._url} after "
                                                      f"{self.max_reconnects} attempts"))
                 return False
             delay = min(hi, lo * 2 ** (attempt - 1))
@@ -525,7 +613,7 @@ class Client:
             try:
                 stream, conn, welcome, initial = await self._dial()
             except ConnectError as exc:
-                log.info("reconnect attempt %d to %s failed: %s", attempt, self.url, exc)
+                log.info("reconnect attempt %d to %s failed: %s", attempt, self._url, exc)
                 continue
             except TidingsError as exc:
                 if exc.retriable:
@@ -1392,7 +1480,11 @@ class connect:
     from any task), or ``async with connect(url) as tc:`` (closed on exit).
 
     ``url`` is ``tidings://HOST:PORT`` (default ``tidings://127.0.0.1:7421``)
-    or ``tidings+tls://HOST:PORT``. Keyword arguments go to :class:`Client`
+    or ``tidings+tls://HOST:PORT``, with ``USER:PASSWORD@`` before the host if the
+    keywords give no credentials, and several comma-separated ``HOST:PORT`` for
+    the brokers of one service (tried in a shuffled order until one answers; on
+    loss the client resumes on another: :func:`parse_urls`, docs/CLIENT.md).
+    Keyword arguments go to :class:`Client`
     (reconnect policy, heartbeat, credentials, TLS). Raises ConnectError if
     the broker cannot be reached, or the broker's refusal (e.g.
     AuthenticationError).
