@@ -87,6 +87,14 @@ def scenario(pub_url: str, sub_url: str, count: int, size: int, broker_pids: lis
     }
 
 
+def run(urls: list[str], messages: int, pids: list[int] | None = None) -> dict[str, Any]:
+    """benchmarks.cluster's entry: publisher on the first broker, subscriber on the last,
+    once every broker's routes to the others are up."""
+    for url in urls:
+        _poll_stats(url, lambda s: s.get("cluster", {}).get("routes", 0) >= len(urls) - 1)
+    return scenario(urls[0], urls[-1], messages, 128, pids or [], f"{len(urls)} brokers, first -> last")
+
+
 @contextlib.contextmanager
 def two_brokers(store: str) -> Iterator[tuple[Any, Any]]:
     """Two brokers with --cluster on one database, their route up."""
