@@ -40,11 +40,11 @@ from tidings.broker.durable.store.base import (
     StorageFull,
     StoredMessage,
 )
+from tidings.broker.durable.store.streams import StreamRow
 
 if TYPE_CHECKING:
     from tidings.broker.durable.context import DurableContext
     from tidings.broker.durable.ports import Peer
-    from tidings.broker.durable.store.streams import StreamRow
     from tidings.broker.durable.stream import StreamActor
     from tidings.broker.durable.streams import Streams
 
@@ -225,7 +225,6 @@ class Admission:
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
         plans: dict[int, _Plan] = {}
-        row_for = self.streams.row
         for m, targets in entries:
             seq = m[F.P_SEQ]
             opts = m[F.P_OPTS]
@@ -283,25 +282,33 @@ class Admission:
                     row.priority = q.cfg.priority_of(opts.get(F.OPT_PRIORITY))
                 qrows.append(row)
                 rows.append(row)
-            result: int | dict[str, Any]
+            result: int | dict[str, Any] | None
             if not streams and len(queues) == 1:
                 result = mid  # the common case: {"id": mid, "queues": 1} on the wire as the bare id
             else:
-                result = {"id": mid, "queues": len(queues)}
+                result = None
+                pkey = opts.get(F.OPT_KEY)
                 for st, parts in streams:
-                    srow = row_for(st, m, opts.get(F.OPT_KEY), msg_id, now)
+                    # The partition's next offset, taken here with no await until the operation
+                    # is queued (dense offsets in commit order; see the module docstring).
+                    part = st.pick(pkey)
+                    off = part.next
+                    part.next = off + 1
+                    index = part.index
+                    srow = StreamRow(st.name, index, off, subject, pkey, payload, headers, msg_id, now)
                     srows.append(srow)
-                    lst = parts.get(srow.partition)
+                    lst = parts.get(index)
                     if lst is None:
-                        parts[srow.partition] = [srow]
+                        parts[index] = [srow]
                     else:
                         lst.append(srow)
-                    if "stream" not in result:
-                        result["stream"] = st.name
-                        result["partition"] = srow.partition
-                        result["offset"] = srow.offset
+                    if result is None:
+                        result = {"id": mid, "queues": len(queues), "stream": st.name, "partition": index,
+                                  "offset": off}
                     else:
-                        result.setdefault("streams", []).append([st.name, srow.partition, srow.offset])
+                        result.setdefault("streams", []).append([st.name, index, off])
+                if result is None:
+                    result = {"id": mid, "queues": len(queues)}
             if key is not None:
                 seen_now.add(key)
                 packed = msgpack.packb(result)
