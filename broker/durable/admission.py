@@ -249,8 +249,8 @@ class Admission:
             queues, streams, limited = plan
             if limited:
                 full = None
-                for q in limited:
-                    if q.count + reserved.get(q, 0) >= q.cfg.max_length:
+                for q, max_length in limited:
+                    if q.count + reserved.get(q, 0) >= max_length:
                         full = q
                         break
                 if full is not None:
@@ -260,7 +260,7 @@ class Admission:
                     if key is not None:
                         outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
                     continue
-                for q in limited:
+                for q, _ml in limited:
                     reserved[q] = reserved.get(q, 0) + 1
             mid = next_id()
             avail = now
@@ -330,7 +330,7 @@ class Admission:
         partition); the queues whose max_length refuses (overflow "reject")."""
         queues: list[tuple[QueueActor, list[StoredMessage], int | None, bool]] = []
         streams: list[tuple[StreamActor, dict[int, list[StreamRow]]]] = []
-        limited: list[QueueActor] = []
+        limited: list[tuple[QueueActor, int]] = []
         for t in targets:
             if isinstance(t, QueueActor):  # (a PriorityQueueActor is one too)
                 cfg = t.cfg
@@ -340,7 +340,7 @@ class Admission:
                 ttl = None if cfg.message_ttl is None else int(cfg.message_ttl * 1000)
                 queues.append((t, qrows, ttl, bool(cfg.max_priority)))
                 if cfg.max_length is not None and cfg.overflow == "reject":
-                    limited.append(t)
+                    limited.append((t, cfg.max_length))
             else:
                 parts = batch.by_stream.get(t)
                 if parts is None:
@@ -453,7 +453,7 @@ class _Batch:
 
 
 _Plan = tuple[list[tuple[QueueActor, list[StoredMessage], "int | None", bool]],
-              list[tuple["StreamActor", dict[int, list["StreamRow"]]]], list[QueueActor]]
+              list[tuple["StreamActor", dict[int, list["StreamRow"]]]], list[tuple[QueueActor, int]]]
 _NO_OPTS: Final[dict[str, Any]] = {}
 
 

@@ -735,8 +735,8 @@ def _direct_writes(stream: ByteStream) -> Callable[[bytes], Any] | None:
     paused, which waits first as ``send`` does."""
     if type(stream).__module__ != "anyio._backends._asyncio" or type(stream).__name__ != "SocketStream":
         return None
-    transport = getattr(stream, "_transport", None)
-    protocol = getattr(stream, "_protocol", None)
+    transport: Any = getattr(stream, "_transport", None)
+    protocol: Any = getattr(stream, "_protocol", None)
     if transport is None or not isinstance(getattr(protocol, "write_event", None), asyncio.Event):
         return None
     send = stream.send
