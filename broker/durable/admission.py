@@ -40,12 +40,11 @@ from tidings.broker.durable.store.base import (
     StorageFull,
     StoredMessage,
 )
+from tidings.broker.durable.store.streams import StreamRow
 
 if TYPE_CHECKING:
     from tidings.broker.durable.context import DurableContext
-    from tidings.broker.durable.partition import Partition
     from tidings.broker.durable.ports import Peer
-    from tidings.broker.durable.store.streams import StreamRow
     from tidings.broker.durable.stream import StreamActor
     from tidings.broker.durable.streams import Streams
 
@@ -157,7 +156,7 @@ class Admission:
         for fconn, fseq in self._pending_ids.pop(mid, ()):
             if code == 0:
                 self.duplicates += 1
-                r = dict(result) if isinstance(result, dict) else {}
+                r = result_dict(result)
                 r["duplicate"] = True
                 item = [fseq, 0, r]
             else:
@@ -206,92 +205,148 @@ class Admission:
         the rows and de-dup records of one store operation. A plain function:
         nothing awaits between the first id and the caller queueing the
         operation (:meth:`_queue_batch`), so commit order is id order and
-        offsets are dense. Returns whether any entry was accepted."""
+        offsets are dense. Returns whether any entry was accepted.
+
+        Hot path (one call per PUB batch): what depends only on the targets
+        (which are queues, which streams, their TTL and length limits, the
+        batch's row list per queue) is worked out once per distinct target
+        list (:meth:`_plan`); per message there is then a row per target and
+        the confirm item, whose result is the bare id when the message went
+        to one queue and nowhere else (docs/PROTOCOL.md 7.8; :func:`result_dict`)."""
         ctx = self.ctx
+        next_id = ctx.next_id
         now = ctx.now_ms()
         confirms = batch.early
         outcome = batch.outcome
-        deferred = batch.deferred
         rows = batch.rows
         srows = batch.srows
         dedup = batch.dedup
-        accepted = batch.accepted
+        done = batch.done
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
-        streams = self.streams
+        plans: dict[int, _Plan] = {}
         for m, targets in entries:
             seq = m[F.P_SEQ]
-            opts = m[F.P_OPTS] or {}
-            msg_id = opts.get(F.OPT_MSG_ID)
-            key = dedup_key(scope, msg_id) if msg_id is not None else None
+            opts = m[F.P_OPTS]
+            if opts:
+                msg_id = opts.get(F.OPT_MSG_ID)
+                key = dedup_key(scope, msg_id) if msg_id is not None else None
+            else:
+                opts = _NO_OPTS
+                msg_id = key = None
             if key is not None and (key in known or key in seen_now):
                 self.duplicates += 1
                 prior = known.get(key) or self._recent.get(key, (0, b""))[1]
-                res = msgpack.unpackb(prior) if prior else {}
-                res = dict(res) if isinstance(res, dict) else {}
+                res = result_dict(msgpack.unpackb(prior)) if prior else {}
                 outcome.setdefault(key, (0, dict(res)))
                 if seq:
                     res["duplicate"] = True
                     confirms.append([seq, 0, res])
                 continue
-            full = None
-            for q in targets:
-                if not isinstance(q, QueueActor):  # (a PriorityQueueActor is one too)
+            plan = plans.get(id(targets))
+            if plan is None:
+                plan = plans[id(targets)] = self._plan(batch, targets)
+            queues, streams, limited = plan
+            if limited:
+                full = None
+                for q, max_length in limited:
+                    if q.count + reserved.get(q, 0) >= max_length:
+                        full = q
+                        break
+                if full is not None:
+                    why = f"queue {full.name!r} is at its max_length {full.cfg.max_length}"
+                    if seq:
+                        confirms.append([seq, int(ErrorCode.QUEUE_FULL), why])
+                    if key is not None:
+                        outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
                     continue
-                ml = q.cfg.max_length
-                if ml is not None and q.cfg.overflow == "reject" and q.count + reserved.get(q, 0) >= ml:
-                    full = q
-                    break
-            if full is not None:
-                why = f"queue {full.name!r} is at its max_length {full.cfg.max_length}"
-                if seq:
-                    confirms.append([seq, int(ErrorCode.QUEUE_FULL), why])
-                if key is not None:
-                    outcome.setdefault(key, (int(ErrorCode.QUEUE_FULL), why))
-                continue
-            mid = ctx.next_id()
+                for q, _ml in limited:
+                    reserved[q] = reserved.get(q, 0) + 1
+            mid = next_id()
             avail = now
-            if F.OPT_DELAY in opts:
-                avail = now + opts[F.OPT_DELAY]
-            if F.OPT_AT in opts:
-                avail = max(avail, opts[F.OPT_AT])
-            qrows: list[tuple[QueueActor, StoredMessage]] = []
-            stream_rows: list[tuple[StreamActor, StreamRow]] = []
-            result: dict[str, Any] = {"id": mid, "queues": 0}
-            for t in targets:
-                if isinstance(t, QueueActor):
-                    ttl = opts.get(F.OPT_TTL)
-                    if ttl is None and t.cfg.message_ttl is not None:
-                        ttl = int(t.cfg.message_ttl * 1000)
-                    row = StoredMessage(t.name, mid, m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS], msg_id,
-                                        now, avail, (now + ttl) if ttl is not None else None, 0, None)
-                    if t.cfg.max_priority:
-                        row.priority = t.cfg.priority_of(opts.get(F.OPT_PRIORITY))
-                    qrows.append((t, row))
-                    rows.append(row)
-                    reserved[t] = reserved.get(t, 0) + 1
-                    result["queues"] += 1
-                else:
-                    srow = streams.row(t, m, opts.get(F.OPT_KEY), msg_id, now)
-                    stream_rows.append((t, srow))
+            if opts:
+                if F.OPT_DELAY in opts:
+                    avail = now + opts[F.OPT_DELAY]
+                if F.OPT_AT in opts:
+                    avail = max(avail, opts[F.OPT_AT])
+                ttl_opt = opts.get(F.OPT_TTL)
+            else:
+                ttl_opt = None
+            subject, payload, headers = m[F.P_SUBJECT], m[F.P_PAYLOAD], m[F.P_HEADERS]
+            for q, qrows, ttl, prioritized in queues:
+                if ttl_opt is not None:
+                    ttl = ttl_opt
+                row = StoredMessage(q.name, mid, subject, payload, headers, msg_id,
+                                    now, avail, None if ttl is None else now + ttl, 0, None)
+                if prioritized:
+                    row.priority = q.cfg.priority_of(opts.get(F.OPT_PRIORITY))
+                qrows.append(row)
+                rows.append(row)
+            result: int | dict[str, Any] | None
+            if not streams and len(queues) == 1:
+                result = mid  # the common case: {"id": mid, "queues": 1} on the wire as the bare id
+            else:
+                result = None
+                pkey = opts.get(F.OPT_KEY)
+                for st, parts in streams:
+                    # The partition's next offset, taken here with no await until the operation
+                    # is queued (dense offsets in commit order; see the module docstring).
+                    part = st.pick(pkey)
+                    off = part.next
+                    part.next = off + 1
+                    index = part.index
+                    srow = StreamRow(st.name, index, off, subject, pkey, payload, headers, msg_id, now)
                     srows.append(srow)
-                    if "stream" not in result:
-                        result["stream"] = t.name
-                        result["partition"] = srow.partition
-                        result["offset"] = srow.offset
+                    lst = parts.get(index)
+                    if lst is None:
+                        parts[index] = [srow]
                     else:
-                        result.setdefault("streams", []).append([t.name, srow.partition, srow.offset])
+                        lst.append(srow)
+                    if result is None:
+                        result = {"id": mid, "queues": len(queues), "stream": st.name, "partition": index,
+                                  "offset": off}
+                    else:
+                        result.setdefault("streams", []).append([st.name, index, off])
+                if result is None:
+                    result = {"id": mid, "queues": len(queues)}
             if key is not None:
                 seen_now.add(key)
                 packed = msgpack.packb(result)
                 dedup.append((key, now + self.dedup_window_ms, packed))
                 if len(self._recent) < RECENT_LIMIT:
                     self._recent[key] = (now + self.dedup_window_ms, packed)
-            accepted.append((seq, result, qrows, stream_rows))
-            if key is not None:
-                deferred.add(key)
+                batch.deferred.add(key)
                 outcome[key] = (0, result)
-        return bool(accepted)
+            batch.accepted += 1
+            if seq:
+                done.append([seq, 0, result])
+        return batch.accepted > 0
+
+    @staticmethod
+    def _plan(batch: _Batch, targets: list[Any]) -> _Plan:
+        """What a message with these targets needs, worked out once per batch and
+        target list: per queue (queue, the batch's row list for it, default TTL in
+        ms, whether it is a priority queue); per stream (stream, the batch's rows by
+        partition); the queues whose max_length refuses (overflow "reject")."""
+        queues: list[tuple[QueueActor, list[StoredMessage], int | None, bool]] = []
+        streams: list[tuple[StreamActor, dict[int, list[StreamRow]]]] = []
+        limited: list[tuple[QueueActor, int]] = []
+        for t in targets:
+            if isinstance(t, QueueActor):  # (a PriorityQueueActor is one too)
+                cfg = t.cfg
+                qrows = batch.by_queue.get(t)
+                if qrows is None:
+                    qrows = batch.by_queue[t] = []
+                ttl = None if cfg.message_ttl is None else int(cfg.message_ttl * 1000)
+                queues.append((t, qrows, ttl, bool(cfg.max_priority)))
+                if cfg.max_length is not None and cfg.overflow == "reject":
+                    limited.append((t, cfg.max_length))
+            else:
+                parts = batch.by_stream.get(t)
+                if parts is None:
+                    parts = batch.by_stream[t] = {}
+                streams.append((t, parts))
+        return queues, streams, limited
 
     def _queue_batch(self, batch: _Batch) -> None:
         """Queue the batch's one store operation (never waits: the caller made
@@ -313,47 +368,31 @@ class Admission:
             for mid in mine:
                 batch.deferred.discard(mid)
                 outcome[mid] = (int(code), f"not stored: {exc}")
-            done_err = [[seq, int(code), f"not stored: {exc}"] for seq, *_ in batch.accepted if seq]
+            done_err = [[item[0], int(code), f"not stored: {exc}"] for item in batch.done]
             self._confirm(batch.conn, list(batch.early) + done_err)
             for mid_entry in batch.dedup:
                 self._recent.pop(mid_entry[0], None)  # never stored: a resend must be stored, not deduplicated
             # Nothing was queued and nothing awaited since these offsets were
             # assigned, so they are the newest of their partitions: hand them
             # out again rather than leave gaps (the store never saw them).
-            lowest: dict[Partition, int] = {}
-            for _seq, _res, _q, srs in batch.accepted:
-                for st, sr in srs:
-                    part = st.partitions[sr.partition]
-                    if sr.offset < lowest.get(part, sr.offset + 1):
-                        lowest[part] = sr.offset
-            for part, off in lowest.items():
-                part.next = off
+            for st, parts in batch.by_stream.items():
+                for index, srs in parts.items():
+                    st.partitions[index].next = srs[0].offset  # rows are in offset order per partition
 
     def _committed(self, batch: _Batch, mine: list[str]) -> None:
         """The commit callback: confirm every entry (and the copies that waited
         for its msg_id), then hand the committed rows to their queues and streams."""
         for mid in mine:
             self._release(mid, *batch.outcome[mid])
-        out = list(batch.early)
-        by_queue: dict[QueueActor, list[StoredMessage]] = {}
-        by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}
-        for seq, res, qrs, srs in batch.accepted:
-            if seq:
-                out.append([seq, 0, res])
-            for q, row in qrs:
-                lst = by_queue.get(q)
-                if lst is None:
-                    by_queue[q] = [row]
-                else:
-                    lst.append(row)
-            for st, sr in srs:
-                by_stream.setdefault(st, {}).setdefault(sr.partition, []).append(sr)
-        self.confirmed += len(batch.accepted)
-        self._confirm(batch.conn, out)
-        for q, qrows_ in by_queue.items():
-            q.on_committed(qrows_)
-        for st, parts in by_stream.items():
-            st.on_committed(parts)
+        early = batch.early
+        self.confirmed += batch.accepted
+        self._confirm(batch.conn, early + batch.done if early else batch.done)
+        for q, qrows in batch.by_queue.items():
+            if qrows:
+                q.on_committed(qrows)
+        for st, parts in batch.by_stream.items():
+            if parts:
+                st.on_committed(parts)
         if self.on_confirm_latency is not None:
             self.on_confirm_latency(time.perf_counter() - batch.admitted)
 
@@ -365,9 +404,8 @@ class Admission:
             self._release(mid, int(ErrorCode.STORAGE_ERROR), f"not stored: {error}")
         out = list(batch.early)
         code = ErrorCode.STORAGE_FULL if isinstance(error, StorageFull) else ErrorCode.STORAGE_ERROR
-        for seq, _res, _q, _s in batch.accepted:
-            if seq:
-                out.append([seq, int(code), f"not stored: {error}"])
+        for item in batch.done:
+            out.append([item[0], int(code), f"not stored: {error}"])
         for mid_entry in batch.dedup:
             self._recent.pop(mid_entry[0], None)
         self._confirm(batch.conn, out)
@@ -375,11 +413,11 @@ class Admission:
         # partitions must not wait for them, and a restart must not
         # assign them again (nothing stored says they were used).
         nexts: dict[tuple[str, int], int] = {}
-        for _seq, _res, _q, srs in batch.accepted:
-            for st, sr in srs:
-                st.partitions[sr.partition].skip(sr.offset)
-                st.on_committed({})
-                nexts[(st.name, sr.partition)] = sr.offset + 1
+        for sr in batch.srows:  # in assignment order, as before
+            st = batch.stream_of(sr.stream)
+            st.partitions[sr.partition].skip(sr.offset)
+            st.on_committed({})
+            nexts[(st.name, sr.partition)] = sr.offset + 1
         if nexts:
             self.streams.mark_next([(s, p, n) for (s, p), n in nexts.items()])
 
@@ -393,7 +431,8 @@ class _Batch:
     """One publish's store operation and what its confirms need: built by
     ``Admission._assign``, queued by ``_queue_batch``, answered from the commit."""
 
-    __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted")
+    __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted",
+                 "done", "by_queue", "by_stream")
 
     def __init__(self, conn: Peer, admitted: float) -> None:
         self.conn = conn
@@ -404,6 +443,25 @@ class _Batch:
         self.rows: list[StoredMessage] = []  # queue rows
         self.srows: list[StreamRow] = []  # stream rows
         self.dedup: list[tuple[str, int, bytes]] = []  # (key, expires_ms, packed result)
-        # (seq, result, [(queue, row)], [(stream, row)]) per accepted entry
-        self.accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
-                                  list[tuple[StreamActor, StreamRow]]]] = []
+        self.accepted = 0  # entries stored by this operation
+        self.done: list[list[Any]] = []  # their confirm items [seq, 0, result] (seq > 0 only)
+        self.by_queue: dict[QueueActor, list[StoredMessage]] = {}  # the rows again, per queue
+        self.by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}  # and per stream and partition
+
+    def stream_of(self, name: str) -> StreamActor:
+        return next(st for st in self.by_stream if st.name == name)
+
+
+_Plan = tuple[list[tuple[QueueActor, list[StoredMessage], "int | None", bool]],
+              list[tuple["StreamActor", dict[int, list["StreamRow"]]]], list[tuple[QueueActor, int]]]
+_NO_OPTS: Final[dict[str, Any]] = {}
+
+
+def result_dict(result: Any) -> dict[str, Any]:
+    """A confirm result (or a stored de-dup result) as a new dict: the bare id form
+    means ``{"id": id, "queues": 1}``."""
+    if isinstance(result, dict):
+        return dict(result)
+    if isinstance(result, int):
+        return {"id": result, "queues": 1}
+    return {}

@@ -23,7 +23,7 @@ from tidings.broker.durable.partition import Partition
 from tidings.broker.durable.reader import Reader, resolve_start
 from tidings.broker.durable.settings import DEFAULT_WINDOW, StreamConfig, bind_entries, dlq_name, updated, validate_name
 from tidings.broker.durable.store.base import DeleteGroup, StorageError
-from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, StreamRow, TrimStream
+from tidings.broker.durable.store.streams import CommitOffsets, DeleteStream, MarkStreamNext, PutStream, TrimStream
 from tidings.broker.durable.stream import StreamActor
 
 if TYPE_CHECKING:
@@ -108,12 +108,6 @@ class Streams:
         return {p for st in self.streams.values() for p in st.cfg.bind}
 
     # ---------------------------------------------------------- publishing
-
-    def row(self, st: StreamActor, m: list[Any], key: str | None, msg_id: str | None, now: int) -> StreamRow:
-        part = st.pick(key)
-        off = part.next
-        part.next += 1
-        return StreamRow(st.name, part.index, off, m[0], key, m[1], m[2], msg_id, now)
 
     def mark_next(self, marks: list[tuple[str, int, int]]) -> None:
         """Record (stream, partition, next) after a failed tail write, so that the

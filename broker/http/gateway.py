@@ -170,6 +170,8 @@ class Gateway:
         body = {"subject": subject, "stored": True, "subscribers": subscribers}
         if isinstance(result, dict):
             body.update(result)
+        elif type(result) is int:  # the compact confirm of a message stored in one queue (PROTOCOL.md 7.8)
+            body.update(id=result, queues=1)
         if extra:
             body.update(extra)
         return JSONResponse(body, status)

@@ -30,12 +30,13 @@ durable publishes are refused with STORAGE_FULL.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Final
 
 import anyio
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, TaskGroup
 
 from tidings.protocol import CLOSED, NEED_DATA, Connection, ErrorCode, RemoteProtocolError, Role
 from tidings.protocol import frames as F
@@ -109,7 +110,7 @@ class ConnectionActor:
         self._wire: list[Any] = []  # control frames and sealed message segments, in order
         self._dropped: dict[int, int] = {}
         self._pending = 0  # bytes queued or being written
-        self._wake = anyio.Event()
+        self._wake = asyncio.Event()  # the writer's wake-up, cleared and reused (never replaced)
         self._writer_idle = False
         self._space: anyio.Event | None = None
         self._below: list[tuple[int, anyio.Event]] = []
@@ -119,6 +120,9 @@ class ConnectionActor:
         self._reader_scope = anyio.CancelScope()
         self._closing = False
         self._writer_done = anyio.Event()
+        self._tasks: TaskGroup | None = None  # run()'s task group (the writer, the watchdog)
+        self._read_since = 0.0  # monotonic time the reader began waiting for data (0.0: not waiting)
+        self._partial_since = 0.0  # monotonic time the frame partly buffered began to arrive (0.0: none)
 
     def set_user(self, user: User, *, counted: bool) -> None:
         """Adopt the authenticated ``user`` (called once, during HELLO)."""
@@ -257,6 +261,7 @@ class ConnectionActor:
     async def run(self) -> None:
         try:
             async with anyio.create_task_group() as tg:
+                self._tasks = tg
                 tg.start_soon(self._writer)
                 try:
                     with self._reader_scope:
@@ -287,51 +292,86 @@ class ConnectionActor:
                 return
             if hello is None or not await self._accept_hello(hello):
                 return
-            heartbeat = cfg.heartbeat
-            pinged = False
-            # When the frame now partly buffered began to arrive (0.0: none). The frame timeout
-            # runs from there, not from the last byte: a peer dripping a byte at a time must not
-            # keep a frame open forever (slow-loris). Completing any frame restarts it.
-            partial_since = 0.0
+            assert self._tasks is not None
+            self._tasks.start_soon(self._watchdog)
+            # The heartbeat and the frame timeout are kept by _watchdog (one timer per
+            # connection); a read only records when it began and whether a frame is partly
+            # buffered (no timer or cancel scope per read).
+            frame_timeout = cfg.frame_timeout
             frames_seen = conn.frames_in
             while not self._closing:
-                timeout = heartbeat
-                if partial_since:
-                    left = partial_since + cfg.frame_timeout - time.monotonic()
-                    if left <= 0:
-                        self.send_err(0, ErrorCode.FRAME_TIMEOUT,
-                                      f"partial frame not completed within {cfg.frame_timeout}s")
-                        self.port.audit.limit_refused(self.user.name, self.peer, "frame_timeout",
-                                                        seconds=cfg.frame_timeout)
-                        return
-                    timeout = min(timeout, left)
-                data = b""
-                with anyio.move_on_after(timeout):
-                    data = await stream.receive(READ_CHUNK)
-                if not data:
-                    if partial_since:
-                        continue  # the frame timeout is checked at the top of the loop (no ping race)
-                    if pinged:
-                        log.info("connection %s (%s): no answer to heartbeat, closing", self.number, self.peer)
-                        return
-                    pinged = True
-                    self.push_wire([F.Op.PING, 0])
-                    continue
-                pinged = False
+                if self._partial_since and time.monotonic() >= self._partial_since + frame_timeout:
+                    self._frame_timed_out()  # a dripping peer: data keeps coming, the frame never ends
+                    return
+                self._read_since = time.monotonic()
+                data = await stream.receive(READ_CHUNK)
+                self._read_since = 0.0
                 conn.receive_data(data)
                 if not await self._process():
                     return
                 if not conn.has_partial_frame:
-                    partial_since = 0.0
-                elif not partial_since or conn.frames_in != frames_seen:
-                    partial_since = time.monotonic()
+                    self._partial_since = 0.0
+                elif not self._partial_since or conn.frames_in != frames_seen:
+                    # The frame timeout runs from when the frame now partly buffered began to
+                    # arrive, not from the last byte: a peer dripping a byte at a time must not
+                    # keep a frame open forever (slow-loris). Completing any frame restarts it.
+                    self._partial_since = time.monotonic()
                 frames_seen = conn.frames_in
                 if self._pending > self._limit:
                     await self._wait_space()
-                    if partial_since:
-                        partial_since = time.monotonic()  # we were not reading: not the peer's delay
+                    if self._partial_since:
+                        self._partial_since = time.monotonic()  # we were not reading: not the peer's delay
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
             return
+
+    async def _watchdog(self) -> None:
+        """The reader's timeouts, with one timer per connection that re-arms itself rather
+        than one per read: PING a client silent for ``heartbeat`` seconds while the reader
+        waits for it, close it after one more ``heartbeat`` of silence (two missed), and
+        close with FRAME_TIMEOUT a frame begun but not completed within ``frame_timeout``.
+
+        It only acts while the reader waits in receive() (not while it processes frames or
+        waits for the writer: not the client's delay), as the timers around each receive()
+        it replaces did; the reader checks the frame timeout itself for a client that keeps
+        sending bytes of a frame that never ends. The watchdog sleeps at most
+        min(heartbeat, frame_timeout) at a time, and every deadline set while it sleeps
+        lies at least that far ahead, so none is noticed late."""
+        cfg = self.port.config
+        heartbeat, frame_timeout = cfg.heartbeat, cfg.frame_timeout
+        step = min(heartbeat, frame_timeout)
+        pinged = 0.0  # the _read_since of the wait this PINGed in (0.0: none)
+        while not self._closing:
+            now = time.monotonic()
+            wake = now + step
+            since = self._read_since
+            partial = self._partial_since
+            if since and partial:  # waiting for the rest of a frame: no PING, the frame timeout
+                due = partial + frame_timeout
+                if now >= due:
+                    self._frame_timed_out()
+                    self.close()
+                    return
+                wake = min(wake, due)
+            elif since:  # waiting for the client's next frame
+                if pinged == since:
+                    due = since + 2 * heartbeat
+                    if now >= due:
+                        log.info("connection %s (%s): no answer to heartbeat, closing", self.number, self.peer)
+                        self.close()
+                        return
+                else:
+                    due = since + heartbeat
+                    if now >= due:
+                        pinged = since
+                        self.push_wire([F.Op.PING, 0])
+                        continue
+                wake = min(wake, due)
+            await anyio.sleep(wake - now)
+
+    def _frame_timed_out(self) -> None:
+        timeout = self.port.config.frame_timeout
+        self.send_err(0, ErrorCode.FRAME_TIMEOUT, f"partial frame not completed within {timeout}s")
+        self.port.audit.limit_refused(self.user.name, self.peer, "frame_timeout", seconds=timeout)
 
     async def wait_pending_below(self, n: int) -> None:
         """Wait until this connection's outbound mailbox holds at most ``n``
@@ -584,6 +624,7 @@ class ConnectionActor:
 
     async def _writer(self) -> None:
         conn = self.conn
+        direct = _direct_writes(self.stream)
         try:
             while True:
                 if not (self._msgs or self._wire or self._dropped):
@@ -591,7 +632,7 @@ class ConnectionActor:
                         return
                     self._writer_idle = True
                     await self._wake.wait()
-                    self._wake = anyio.Event()
+                    self._wake.clear()
                     continue
                 wire, dropped = self._wire, self._dropped
                 if self._msgs:
@@ -614,7 +655,10 @@ class ConnectionActor:
                             self._encode_oversized(w, out)
                 for sid, n in dropped.items():
                     conn.encode_wire([F.Op.NOTICE, V.NOTICE_SLOW_CONSUMER, {"sid": sid, "dropped": n}], out)
-                await self.stream.send(b"".join(out))
+                if direct is not None:
+                    await direct(b"".join(out))
+                else:
+                    await self.stream.send(b"".join(out))
                 self._pending -= taken
                 if self._space is not None and self._pending <= self._limit:
                     self._space.set()
@@ -679,3 +723,44 @@ class ConnectionActor:
         half = len(items) // 2
         self._encode_msgs(sid, items[:half], est // 2, out)
         self._encode_msgs(sid, items[half:], est // 2, out)
+
+
+def _direct_writes(stream: ByteStream) -> Callable[[bytes], Any] | None:
+    """A cheaper ``send`` for a plain TCP connection on the asyncio backend, or None.
+
+    anyio's ``SocketStream.send`` wraps every write in a ResourceGuard, a
+    cancellation checkpoint and a wait for the transport's flow control; the
+    writer is this connection's only sender and needs none of that while the
+    transport is below its high-water mark. So: write to the transport
+    directly, and only when that takes it above the mark wait for it to drain
+    (what ``send`` itself does), so ``max_pending_bytes`` still counts what the
+    kernel has not taken. Any other stream (TLS, a test's memory stream, another
+    backend) keeps its own ``send``; so does a write made while the transport is
+    paused, which waits first as ``send`` does."""
+    if type(stream).__module__ != "anyio._backends._asyncio" or type(stream).__name__ != "SocketStream":
+        return None
+    transport: Any = getattr(stream, "_transport", None)
+    protocol: Any = getattr(stream, "_protocol", None)
+    if transport is None or not isinstance(getattr(protocol, "write_event", None), asyncio.Event):
+        return None
+    send = stream.send
+    write = transport.write
+
+    async def direct(data: bytes) -> None:
+        # The protocol replaces write_event when the transport pauses: read it each time.
+        if not protocol.write_event.is_set() or protocol.exception is not None:
+            await send(data)  # paused (or broken): anyio waits for the drain (or raises)
+            return
+        try:
+            write(data)
+        except RuntimeError as exc:
+            if transport.is_closing():
+                raise anyio.BrokenResourceError from exc
+            raise
+        ready = protocol.write_event
+        if not ready.is_set():  # the kernel did not take it all: wait for the drain as send() would
+            await ready.wait()
+            if protocol.exception is not None:
+                raise anyio.BrokenResourceError from protocol.exception
+
+    return direct

@@ -66,6 +66,8 @@ class PublishAck:
 
     @classmethod
     def from_wire(cls, result: Any) -> PublishAck | None:
+        if type(result) is int:  # a message stored in one queue and no stream: its bare id
+            return cls({"id": result, "queues": 1})
         return cls(result) if isinstance(result, dict) else None
 
     def __repr__(self) -> str:
