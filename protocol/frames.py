@@ -15,6 +15,10 @@ from enum import IntEnum
 from typing import Any, ClassVar, Final, Union
 
 PROTOCOL_VERSION: Final = 1
+#: HELLO option: the client reads a CONFIRM result that is a bare message id (a message
+#: stored in one queue and no stream, docs/PROTOCOL.md 7.8). Without it the broker sends
+#: the map {"id", "queues"} that every older client reads.
+HELLO_CONFIRM_IDS: Final = "confirm_ids"
 
 
 class Op(IntEnum):

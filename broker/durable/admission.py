@@ -222,6 +222,8 @@ class Admission:
         srows = batch.srows
         dedup = batch.dedup
         done = batch.done
+        # the bare-id confirm only for clients that announced they read it (HELLO confirm_ids)
+        bare_ids = getattr(batch.conn, "confirm_ids", False)
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
         plans: dict[int, _Plan] = {}
@@ -283,7 +285,7 @@ class Admission:
                 qrows.append(row)
                 rows.append(row)
             result: int | dict[str, Any] | None
-            if not streams and len(queues) == 1:
+            if bare_ids and not streams and len(queues) == 1:
                 result = mid  # the common case: {"id": mid, "queues": 1} on the wire as the bare id
             else:
                 result = None

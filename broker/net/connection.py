@@ -88,6 +88,7 @@ class ConnectionActor:
         self.peer = peer
         self.peer_ip = peer_ip
         self.name = ""
+        self.confirm_ids = False
         self.user: User = ANONYMOUS
         self.perms = ANONYMOUS.permissions
         self.restricted = False  # True: check permissions (a configured user); False: ALLOW_ALL
@@ -406,6 +407,9 @@ class ConnectionActor:
 
     async def _accept_hello(self, hello: F.Hello) -> bool:
         self.name = hello.client_name
+        # Bare-id confirm results only for a client that said it reads them (older clients
+        # read the map): docs/PROTOCOL.md 7.8.
+        self.confirm_ids = hello.options.get(F.HELLO_CONFIRM_IDS) is True
         port = self.port
         refusal = await port.admit(self, hello)
         if refusal is not None:

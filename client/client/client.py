@@ -424,7 +424,7 @@ class Client:
                                                      tls_hostname=host, tls_standard_compatible=False)
                 else:
                     stream = await anyio.connect_tcp(host, port)
-                hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {})
+                hello = F.Hello(F.PROTOCOL_VERSION, self.name, self._auth, {F.HELLO_CONFIRM_IDS: True})
                 await stream.send(conn.send(hello))
                 welcome = await self._read_welcome(stream, conn, f"{host}:{port}")
                 initial = await self._read_bindings(stream, conn, welcome)

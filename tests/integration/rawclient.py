@@ -71,11 +71,12 @@ class RawClient:
         self._rids += 1
         return self._rids
 
-    async def hello(self, name: str = "rawclient", timeout: float = DEFAULT_WAIT) -> F.Welcome:
+    async def hello(self, name: str = "rawclient", timeout: float = DEFAULT_WAIT,
+                    options: dict | None = None) -> F.Welcome:
         """Do the handshake; return WELCOME (raises AssertionError on ERR).
         The binding set the broker sends right after WELCOME (NOTICEs up to
         the one without "more") is read too and kept in ``bindings``."""
-        await self.send(F.Hello(F.PROTOCOL_VERSION, name, None, {}))
+        await self.send(F.Hello(F.PROTOCOL_VERSION, name, None, options or {}))
         ev = await self.read_until(lambda f: isinstance(f, (F.Welcome, F.Err)), timeout)
         assert isinstance(ev, F.Welcome), f"handshake refused: {ev!r}"
         self.welcome = ev

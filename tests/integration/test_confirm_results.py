@@ -1,5 +1,6 @@
 """The CONFIRM result of a durable publish (docs/PROTOCOL.md 7.8): the bare id when
-one queue and no stream stored the message, the map otherwise; the client's
+one queue and no stream stored the message and the client announced `confirm_ids` in
+its HELLO, the map otherwise (older clients read only the map); the client's
 PublishAck and the HTTP gateway read both the same way (issue 14 item 2: no
 result dict per message on the common path)."""
 
@@ -30,7 +31,7 @@ async def test_confirm_of_one_queue_is_the_bare_id_and_others_a_map(broker) -> N
         await tc.declare_queue("cr-two-b", bind=["cr.two"])
         await tc.declare_stream("cr-s", partitions=2, bind=["cr.s"])
         async with RawClient.open(broker.host, broker.port) as rc:
-            await rc.hello()
+            await rc.hello(options={F.HELLO_CONFIRM_IDS: True})
             seq, code, result = await raw_confirm(rc, "cr.one", 1)
             assert (seq, code) == (1, 0) and type(result) is int and result > 0
             _seq, code, two = await raw_confirm(rc, "cr.two", 2)
@@ -49,6 +50,16 @@ async def test_confirm_of_one_queue_is_the_bare_id_and_others_a_map(broker) -> N
             assert ack.raw == {"id": ack.id, "queues": 1} and not ack.duplicate
             ack2 = await tc.publish("cr.two", b"y", confirm=True)
             assert ack2.queues == 2 and ack2.id > ack.id
+
+
+async def test_a_client_that_did_not_ask_gets_the_map(broker) -> None:
+    """A client from before the compact form (no confirm_ids in HELLO) still reads a map."""
+    async with connect(broker.url) as tc:
+        await tc.declare_queue("cr-old", bind=["cr.old"])
+    async with RawClient.open(broker.host, broker.port) as rc:
+        await rc.hello()
+        _seq, code, result = await raw_confirm(rc, "cr.old", 1)
+        assert code == 0 and isinstance(result, dict) and result["queues"] == 1 and result["id"] > 0
 
 
 def test_publish_ack_reads_both_forms() -> None:
