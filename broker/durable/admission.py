@@ -332,6 +332,8 @@ class Admission:
     def _committed(self, batch: _Batch, mine: list[str]) -> None:
         """The commit callback: confirm every entry (and the copies that waited
         for its msg_id), then hand the committed rows to their queues and streams."""
+        if self.streams.shared:  # the store gave the stream rows their offsets at commit
+            _final_offsets(batch)
         for mid in mine:
             self._release(mid, *batch.outcome[mid])
         out = list(batch.early)
@@ -374,6 +376,8 @@ class Admission:
         # Offsets assigned to this batch were never stored: the streams'
         # partitions must not wait for them, and a restart must not
         # assign them again (nothing stored says they were used).
+        if self.streams.shared:  # offsets are taken at commit: a failed one took none
+            return
         nexts: dict[tuple[str, int], int] = {}
         for _seq, _res, _q, srs in batch.accepted:
             for st, sr in srs:
@@ -387,6 +391,17 @@ class Admission:
     def _confirm(conn: Peer, items: list[Any]) -> None:
         if items:
             conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
+
+
+def _final_offsets(batch: _Batch) -> None:
+    """Cluster mode: put the offsets the store allocated at commit into the results
+    (confirms, and the copies waiting on a msg_id, read them)."""
+    for _seq, res, _q, srs in batch.accepted:
+        if srs:
+            first = srs[0][1]
+            res["partition"], res["offset"] = first.partition, first.offset
+            if len(srs) > 1:
+                res["streams"] = [[st.name, sr.partition, sr.offset] for st, sr in srs[1:]]
 
 
 class _Batch:

@@ -189,3 +189,15 @@ class PgCluster:
             return {r[0]: (r[1], r[2]) for r in rows}
         result: dict[int, tuple[int, int]] = await self._in_transaction(q)
         return result
+
+    async def init_group_offsets(self, stream: str, group: str, offsets: dict[int, int]) -> None:
+        """A group's starting offsets, for the partitions that have none yet: a member
+        joining on a second broker never moves an existing group's offsets (not even
+        with start=latest). Raises StorageError."""
+        async def q(conn: asyncpg.Connection) -> None:
+            await conn.execute(
+                "INSERT INTO tidings_stream_offsets (stream, grp, partition, committed, delivered)"
+                " SELECT $1, $2, p, c, c FROM unnest($3::integer[], $4::bigint[]) AS u(p, c)"
+                " ON CONFLICT (stream, grp, partition) DO NOTHING",
+                stream, group, list(offsets), list(offsets.values()))
+        await self._in_transaction(q)
