@@ -83,6 +83,7 @@ class Durable:
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         # Bindings with a content filter (targets.py): matched, then filtered, per message.
         self.filtered: Router[FilteredTarget] = Router()
+        self.streams: Streams
         if cfg.cluster:  # several brokers on the database: streams and groups span them
             from tidings.broker.durable.shared_stream import SharedStreams
             self.streams = SharedStreams(self.ctx, broker, self.queues, self.bindings, self.dead_letters,

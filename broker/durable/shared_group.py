@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import anyio
 
@@ -40,8 +40,10 @@ from tidings.protocol import frames as F
 from tidings.protocol import vocabulary as V
 from tidings.protocol.errors import ErrorCode
 
+from tidings.broker.durable.delivery import DELIVERY_OVERHEAD
 from tidings.broker.durable.group import STORE_RETRY_DELAY, GroupActor, Member, PState
-from tidings.broker.durable.store.base import StorageError
+from tidings.broker.durable.store.base import StorageClosed, StorageError
+from tidings.broker.durable.store.pg_cluster import ClusterStore
 
 if TYPE_CHECKING:
     from tidings.broker.durable.context import DurableContext, StreamView
@@ -68,6 +70,10 @@ class SharedGroup(GroupActor):
         self._valid_until = 0.0  # monotonic: the assignment holds until our leases may lapse
         self._epoch = 0  # bumped whenever a partition changes hands here
         self.rounds = 0
+
+    @property
+    def _store(self) -> ClusterStore:
+        return cast(ClusterStore, self.ctx.store)  # cluster mode: a PostgresStore
 
     # ------------------------------------------------------------ members
 
@@ -110,7 +116,7 @@ class SharedGroup(GroupActor):
                 tg.cancel_scope.cancel()
 
     async def _rounds(self) -> None:
-        store = self.ctx.store
+        store = self._store
         backoff = 0.0
         while not self._stopped:
             self._round = anyio.Event()
@@ -119,9 +125,10 @@ class SharedGroup(GroupActor):
             if mine or gone:
                 started = time.monotonic()
                 try:
-                    gen, parts = await store.group_round(self.stream.name, self.name, mine, gone, LEASE,
-                                                         len(self.parts))
-                    offsets = await self._offsets_for(parts)
+                    gen, parts, offsets = await store.group_round(self.stream.name, self.name, mine, gone, LEASE,
+                                                                  len(self.parts))
+                except StorageClosed:  # the broker is stopping: the leases lapse by themselves
+                    return
                 except StorageError as exc:
                     self._gone = gone + self._gone
                     backoff = self.ctx.read_failed(backoff, exc, f"group {self.stream.name}/{self.name} round")
@@ -159,38 +166,21 @@ class SharedGroup(GroupActor):
                 return m, gen
         return None, gen
 
-    async def _offsets_for(self, parts: dict[int, tuple[str | None, int]]) -> dict[int, tuple[int, int]] | None:
-        """The committed offsets of the partitions a local member gains (read before
-        it gets them, so nothing is delivered from a stale offset)."""
-        gains = False
-        for ps in self.parts:
-            m, gen = self._owner_for(parts, ps)
-            if m is not None and (m is not ps.owner or gen != ps.gen):
-                gains = True
-        if not gains:
-            return None
-        result: dict[int, tuple[int, int]] = await self.ctx.store.group_offsets(self.stream.name, self.name)
-        return result
-
     def _apply(self, gen: int, parts: dict[int, tuple[str | None, int]],
-               offsets: dict[int, tuple[int, int]] | None) -> None:
+               offsets: dict[int, tuple[int, int]]) -> None:
+        """Take a round's assignment: a partition a local member gains starts from
+        the offsets the round read after giving it (nothing from a stale offset)."""
         changed = False
         for ps in self.parts:
             m, pgen = self._owner_for(parts, ps)
             if m is ps.owner and (m is None or pgen == ps.gen):
                 continue
-            if m is not None and offsets is None:  # a gain the offsets were not read for: ask again
-                self._round.set()
-                m = None
-                if ps.owner is None:
-                    continue
             changed = True
             self._drop(ps)
             if m is None:
                 continue
             ps.owner = m
             ps.gen = pgen
-            assert offsets is not None
             c, d = offsets.get(ps.index, (ps.committed, ps.delivered))
             first = self.stream.partitions[ps.index].first
             ps.committed = ps.persisted = max(c, first)
@@ -222,23 +212,34 @@ class SharedGroup(GroupActor):
         return rows
 
     async def _send(self) -> None:
-        """As GroupActor's, through a fenced commit of the delivered offsets; a
-        partition that changed hands meanwhile sends nothing."""
+        """As GroupActor's, but each partition's deliveries go out only after the
+        database confirmed (a fenced commit of its delivered offset) that this
+        member still owns it at this generation: a broker that has not heard of a
+        reassignment yet sends nothing of a partition that moved."""
         out, self._out = self._out, {}
         if not out:
             return
-        moved = [ps for ps in self.parts if ps.delivered > ps.delivered_saved]
-        rows = self._fence_rows(moved, committed=False)
-        if rows:
-            for ps in moved:
-                ps.delivered_saved = ps.delivered
-            epoch = self._epoch
-            try:
-                await self.ctx.store.commit_group_offsets(self.stream.name, self.name, rows)
-            except StorageError:
-                pass  # sent anyway: at-least-once matters more than the count
-            if epoch != self._epoch:
-                out = {m: [it for it in items if self._still_owned(m, it)] for m, items in out.items()}
+        sending = {it[6][0] for items in out.values() for it in items}
+        pss = [ps for ps in self.parts if ps.index in sending]
+        rows = self._fence_rows(pss, committed=False)
+        for ps in pss:
+            ps.delivered_saved = max(ps.delivered_saved, ps.delivered)
+        epoch = self._epoch
+        try:
+            ok = await self._store.commit_group_offsets(self.stream.name, self.name, rows) if rows else set()
+        except StorageError:
+            # Sent anyway: until our leases may have lapsed (_check_lease stops us then)
+            # no other broker can be given these partitions.
+            ok = sending
+        sent = {r[0]: r[4] for r in rows}
+        fenced = [ps for ps in pss if ps.index not in ok and ps.owner is not None and ps.gen == sent.get(ps.index)]
+        for ps in fenced:
+            self._drop(ps)  # the database gave it to another member: stop here
+        if fenced:
+            self._notify()
+            self._round.set()
+        if fenced or epoch != self._epoch:
+            out = {m: kept for m, items in out.items() if (kept := [it for it in items if self._still_owned(m, it)])}
         self._push_out(out)
 
     def _still_owned(self, m: Member, item: list[Any]) -> bool:
@@ -246,7 +247,7 @@ class SharedGroup(GroupActor):
         ps = self.parts[idx]
         if ps.owner is m and ps.gen == gen:
             return True
-        m.conn.release(len(item[2]) + len(item[1]))  # reserved by _pump, never sent
+        m.conn.release(len(item[2]) + len(item[1]) + DELIVERY_OVERHEAD)  # reserved by _pump, never sent
         return False
 
     async def _flush_commits(self) -> None:
@@ -266,7 +267,7 @@ class SharedGroup(GroupActor):
         sent = {r[0]: (r[1], r[4]) for r in rows}
         self._commit_retry_at = 0.0
         try:
-            ok = await self.ctx.store.commit_group_offsets(self.stream.name, self.name, rows)
+            ok = await self._store.commit_group_offsets(self.stream.name, self.name, rows)
         except StorageError as error:
             log.error("group %s/%s: committing offsets failed: %s", self.stream.name, self.name, error)
             self.ctx.counters.state_failures += 1

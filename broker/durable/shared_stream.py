@@ -23,7 +23,7 @@ import logging
 import os
 import secrets
 import socket
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -31,7 +31,8 @@ from anyio.abc import TaskGroup
 from tidings.broker.durable.group import GroupActor
 from tidings.broker.durable.partition import READ_PAGE, Partition
 from tidings.broker.durable.shared_group import SharedGroup
-from tidings.broker.durable.store.base import StorageError
+from tidings.broker.durable.store.base import StorageClosed, StorageError
+from tidings.broker.durable.store.pg_cluster import ClusterStore
 from tidings.broker.durable.store.streams import StreamRow
 from tidings.broker.durable.stream import StreamActor
 from tidings.broker.durable.streams import Streams
@@ -136,6 +137,8 @@ class HeadFollower:
         while True:
             try:
                 moved = await self.poll()
+            except StorageClosed:  # the broker is stopping
+                return
             except StorageError as exc:
                 backoff = self.ctx.read_failed(backoff, exc, "stream heads")
                 await anyio.sleep(backoff)
@@ -148,7 +151,7 @@ class HeadFollower:
 
     async def poll(self) -> bool:
         """One pass: returns whether any head moved. Raises StorageError."""
-        store = self.ctx.store
+        store = cast(ClusterStore, self.ctx.store)  # cluster mode: a PostgresStore
         heads = await store.stream_heads()
         self.polls += 1
         moved: set[StreamActor] = set()
@@ -211,4 +214,4 @@ class SharedStreams(Streams):
         for stream, group, p, c, _d in offsets:
             by_group.setdefault((stream, group), {})[p] = c
         for (stream, group), starts in by_group.items():
-            await self.store.init_group_offsets(stream, group, starts)
+            await cast(ClusterStore, self.store).init_group_offsets(stream, group, starts)

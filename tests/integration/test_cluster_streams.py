@@ -51,6 +51,15 @@ async def db_state(url: str, stream: str, group: str | None = None) -> dict[str,
     return {"offsets": offsets, "heads": heads, "committed": committed}
 
 
+async def db_owners(url: str, stream: str, group: str) -> dict[int, str | None]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {r[0]: r[1] for r in await conn.fetch(
+            "SELECT partition, owner FROM tidings_group_parts WHERE stream = $1 AND grp = $2", stream, group)}
+    finally:
+        await conn.close()
+
+
 async def test_publishers_on_two_brokers_share_one_partition_and_a_reader_on_a_third_sees_all(
         start_cluster) -> None:
     a, b, c = start_cluster(3)
@@ -193,10 +202,12 @@ async def test_broker_killed_under_load_hands_its_partitions_to_the_others(start
             if set(led.confirmed) <= {(k, s) for k, s, *_ in led.seen}:
                 break
             await anyio.sleep(POLL_STEP)
+        owners = await db_owners(start_cluster.url, "ks", "g")  # while A's and B's members are live
         for w in workers[:2]:
             w.request_stop()
     check_order(led)
     assert set(led.confirmed) <= {(k, s) for k, s, *_ in led.seen}
+    assert None not in owners.values() and len(set(owners.values())) == 2, f"C's partitions did not move: {owners}"
     state = await db_state(start_cluster.url, "ks", "g")
     for p in range(4):
         offs = state["offsets"].get(p, [])

@@ -116,11 +116,11 @@ async def test_group_rounds_compute_one_generation_and_fence_stale_commits(pg_ur
     for s in (a, b):
         await s.open()
     try:
-        gen, parts = await a.group_round("s", "g", ["A/1"], [], 30.0, 4)
+        gen, parts, _ = await a.group_round("s", "g", ["A/1"], [], 30.0, 4)
         assert gen == 1 and {p: o for p, (o, _g) in parts.items()} == {0: "A/1", 1: "A/1", 2: "A/1", 3: "A/1"}
-        again, same = await a.group_round("s", "g", ["A/1"], [], 30.0, 4)
+        again, same, _ = await a.group_round("s", "g", ["A/1"], [], 30.0, 4)
         assert (again, same) == (gen, parts)  # nothing changed: no new generation
-        gen2, parts2 = await b.group_round("s", "g", ["B/1"], [], 30.0, 4)
+        gen2, parts2, _ = await b.group_round("s", "g", ["B/1"], [], 30.0, 4)
         assert gen2 == 2
         assert {p: o for p, (o, _g) in parts2.items()} == {0: "A/1", 1: "B/1", 2: "A/1", 3: "B/1"}
         # A's commit for partition 1 under its old generation is fenced; partition 0 is still A's
@@ -130,15 +130,16 @@ async def test_group_rounds_compute_one_generation_and_fence_stale_commits(pg_ur
         assert ok == {1}
         assert await b.group_offsets("s", "g") == {0: (5, 5), 1: (3, 3)}
         # A's member leaves (or its lease lapses): B gets every partition in the next generation
-        gen3, parts3 = await b.group_round("s", "g", ["B/1"], ["A/1"], 30.0, 4)
+        gen3, parts3, offsets = await b.group_round("s", "g", ["B/1"], ["A/1"], 30.0, 4)
         assert gen3 == 3 and {o for o, _g in parts3.values()} == {"B/1"}
+        assert offsets == {0: (5, 5), 1: (3, 3)}  # where B starts the partitions it gained
         # a lapsed lease counts as gone: B's lease is backdated, A's next round drops it
         admin = await asyncpg.connect(pg_url)
         try:
             await admin.execute("UPDATE tidings_group_members SET lease_until = now() - interval '1 second'")
         finally:
             await admin.close()
-        gen4, parts4 = await a.group_round("s", "g", ["A/1"], [], 30.0, 4)
+        gen4, parts4, _ = await a.group_round("s", "g", ["A/1"], [], 30.0, 4)
         assert gen4 == 4 and {o for o, _g in parts4.values()} == {"A/1"}
     finally:
         for s in (a, b):

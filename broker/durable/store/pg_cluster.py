@@ -26,9 +26,9 @@ for its current owner at the generation that gave it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from tidings.broker.durable.store.base import PutMessages, StorageClosed
+from tidings.broker.durable.store.base import PutMessages, StorageClosed, StreamRow
 
 if TYPE_CHECKING:
     import asyncpg
@@ -53,23 +53,21 @@ HEADS: Final = "SELECT stream, partition, next FROM tidings_stream_heads"
 async def allocate_offsets(conn: asyncpg.Connection, items: list[Item]) -> None:
     """Give the stream rows of `items` their offsets, inside the caller's transaction
     (before any other statement of it). Raises whatever asyncpg raises."""
-    blocks: dict[tuple[str, int], list[tuple[Item, int]]] = {}
+    blocks: dict[tuple[str, int], list[tuple[StreamRow, Item, int]]] = {}
     for it in items:
         op = it.op
         if it.stream_inserts and isinstance(op, PutMessages):
             for i, r in enumerate(op.stream_rows):
-                blocks.setdefault((r.stream, r.partition), []).append((it, i))
+                blocks.setdefault((r.stream, r.partition), []).append((r, it, i))
     for key in sorted(blocks):
         rows = blocks[key]
         n = len(rows)
         nxt = await conn.fetchval(BUMP_HEAD, key[0], key[1], n)
         if nxt is None:  # the partition's first allocation in cluster mode
-            base = min(it.op.stream_rows[i].offset for it, i in rows)
-            await conn.execute(INIT_HEAD, key[0], key[1], base)
+            await conn.execute(INIT_HEAD, key[0], key[1], min(r.offset for r, _it, _i in rows))
             nxt = await conn.fetchval(BUMP_HEAD, key[0], key[1], n)
         off = nxt - n
-        for it, i in rows:  # in submission order: each publisher's order is kept
-            r = it.op.stream_rows[i]
+        for r, it, i in rows:  # in submission order: each publisher's order is kept
             r.offset = off
             t = it.stream_inserts[i]
             it.stream_inserts[i] = (t[0], t[1], off, *t[3:])  # type: ignore[index]
@@ -93,13 +91,16 @@ _SET_PART: Final = (
     "INSERT INTO tidings_group_parts (stream, grp, partition, owner, generation)"
     " SELECT $1, $2, p, o, $5 FROM unnest($3::integer[], $4::text[]) AS u(p, o)"
     " ON CONFLICT (stream, grp, partition) DO UPDATE SET owner = excluded.owner, generation = excluded.generation")
+_OFFSETS: Final = "SELECT partition, committed, delivered FROM tidings_stream_offsets WHERE stream = $1 AND grp = $2"
 _SET_GROUP: Final = "UPDATE tidings_groups SET generation = $3, members = $4 WHERE stream = $1 AND grp = $2"
 #: Fenced: only the partition's owner at the generation that gave it moves its offsets.
+#: FOR SHARE: a round reassigning the partition waits for this commit (and then reads
+#: its offsets), or this commit waits for the round and finds itself fenced.
 _COMMIT_FENCED: Final = (
     "INSERT INTO tidings_stream_offsets AS o (stream, grp, partition, committed, delivered)"
     " SELECT $1, $2, u.p, u.c, u.d FROM unnest($3::integer[], $4::bigint[], $5::bigint[], $6::text[], $7::bigint[])"
     " AS u(p, c, d, m, g) JOIN tidings_group_parts gp ON gp.stream = $1 AND gp.grp = $2 AND gp.partition = u.p"
-    " AND gp.owner = u.m AND gp.generation = u.g"
+    " AND gp.owner = u.m AND gp.generation = u.g FOR SHARE OF gp"
     " ON CONFLICT (stream, grp, partition) DO UPDATE SET committed = GREATEST(o.committed, excluded.committed),"
     " delivered = GREATEST(o.delivered, excluded.delivered) RETURNING partition")
 
@@ -107,6 +108,27 @@ _COMMIT_FENCED: Final = (
 def assign(live: list[str], partitions: int) -> list[str | None]:
     """Partition i goes to live member i mod n (members sorted: every broker agrees)."""
     return [live[i % len(live)] if live else None for i in range(partitions)]
+
+
+class ClusterStore(Protocol):
+    """What durable/shared_stream.py and shared_group.py need of the store beyond the
+    Store contract (PostgresStore in cluster mode)."""
+
+    async def stream_heads(self) -> dict[tuple[str, int], int]: ...
+
+    async def read_partition(self, stream: str, partition: int, from_offset: int, limit: int,
+                             max_bytes: int | None = None, min_rows: int = 1) -> list[StreamRow]: ...
+
+    async def group_round(self, stream: str, group: str, mine: list[str], gone: list[str], lease: float,
+                          partitions: int) -> tuple[int, dict[int, tuple[str | None, int]],
+                                                    dict[int, tuple[int, int]]]: ...
+
+    async def commit_group_offsets(self, stream: str, group: str,
+                                   rows: list[tuple[int, int, int, str, int]]) -> set[int]: ...
+
+    async def group_offsets(self, stream: str, group: str) -> dict[int, tuple[int, int]]: ...
+
+    async def init_group_offsets(self, stream: str, group: str, offsets: dict[int, int]) -> None: ...
 
 
 class PgCluster:
@@ -142,12 +164,15 @@ class PgCluster:
         return result
 
     async def group_round(self, stream: str, group: str, mine: list[str], gone: list[str], lease: float,
-                          partitions: int) -> tuple[int, dict[int, tuple[str | None, int]]]:
+                          partitions: int) -> tuple[int, dict[int, tuple[str | None, int]],
+                                                    dict[int, tuple[int, int]]]:
         """One broker's round for a group: renew the leases of `mine`, drop `gone` and
         lapsed members, compute a new generation if the live members changed (under the
         group row's lock: one broker per generation). Returns (generation,
-        {partition: (owner, generation that gave it)}). Raises StorageError."""
-        async def q(conn: asyncpg.Connection) -> tuple[int, dict[int, tuple[str | None, int]]]:
+        {partition: (owner, generation that gave it)}, {partition: (committed, delivered)}),
+        the offsets read after the new owners were set (see _COMMIT_FENCED). Raises StorageError."""
+        async def q(conn: asyncpg.Connection) -> tuple[int, dict[int, tuple[str | None, int]],
+                                                        dict[int, tuple[int, int]]]:
             await conn.execute(_NEW_GROUP, stream, group)
             row = await conn.fetchrow(_LOCK_GROUP, stream, group)
             gen, members = row[0], list(row[1])
@@ -165,8 +190,10 @@ class PgCluster:
                     for p, o in moved:
                         parts[p] = (o, gen)
                 await conn.execute(_SET_GROUP, stream, group, gen, live)
-            return gen, parts
-        result: tuple[int, dict[int, tuple[str | None, int]]] = await self._in_transaction(q)
+            offsets = {r[0]: (r[1], r[2]) for r in await conn.fetch(_OFFSETS, stream, group)}
+            return gen, parts, offsets
+        result: tuple[int, dict[int, tuple[str | None, int]], dict[int, tuple[int, int]]] = \
+            await self._in_transaction(q)
         return result
 
     async def commit_group_offsets(self, stream: str, group: str,
@@ -184,8 +211,7 @@ class PgCluster:
     async def group_offsets(self, stream: str, group: str) -> dict[int, tuple[int, int]]:
         """partition -> (committed, delivered) of one group, as committed now."""
         async def q(conn: asyncpg.Connection) -> dict[int, tuple[int, int]]:
-            rows = await conn.fetch("SELECT partition, committed, delivered FROM tidings_stream_offsets"
-                                    " WHERE stream = $1 AND grp = $2", stream, group)
+            rows = await conn.fetch(_OFFSETS, stream, group)
             return {r[0]: (r[1], r[2]) for r in rows}
         result: dict[int, tuple[int, int]] = await self._in_transaction(q)
         return result
