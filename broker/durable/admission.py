@@ -219,6 +219,7 @@ class Admission:
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
         streams = self.streams
+        results = batch.dedup_results if streams.shared else None  # cluster: re-encoded at commit
         for m, targets in entries:
             seq = m[F.P_SEQ]
             opts = m[F.P_OPTS] or {}
@@ -285,6 +286,8 @@ class Admission:
                 seen_now.add(key)
                 packed = msgpack.packb(result)
                 dedup.append((key, now + self.dedup_window_ms, packed))
+                if results is not None:
+                    results.append(result)
                 if len(self._recent) < RECENT_LIMIT:
                     self._recent[key] = (now + self.dedup_window_ms, packed)
             accepted.append((seq, result, qrows, stream_rows))
@@ -306,7 +309,11 @@ class Admission:
                 self._not_stored(batch, mine, error)
 
         try:
-            self.store.submit_nowait(PutMessages(batch.rows, batch.dedup, done, stream_rows=batch.srows))
+            on_offsets = None
+            if batch.dedup_results and batch.srows:
+                on_offsets = lambda: self._dedup_with_offsets(batch)  # noqa: E731
+            self.store.submit_nowait(PutMessages(batch.rows, batch.dedup, done, stream_rows=batch.srows,
+                                                 on_offsets=on_offsets))
         except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
             code = ErrorCode.SHUTTING_DOWN if self.shutting_down() else ErrorCode.STORAGE_ERROR
             outcome = batch.outcome
@@ -328,6 +335,18 @@ class Admission:
                         lowest[part] = sr.offset
             for part, off in lowest.items():
                 part.next = off
+
+    def _dedup_with_offsets(self, batch: _Batch) -> list[tuple[str, int, bytes]]:
+        """Cluster mode, inside the commit transaction: the batch's de-dup records
+        encoded again with the offsets the store has just given its stream rows."""
+        _final_offsets(batch)
+        out = []
+        for (key, expires, _old), res in zip(batch.dedup, batch.dedup_results):
+            packed = msgpack.packb(res)
+            out.append((key, expires, packed))
+            if key in self._recent:
+                self._recent[key] = (expires, packed)
+        return out
 
     def _committed(self, batch: _Batch, mine: list[str]) -> None:
         """The commit callback: confirm every entry (and the copies that waited
@@ -408,7 +427,8 @@ class _Batch:
     """One publish's store operation and what its confirms need: built by
     ``Admission._assign``, queued by ``_queue_batch``, answered from the commit."""
 
-    __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted")
+    __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted",
+                 "dedup_results")
 
     def __init__(self, conn: Peer, admitted: float) -> None:
         self.conn = conn
@@ -419,6 +439,7 @@ class _Batch:
         self.rows: list[StoredMessage] = []  # queue rows
         self.srows: list[StreamRow] = []  # stream rows
         self.dedup: list[tuple[str, int, bytes]] = []  # (key, expires_ms, packed result)
+        self.dedup_results: list[dict[str, Any]] = []  # cluster mode: each dedup entry's result
         # (seq, result, [(queue, row)], [(stream, row)]) per accepted entry
         self.accepted: list[tuple[int, dict[str, Any], list[tuple[QueueActor, StoredMessage]],
                                   list[tuple[StreamActor, StreamRow]]]] = []

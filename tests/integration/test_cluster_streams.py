@@ -221,3 +221,20 @@ async def test_broker_killed_under_load_hands_its_partitions_to_the_others(start
 async def _run_until_cancelled(w: Worker, on_message: Any, scope: anyio.CancelScope) -> None:
     with scope:
         await w.run(on_message)
+
+
+async def test_a_duplicate_is_answered_with_the_offset_allocated_at_commit(start_cluster) -> None:
+    """B publishes first, so A's own idea of the next offset (0) is not what the
+    commit gives its publish (5): a resend of the same msg_id, on A (its memory) or
+    on B (the database's de-dup record), is answered with the stored offset."""
+    a, b = start_cluster(2)
+    await declare_everywhere([a, b], "dd", 1)
+    async with connect(a.url) as ta, connect(b.url) as tb:
+        for i in range(5):
+            await tb.publish("dd.x", f"b{i}")
+        first = await ta.publish("dd.x", "a", msg_id="m-1")
+        assert first is not None and (first.partition, first.offset) == (0, 5) and not first.duplicate
+        again = await ta.publish("dd.x", "a", msg_id="m-1")
+        assert again is not None and again.duplicate and again.offset == 5
+        elsewhere = await tb.publish("dd.x", "a", msg_id="m-1")
+        assert elsewhere is not None and elsewhere.duplicate and elsewhere.offset == 5

@@ -72,6 +72,10 @@ async def allocate_offsets(conn: asyncpg.Connection, items: list[Item]) -> None:
             t = it.stream_inserts[i]
             it.stream_inserts[i] = (t[0], t[1], off, *t[3:])  # type: ignore[index]
             off += 1
+    for it in items:
+        op = it.op
+        if isinstance(op, PutMessages) and op.on_offsets is not None and op.dedup:
+            it.dedup = [(str(k), int(e), bytes(r)) for k, e, r in op.on_offsets()]
 
 
 # --- consumer groups ------------------------------------------------------------------
