@@ -214,7 +214,10 @@ async def test_broker_killed_under_load_hands_its_partitions_to_the_others(start
         assert offs == list(range(len(offs))), f"partition {p} has offset gaps"
         assert state["heads"].get(p, 0) == len(offs)
         committed = state["committed"][p]
-        missing = [o for o in range(committed) if (p, o) not in led.acked]
+        # C's last acks may have committed with their answers lost in the kill: only a
+        # message C held may be committed without an ack the test saw
+        held_by_c = {(sp, so) for _k, _s, _n, sp, so, w in led.seen if w == "C"}
+        missing = [o for o in range(committed) if (p, o) not in led.acked and (p, o) not in held_by_c]
         assert not missing, f"partition {p}: committed past unacked offsets {missing[:10]}"
 
 
