@@ -227,6 +227,8 @@ class Admission:
         reserved: dict[QueueActor, int] = {}
         seen_now: set[str] = set()
         plans: dict[int, _Plan] = {}
+        shared = self.streams.shared  # cluster: offsets are given at commit, results fixed up then
+        results = batch.dedup_results if shared else None  # and the de-dup records re-encoded
         for m, targets in entries:
             seq = m[F.P_SEQ]
             opts = m[F.P_OPTS]
@@ -311,10 +313,14 @@ class Admission:
                         result.setdefault("streams", []).append([st.name, index, off])
                 if result is None:
                     result = {"id": mid, "queues": len(queues)}
+                elif shared:  # this message's stream rows are the last len(streams) of srows
+                    batch.fixups.append((result, srows[-len(streams):]))
             if key is not None:
                 seen_now.add(key)
                 packed = msgpack.packb(result)
                 dedup.append((key, now + self.dedup_window_ms, packed))
+                if results is not None:
+                    results.append(result)
                 if len(self._recent) < RECENT_LIMIT:
                     self._recent[key] = (now + self.dedup_window_ms, packed)
                 batch.deferred.add(key)
@@ -363,7 +369,11 @@ class Admission:
                 self._not_stored(batch, mine, error)
 
         try:
-            self.store.submit_nowait(PutMessages(batch.rows, batch.dedup, done, stream_rows=batch.srows))
+            on_offsets = None
+            if batch.dedup_results and batch.srows:
+                on_offsets = lambda: self._dedup_with_offsets(batch)  # noqa: E731
+            self.store.submit_nowait(PutMessages(batch.rows, batch.dedup, done, stream_rows=batch.srows,
+                                                 on_offsets=on_offsets))
         except (StorageError, anyio.WouldBlock) as exc:  # closing (or a bug): nothing was stored
             code = ErrorCode.SHUTTING_DOWN if self.shutting_down() else ErrorCode.STORAGE_ERROR
             outcome = batch.outcome
@@ -381,9 +391,23 @@ class Admission:
                 for index, srs in parts.items():
                     st.partitions[index].next = srs[0].offset  # rows are in offset order per partition
 
+    def _dedup_with_offsets(self, batch: _Batch) -> list[tuple[str, int, bytes]]:
+        """Cluster mode, inside the commit transaction: the batch's de-dup records
+        encoded again with the offsets the store has just given its stream rows."""
+        _final_offsets(batch)
+        out = []
+        for (key, expires, _old), res in zip(batch.dedup, batch.dedup_results):
+            packed = msgpack.packb(res)
+            out.append((key, expires, packed))
+            if key in self._recent:
+                self._recent[key] = (expires, packed)
+        return out
+
     def _committed(self, batch: _Batch, mine: list[str]) -> None:
         """The commit callback: confirm every entry (and the copies that waited
         for its msg_id), then hand the committed rows to their queues and streams."""
+        if self.streams.shared:  # the store gave the stream rows their offsets at commit
+            _final_offsets(batch)
         for mid in mine:
             self._release(mid, *batch.outcome[mid])
         early = batch.early
@@ -414,6 +438,8 @@ class Admission:
         # Offsets assigned to this batch were never stored: the streams'
         # partitions must not wait for them, and a restart must not
         # assign them again (nothing stored says they were used).
+        if self.streams.shared:  # offsets are taken at commit: a failed one took none
+            return
         nexts: dict[tuple[str, int], int] = {}
         for sr in batch.srows:  # in assignment order, as before
             st = batch.stream_of(sr.stream)
@@ -429,12 +455,22 @@ class Admission:
             conn.push_wire([F.Op.CONFIRM, items], 24 * len(items))
 
 
+def _final_offsets(batch: _Batch) -> None:
+    """Cluster mode: put the offsets the store allocated at commit into the results
+    (confirms, and the copies waiting on a msg_id, read them)."""
+    for res, srs in batch.fixups:
+        first = srs[0]
+        res["partition"], res["offset"] = first.partition, first.offset
+        if len(srs) > 1:
+            res["streams"] = [[sr.stream, sr.partition, sr.offset] for sr in srs[1:]]
+
+
 class _Batch:
     """One publish's store operation and what its confirms need: built by
     ``Admission._assign``, queued by ``_queue_batch``, answered from the commit."""
 
     __slots__ = ("conn", "admitted", "early", "outcome", "deferred", "rows", "srows", "dedup", "accepted",
-                 "done", "by_queue", "by_stream")
+                 "done", "by_queue", "by_stream", "dedup_results", "fixups")
 
     def __init__(self, conn: Peer, admitted: float) -> None:
         self.conn = conn
@@ -449,6 +485,8 @@ class _Batch:
         self.done: list[list[Any]] = []  # their confirm items [seq, 0, result] (seq > 0 only)
         self.by_queue: dict[QueueActor, list[StoredMessage]] = {}  # the rows again, per queue
         self.by_stream: dict[StreamActor, dict[int, list[StreamRow]]] = {}  # and per stream and partition
+        self.dedup_results: list[Any] = []  # cluster mode: each dedup entry's result
+        self.fixups: list[tuple[dict[str, Any], list[StreamRow]]] = []  # cluster: results with stream rows
 
     def stream_of(self, name: str) -> StreamActor:
         return next(st for st in self.by_stream if st.name == name)

@@ -83,7 +83,13 @@ class Durable:
         self.bindings: Router[Any] = Router()  # QueueActor and StreamActor targets
         # Bindings with a content filter (targets.py): matched, then filtered, per message.
         self.filtered: Router[FilteredTarget] = Router()
-        self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters, self.filtered)
+        self.streams: Streams
+        if cfg.cluster:  # several brokers on the database: streams and groups span them
+            from tidings.broker.durable.shared_stream import SharedStreams
+            self.streams = SharedStreams(self.ctx, broker, self.queues, self.bindings, self.dead_letters,
+                                         self.filtered)
+        else:
+            self.streams = Streams(self.ctx, broker, self.queues, self.bindings, self.dead_letters, self.filtered)
         self._tg: TaskGroup | None = None
         self._updating = anyio.Lock()  # one settings update at a time: each starts from the last one's result
         # Admission of durable publishes (de-dup, ids, confirms): the connections' publish path.

@@ -564,7 +564,7 @@ class GroupActor:
             self._acked(ps, o)
         ps.cursor = offset
 
-    async def _flush_commits(self) -> None:
+    async def _flush_dead_letters(self) -> None:
         while self.ops:  # again if a reject came in while a copy was being written
             # Each copy to the DLQ is committed before the offsets that pass it
             # (rare: a synchronous write each), so a failed copy can hold them back.
@@ -574,6 +574,9 @@ class GroupActor:
                     await self.ctx.store.write(op)
                 except StorageError as exc:
                     self._dead_letter_failed(ps, offset, attempts, exc)
+
+    async def _flush_commits(self) -> None:
+        await self._flush_dead_letters()
         dirty = [ps for ps in self.parts if ps.dirty]
         if not dirty:
             if self._persist_waiters:

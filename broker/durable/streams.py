@@ -44,6 +44,11 @@ def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
 
 
 class Streams:
+    # Several brokers on one database (cluster mode) use durable/shared_stream.py's
+    # subclass, which overrides these.
+    shared = False  # offsets are allocated by the store at commit (pg_cluster.py), not here
+    stream_class: type[StreamActor] = StreamActor
+
     def __init__(self, ctx: DurableContext, broker: Host, queues: Mapping[str, QueueActor],
                  bindings: Router[Any], dead_letters: DeadLetters,
                  filtered: Router[FilteredTarget] | None = None) -> None:
@@ -80,7 +85,7 @@ class Streams:
                 nxt = max(hi + 1, first, marks.get(i, 0),
                           max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
                 parts.append(Partition(name, i, first, nxt, nbytes))
-            st = StreamActor(cfg, parts)
+            st = self.stream_class(cfg, parts)
             self._register(st)
             for group, committed in offsets.items():
                 await self._start_group(st, group, committed)
@@ -160,7 +165,7 @@ class Streams:
         self.broker.bindings.check_declare("stream", cfg.name, bind_entries(cfg.bind, cfg.bind_filters), rid)
         await self.dead_letters.ensure(cfg.dead_letter or dlq_name(cfg.name))
         await self.store.write(PutStream(cfg.name, cfg.to_dict(), self.ctx.now_ms()))
-        st = StreamActor(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
+        st = self.stream_class(cfg, [Partition(cfg.name, i, 0, 0, 0) for i in range(cfg.partitions)])
         self._register(st)
         self.broker.bindings_changed()
         return {"created": True, **st.info()}

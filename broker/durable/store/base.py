@@ -128,6 +128,10 @@ class PutMessages:
     #: Stream appends committed in the same transaction, so a publish bound to
     #: queues and streams is atomic.
     stream_rows: list[StreamRow] = field(default_factory=list)
+    #: Cluster mode (store/pg_cluster.py): called inside the transaction once the
+    #: stream rows have their final offsets; returns the de-dup entries encoded
+    #: again with them (a duplicate is answered with the offsets that were stored).
+    on_offsets: Callable[[], list[DedupEntry]] | None = None
 
 
 @dataclass(slots=True)

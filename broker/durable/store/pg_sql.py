@@ -169,11 +169,49 @@ CREATE TABLE tidings_cluster (
 );
 """
 
+#: 4 -> 5: streams across brokers (cluster mode, pg_cluster.py): each partition's next
+#: offset as one counter row, locked by the transaction that appends to the partition
+#: (dense offsets in commit order whichever broker publishes); consumer groups spanning
+#: brokers: the group row (its generation; locked by the one broker that computes an
+#: assignment), each member's lease, and each partition's owner with the generation
+#: that gave it (offset commits are fenced by it).
+_V5_CLUSTER_STREAMS: Final = """
+CREATE TABLE tidings_stream_heads (
+    stream    text NOT NULL,
+    partition integer NOT NULL,
+    next      bigint NOT NULL,              -- every offset below is taken by a committed row
+    PRIMARY KEY (stream, partition)
+);
+CREATE TABLE tidings_groups (
+    stream     text NOT NULL,
+    grp        text NOT NULL,
+    generation bigint NOT NULL,
+    members    text[] NOT NULL,             -- the live members the generation was computed for
+    PRIMARY KEY (stream, grp)
+);
+CREATE TABLE tidings_group_members (
+    stream      text NOT NULL,
+    grp         text NOT NULL,
+    member      text NOT NULL,              -- broker id / member number
+    lease_until timestamptz NOT NULL,       -- database time: the member is dead after it
+    PRIMARY KEY (stream, grp, member)
+);
+CREATE TABLE tidings_group_parts (
+    stream     text NOT NULL,
+    grp        text NOT NULL,
+    partition  integer NOT NULL,
+    owner      text,                        -- a member, or NULL
+    generation bigint NOT NULL,             -- the generation that gave it to its owner
+    PRIMARY KEY (stream, grp, partition)
+);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: meta, queues, messages, dedup, streams and their rows, floors, offsets, next marks
     _V2_SCHEMAS,  # 1 -> 2: tidings_schemas, tidings_schema_bindings (the schema registry)
     _V3_PRIORITY,  # 2 -> 3: tidings_messages.priority and its partial index (priority queues)
     _V4_CLUSTER,  # 3 -> 4: tidings_brokers (membership leases), tidings_cluster (the route secret)
+    _V5_CLUSTER_STREAMS,  # 4 -> 5: stream heads, shared consumer groups (several brokers)
 )
 
 #: Every table of the schema (a database holding some of them but no tidings_meta is
@@ -181,7 +219,8 @@ MIGRATIONS: tuple[str, ...] = (
 TABLES: Final = ("tidings_meta", "tidings_queues", "tidings_messages", "tidings_dedup", "tidings_streams",
                  "tidings_stream_messages", "tidings_stream_floors", "tidings_stream_offsets",
                  "tidings_stream_next", "tidings_schemas", "tidings_schema_bindings",
-                 "tidings_brokers", "tidings_cluster")
+                 "tidings_brokers", "tidings_cluster",
+                 "tidings_stream_heads", "tidings_groups", "tidings_group_members", "tidings_group_parts")
 
 #: The tables the store ANALYZEs when it opens (those that grow and shrink by the million).
 ANALYZED: Final = ("tidings_messages", "tidings_stream_messages", "tidings_dedup")
@@ -236,7 +275,11 @@ PG_STATEMENTS: Final[dict[str, str]] = {
                            " ON CONFLICT (stream, partition) DO UPDATE SET first = GREATEST(f.first, excluded.first)"),
     streams.UPSERT_NEXT: ("INSERT INTO tidings_stream_next AS n (stream, partition, next) VALUES ($1, $2, $3)"
                           " ON CONFLICT (stream, partition) DO UPDATE SET next = GREATEST(n.next, excluded.next)"),
-    streams.DELETE_GROUP: "DELETE FROM tidings_stream_offsets WHERE stream = $1 AND grp = $2",
+    # (with the group's shared state of cluster mode, pg_cluster.py: empty on one broker)
+    streams.DELETE_GROUP: ("WITH g AS (DELETE FROM tidings_groups WHERE stream = $1 AND grp = $2),"
+                           " m AS (DELETE FROM tidings_group_members WHERE stream = $1 AND grp = $2),"
+                           " p AS (DELETE FROM tidings_group_parts WHERE stream = $1 AND grp = $2)"
+                           " DELETE FROM tidings_stream_offsets WHERE stream = $1 AND grp = $2"),
     schemas.INSERT_SCHEMA: ("INSERT INTO tidings_schemas (name, version, document, compatibility, created_ms)"
                             " VALUES ($1, $2, $3, $4, $5)"),
     schemas.UPSERT_BINDING: ("INSERT INTO tidings_schema_bindings (pattern, schema, on_invalid, dead_letter,"
@@ -244,7 +287,11 @@ PG_STATEMENTS: Final[dict[str, str]] = {
                              " schema = excluded.schema, on_invalid = excluded.on_invalid,"
                              " dead_letter = excluded.dead_letter, created_ms = excluded.created_ms"),
     schemas.DELETE_BINDING: "DELETE FROM tidings_schema_bindings WHERE pattern = $1",
-    streams.DELETE_STREAM[0][0]: "DELETE FROM tidings_stream_next WHERE stream = $1",
+    streams.DELETE_STREAM[0][0]: ("WITH h AS (DELETE FROM tidings_stream_heads WHERE stream = $1),"
+                                  " g AS (DELETE FROM tidings_groups WHERE stream = $1),"
+                                  " m AS (DELETE FROM tidings_group_members WHERE stream = $1),"
+                                  " p AS (DELETE FROM tidings_group_parts WHERE stream = $1)"
+                                  " DELETE FROM tidings_stream_next WHERE stream = $1"),
     streams.DELETE_STREAM[1][0]: "DELETE FROM tidings_stream_messages WHERE stream = $1",
     streams.DELETE_STREAM[2][0]: "DELETE FROM tidings_stream_offsets WHERE stream = $1",
     streams.DELETE_STREAM[3][0]: "DELETE FROM tidings_stream_floors WHERE stream = $1",

@@ -64,6 +64,7 @@ from tidings.broker.durable.store.base import (
 )
 from tidings.broker.durable.store.batch import Item, plan
 from tidings.broker.durable.store.lockfile import LockFile
+from tidings.broker.durable.store.pg_cluster import PgCluster, allocate_offsets
 from tidings.broker.durable.store.pg_reads import PgReads
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def _op_specific(exc: BaseException) -> bool:
     return not isinstance(exc, (OSError, TimeoutError, asyncio.TimeoutError, ConnectionError))
 
 
-class PostgresStore(PgReads):
+class PostgresStore(PgReads, PgCluster):
     """The durable store in a PostgreSQL database. Lifecycle as SqliteStore:
 
         store = PostgresStore("postgresql://tidings@db:5432/tidings", data_dir=...)
@@ -650,6 +651,8 @@ class PostgresStore(PgReads):
             self.transaction_phase = "BEGIN"
             await conn.execute("BEGIN")
             self.transaction_phase = "write"
+            if self.cluster:  # stream offsets come from the partitions' counter rows (pg_cluster.py)
+                await allocate_offsets(conn, items)
             for stage in plan(items):
                 await pg_sql.execute_stage(conn, stage)
             max_id = max(it.max_id for it in items)
