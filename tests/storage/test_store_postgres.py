@@ -16,6 +16,7 @@ from tidings.broker.durable.store import (
     DeleteQueue,
     DeleteStream,
     ExpireDedup,
+    MarkDelivered,
     MarkStreamNext,
     DeleteGroup,
     DeleteSchemaBinding,
@@ -57,7 +58,7 @@ def test_every_write_operation_has_its_postgresql_statements() -> None:
         ExpireDedup(1), PutStream("s", {}, 1), DeleteStream("s"), CommitOffsets([("s", "g", 0, 1, 1)]),
         MarkStreamNext([("s", 0, 1)]), TrimStream("s", 0, 1), DeleteGroup("s", "g"),
         PutSchema("S", 1, {"type": "object"}, "backward", 1), PutSchemaBinding("a.>", "S", "reject", None, 1),
-        DeleteSchemaBinding("a.>"),
+        DeleteSchemaBinding("a.>"), MarkDelivered("q", [(-1, 1, 1)]),
     ]
     assert {type(op) for op in ops} == set(WriteOp.__args__)  # type: ignore[attr-defined]
     for op in ops:

@@ -46,7 +46,7 @@ from tidings.broker.durable.store.base import (
 )
 from tidings.broker.durable.store.batch import RAISE_MAX_ID, Item, plan, prepare
 from tidings.broker.durable.store.lockfile import LockFile
-from tidings.broker.durable.store.reads import Reads, translate
+from tidings.broker.durable.store.reads import Reads, recover_delivery_marks, translate
 from tidings.broker.durable.store.schemas import SchemaReads
 from tidings.broker.durable.store.streams import StreamReads
 
@@ -227,6 +227,10 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         try:
             await self._configure(conn)
             await migrations.migrate(conn, self.path)
+            recovered = await recover_delivery_marks(conn)
+            if recovered:
+                log.info("store %s: %d messages delivered before the restart count one delivery", self.path,
+                         recovered)
             rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'max_message_id'"))
             self._max_id = int(rows[0][0]) if rows else 0
         except BaseException as exc:
