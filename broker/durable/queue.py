@@ -361,6 +361,10 @@ class QueueActor:
         if epoch != self._epoch or self._stopped:
             return  # purged or deleted since: nothing to bring back
         self.count += len(msgs)
+        # A first delivery wrote no row (the queue's mark counts it at recovery): write
+        # the counts now, since a queue left without consumers pages these out to disk
+        # and in again, and reads them back from their rows.
+        self._updates.extend((m.id, m.available_ms, m.deliveries, m.last_error) for m in msgs if m.deliveries)
         self._hold(msgs)
 
     def _hold(self, msgs: list[StoredMessage]) -> None:

@@ -424,3 +424,31 @@ async def test_each_priority_lane_has_its_own_delivery_mark(kind: str, tmp_path:
         await tg.start(s.run)
         assert await _on_disk(s, "prio") == {b"x0": 1, b"y0": 0, b"w9": 1, b"v9": 1}
         await s.close()
+
+
+async def test_a_failed_ack_writes_the_delivery_count_of_the_message_it_gives_back() -> None:
+    """A first delivery has no row of its own; when the ack's delete fails the
+    message comes back and may be paged out and in again (its consumer gone), so
+    its count is written to its row then."""
+    from tidings.broker.durable.store.base import DeleteMessages
+    from tidings.broker.durable.store.memory import MemoryStore
+
+    s = MemoryStore()
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(s.run)
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, b"a")
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        d = (await peer.deliveries_at_least(1))[0]
+        assert await _on_disk(s, "jobs") == {b"a": 0}  # counted by the mark only
+        s.fail_next(where=lambda op: isinstance(op, DeleteMessages))
+        codes, err = await settle(c, [[d[0], ACK, None]])
+        assert codes == [0] and err is not None and q.count == 1
+        assert await _on_disk(s, "jobs") == {b"a": 1}
+        c.close()
+        q.stop()
+        await s.close()
+        tg.cancel_scope.cancel()
