@@ -167,7 +167,8 @@ class MarkDelivered:
     priority of a priority queue's lane. A stored mark only grows (a lower key
     is ignored). Recovery (`open()`) counts each message of the lane at or
     below its mark with deliveries 0 as delivered once; nothing else reads it.
-    Needs no new pages once the queue's row exists."""
+    On a full disk it fails like a publish (its first row needs room), not
+    with the acks that free space."""
 
     queue: str
     marks: list[tuple[int, int, int]]

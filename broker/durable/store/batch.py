@@ -159,8 +159,10 @@ def _update(op: UpdateMessages) -> Item:
 
 
 def _mark(op: MarkDelivered) -> Item:
+    # grows: a queue's first mark is a new row. On a full disk it then fails with the
+    # publishes, never with the acks that free space (the queue sends it again).
     q = op.queue
-    return Item(op, 1, marks=[(q, int(lane), int(a), int(i)) for lane, a, i in op.marks])
+    return Item(op, 1, grows=True, marks=[(q, int(lane), int(a), int(i)) for lane, a, i in op.marks])
 
 
 def _move(op: MoveMessages) -> Item:
