@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from tidings.protocol import vocabulary as V
 
-from tidings.broker.durable.queue import WINDOW, QueueActor
+from tidings.broker.durable.queue import NOTHING_DUE, WINDOW, QueueActor
 from tidings.broker.durable.settings import QueueConfig
 from tidings.broker.durable.store.base import StoredMessage, UpdateMessages
 from tidings.broker.durable.window import MESSAGE_OVERHEAD, WINDOW_MIN
@@ -366,7 +366,7 @@ class PriorityQueueActor(QueueActor):
             self._release()
 
     def _next_timer(self) -> float:
-        t = 3600.0
+        t = NOTHING_DUE
         mono = time.monotonic()
         if self._deadlines:
             t = min(t, self._deadlines[0][0] - mono)

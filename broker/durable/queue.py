@@ -29,6 +29,7 @@ ask it to change its state (:meth:`QueueActor.purge`, :meth:`close`,
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import time
@@ -44,12 +45,15 @@ from tidings.protocol.errors import ErrorCode
 from tidings.broker.durable.delivery import DELIVERY_OVERHEAD, push_deliveries
 from tidings.broker.durable.settings import QueueConfig
 from tidings.broker.durable.store.base import (
+    PLAIN_LANE,
     DeleteMessages,
+    MarkDelivered,
     MoveMessages,
     PurgeQueue,
     StorageError,
     StoredMessage,
     UpdateMessages,
+    waited,
 )
 from tidings.broker.durable.window import MESSAGE_OVERHEAD, WINDOW_MIN
 
@@ -64,6 +68,8 @@ WINDOW: Final = 10_000  # messages of a queue's backlog held in memory; the rest
 #: changing its state (ack, nack, dead-letter move) failed: without a pause a
 #: full disk would turn deliver-expire-move-fail into a busy loop.
 STORE_RETRY_DELAY: Final = 1.0
+#: What the actor's timer says when nothing is due: it then parks with no timer at all.
+NOTHING_DUE: Final = 3600.0
 
 
 class Consumer:
@@ -119,7 +125,10 @@ class QueueActor:
         self._load_due: int | None = None  # earliest due time sent beyond the cursor during a refill
         self._arrived: list[StoredMessage] = []
         self._deletes: list[StoredMessage] = []  # acked/expired: deleted with the next flush
-        self._updates: list[tuple[int, int, int, str | None]] = []
+        self._updates: list[tuple[int, int, int, str | None]] = []  # redeliveries, retries, detaches
+        # lane -> the highest (available_ms, id) delivered for the first time since the
+        # last flush: persisted as the queue's delivery mark (store.base.MarkDelivered)
+        self._marks: dict[int, tuple[int, int]] = {}
         self._delayed: list[StoredMessage] = []  # sent beyond the cursor by the updates of the next flush
         self._waiters: list[Callable[[Exception | None], None]] = []  # answered once the next flush commits
         self._held: list[StoredMessage] = []  # restored after a failed write, until _held_until
@@ -133,7 +142,9 @@ class QueueActor:
         self._budget_held = 0  # ... as last reported to the broker's window budget
         self._open = False  # counted as an open window in the budget (has consumers)
         self._did = 0
-        self._wake = anyio.Event()
+        # Reused (cleared after each wake-up): a fresh anyio.Event per park cost an
+        # object and a loop look-up per wake-up. The broker runs on asyncio.
+        self._wake = asyncio.Event()
         self._idle = False
         self._dirty = False
         self._stopped = False
@@ -351,6 +362,10 @@ class QueueActor:
         if epoch != self._epoch or self._stopped:
             return  # purged or deleted since: nothing to bring back
         self.count += len(msgs)
+        # A first delivery wrote no row (the queue's mark counts it at recovery): write
+        # the counts now, since a queue left without consumers pages these out to disk
+        # and in again, and reads them back from their rows.
+        self._updates.extend((m.id, m.available_ms, m.deliveries, m.last_error) for m in msgs if m.deliveries)
         self._hold(msgs)
 
     def _hold(self, msgs: list[StoredMessage]) -> None:
@@ -394,6 +409,7 @@ class QueueActor:
         self._report()
         self._deletes.clear()
         self._updates.clear()
+        self._marks.clear()
         self._delayed.clear()
         self._held.clear()
         self._epoch += 1
@@ -443,11 +459,14 @@ class QueueActor:
                 self._dirty = False
                 continue
             self._idle = True
-            with anyio.move_on_after(timeout):
-                await self._wake.wait()
+            if timeout >= NOTHING_DUE:
+                await self._wake.wait()  # no timer: only a wake-up can bring work
+            else:
+                with anyio.move_on_after(timeout):
+                    await self._wake.wait()
             self._idle = False
             self._dirty = False
-            self._wake = anyio.Event()
+            self._wake.clear()
 
     def stop(self) -> None:
         self._stopped = True
@@ -468,7 +487,7 @@ class QueueActor:
         self._due_known = False  # what the failed refill learnt is not to be trusted
 
     def _next_timer(self) -> float:
-        t = 3600.0
+        t = NOTHING_DUE
         mono = time.monotonic()
         if self._deadlines:
             t = min(t, self._deadlines[0][0] - mono)
@@ -528,6 +547,10 @@ class QueueActor:
         heap = self._deadlines
         inflight = self.inflight
         updates = self._updates
+        marks = self._marks
+        # this batch's highest first-delivered key of a plain queue (priority lanes go to marks directly)
+        ma, mi = marks.get(PLAIN_LANE, (-1, -1))
+        redelivered = 0
         out: dict[Consumer, list[Any]] = {}
         n = len(cons)
         i = self._rr % n
@@ -547,10 +570,25 @@ class QueueActor:
                 continue
             self._did += 1
             did = self._did
-            msg.deliveries += 1
-            # Counted on disk too (batched with the next commit), so a crash
-            # cannot reset a poison message's count below max_deliveries.
-            updates.append((msg.id, msg.available_ms, msg.deliveries, msg.last_error))
+            msg.deliveries = count = msg.deliveries + 1
+            # Counted on disk too (with the next commit), so a crash cannot reset a
+            # poison message's count below max_deliveries: a first delivery by the
+            # delivery mark of its lane (recovery counts one for every message at or
+            # below it that says 0), a redelivery by its own row.
+            if count == 1:
+                p = msg.priority
+                if p is None:
+                    a = msg.available_ms
+                    if a > ma or (a == ma and msg.id > mi):
+                        ma = a
+                        mi = msg.id
+                else:
+                    had = marks.get(p)
+                    if had is None or (msg.available_ms, msg.id) > had:
+                        marks[p] = (msg.available_ms, msg.id)
+            else:
+                updates.append((msg.id, msg.available_ms, count, msg.last_error))
+                redelivered += 1
             inflight[did] = Inflight(msg, c, deadline)
             heapq.heappush(heap, (deadline, did))
             c.inflight.add(did)
@@ -560,15 +598,16 @@ class QueueActor:
             items = out.get(c)
             if items is None:
                 items = out[c] = []
-            items.append([did, msg.subject, msg.payload, msg.headers, msg.deliveries, msg.published_ms, meta])
+            items.append([did, msg.subject, msg.payload, msg.headers, count, msg.published_ms, meta])
             left[conn] -= len(msg.payload) + len(msg.subject) + DELIVERY_OVERHEAD
-            if msg.deliveries > 1:
-                self.redelivered += 1
             if len(c.inflight) >= c.prefetch:
                 cons.pop(i)
             else:
                 i += 1
         self._rr += 1
+        if mi >= 0:
+            marks[PLAIN_LANE] = (ma, mi)
+        self.redelivered += redelivered
         self.delivered += sum(len(v) for v in out.values())
         for c, items in out.items():
             push_deliveries(c.conn, c.cid, items)
@@ -581,7 +620,8 @@ class QueueActor:
         ups, self._updates = self._updates, []
         delayed, self._delayed = self._delayed, []
         waiters, self._waiters = self._waiters, []
-        if not (ops or dels or ups):
+        marks, self._marks = self._marks, {}
+        if not (ops or dels or ups or marks):
             for fn in waiters:
                 fn(None)
             return
@@ -606,6 +646,23 @@ class QueueActor:
                     self._updates_failed(delayed, epoch)
             cb = updated if track is None else track.wrap(updated)
             await self.ctx.store.submit(UpdateMessages(self.name, ups, cb))
+        if marks:
+            def marked(error: Exception | None) -> None:
+                if error is None:
+                    return
+                log.error("queue %s: storing its delivery mark failed, it goes with the next flush: %s",
+                          self.name, error)
+                self.store_failures += 1
+                self.ctx.counters.state_failures += 1
+                if epoch == self._epoch and not self._stopped:
+                    # No wake-up of its own: a failing store is not retried in a loop.
+                    pending = self._marks
+                    for lane, key in marks.items():
+                        had = pending.get(lane)
+                        if had is None or key > had:
+                            pending[lane] = key
+            cb = marked if track is None else track.wrap(marked)
+            await self.ctx.store.submit(MarkDelivered(self.name, [(lane, a, i) for lane, (a, i) in marks.items()], cb))
 
     def _need_refill(self) -> bool:
         if not self.beyond or len(self.ready) >= WINDOW // 2:
@@ -811,4 +868,4 @@ class _Outcome:
                     for fn in self.waiters:
                         fn(self.error)
 
-        return done
+        return waited(done)  # someone awaits the outcome: the store must not hold it back

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from actorkit import RecordingPeer, World, persisted
+import pytest
+from actorkit import RecordingPeer, World, persisted, until
 
 from tidings.protocol import frames as F
 from tidings.protocol.errors import ErrorCode
@@ -22,7 +23,7 @@ from tidings.broker.durable import queue as queue_module
 from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
 from tidings.broker.durable.settings import QueueConfig
-from tidings.broker.durable.store.base import PutMessages, PutQueue, StoredMessage
+from tidings.broker.durable.store.base import PutMessages, PutQueue, StoredMessage, UpdateMessages
 
 ACK, NACK, REJECT = F.AckAction.ACK, F.AckAction.NACK, F.AckAction.REJECT
 
@@ -321,4 +322,133 @@ async def test_priority_order_survives_a_restart_and_nacks_keep_their_lane(store
         c2 = consume(q2, peer2, prefetch=1)
         assert await _drain(peer2, c2, 4) == [b"w9", b"y3", b"z3", b"x0"]
         q2.stop()
+        tg.cancel_scope.cancel()
+
+
+# ------------------------------------------------- delivery counts across a restart
+
+
+def _reopenable(kind: str, tmp_path: Any) -> Any:
+    """A factory of stores over one data set (a file, or a MemoryData): each call is
+    the same database after a restart."""
+    from tidings.broker.durable.store.memory import MemoryData, MemoryStore
+    from tidings.broker.durable.store.sqlite import SqliteStore
+
+    data = MemoryData()
+    return lambda: SqliteStore(tmp_path / "tidings.db") if kind == "sqlite" else MemoryStore(data)
+
+
+async def _on_disk(s: Any, queue: str) -> dict[bytes, int]:
+    """Each message's stored count, once every write submitted so far has committed
+    (the store commits in submission order: an empty write is a barrier)."""
+    await s.write(UpdateMessages(queue, []))
+    return {m.payload: m.deliveries for m in await s.load_messages(queue)}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_first_deliveries_write_a_mark_not_a_row_and_count_after_a_restart(kind: str, tmp_path: Any) -> None:
+    """A first delivery writes no row (only the queue's delivery mark), a redelivery
+    does; after a restart every message delivered before it counts its deliveries
+    (never fewer), and max_deliveries dead-letters at the right delivery."""
+    new_store = _reopenable(kind, tmp_path)
+    s = new_store()
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(s.run)
+        w = World(s, tg)
+        q = await w.queue(name="jobs", max_deliveries=2, backoff_initial=0.0, backoff_jitter=0.0)
+        await w.publish(q, b"a", b"b", b"c", b"d", b"e")
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=3)
+        got = await peer.deliveries_at_least(3)
+        assert [(it[2], it[4]) for it in got] == [(b"a", 1), (b"b", 1), (b"c", 1)]
+        assert c.settle([[got[1][0], NACK, 0]]) == [0]  # b again at once
+        again = (await peer.deliveries_at_least(4))[3]
+        assert (again[2], again[4]) == (b"b", 2)
+        # first deliveries left their rows alone; b's redelivery wrote its own
+        assert await _on_disk(s, "jobs") == {b"a": 0, b"b": 2, b"c": 0, b"d": 0, b"e": 0}
+        await until(lambda: not q._marks)  # submitted: closing the store commits it
+        q.stop()  # no detach, no acks: what a kill -9 leaves (the store's commits aside)
+        await s.close()
+        tg.cancel_scope.cancel()
+    s = new_store()
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(s.run)
+        # recovery: a and c were delivered once (the mark covers them), d and e never
+        assert await _on_disk(s, "jobs") == {b"a": 1, b"b": 2, b"c": 1, b"d": 0, b"e": 0}
+        w = World(s, tg)
+        cfg = QueueConfig.from_args({"name": "jobs", "max_deliveries": 2, "backoff_initial": 0.0,
+                                     "backoff_jitter": 0.0, "dead_letter": "jobs.dlq"})
+        await w.dead_letters.ensure("jobs.dlq")
+        q = await w._start_queue(cfg, await s.count("jobs"))
+        peer = RecordingPeer(2)
+        c = consume(q, peer, prefetch=5)
+        got = await peer.deliveries_at_least(5)
+        assert sorted((it[2], it[4]) for it in got) == [(b"a", 2), (b"b", 3), (b"c", 2), (b"d", 1), (b"e", 1)]
+        # a nack now is the second failure of a, b and c: max_deliveries=2 dead-letters them
+        codes, error = await settle(c, [[it[0], NACK, 0] for it in got])
+        assert codes == [0] * 5 and error is None
+        assert q.dead_lettered == 3
+        assert sorted(m.payload for m in await s.list_messages("jobs.dlq")) == [b"a", b"b", b"c"]
+        q.stop()
+        w.queues["jobs.dlq"].stop()
+        await s.close()
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_each_priority_lane_has_its_own_delivery_mark(kind: str, tmp_path: Any) -> None:
+    """High priorities delivered first must not count the lower lanes' older,
+    undelivered messages as delivered after a restart."""
+    new_store = _reopenable(kind, tmp_path)
+    s = new_store()
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(s.run)
+        w = World(s, tg)
+        q = await _priority_queue(w)
+        await _publish_prio(w, q, [(b"x0", 0), (b"y0", 0)])
+        await _publish_prio(w, q, [(b"w9", 9), (b"v9", 9)])  # newer keys, higher priority
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=3)
+        got = await peer.deliveries_at_least(3)
+        assert [it[2] for it in got] == [b"w9", b"v9", b"x0"] and len(c.inflight) == 3
+        await until(lambda: not q._marks)  # submitted: closing the store commits it
+        q.stop()
+        await s.close()
+        tg.cancel_scope.cancel()
+    s = new_store()
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(s.run)
+        assert await _on_disk(s, "prio") == {b"x0": 1, b"y0": 0, b"w9": 1, b"v9": 1}
+        await s.close()
+
+
+async def test_a_failed_ack_writes_the_delivery_count_of_the_message_it_gives_back() -> None:
+    """A first delivery has no row of its own; when the ack's delete fails the
+    message comes back and may be paged out and in again (its consumer gone), so
+    its count is written to its row then."""
+    from tidings.broker.durable.store.base import DeleteMessages
+    from tidings.broker.durable.store.memory import MemoryStore
+
+    s = MemoryStore()
+    await s.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(s.run)
+        w = World(s, tg)
+        q = await w.queue(name="jobs")
+        await w.publish(q, b"a")
+        peer = RecordingPeer()
+        c = consume(q, peer, prefetch=1)
+        d = (await peer.deliveries_at_least(1))[0]
+        assert await _on_disk(s, "jobs") == {b"a": 0}  # counted by the mark only
+        s.fail_next(where=lambda op: isinstance(op, DeleteMessages))
+        codes, err = await settle(c, [[d[0], ACK, None]])
+        assert codes == [0] and err is not None and q.count == 1
+        assert await _on_disk(s, "jobs") == {b"a": 1}
+        c.close()
+        q.stop()
+        await s.close()
         tg.cancel_scope.cancel()

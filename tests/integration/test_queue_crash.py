@@ -22,7 +22,7 @@ import pytest
 
 from tidings.client import Client, connect
 from tidings.client.errors import ConnectionClosedError, StorageFullError
-from queuetools import WAIT, collect, declare
+from queuetools import WAIT, collect, declare, holds
 
 QUEUE = "chaos"
 SUBJECT = "chaos.work"
@@ -353,6 +353,45 @@ async def test_delivery_count_survives_kill_9(broker) -> None:
     async with connect(broker.url) as tc, tc.consume("cnt") as deliveries:
         d = await deliveries.next(timeout=WAIT)
         assert (d.delivery_count, d.redelivered) == (2, True)
+
+
+async def test_delivered_unacked_messages_count_their_deliveries_after_kill_9(broker) -> None:
+    """First deliveries are counted by the queue's delivery mark (no row each),
+    redeliveries by their own row: after a kill -9 every message delivered and not
+    acked comes back counting every delivery it had, and max_deliveries still
+    dead-letters at the right one."""
+    async with connect(broker.url, **MANUAL) as tc:
+        await declare(tc, "mk", max_deliveries=2, backoff_initial=0.0, backoff_jitter=0.0)
+        await declare(tc, "mk-sync")
+        for i in range(10):
+            await tc.publish("mk.a", b"m%d" % i)
+        async with tc.consume("mk", prefetch=4) as deliveries:
+            got = await collect(deliveries, 4)
+            assert [(d.payload, d.delivery_count) for d in got] == [(b"m%d" % i, 1) for i in range(4)]
+            await got[0].nack(0.0)  # m0 again at once: its second delivery
+            again = await deliveries.next(timeout=WAIT)
+            assert (again.payload, again.delivery_count) == (b"m0", 2)
+            # The mark and the counts are submitted before the deliveries go out; the
+            # store commits in submission order, so a confirmed publish proves them.
+            await tc.publish("mk-sync.a", b"sync")
+            await anyio.to_thread.run_sync(broker.kill)
+    await anyio.to_thread.run_sync(broker.restart)
+    async with connect(broker.url) as tc:
+        async with tc.consume("mk", prefetch=10) as deliveries:
+            got = await collect(deliveries, 10)
+            counts = {d.payload: d.delivery_count for d in got}
+            assert counts == {b"m0": 3, b"m1": 2, b"m2": 2, b"m3": 2,
+                              **{b"m%d" % i: 1 for i in range(4, 10)}}
+            assert all(d.redelivered for d in got if counts[d.payload] > 1)
+            for d in got:
+                await d.nack(0.0, wait=True)  # a second failure for m0-m3: into the DLQ
+            back = await collect(deliveries, 6)
+            assert sorted((d.payload, d.delivery_count) for d in back) == [(b"m%d" % i, 2) for i in range(4, 10)]
+            for d in back:
+                await d.ack(wait=True)
+        dead = await holds(tc, "mk.dlq", 4)
+        assert sorted(d.payload for d in dead) == [b"m0", b"m1", b"m2", b"m3"]
+        assert (await tc.queue_info("mk"))["depth"] == 0
 
 
 # ------------------------------------------------------------ full disk

@@ -25,10 +25,12 @@ from tidings.broker.durable.store import (
     DeleteQueue,
     DeleteStream,
     ExpireDedup,
+    MarkDelivered,
     MarkStreamNext,
     MemoryData,
     MemoryStore,
     MoveMessages,
+    PLAIN_LANE,
     PurgeQueue,
     PutMessages,
     PutQueue,
@@ -386,6 +388,51 @@ async def test_priority_lanes_page_by_available_then_id(backend, row):
         got = await store.load_messages("p", None, priority=5)
         assert [(m.id, m.available_ms, m.priority) for m in got] == [(7, 100, 5), (2, 300, 5), (3, 400, 5)]
         assert (await store.load_messages("plain"))[0].priority is None
+
+
+async def test_delivery_marks_count_one_delivery_after_reopen(backend, row):
+    """A delivery mark (per queue lane, the highest key delivered for the first time)
+    only grows, is invisible to the open store, and makes recovery count one delivery
+    for every message of its lane at or below it that says 0; purge and delete drop it."""
+    async with backend.open() as store:
+        await store.write(PutMessages([row("q", 1, available_ms=1000), row("q", 2, available_ms=1000),
+                                       row("q", 3, available_ms=900), row("q", 4, available_ms=1000, deliveries=2),
+                                       row("q", 5, available_ms=1000), row("q", 6, available_ms=5000)]))
+        await store.write(PutMessages([row("p", i, available_ms=1000, priority=i % 2) for i in range(11, 15)]))
+        await store.write(PutMessages([row("r", 21, available_ms=1000), row("other", 31, available_ms=1000)]))
+        await store.write(MarkDelivered("q", [(PLAIN_LANE, 1000, 4)]))
+        await store.write(MarkDelivered("q", [(PLAIN_LANE, 1000, 2)]))  # lower: changes nothing
+        await store.write(MarkDelivered("p", [(1, 1000, 13), (0, 1000, 11)]))
+        await store.write(MarkDelivered("r", [(PLAIN_LANE, 9000, 99)]))
+        await store.write(PurgeQueue("r"))  # drops r's mark with its messages
+        await store.write(PutMessages([row("r", 22, available_ms=1000)]))
+        # the open store's reads say what was written
+        assert [m.deliveries for m in await store.load_messages("q")] == [0, 0, 0, 2, 0, 0]
+    async with backend.open() as store:
+        got = {m.id: m.deliveries for m in await store.load_messages("q")}
+        assert got == {3: 1, 1: 1, 2: 1, 4: 2, 5: 0, 6: 0}  # 5 and 6 sort after the mark (1000, 4)
+        got = {m.id: (m.priority, m.deliveries) for m in await store.load_messages("p")}
+        assert got == {11: (1, 1), 12: (0, 0), 13: (1, 1), 14: (0, 0)}  # lane 0's mark is (1000, 11)
+        assert [m.deliveries for m in await store.load_messages("r")] == [0]
+        assert [m.deliveries for m in await store.load_messages("other")] == [0]
+    async with backend.open() as store:  # applying the marks again changes nothing
+        assert [m.deliveries for m in await store.load_messages("q")] == [1, 1, 1, 2, 0, 0]
+        await store.write(DeleteQueue("q"))
+        await store.write(PutMessages([row("q", 41, available_ms=100)]))
+    async with backend.open() as store:
+        assert [m.deliveries for m in await store.load_messages("q")] == [0]
+
+
+async def test_delivery_marks_of_one_batch_keep_the_highest(backend, row):
+    async with backend.open(run=False) as store:
+        outcomes = await _all_in_one_batch(store, [
+            PutMessages([row("a", i, available_ms=100) for i in (1, 2, 3)]),
+            MarkDelivered("a", [(PLAIN_LANE, 100, 2)]),
+            MarkDelivered("a", [(PLAIN_LANE, 100, 1)]),
+            DeleteMessages("a", [1]),
+        ])
+        assert outcomes == [None] * 4
+    assert await _state(backend.new()) == {("a", 2): (100, 1), ("a", 3): (100, 0)}
 
 
 async def test_count_oldest_and_listing(backend, row):

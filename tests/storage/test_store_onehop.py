@@ -22,6 +22,7 @@ from tidings.broker.durable.store import (
     UpdateMessages,
     sqlite as store_sqlite,
 )
+from tidings.broker.durable.store.base import PLAIN_LANE, MarkDelivered, waited
 
 WAIT = 30.0  # generous bound on each wait: a loaded machine is slow, never this slow
 
@@ -123,6 +124,22 @@ async def test_waited_bookkeeping_and_the_row_bound_commit_at_once(open_store, r
         await wait_until(lambda: len(outcomes) == 2)
         assert outcomes == [None, None]
         assert await store.count("q") == 5
+
+
+async def test_marks_ride_and_a_waited_callback_commits_at_once(open_store, row, monkeypatch):
+    """A delivery mark is bookkeeping like a count; an op whose callback someone awaits
+    (an ACK that asked for its outcome: base.waited) is not held back."""
+    monkeypatch.setattr(store_sqlite, "BOOKKEEPING_DELAY", 3600.0)
+    async with open_store() as store:
+        await store.write(PutMessages([row("q", 1), row("q", 2)]))  # publishes are arriving
+        commits = store.commits
+        outcomes: list[str] = []
+        store.submit_nowait(MarkDelivered("q", [(PLAIN_LANE, 0, 1)], on_done=lambda e: outcomes.append(f"mark {e}")))
+        await anyio.wait_all_tasks_blocked()
+        assert store.commits == commits and outcomes == []  # held for the next publish
+        store.submit_nowait(DeleteMessages("q", [2], on_done=waited(lambda e: outcomes.append(f"ack {e}"))))
+        await wait_until(lambda: len(outcomes) == 2)
+        assert sorted(outcomes) == ["ack None", "mark None"] and store.commits == commits + 1
 
 
 async def test_bookkeeping_without_publishes_is_not_held(open_store, row, monkeypatch):

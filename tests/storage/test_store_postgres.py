@@ -16,6 +16,7 @@ from tidings.broker.durable.store import (
     DeleteQueue,
     DeleteStream,
     ExpireDedup,
+    MarkDelivered,
     MarkStreamNext,
     DeleteGroup,
     DeleteSchemaBinding,
@@ -57,7 +58,7 @@ def test_every_write_operation_has_its_postgresql_statements() -> None:
         ExpireDedup(1), PutStream("s", {}, 1), DeleteStream("s"), CommitOffsets([("s", "g", 0, 1, 1)]),
         MarkStreamNext([("s", 0, 1)]), TrimStream("s", 0, 1), DeleteGroup("s", "g"),
         PutSchema("S", 1, {"type": "object"}, "backward", 1), PutSchemaBinding("a.>", "S", "reject", None, 1),
-        DeleteSchemaBinding("a.>"),
+        DeleteSchemaBinding("a.>"), MarkDelivered("q", [(-1, 1, 1)]),
     ]
     assert {type(op) for op in ops} == set(WriteOp.__args__)  # type: ignore[attr-defined]
     for op in ops:
@@ -307,3 +308,35 @@ def test_cluster_needs_a_postgresql_store(tmp_path) -> None:
     from tidings.broker.config import Config, ConfigError
     with pytest.raises(ConfigError, match="cluster = true needs a shared postgresql"):
         Config(data_dir=str(tmp_path), cluster=True).validate()
+
+
+async def test_delivery_mark_recovery_walks_an_index_up_to_the_mark(pg_url) -> None:
+    """Recovery applies each delivery mark as a range of the queue's (available_ms, id)
+    index up to the mark, not as a scan of every message of every queue."""
+    from tidings.broker.durable.store.pg_reads import RECOVER_PLAIN
+
+    store = PostgresStore(pg_url)
+    await store.open()
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.run)
+        await store.write(PutMessages([make_row("q", i, available_ms=1000 + i) for i in range(1, 5001)]))
+        await store.write(MarkDelivered("q", [(-1, 1100, 100)]))
+        await store.close()
+    store = PostgresStore(pg_url)
+    await store.open()  # ANALYZEs, and applies the mark
+    try:
+        got = {m.id: m.deliveries for m in await store.load_messages("q", limit=200)}
+        assert got == {i: 1 if i <= 100 else 0 for i in range(1, 201)}
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            lines = [r[0] for r in await conn.fetch("EXPLAIN ANALYZE " + RECOVER_PLAIN, "q", 1100, 100)]
+        finally:
+            await tx.rollback()
+        assert any("Index Cond" in line and "available_ms" in line for line in lines), "\n".join(lines)
+    finally:
+        await conn.close()

@@ -25,6 +25,13 @@ backend:
   (not an operation, a header msgpack cannot encode, a move onto its own
   key, a config JSON cannot encode) raises TypeError/ValueError from
   `submit`/`submit_nowait` and is not queued.
+* Delivery marks: `MarkDelivered` records, per queue (per priority lane in a
+  priority queue), the highest `(available_ms, id)` key whose message was
+  delivered for the first time; it only grows. `open()` (recovery) counts
+  every stored message at or below its lane's mark whose `deliveries` is 0
+  as delivered once (reads then say 1): a first delivery needs no row update
+  of its own, and a crash still never lowers a count below the truth. Reads
+  of an open store ignore the marks. PurgeQueue and DeleteQueue drop them.
 * `close()` commits everything already accepted, then refuses new work
   (StorageClosed) and reads (StorageClosed). Ids never go backwards:
   `max_message_id()` is a high-water mark that deletes do not lower.
@@ -45,6 +52,18 @@ DURABILITIES: tuple[Durability, ...] = ("full", "normal")
 #: transaction that covered it committed (None) or failed (a StorageError).
 #: It must be cheap and must not block; an exception it raises is logged.
 DoneCallback: TypeAlias = Callable[[Exception | None], None]
+
+
+def waited(cb: DoneCallback) -> DoneCallback:
+    """Mark `cb` as one a caller is waiting on (an ACK that asked for its outcome, a
+    `write()`): the store commits its op at once rather than letting bookkeeping ride
+    in a later commit. Returns `cb`."""
+    cb.waited = True  # type: ignore[attr-defined]
+    return cb
+
+
+def is_waited(cb: DoneCallback | None) -> bool:
+    return getattr(cb, "waited", False) is True
 
 #: (msg_id, expires_ms, result): a de-duplication entry; `result` is the
 #: msgpack encoding of what the original publish was confirmed with.
@@ -150,6 +169,25 @@ class UpdateMessages:
 
     queue: str
     updates: list[tuple[int, int, int, str | None]]
+    on_done: DoneCallback | None = None
+
+
+#: The lane of a plain queue's delivery mark (a priority queue's lanes are its priorities, 0..N).
+PLAIN_LANE = -1
+
+
+@dataclass(slots=True)
+class MarkDelivered:
+    """Raise the "delivered up to" marks of `queue`: `marks` holds (lane,
+    available_ms, id) triples, lane PLAIN_LANE for a plain queue or the
+    priority of a priority queue's lane. A stored mark only grows (a lower key
+    is ignored). Recovery (`open()`) counts each message of the lane at or
+    below its mark with deliveries 0 as delivered once; nothing else reads it.
+    On a full disk it fails like a publish (its first row needs room), not
+    with the acks that free space."""
+
+    queue: str
+    marks: list[tuple[int, int, int]]
     on_done: DoneCallback | None = None
 
 
@@ -307,7 +345,7 @@ if TYPE_CHECKING:
 
 #: Every write operation a store accepts.
 WriteOp: TypeAlias = (
-    PutMessages | DeleteMessages | UpdateMessages | MoveMessages
+    PutMessages | DeleteMessages | UpdateMessages | MarkDelivered | MoveMessages
     | PutQueue | DeleteQueue | PurgeQueue | ExpireDedup
     | PutStream | DeleteStream | CommitOffsets | MarkStreamNext | TrimStream
     | PutSchema | PutSchemaBinding | DeleteSchemaBinding

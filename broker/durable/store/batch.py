@@ -4,7 +4,8 @@
 submitted (so a malformed op fails its submitter, not a batch). `plan(items)`
 cuts a batch into stages: a stage is at most four `executemany` calls (insert
 messages, upsert dedup entries, update messages, delete messages, in that fixed
-order), so a batch of interleaved publishes and acks costs a handful of statements
+order; deletes go as `id IN (...)` lists, delivery marks as one upsert per
+queue lane), so a batch of interleaved publishes and acks costs a handful of statements
 instead of one per operation (and the whole transaction one thread hop).
 
 Reordering must not change the outcome: per key, the batch has to end as if its
@@ -32,6 +33,7 @@ from tidings.broker.durable.store.base import (
     DeleteGroup,
     DeleteMessages,
     DeleteQueue,
+    MarkDelivered,
     DeleteStream,
     ExpireDedup,
     MarkStreamNext,
@@ -61,7 +63,16 @@ UPSERT_DEDUP: Final = "INSERT OR REPLACE INTO dedup (msg_id, expires_ms, result)
 # Parameters are (queue, id, available_ms, deliveries, last_error): the key comes first,
 # like every other per-message tuple here, so the planner reads keys the same way.
 UPDATE_MESSAGE: Final = "UPDATE messages SET available_ms = ?3, deliveries = ?4, last_error = ?5 WHERE queue = ?1 AND id = ?2"
-DELETE_MESSAGE: Final = "DELETE FROM messages WHERE queue = ? AND id = ?"
+#: Ids per `DELETE ... id IN (...)`: under SQLITE_MAX_VARIABLE_NUMBER (999 before
+#: SQLite 3.32). A list deletes 1.5-2x the rows per second of one statement per
+#: row (measured on SQLite 3.40, batches of 20-2,000 acks).
+DELETE_CHUNK: Final = 512
+#: A delivery mark only grows: a lower key than the stored one changes nothing.
+UPSERT_MARK: Final = (
+    "INSERT INTO queue_marks (queue, lane, available_ms, id) VALUES (?,?,?,?)"
+    " ON CONFLICT (queue, lane) DO UPDATE SET available_ms = excluded.available_ms, id = excluded.id"
+    " WHERE (excluded.available_ms, excluded.id) > (queue_marks.available_ms, queue_marks.id)")
+DELETE_MARKS: Final = "DELETE FROM queue_marks WHERE queue = ?"
 RAISE_MAX_ID: Final = "UPDATE meta SET value = ?1 WHERE key = 'max_message_id' AND value < ?1"
 UPSERT_QUEUE: Final = (
     "INSERT INTO queues (name, config, created_ms) VALUES (?,?,?)"
@@ -88,13 +99,14 @@ class Item:
     """One submitted operation in SQL-parameter form, plus its mailbox weight."""
 
     __slots__ = ("op", "messages", "nbytes", "grows", "inserts", "dedup", "updates", "deletes",
-                 "statements", "max_id", "stream_inserts", "offsets")
+                 "statements", "max_id", "stream_inserts", "offsets", "marks")
 
     def __init__(self, op: WriteOp, messages: int, *, nbytes: int = 0, grows: bool = False,
                  inserts: list[Row] | tuple[()] = _NONE, dedup: list[DedupEntry] | tuple[()] = _NONE,
                  updates: list[Row] | tuple[()] = _NONE, deletes: list[Key] | tuple[()] = _NONE,
                  statements: list[tuple[str, tuple[Any, ...]]] | None = None, max_id: int = 0,
-                 stream_inserts: list[Row] | tuple[()] = _NONE, offsets: list[Row] | tuple[()] = _NONE) -> None:
+                 stream_inserts: list[Row] | tuple[()] = _NONE, offsets: list[Row] | tuple[()] = _NONE,
+                 marks: list[Row] | tuple[()] = _NONE) -> None:
         self.op = op
         self.messages = messages  # rows it touches: its weight against the mailbox bound
         self.nbytes = nbytes      # payload bytes it holds in memory
@@ -107,6 +119,7 @@ class Item:
         self.max_id = max_id
         self.stream_inserts = stream_inserts  # stream rows: append-only, never conflict with queue rows
         self.offsets = offsets  # committed group offsets (upserts)
+        self.marks = marks  # (queue, lane, available_ms, id): delivery marks (upserts that only grow)
 
 
 def prepare(op: WriteOp) -> Item:
@@ -145,6 +158,13 @@ def _update(op: UpdateMessages) -> Item:
     return Item(op, len(op.updates) or 1, updates=[(q, u[0], u[1], u[2], u[3]) for u in op.updates])
 
 
+def _mark(op: MarkDelivered) -> Item:
+    # grows: a queue's first mark is a new row. On a full disk it then fails with the
+    # publishes, never with the acks that free space (the queue sends it again).
+    q = op.queue
+    return Item(op, 1, grows=True, marks=[(q, int(lane), int(a), int(i)) for lane, a, i in op.marks])
+
+
 def _move(op: MoveMessages) -> Item:
     q = op.src_queue
     deletes = [(q, old) for old, _ in op.moves]
@@ -162,11 +182,12 @@ def _put_queue(op: PutQueue) -> Item:
 
 
 def _delete_queue(op: DeleteQueue) -> Item:
-    return Item(op, 1, statements=[(PURGE_QUEUE, (op.name,)), (DELETE_QUEUE, (op.name,))])
+    return Item(op, 1, statements=[(PURGE_QUEUE, (op.name,)), (DELETE_MARKS, (op.name,)),
+                                   (DELETE_QUEUE, (op.name,))])
 
 
 def _purge_queue(op: PurgeQueue) -> Item:
-    return Item(op, 1, statements=[(PURGE_QUEUE, (op.name,))])
+    return Item(op, 1, statements=[(PURGE_QUEUE, (op.name,)), (DELETE_MARKS, (op.name,))])
 
 
 def _expire_dedup(op: ExpireDedup) -> Item:
@@ -219,7 +240,7 @@ def _delete_binding(op: DeleteSchemaBinding) -> Item:
 
 
 _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
-    PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move,
+    PutMessages: _put, DeleteMessages: _delete, UpdateMessages: _update, MoveMessages: _move, MarkDelivered: _mark,
     PutQueue: _put_queue, DeleteQueue: _delete_queue, PurgeQueue: _purge_queue, ExpireDedup: _expire_dedup,
     CommitOffsets: _commit_offsets, PutStream: _put_stream, DeleteStream: _delete_stream,
     TrimStream: _trim_stream, MarkStreamNext: _mark_stream_next, DeleteGroup: _delete_group,
@@ -230,7 +251,8 @@ _PREPARE: Final[dict[type, Callable[[Any], Item]]] = {
 class Stage:
     """Statements that run back to back; see the module docstring for why this order is safe."""
 
-    __slots__ = ("inserts", "dedup", "updates", "deletes", "touched", "statements", "stream_inserts", "offsets")
+    __slots__ = ("inserts", "dedup", "updates", "deletes", "touched", "statements", "stream_inserts", "offsets",
+                 "marks")
 
     def __init__(self, statements: list[tuple[str, tuple[Any, ...]]] | None = None) -> None:
         self.stream_inserts: list[Row] = []
@@ -241,6 +263,7 @@ class Stage:
         self.deletes: list[Key] = []
         self.touched: set[Key] = set()  # keys updated or deleted in this stage
         self.statements = statements
+        self.marks: list[Row] = []
 
     def conflicts(self, it: Item) -> bool:
         touched = self.touched
@@ -261,6 +284,17 @@ class Stage:
         if it.deletes:
             self.deletes += it.deletes
             self.touched.update(it.deletes)
+        if it.marks:
+            self.marks += it.marks
+
+    def merged_marks(self) -> list[Row]:
+        """The stage's delivery marks, the highest key per (queue, lane): one upsert each."""
+        top: dict[tuple[str, int], Row] = {}
+        for m in self.marks:
+            had = top.get((m[0], m[1]))
+            if had is None or (m[2], m[3]) > (had[2], had[3]):
+                top[(m[0], m[1])] = m
+        return list(top.values())
 
     def execute(self, conn: sqlite3.Connection) -> None:
         """Run the stage inside the caller's transaction, on the SQLite thread (the whole
@@ -284,9 +318,42 @@ class Stage:
         if updates:
             conn.executemany(UPDATE_MESSAGE, updates)
         if self.deletes:
-            conn.executemany(DELETE_MESSAGE, self.deletes)
+            for sql, params in delete_lists(self.deletes):
+                conn.execute(sql, params)
+        if self.marks:
+            conn.executemany(UPSERT_MARK, self.merged_marks())
         if self.offsets:
             conn.executemany(UPSERT_OFFSET, self.offsets)
+
+
+_DELETE_IN: dict[int, str] = {}  # chunk size -> its DELETE ... IN statement (powers of two: few statements to cache)
+
+
+def delete_lists(keys: list[Key]) -> list[tuple[str, tuple[Any, ...]]]:
+    """`DELETE ... WHERE queue = ? AND id IN (...)` statements for `keys`, per queue,
+    at most DELETE_CHUNK ids each. A chunk is padded to a power of two by repeating
+    its last id, so a few prepared statements serve every batch size."""
+    by_queue: dict[str, list[int]] = {}
+    for q, i in keys:
+        ids = by_queue.get(q)
+        if ids is None:
+            by_queue[q] = [i]
+        else:
+            ids.append(i)
+    out = []
+    for q, ids in by_queue.items():
+        for start in range(0, len(ids), DELETE_CHUNK):
+            chunk = ids[start:start + DELETE_CHUNK]
+            n = 1
+            while n < len(chunk):
+                n *= 2
+            if n > len(chunk):
+                chunk += [chunk[-1]] * (n - len(chunk))
+            sql = _DELETE_IN.get(n)
+            if sql is None:
+                sql = _DELETE_IN[n] = f"DELETE FROM messages WHERE queue = ? AND id IN ({','.join('?' * n)})"
+            out.append((sql, (q, *chunk)))
+    return out
 
 
 def plan(items: list[Item]) -> list[Stage]:

@@ -52,6 +52,7 @@ from tidings.broker.durable.store.base import (
     DeleteStream,
     Durability,
     ExpireDedup,
+    MarkDelivered,
     MarkStreamNext,
     MoveMessages,
     PageKey,
@@ -101,6 +102,7 @@ class MemoryData:
         self.stream_rows: dict[_PartKey, dict[int, Row]] = {}  # (stream, partition) -> offset -> row
         self.floors: dict[_PartKey, int] = {}
         self.marks: dict[_PartKey, int] = {}
+        self.delivery_marks: dict[tuple[str, int], tuple[int, int]] = {}  # (queue, lane) -> (available_ms, id)
         self.offsets: dict[tuple[str, str, int], tuple[int, int]] = {}  # (stream, group, partition)
         self.schemas: dict[tuple[str, int], tuple[str, str, int]] = {}  # (name, version) -> (JSON, mode, created)
         self.schema_bindings: dict[str, tuple[str, str, str | None, int]] = {}  # pattern -> binding
@@ -164,7 +166,21 @@ class MemoryStore:
             raise StorageError("this MemoryData is held by another open MemoryStore (as another "
                                "tidings process would hold a data directory)")
         self.data.holder = self
+        self._recover_delivery_marks()
         self._opened = self._open = True
+
+    def _recover_delivery_marks(self) -> None:
+        """As SqliteStore's open: a message at or below its lane's delivery mark
+        with 0 deliveries counts one."""
+        d = self.data
+        for (queue, lane), key in d.delivery_marks.items():
+            rows = d.messages.get(queue)
+            if not rows:
+                continue
+            want = None if lane < 0 else lane
+            for i, r in list(rows.items()):
+                if r[9] == 0 and r[11] == want and (r[7], r[1]) <= key:
+                    rows[i] = (*r[:9], 1, *r[10:])
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """The actor; see Store.run. Returns once close() is called (close commits the rest)."""
@@ -412,11 +428,19 @@ class MemoryStore:
                     r = rows.get(i)
                     if r is not None:
                         rows[i] = (*r[:7], avail, r[8], deliveries, error, *r[11:])
+        elif isinstance(op, MarkDelivered):
+            marks = d.delivery_marks
+            for q, lane, avail, i in it.marks:
+                had = marks.get((q, lane))
+                if had is None or (avail, i) > had:
+                    marks[(q, lane)] = (avail, i)
         elif isinstance(op, PutQueue):
             old = d.queues.get(op.name)
             d.queues[op.name] = (json.dumps(op.config, sort_keys=True), old[1] if old else op.created_ms)
         elif isinstance(op, (PurgeQueue, DeleteQueue)):
             d.messages.pop(op.name, None)
+            for mkey in [k for k in d.delivery_marks if k[0] == op.name]:
+                del d.delivery_marks[mkey]
             if isinstance(op, DeleteQueue):
                 d.queues.pop(op.name, None)
         elif isinstance(op, ExpireDedup):

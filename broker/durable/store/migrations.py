@@ -75,12 +75,27 @@ ALTER TABLE messages ADD COLUMN priority INTEGER;
 CREATE INDEX messages_priority ON messages (queue, priority, available_ms, id) WHERE priority IS NOT NULL;
 """
 
+#: Delivery marks (store.base.MarkDelivered): per queue lane (-1: a plain queue,
+#: else the priority), the highest (available_ms, id) delivered for the first
+#: time. Recovery counts the messages at or below it with deliveries 0 as
+#: delivered once, so a first delivery writes no row of its own.
+MIGRATION_MARKS: Final = """
+CREATE TABLE queue_marks (
+    queue        TEXT NOT NULL,
+    lane         INTEGER NOT NULL,
+    available_ms INTEGER NOT NULL,
+    id           INTEGER NOT NULL,
+    PRIMARY KEY (queue, lane)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: queues, messages, dedup, meta
     MIGRATION_V2,  # 1 -> 2: streams, stream_messages, stream_floors, stream_offsets
     MIGRATION_STREAM_NEXT,  # 2 -> 3: stream_next (offsets assigned by failed tail writes)
     MIGRATION_SCHEMAS,  # 3 -> 4: schemas, schema_bindings (the schema registry)
     MIGRATION_PRIORITY,  # 4 -> 5: messages.priority and its partial index (priority queues)
+    MIGRATION_MARKS,  # 5 -> 6: queue_marks (delivery counts persisted per batch)
 )
 
 

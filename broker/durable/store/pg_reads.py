@@ -26,6 +26,28 @@ _COLUMNS: Final = ("queue, id, subject, payload, headers, msg_id, published_ms, 
 _STREAM_COLUMNS: Final = 'stream, partition, "offset", subject, key, payload, headers, msg_id, timestamp_ms'
 
 
+#: Recovery (PostgresStore.open), one statement per mark (each an index range up to it).
+RECOVER_PLAIN: Final = ("UPDATE tidings_messages SET deliveries = 1 WHERE queue = $1"
+                        " AND (available_ms, id) <= ($2, $3) AND deliveries = 0 AND priority IS NULL")
+RECOVER_LANE: Final = ("UPDATE tidings_messages SET deliveries = 1 WHERE queue = $1 AND priority = $4"
+                       " AND (available_ms, id) <= ($2, $3) AND deliveries = 0")
+
+
+async def recover_delivery_marks(conn: asyncpg.Connection) -> int:
+    """Apply every stored delivery mark (at open), in one transaction; returns how
+    many messages now count one delivery (as reads.recover_delivery_marks)."""
+    n = 0
+    async with conn.transaction():
+        for queue, lane, available_ms, id_ in await conn.fetch(
+                "SELECT queue, lane, available_ms, id FROM tidings_queue_marks"):
+            if lane < 0:
+                status = await conn.execute(RECOVER_PLAIN, queue, available_ms, id_)
+            else:
+                status = await conn.execute(RECOVER_LANE, queue, available_ms, id_, lane)
+            n += int(status.split()[-1])
+    return n
+
+
 def decode_message(r: Any) -> StoredMessage:
     h = r[4]
     return StoredMessage(r[0], r[1], r[2], bytes(r[3]), None if h is None else msgpack.unpackb(h, raw=False),

@@ -206,12 +206,26 @@ CREATE TABLE tidings_group_parts (
 );
 """
 
+#: 5 -> 6: delivery marks (SQLite's step 5 -> 6, store.base.MarkDelivered): per queue
+#: lane (-1: a plain queue, else the priority) the highest (available_ms, id) delivered
+#: for the first time; recovery counts the messages at or below it with 0 deliveries once.
+_V6_MARKS: Final = """
+CREATE TABLE tidings_queue_marks (
+    queue        text NOT NULL,
+    lane         integer NOT NULL,
+    available_ms bigint NOT NULL,
+    id           bigint NOT NULL,
+    PRIMARY KEY (queue, lane)
+);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: meta, queues, messages, dedup, streams and their rows, floors, offsets, next marks
     _V2_SCHEMAS,  # 1 -> 2: tidings_schemas, tidings_schema_bindings (the schema registry)
     _V3_PRIORITY,  # 2 -> 3: tidings_messages.priority and its partial index (priority queues)
     _V4_CLUSTER,  # 3 -> 4: tidings_brokers (membership leases), tidings_cluster (the route secret)
     _V5_CLUSTER_STREAMS,  # 4 -> 5: stream heads, shared consumer groups (several brokers)
+    _V6_MARKS,  # 5 -> 6: tidings_queue_marks (delivery counts persisted per batch)
 )
 
 #: Every table of the schema (a database holding some of them but no tidings_meta is
@@ -220,7 +234,8 @@ TABLES: Final = ("tidings_meta", "tidings_queues", "tidings_messages", "tidings_
                  "tidings_stream_messages", "tidings_stream_floors", "tidings_stream_offsets",
                  "tidings_stream_next", "tidings_schemas", "tidings_schema_bindings",
                  "tidings_brokers", "tidings_cluster",
-                 "tidings_stream_heads", "tidings_groups", "tidings_group_members", "tidings_group_parts")
+                 "tidings_stream_heads", "tidings_groups", "tidings_group_members", "tidings_group_parts",
+                 "tidings_queue_marks")
 
 #: The tables the store ANALYZEs when it opens (those that grow and shrink by the million).
 ANALYZED: Final = ("tidings_messages", "tidings_stream_messages", "tidings_dedup")
@@ -258,6 +273,11 @@ UPSERT_OFFSETS: Final = (
     " SELECT * FROM unnest($1::text[], $2::text[], $3::integer[], $4::bigint[], $5::bigint[])"
     " ON CONFLICT (stream, grp, partition) DO UPDATE SET"
     " committed = GREATEST(o.committed, excluded.committed), delivered = GREATEST(o.delivered, excluded.delivered)")
+UPSERT_MARKS: Final = (
+    "INSERT INTO tidings_queue_marks AS k (queue, lane, available_ms, id)"
+    " SELECT * FROM unnest($1::text[], $2::integer[], $3::bigint[], $4::bigint[])"
+    " ON CONFLICT (queue, lane) DO UPDATE SET available_ms = excluded.available_ms, id = excluded.id"
+    " WHERE (excluded.available_ms, excluded.id) > (k.available_ms, k.id)")
 RAISE_MAX_ID: Final = "UPDATE tidings_meta SET value = $1 WHERE key = 'max_message_id' AND value < $1"
 
 #: The PostgreSQL form of each whole-table statement batch.py and streams.py prepare
@@ -267,6 +287,7 @@ PG_STATEMENTS: Final[dict[str, str]] = {
                          " ON CONFLICT (name) DO UPDATE SET config = excluded.config"),
     batch.PURGE_QUEUE: "DELETE FROM tidings_messages WHERE queue = $1",
     batch.DELETE_QUEUE: "DELETE FROM tidings_queues WHERE name = $1",
+    batch.DELETE_MARKS: "DELETE FROM tidings_queue_marks WHERE queue = $1",
     batch.EXPIRE_DEDUP: "DELETE FROM tidings_dedup WHERE expires_ms <= $1",
     streams.UPSERT_STREAM: ("INSERT INTO tidings_streams (name, config, created_ms) VALUES ($1, $2, $3)"
                             " ON CONFLICT (name) DO UPDATE SET config = excluded.config"),
@@ -360,6 +381,8 @@ async def execute_stage(conn: asyncpg.Connection, stage: Stage) -> None:
     if stage.deletes:
         for queue, keys in _by_queue(stage.deletes).items():
             await conn.execute(DELETE_MESSAGES, queue, int_array([k[1] for k in keys]))
+    if stage.marks:
+        await conn.execute(UPSERT_MARKS, *_columns(stage.merged_marks(), 4))
     if stage.offsets:
         merged: dict[tuple[Any, ...], list[Any]] = {}
         for s, g, p, c, d in stage.offsets:

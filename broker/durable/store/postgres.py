@@ -65,7 +65,7 @@ from tidings.broker.durable.store.base import (
 from tidings.broker.durable.store.batch import Item, plan
 from tidings.broker.durable.store.lockfile import LockFile
 from tidings.broker.durable.store.pg_cluster import PgCluster, allocate_offsets
-from tidings.broker.durable.store.pg_reads import PgReads
+from tidings.broker.durable.store.pg_reads import PgReads, recover_delivery_marks
 
 if TYPE_CHECKING:
     import asyncpg
@@ -350,6 +350,10 @@ class PostgresStore(PgReads, PgCluster):
             except asyncpg.PostgresError as exc:  # not the tables' owner: autovacuum's statistics serve
                 log.warning("store %s: ANALYZE at open failed (%s); planning with older statistics",
                             self.path, exc)
+            recovered = await recover_delivery_marks(conn)  # delivery counts (store.base.MarkDelivered)
+            if recovered:
+                log.info("store %s: %d messages delivered before the restart count one delivery",
+                         self.path, recovered)
             self._max_id = int(await conn.fetchval("SELECT value FROM tidings_meta WHERE key = 'max_message_id'"))
             try:
                 pool = await asyncpg.create_pool(

@@ -29,6 +29,40 @@ _COLUMNS: Final = ("queue, id, subject, payload, headers, msg_id, published_ms, 
                    " expires_ms, deliveries, last_error, priority")
 
 
+#: Recovery of delivery counts (store.base.MarkDelivered): a message at or below its
+#: lane's mark that still says 0 deliveries was delivered once (counted, never lower
+#: than the truth). Both walk an index from the queue's first key up to the mark.
+RECOVER_PLAIN: Final = ("UPDATE messages SET deliveries = 1 WHERE queue = ?1 AND (available_ms, id) <= (?2, ?3)"
+                        " AND deliveries = 0 AND priority IS NULL")
+RECOVER_LANE: Final = ("UPDATE messages SET deliveries = 1 WHERE queue = ?1 AND priority = ?4"
+                       " AND (available_ms, id) <= (?2, ?3) AND deliveries = 0")
+
+
+async def recover_delivery_marks(conn: aiosqlite.Connection) -> int:
+    """Apply every stored delivery mark (at open, before any read) in one
+    transaction; returns how many messages now count one delivery. The marks
+    stay: applying them again changes nothing. Raises sqlite3.Error."""
+    marks = list(await conn.execute_fetchall("SELECT queue, lane, available_ms, id FROM queue_marks"))
+    if not marks:
+        return 0
+    n = 0
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        for queue, lane, available_ms, id_ in marks:
+            if lane < 0:
+                cur = await conn.execute(RECOVER_PLAIN, (queue, available_ms, id_))
+            else:
+                cur = await conn.execute(RECOVER_LANE, (queue, available_ms, id_, lane))
+            n += max(0, cur.rowcount)
+        await conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            with anyio.CancelScope(shield=True):
+                await conn.execute("ROLLBACK")
+        raise
+    return n
+
+
 def translate(exc: sqlite3.Error) -> StorageError:
     """Map an sqlite3 error to StorageFull (SQLITE_FULL) or StorageError, chained to it."""
     code = getattr(exc, "sqlite_errorcode", None)

@@ -49,6 +49,7 @@ from tidings.broker.durable.store import migrations
 from tidings.broker.durable.store.base import (
     DURABILITIES,
     DeleteMessages,
+    MarkDelivered,
     Durability,
     StorageClosed,
     StorageError,
@@ -56,10 +57,11 @@ from tidings.broker.durable.store.base import (
     Store,
     UpdateMessages,
     WriteOp,
+    is_waited,
 )
 from tidings.broker.durable.store.batch import RAISE_MAX_ID, Item, plan, prepare
 from tidings.broker.durable.store.lockfile import LockFile
-from tidings.broker.durable.store.reads import Reads, translate
+from tidings.broker.durable.store.reads import Reads, recover_delivery_marks, translate
 from tidings.broker.durable.store.schemas import SchemaReads
 from tidings.broker.durable.store.streams import StreamReads
 
@@ -91,7 +93,7 @@ CHECKPOINT_INTERVAL: Final = 0.2
 #: confirms went out. Above JOURNAL_SIZE_LIMIT, to which a restarted WAL is truncated,
 #: so a WAL that is being restarted never looks over the bound.
 WAL_MAX_BYTES: Final = 96 * 1024 * 1024
-#: Bookkeeping writes nobody waits on (DeleteMessages, UpdateMessages without a waiter)
+#: Bookkeeping writes nobody waits on (DeleteMessages, UpdateMessages, MarkDelivered without a waiter)
 #: wait at most this long for the next publish commit to ride in while publishes are
 #: arriving (no transaction of their own, so no publish waits behind one). They are
 #: already asynchronous to clients; a few ms only delays when an ack's row is gone.
@@ -116,7 +118,7 @@ WATCH_CHECKS_PER_TIMEOUT: Final = 4
 
 _SYNCHRONOUS: Final = {"full": "FULL", "normal": "NORMAL"}
 #: The operations that may wait for the next publish commit when nobody waits on them.
-_BOOKKEEPING: Final = frozenset({DeleteMessages, UpdateMessages})
+_BOOKKEEPING: Final = frozenset({DeleteMessages, UpdateMessages, MarkDelivered})
 
 
 def _op_specific(error: StorageError) -> bool:
@@ -274,6 +276,10 @@ class SqliteStore(Reads, StreamReads, SchemaReads):
         try:
             await self._configure(conn)
             await migrations.migrate(conn, self.path)
+            recovered = await recover_delivery_marks(conn)
+            if recovered:
+                log.info("store %s: %d messages delivered before the restart count one delivery", self.path,
+                         recovered)
             rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'max_message_id'"))
             self._max_id = int(rows[0][0]) if rows else 0
         except BaseException as exc:
@@ -722,13 +728,14 @@ def _urgent(it: Item) -> bool:
     """Anything but bookkeeping, and bookkeeping someone waits on (`SqliteStore.write`),
     starts a transaction at once; the rest may ride in the next one."""
     op = it.op
-    return type(op) not in _BOOKKEEPING or isinstance(op.on_done, _Waiter)
+    return type(op) not in _BOOKKEEPING or is_waited(op.on_done)
 
 
 class _Waiter:
     """The callback `SqliteStore.write` puts on the op it waits for."""
 
     __slots__ = ("chained", "done", "outcome")
+    waited = True  # never held back as bookkeeping (base.is_waited)
 
     def __init__(self, chained: Callable[[Exception | None], None] | None) -> None:
         self.chained = chained
