@@ -112,15 +112,20 @@ async def test_nack_with_delay_then_dead_letter_across_brokers(start_cluster) ->
         await known_on(tb, "poison")
         await known_on(tb, "poison.dlq")
         await ta.publish("poison.x", "bad")
-        deliveries_seen = []
-        # deliveries alternate between brokers: each nack (with a delay) frees it for any broker
-        for attempt in range(3):
+        deliveries_seen: list[int] = []
+        # deliveries alternate between brokers: each nack (with a delay) frees it for any broker.
+        # (A stopping consumer may be handed it once more before its stop lands: that delivery
+        # counts, so the counts only have to increase, up to max_deliveries.)
+        for attempt in range(10):
             client = (ta, tb)[attempt % 2]
             async with client.consume("poison", prefetch=1) as ds:
                 d = await ds.next(timeout=WAIT * 4)
                 deliveries_seen.append(d.delivery_count)
                 await d.nack(delay=0.1, wait=True)
-        assert deliveries_seen == [1, 2, 3]
+            if d.delivery_count >= 3:
+                break
+        assert deliveries_seen == sorted(set(deliveries_seen)) and deliveries_seen[-1] == 3
+        assert len(deliveries_seen) >= 2  # both brokers delivered it
         async with tb.consume("poison.dlq", prefetch=1) as ds:
             d = await ds.next(timeout=WAIT * 4)
             assert d.payload == b"bad"
