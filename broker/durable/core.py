@@ -34,7 +34,7 @@ from tidings.broker.durable.ids import ClusterContext
 from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
 from tidings.broker.durable.shared_queue import SharedQueueActor
-from tidings.broker.durable.settings import QueueConfig, bind_entries, updated, validate_name
+from tidings.broker.durable.settings import QueueConfig, StreamConfig, bind_entries, updated, validate_name
 from tidings.broker.durable.store.base import (
     Durability,
     DeleteQueue,
@@ -500,10 +500,42 @@ class Durable:
                     remove_bindings(self.bindings, self.filtered, q)
                     del self.queues[name]
                     changed = True
+            changed = await self._sync_streams() or changed
             self._catalog_version = version
             if changed:
                 self.broker.bindings_changed()
             return changed
+
+    async def _sync_streams(self) -> bool:
+        """The streams' part of :meth:`sync_catalog` (Streams.recover starts a new one)."""
+        streams = self.streams.streams
+        stored = {name: conf for name, conf, _ in await self.store.load_streams()}
+        changed = False
+        for name, conf in stored.items():
+            st = streams.get(name)
+            if st is None:
+                if name not in self.queues:
+                    await self.streams.recover(name, conf)
+                    changed = True
+                continue
+            cfg = StreamConfig.from_args(conf, stored=True)
+            if cfg != st.cfg:
+                if cfg.bind != st.cfg.bind or cfg.bind_filters != st.cfg.bind_filters:
+                    remove_bindings(self.bindings, self.filtered, st)
+                    st.cfg = cfg
+                    add_bindings(self.bindings, self.filtered, st)
+                    changed = True
+                else:
+                    st.cfg = cfg
+                for g in st.groups.values():
+                    g.wake()
+        for name, st in list(streams.items()):
+            if name not in stored:
+                st.close("stream deleted")
+                remove_bindings(self.bindings, self.filtered, st)
+                del streams[name]
+                changed = True
+        return changed
 
     # ------------------------------------------------------------- calls
 
@@ -522,11 +554,19 @@ class Durable:
             "dlq.purge": self.purge,
             **self.streams.calls(),
             "stream.delete": self.delete_stream,
+            **({"stream.declare": self._declare_stream_synced} if self.cluster else {}),
         }
+
+    async def _declare_stream_synced(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
+        """Cluster mode: a stream declared on another broker a moment ago is known first."""
+        await self.sync_catalog()
+        return await self.streams.declare(args, rid)
 
     async def delete_stream(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Delete a stream and, unless ``keep_dlq``, its dead-letter queue (when
         no other queue or stream dead-letters into it)."""
+        if self.cluster:
+            await self.sync_catalog()
         dl = self.dead_letter_to_delete(args, "stream")
         out = await self.streams.delete(args, rid)
         if dl is not None and dl in self.queues:

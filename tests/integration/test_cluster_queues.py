@@ -66,6 +66,32 @@ async def test_queue_declared_on_a_is_used_on_b(start_cluster) -> None:
                 await anyio.sleep(0.05)
 
 
+async def test_updates_and_streams_reach_the_other_brokers(start_cluster) -> None:
+    a, b = start_cluster(2)
+    async with connect(a.url) as ta, connect(b.url) as tb:
+        await declare(ta, "tuned")
+        await known_on(tb, "tuned")
+        await ta.update_queue("tuned", max_deliveries=7)
+        with anyio.fail_after(CATALOG_WAIT):
+            while (await tb.queue_info("tuned"))["config"]["max_deliveries"] != 7:
+                await anyio.sleep(0.05)
+        await ta.declare_stream("events", partitions=2, bind=["events.>"])
+        with anyio.fail_after(CATALOG_WAIT):
+            while True:
+                try:
+                    info = await tb.stream_info("events")
+                    break
+                except Exception as exc:
+                    if "no stream" not in str(exc):
+                        raise
+                await anyio.sleep(0.05)
+        assert len(info["partitions"]) == 2 and info["bind"] == ["events.>"]
+        await tb.delete_stream("events")
+        with anyio.fail_after(CATALOG_WAIT):
+            while any(st["name"] == "events" for st in await ta.list_streams()):
+                await anyio.sleep(0.05)
+
+
 async def test_publishers_on_a_and_b_consumers_on_b_and_c(start_cluster) -> None:
     """Every confirmed message is delivered; none to two consumers at once (each
     payload acked once: a second delivery would only follow a lapsed deadline, and

@@ -364,8 +364,11 @@ class PostgresStore(PgReads):
             self._max_id = int(await conn.fetchval("SELECT value FROM tidings_meta WHERE key = 'max_message_id'"))
             try:
                 pool = await asyncpg.create_pool(
-                    self.url, min_size=1, max_size=CLUSTER_POOL_SIZE if self.cluster else READ_POOL_SIZE, timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout, server_settings={"application_name": "tidings-read"})
+                    self.url, min_size=1, max_size=CLUSTER_POOL_SIZE if self.cluster else READ_POOL_SIZE,
+                    timeout=self.connect_timeout, command_timeout=self.command_timeout,
+                    # in cluster mode claims and acks commit here too: at the store's durability
+                    server_settings={"application_name": "tidings-read",
+                                     "synchronous_commit": _SYNCHRONOUS_COMMIT[self.durability]})
             except Exception as exc:
                 raise StorageUnavailable(
                     f"cannot connect to {self.path}: {self._scrub(str(exc) or type(exc).__name__)}") from exc
