@@ -191,11 +191,9 @@ class Durable:
 
     async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         qc = QueueConfig.from_args(args)
-        if self.cluster:
-            if qc.max_priority:
-                raise _err("priority queues are not available with several brokers (cluster = true) yet; "
-                           "declare the queue without max_priority (docs/SCALING.md)", ErrorCode.INVALID_ARGUMENT, rid)
-            await self.sync_catalog()  # declared on another broker a moment ago?
+        if self.cluster and qc.max_priority:
+            raise _err("priority queues are not available with several brokers (cluster = true) yet; "
+                       "declare the queue without max_priority (docs/SCALING.md)", ErrorCode.INVALID_ARGUMENT, rid)
         existing = self.queues.get(qc.name)
         if existing is not None:
             if existing.cfg != qc:
@@ -226,8 +224,6 @@ class Durable:
     async def update(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Change a queue's mutable settings in place: stored first, then the
         live actor takes them (settings.QUEUE_IMMUTABLE are refused)."""
-        if self.cluster:
-            await self.sync_catalog()
         q = self._queue(args, rid)
         async with self._updating:
             try:
@@ -261,8 +257,6 @@ class Durable:
     async def delete(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Delete a queue and, unless ``keep_dlq``, its dead-letter queue (when
         no other queue or stream dead-letters into it)."""
-        if self.cluster:
-            await self.sync_catalog()
         q = self._queue(args, rid)
         users = [o.name for o in self.queues.values() if o.cfg.dead_letter == q.name and o is not q]
         if users:
@@ -472,39 +466,42 @@ class Durable:
         paths recovery and update use). Returns whether anything changed here.
         Raises StorageError."""
         async with self._catalog_lock:
-            version = await self.store.catalog_version()  # type: ignore[attr-defined]
-            if version == self._catalog_version:
-                return False
-            rows = await self.store.load_queues()
-            changed = False
-            stored = {name: QueueConfig.from_args(conf, stored=True) for name, conf, _ in rows}
-            for name, qc in stored.items():
-                q = self.queues.get(name)
-                if q is None:
-                    if name in self.streams.streams:
-                        continue
-                    await self._start_queue(qc, await self.store.count(name))
-                    changed = True
-                elif q.cfg != qc:
-                    async with self._updating:
-                        if q.cfg.bind != qc.bind or q.cfg.bind_filters != qc.bind_filters:
-                            remove_bindings(self.bindings, self.filtered, q)
-                            q.reconfigure(qc)
-                            add_bindings(self.bindings, self.filtered, q)
-                            changed = True
-                        else:
-                            q.reconfigure(qc)
-            for name, q in list(self.queues.items()):
-                if name not in stored:
-                    q.close("queue deleted")
-                    remove_bindings(self.bindings, self.filtered, q)
-                    del self.queues[name]
-                    changed = True
-            changed = await self._sync_streams() or changed
-            self._catalog_version = version
-            if changed:
-                self.broker.bindings_changed()
-            return changed
+            return await self._sync_locked()
+
+    async def _sync_locked(self) -> bool:
+        version = await self.store.catalog_version()  # type: ignore[attr-defined]
+        if version == self._catalog_version:
+            return False
+        rows = await self.store.load_queues()
+        changed = False
+        stored = {name: QueueConfig.from_args(conf, stored=True) for name, conf, _ in rows}
+        for name, qc in stored.items():
+            q = self.queues.get(name)
+            if q is None:
+                if name in self.streams.streams:
+                    continue
+                await self._start_queue(qc, await self.store.count(name))
+                changed = True
+            elif q.cfg != qc:
+                async with self._updating:
+                    if q.cfg.bind != qc.bind or q.cfg.bind_filters != qc.bind_filters:
+                        remove_bindings(self.bindings, self.filtered, q)
+                        q.reconfigure(qc)
+                        add_bindings(self.bindings, self.filtered, q)
+                        changed = True
+                    else:
+                        q.reconfigure(qc)
+        for name, q in list(self.queues.items()):
+            if name not in stored:
+                q.close("queue deleted")
+                remove_bindings(self.bindings, self.filtered, q)
+                del self.queues[name]
+                changed = True
+        changed = await self._sync_streams() or changed
+        self._catalog_version = version
+        if changed:
+            self.broker.bindings_changed()
+        return changed
 
     async def _sync_streams(self) -> bool:
         """The streams' part of :meth:`sync_catalog` (Streams.recover starts a new one)."""
@@ -554,19 +551,25 @@ class Durable:
             "dlq.purge": self.purge,
             **self.streams.calls(),
             "stream.delete": self.delete_stream,
-            **({"stream.declare": self._declare_stream_synced} if self.cluster else {}),
-        }
+        } | (self._synced_calls() if self.cluster else {})
 
-    async def _declare_stream_synced(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
-        """Cluster mode: a stream declared on another broker a moment ago is known first."""
-        await self.sync_catalog()
-        return await self.streams.declare(args, rid)
+    def _synced_calls(self) -> dict[str, Callable[..., Any]]:
+        """Cluster mode: each catalog change runs under the catalog lock, after a catalog
+        read (a name declared on another broker a moment ago is known first), so the
+        poll (sync_catalog) never starts or drops a queue or stream half-way through it."""
+        def synced(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def call(args: dict[str, Any], rid: int) -> Any:
+                async with self._catalog_lock:
+                    await self._sync_locked()
+                    return await fn(args, rid)
+            return call
+        return {"queue.declare": synced(self.declare), "queue.delete": synced(self.delete),
+                "queue.update": synced(self.update), "stream.declare": synced(self.streams.declare),
+                "stream.delete": synced(self.delete_stream), "stream.update": synced(self.streams.update)}
 
     async def delete_stream(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Delete a stream and, unless ``keep_dlq``, its dead-letter queue (when
         no other queue or stream dead-letters into it)."""
-        if self.cluster:
-            await self.sync_catalog()
         dl = self.dead_letter_to_delete(args, "stream")
         out = await self.streams.delete(args, rid)
         if dl is not None and dl in self.queues:

@@ -72,8 +72,8 @@ CLAIM_MAX: Final = 1_000
 #: rows: not free on a deep queue, so not on every claim).
 COUNT_REFRESH: Final = 2.0
 #: A claimed message not handed to a consumer within its deadline less this margin
-#: (seconds) is let go rather than delivered: another broker may claim it once the
-#: deadline lapses, and the delivery would be in flight twice.
+#: (seconds; half the ack deadline if that is shorter) is let go rather than delivered:
+#: its consumer would have next to no time before another broker may claim it.
 CLAIM_MARGIN: Final = 1.0
 
 
@@ -239,6 +239,7 @@ class SharedQueueActor(QueueActor):
         inflight = self.inflight
         out: dict[Consumer, list[Any]] = {}
         i = self._rr % len(cons)
+        margin = min(CLAIM_MARGIN, self.cfg.ack_deadline / 2)  # a short deadline still leaves half to use
         while claimed and cons:
             if i >= len(cons):
                 i = 0
@@ -249,9 +250,9 @@ class SharedQueueActor(QueueActor):
                 cons.pop(i)
                 continue
             msg, use_by = claimed.popleft()
-            if use_by - CLAIM_MARGIN <= mono:
-                # held too long: its claim may lapse while delivered; let it go (the delivery counted)
-                self._releases.append((msg.id, msg.deliveries, msg.deliveries, now, msg.last_error))
+            if use_by - margin <= mono:
+                # held too long: its claim may lapse while delivered; let it go (never delivered)
+                self._releases.append((msg.id, msg.deliveries, msg.deliveries - 1, now, msg.last_error))
                 continue
             if msg.expires_ms is not None and msg.expires_ms <= now:
                 self._expire(msg)

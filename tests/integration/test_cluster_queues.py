@@ -232,3 +232,11 @@ async def test_kill_9_of_a_broker_holding_messages(start_cluster) -> None:
             assert set(held) <= set(seen)
         for x in (b, c):
             x.terminate()
+
+
+async def test_priority_queues_are_refused_in_cluster_mode(start_cluster) -> None:
+    (a,) = start_cluster(1)
+    async with connect(a.url) as ta:
+        with pytest.raises(Exception, match="priority queues are not available with several brokers"):
+            await declare(ta, "urgent", max_priority=5)
+        await declare(ta, "plain")  # the broker serves on
