@@ -358,6 +358,11 @@ class Durable:
             taken = await q.take(min(want - moved - skipped, REDRIVE_CHUNK))
             if not taken:
                 break
+            try:
+                await self.ctx.reserve_ids(len(taken))  # cluster mode: ids come in blocks (ids.py)
+            except StorageError:
+                q.give_back(taken)
+                raise
             groups: dict[str, list[tuple[int, StoredMessage]]] = {}
             originals: dict[str, list[StoredMessage]] = {}
             back: list[StoredMessage] = []
