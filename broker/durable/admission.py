@@ -118,6 +118,8 @@ class Admission:
             # await until the operation is queued: queue order == id order ==
             # commit order, which keeps stream offsets dense and in order.
             await self.store.wait_for_space()
+            if self.ctx.clustered and not await self._reserve_ids(conn, entries):
+                return
             if self._assign(batch, entries, known, scope):
                 self._queue_batch(batch)
             else:
@@ -127,6 +129,22 @@ class Admission:
             for mid in mine:
                 if mid not in batch.deferred:
                     self._release(mid, *outcome.get(mid, (int(ErrorCode.STORAGE_ERROR), "not stored")))
+
+    async def _reserve_ids(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]]) -> bool:
+        """Cluster mode: ids come in blocks from the database (durable/ids.py). Wait
+        until this batch's ids and the store's room are both there (no await
+        after); False if no ids could be had: every entry was refused, retriable."""
+        ctx = self.ctx
+        n = len(entries)
+        try:
+            while ctx.left() < n:  # type: ignore[attr-defined]
+                await ctx.reserve_ids(n)
+                await self.store.wait_for_space()
+        except StorageError as exc:
+            self._confirm(conn, [[m[F.P_SEQ], int(ErrorCode.STORAGE_ERROR), str(exc)]
+                                 for m, _ in entries if m[F.P_SEQ]])
+            return False
+        return True
 
     def _claim_ids(self, conn: Peer, entries: list[tuple[list[Any], list[Any]]],
                    scope: str) -> tuple[list[tuple[list[Any], list[Any]]], list[str]]:

@@ -84,7 +84,7 @@ class Counters:
 class DurableContext:
     """Clock, ids, store, dead-letter sink, window budget and counters, for actors."""
 
-    __slots__ = ("store", "window_budget", "dead_letters", "counters", "last_id", "_last_ms")
+    __slots__ = ("store", "window_budget", "dead_letters", "counters", "last_id", "clustered", "_last_ms")
 
     def __init__(self, store: Store, window_budget: WindowBudget,
                  dead_letters: DeadLetterSink | None = None) -> None:
@@ -94,6 +94,7 @@ class DurableContext:
         self.dead_letters: DeadLetterSink = dead_letters if dead_letters is not None else _NoDeadLetters()
         self.counters = Counters()
         self.last_id = 0  # the highest message id assigned (recovered from the store at start)
+        self.clustered = False  # ids from database blocks: ids.ClusterContext (several brokers)
         self._last_ms = 0
 
     def now_ms(self) -> int:
@@ -108,6 +109,10 @@ class DurableContext:
         """A new message id: ids increase in the order they are assigned."""
         self.last_id += 1
         return self.last_id
+
+    async def reserve_ids(self, n: int) -> None:
+        """Return once ``n`` ids can be handed out without waiting: at once here
+        (ids.ClusterContext waits for a block from the database)."""
 
     def read_failed(self, backoff: float, exc: StorageError, who: str) -> float:
         """Count and log a failed read (the database locked past the busy timeout,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 import anyio
 from typing import TYPE_CHECKING, Any, Callable, Final, cast
@@ -29,9 +30,11 @@ from tidings.broker.durable.admission import Admission
 from tidings.broker.durable.context import DurableContext
 from tidings.broker.durable.group import Member
 from tidings.broker.durable.deadletter import DeadLetters, may_create_on_demand, redriven_headers
+from tidings.broker.durable.ids import ClusterContext
 from tidings.broker.durable.priority import PriorityQueueActor
 from tidings.broker.durable.queue import Consumer, QueueActor
-from tidings.broker.durable.settings import QueueConfig, bind_entries, updated, validate_name
+from tidings.broker.durable.shared_queue import SharedQueueActor
+from tidings.broker.durable.settings import QueueConfig, StreamConfig, bind_entries, updated, validate_name
 from tidings.broker.durable.store.base import (
     Durability,
     DeleteQueue,
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 
 MAX_PREFETCH: Final = N.MAX_PREFETCH  # deliveries one consumer may hold unacked (checked when CONSUME is decoded)
 REDRIVE_CHUNK: Final = 5_000  # messages moved per transaction by a redrive
+#: Cluster mode: seconds between reads of the catalog version (one indexed read of one
+#: row): a queue declared, changed or deleted on another broker is known here within it.
+CATALOG_POLL: Final = 1.0
 
 
 def _err(msg: str, code: ErrorCode, rid: int = 0) -> RemoteProtocolError:
@@ -76,7 +82,14 @@ class Durable:
                                      stall_timeout=cfg.store_stall_timeout)
         self.window_budget = WindowBudget(cfg.window_memory)  # shared by every queue, group and reader
         # What every queue, group and reader actor is given instead of this object.
-        self.ctx = DurableContext(self.store, self.window_budget)
+        # Several brokers on one database (cluster): ids come in blocks from it (ids.py),
+        # and every queue is shared (shared_queue.py).
+        self.cluster = cfg.cluster
+        self.broker_id = f"{cfg.cluster_address or os.uname().nodename}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
+        self.ctx = ClusterContext(self.store, self.window_budget) if self.cluster \
+            else DurableContext(self.store, self.window_budget)
+        self._catalog_version: int | None = None
+        self._catalog_lock = anyio.Lock()
         self.now_ms = self.ctx.now_ms
         self.queues: dict[str, QueueActor] = {}
         self.dead_letters = self.ctx.dead_letters = DeadLetters(self.ctx, self.queues, self._start_queue)
@@ -126,7 +139,12 @@ class Durable:
         await self.store.open()
         await tg.start(self.store.run)
         tg.start_soon(self.store.watchdog)
-        self.ctx.last_id = await self.store.max_message_id()
+        if isinstance(self.ctx, ClusterContext):
+            await self.ctx.first_block()
+            tg.start_soon(self.ctx.refill)
+            self._catalog_version = await self.store.catalog_version()  # type: ignore[attr-defined]
+        else:
+            self.ctx.last_id = await self.store.max_message_id()
         for name, conf, _created in await self.store.load_queues():
             qc = QueueConfig.from_args(conf, stored=True)
             count = await self.store.count(name)
@@ -134,17 +152,33 @@ class Durable:
             await self._start_queue(qc, count, lanes)
         await self.streams.start(tg)
         tg.start_soon(self.admission.sweeper)
+        if self.cluster:
+            tg.start_soon(self._catalog_poller)
         log.info("recovered %d queues (%d messages) and %d streams", len(self.queues),
                  sum(q.count for q in self.queues.values()), len(self.streams.streams))
 
     async def close(self) -> None:
         self.streams.stop()
+        shared = []
         for q in self.queues.values():
-            q.stop()
+            if isinstance(q, SharedQueueActor):
+                q.release_all()  # other brokers take over at once, not after the deadlines
+                shared.append(q)
+            else:
+                q.stop()
+        with anyio.move_on_after(5.0):  # each gives back what it holds, then stops
+            for q in shared:
+                await q.stopped.wait()
         await self.store.close()
 
     async def _start_queue(self, qc: QueueConfig, count: int, lanes: list[int] | None = None) -> QueueActor:
-        q = PriorityQueueActor(self.ctx, qc, count, lanes) if qc.max_priority else QueueActor(self.ctx, qc, count)
+        q: QueueActor
+        if self.cluster:
+            q = SharedQueueActor(self.ctx, qc, count, self.broker_id)
+        elif qc.max_priority:
+            q = PriorityQueueActor(self.ctx, qc, count, lanes)
+        else:
+            q = QueueActor(self.ctx, qc, count)
         self.queues[qc.name] = q
         add_bindings(self.bindings, self.filtered, q)
         assert self._tg is not None
@@ -163,6 +197,9 @@ class Durable:
 
     async def declare(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         qc = QueueConfig.from_args(args)
+        if self.cluster and qc.max_priority:
+            raise _err("priority queues are not available with several brokers (cluster = true) yet; "
+                       "declare the queue without max_priority (docs/SCALING.md)", ErrorCode.INVALID_ARGUMENT, rid)
         existing = self.queues.get(qc.name)
         if existing is not None:
             if existing.cfg != qc:
@@ -327,6 +364,11 @@ class Durable:
             taken = await q.take(min(want - moved - skipped, REDRIVE_CHUNK))
             if not taken:
                 break
+            try:
+                await self.ctx.reserve_ids(len(taken))  # cluster mode: ids come in blocks (ids.py)
+            except StorageError:
+                q.give_back(taken)
+                raise
             groups: dict[str, list[tuple[int, StoredMessage]]] = {}
             originals: dict[str, list[StoredMessage]] = {}
             back: list[StoredMessage] = []
@@ -415,6 +457,94 @@ class Durable:
             c.close()
         conn.consumers.clear()
 
+    # ------------------------------------------------------- the catalog
+
+    async def _catalog_poller(self) -> None:
+        """Cluster mode: reload the queues when another broker changed the catalog."""
+        backoff = 0.0
+        while True:
+            await anyio.sleep(backoff or CATALOG_POLL)
+            try:
+                await self.sync_catalog()
+            except StorageError as exc:
+                backoff = self.ctx.read_failed(backoff, exc, "catalog")
+            else:
+                backoff = 0.0
+
+    async def sync_catalog(self) -> bool:
+        """Cluster mode: if the catalog version moved, start the queues declared
+        elsewhere, take changed settings and bindings, close deleted ones (through the
+        paths recovery and update use). Returns whether anything changed here.
+        Raises StorageError."""
+        async with self._catalog_lock:
+            return await self._sync_locked()
+
+    async def _sync_locked(self) -> bool:
+        version = await self.store.catalog_version()  # type: ignore[attr-defined]
+        if version == self._catalog_version:
+            return False
+        rows = await self.store.load_queues()
+        changed = False
+        stored = {name: QueueConfig.from_args(conf, stored=True) for name, conf, _ in rows}
+        for name, qc in stored.items():
+            q = self.queues.get(name)
+            if q is None:
+                if name in self.streams.streams:
+                    continue
+                await self._start_queue(qc, await self.store.count(name))
+                changed = True
+            elif q.cfg != qc:
+                async with self._updating:
+                    if q.cfg.bind != qc.bind or q.cfg.bind_filters != qc.bind_filters:
+                        remove_bindings(self.bindings, self.filtered, q)
+                        q.reconfigure(qc)
+                        add_bindings(self.bindings, self.filtered, q)
+                        changed = True
+                    else:
+                        q.reconfigure(qc)
+        for name, q in list(self.queues.items()):
+            if name not in stored:
+                q.close("queue deleted")
+                remove_bindings(self.bindings, self.filtered, q)
+                del self.queues[name]
+                changed = True
+        changed = await self._sync_streams() or changed
+        self._catalog_version = version
+        if changed:
+            self.broker.bindings_changed()
+        return changed
+
+    async def _sync_streams(self) -> bool:
+        """The streams' part of :meth:`sync_catalog` (Streams.recover starts a new one)."""
+        streams = self.streams.streams
+        stored = {name: conf for name, conf, _ in await self.store.load_streams()}
+        changed = False
+        for name, conf in stored.items():
+            st = streams.get(name)
+            if st is None:
+                if name not in self.queues:
+                    await self.streams.recover(name, conf)
+                    changed = True
+                continue
+            cfg = StreamConfig.from_args(conf, stored=True)
+            if cfg != st.cfg:
+                if cfg.bind != st.cfg.bind or cfg.bind_filters != st.cfg.bind_filters:
+                    remove_bindings(self.bindings, self.filtered, st)
+                    st.cfg = cfg
+                    add_bindings(self.bindings, self.filtered, st)
+                    changed = True
+                else:
+                    st.cfg = cfg
+                for g in st.groups.values():
+                    g.wake()
+        for name, st in list(streams.items()):
+            if name not in stored:
+                st.close("stream deleted")
+                remove_bindings(self.bindings, self.filtered, st)
+                del streams[name]
+                changed = True
+        return changed
+
     # ------------------------------------------------------------- calls
 
     def calls(self) -> dict[str, Callable[..., Any]]:
@@ -432,7 +562,21 @@ class Durable:
             "dlq.purge": self.purge,
             **self.streams.calls(),
             "stream.delete": self.delete_stream,
-        }
+        } | (self._synced_calls() if self.cluster else {})
+
+    def _synced_calls(self) -> dict[str, Callable[..., Any]]:
+        """Cluster mode: each catalog change runs under the catalog lock, after a catalog
+        read (a name declared on another broker a moment ago is known first), so the
+        poll (sync_catalog) never starts or drops a queue or stream half-way through it."""
+        def synced(fn: Callable[..., Any]) -> Callable[..., Any]:
+            async def call(args: dict[str, Any], rid: int) -> Any:
+                async with self._catalog_lock:
+                    await self._sync_locked()
+                    return await fn(args, rid)
+            return call
+        return {"queue.declare": synced(self.declare), "queue.delete": synced(self.delete),
+                "queue.update": synced(self.update), "stream.declare": synced(self.streams.declare),
+                "stream.delete": synced(self.delete_stream), "stream.update": synced(self.streams.update)}
 
     async def delete_stream(self, args: dict[str, Any], rid: int) -> dict[str, Any]:
         """Delete a stream and, unless ``keep_dlq``, its dead-letter queue (when

@@ -69,27 +69,33 @@ class Streams:
     async def start(self, tg: TaskGroup) -> None:
         self._tg = tg
         for name, conf, _created in await self.store.load_streams():
-            cfg = StreamConfig.from_args(conf, stored=True)
-            bounds = await self.store.partition_bounds(name)
-            floors = await self.store.partition_floors(name)
-            marks = await self.store.partition_marks(name)
-            offsets = await self.store.load_offsets(name)
-            parts = []
-            for i in range(cfg.partitions):
-                floor = floors.get(i, 0)
-                lo, hi, nbytes = bounds.get(i, (floor, floor - 1, 0))
-                first = max(lo, floor)
-                # Offsets are never reused: not those of failed tail writes (marks),
-                # nor any a group already acked past (its offsets commit even when
-                # the mark could not be written).
-                nxt = max(hi + 1, first, marks.get(i, 0),
-                          max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
-                parts.append(Partition(name, i, first, nxt, nbytes))
-            st = self.stream_class(cfg, parts)
-            self._register(st)
-            for group, committed in offsets.items():
-                await self._start_group(st, group, committed)
+            await self.recover(name, conf)
         tg.start_soon(self._retention_loop)
+
+    async def recover(self, name: str, conf: dict[str, Any]) -> StreamActor:
+        """Start stream ``name`` from what the store holds (at start, and in cluster
+        mode when another broker declared it: Durable.sync_catalog)."""
+        cfg = StreamConfig.from_args(conf, stored=True)
+        bounds = await self.store.partition_bounds(name)
+        floors = await self.store.partition_floors(name)
+        marks = await self.store.partition_marks(name)
+        offsets = await self.store.load_offsets(name)
+        parts = []
+        for i in range(cfg.partitions):
+            floor = floors.get(i, 0)
+            lo, hi, nbytes = bounds.get(i, (floor, floor - 1, 0))
+            first = max(lo, floor)
+            # Offsets are never reused: not those of failed tail writes (marks),
+            # nor any a group already acked past (its offsets commit even when
+            # the mark could not be written).
+            nxt = max(hi + 1, first, marks.get(i, 0),
+                      max((max(c) for g in offsets.values() if (c := g.get(i)) is not None), default=0))
+            parts.append(Partition(name, i, first, nxt, nbytes))
+        st = self.stream_class(cfg, parts)
+        self._register(st)
+        for group, committed in offsets.items():
+            await self._start_group(st, group, committed)
+        return st
 
     def _register(self, st: StreamActor) -> None:
         self.streams[st.name] = st

@@ -219,6 +219,14 @@ CREATE TABLE tidings_queue_marks (
 );
 """
 
+#: 6 -> 7: shared durable queues (issue 13, pg_claims.py): who holds a claimed
+#: message (its claim lasts until available_ms, the visibility deadline) and the catalog
+#: version every declare/delete/update bumps and every broker polls.
+_V7_CLUSTER_QUEUES: Final = """
+ALTER TABLE tidings_messages ADD COLUMN claimed_by text;
+INSERT INTO tidings_meta (key, value) VALUES ('catalog_version', 0) ON CONFLICT (key) DO NOTHING;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     _V1,  # 0 -> 1: meta, queues, messages, dedup, streams and their rows, floors, offsets, next marks
     _V2_SCHEMAS,  # 1 -> 2: tidings_schemas, tidings_schema_bindings (the schema registry)
@@ -226,6 +234,7 @@ MIGRATIONS: tuple[str, ...] = (
     _V4_CLUSTER,  # 3 -> 4: tidings_brokers (membership leases), tidings_cluster (the route secret)
     _V5_CLUSTER_STREAMS,  # 4 -> 5: stream heads, shared consumer groups (several brokers)
     _V6_MARKS,  # 5 -> 6: tidings_queue_marks (delivery counts persisted per batch)
+    _V7_CLUSTER_QUEUES,  # 6 -> 7: tidings_messages.claimed_by, tidings_meta catalog_version (several brokers)
 )
 
 #: Every table of the schema (a database holding some of them but no tidings_meta is
@@ -279,6 +288,13 @@ UPSERT_MARKS: Final = (
     " ON CONFLICT (queue, lane) DO UPDATE SET available_ms = excluded.available_ms, id = excluded.id"
     " WHERE (excluded.available_ms, excluded.id) > (k.available_ms, k.id)")
 RAISE_MAX_ID: Final = "UPDATE tidings_meta SET value = $1 WHERE key = 'max_message_id' AND value < $1"
+#: Several brokers (cluster mode): a msg_id's de-dup entry must be inserted by one broker
+#: only, so the upsert becomes a plain insert (a second broker's copy fails with a unique
+#: violation and the store isolates its operation); an expired entry not swept yet is
+#: dropped first so that it does not refuse a new publish.
+DROP_EXPIRED_DEDUP: Final = "DELETE FROM tidings_dedup WHERE msg_id = ANY($1::text[]) AND expires_ms <= $2"
+INSERT_DEDUP: Final = ("INSERT INTO tidings_dedup (msg_id, expires_ms, result)"
+                       " SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])")
 
 #: The PostgreSQL form of each whole-table statement batch.py and streams.py prepare
 #: (same parameters, same order).
@@ -355,9 +371,11 @@ def _by_queue(rows: Any) -> dict[str, list[Any]]:
     return out
 
 
-async def execute_stage(conn: asyncpg.Connection, stage: Stage) -> None:
+async def execute_stage(conn: asyncpg.Connection, stage: Stage, *, now_ms: int | None = None) -> None:
     """Run one stage of batch.plan inside the caller's transaction (see the module
-    docstring for what is merged first). Raises whatever asyncpg raises."""
+    docstring for what is merged first). Raises whatever asyncpg raises.
+    ``now_ms`` (cluster mode): de-dup entries are inserted, not upserted, so a msg_id
+    another broker stored (and not expired by ``now_ms``) fails with a unique violation."""
     if stage.statements is not None:
         for sql, params in stage.statements:
             await conn.execute(sql, *params)
@@ -369,7 +387,11 @@ async def execute_stage(conn: asyncpg.Connection, stage: Stage) -> None:
         await conn.copy_records_to_table("tidings_messages", records=stage.inserts, columns=MESSAGE_COLUMNS)
     if stage.dedup:
         last = {d[0]: d for d in stage.dedup}  # INSERT OR REPLACE in order: the last one stays
-        await conn.execute(UPSERT_DEDUP, *_columns(list(last.values()), 3))
+        if now_ms is None:
+            await conn.execute(UPSERT_DEDUP, *_columns(list(last.values()), 3))
+        else:
+            await conn.execute(DROP_EXPIRED_DEDUP, list(last), now_ms)
+            await conn.execute(INSERT_DEDUP, *_columns(list(last.values()), 3))
     if stage.updates:
         gone = set(stage.deletes) if stage.deletes else ()
         # one row per message, the last update of it; none for a message this stage deletes

@@ -50,16 +50,21 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskStatus
 
-from tidings.broker.durable.store import pg_sql
+from tidings.broker.durable.store import pg_claims, pg_sql
 from tidings.broker.durable.store.base import (
     DURABILITIES,
     DeleteMessages,
+    DeleteQueue,
+    DeleteStream,
     Durability,
     SchemaTooNew,
     StorageClosed,
     StorageError,
     StorageFull,
     Store,
+    StoredMessage,
+    PutQueue,
+    PutStream,
     WriteOp,
 )
 from tidings.broker.durable.store.batch import Item, plan
@@ -98,6 +103,13 @@ RECONNECT_MAX: Final = 5.0
 #: Read connections beside the writer: the reads of recovery, paging and admin calls
 #: overlap; four keep them from queueing behind each other without loading the server.
 READ_POOL_SIZE: Final = 4
+#: In cluster mode the pool also carries every shared queue's claims and settlements
+#: (pg_claims.py): a few more connections, so a queue's claim does not wait behind
+#: another queue's settlement or a long read.
+CLUSTER_POOL_SIZE: Final = 8
+#: The write operations that change the catalog (queues, bindings, streams): in cluster
+#: mode their transaction bumps tidings_meta.catalog_version, which every broker polls.
+CATALOG_OPS: Final = (PutQueue, DeleteQueue, PutStream, DeleteStream)
 #: pg_try_advisory_lock key held by the broker using the database ("TIDG").
 BROKER_LOCK: Final = 0x54494447
 
@@ -357,8 +369,11 @@ class PostgresStore(PgReads, PgCluster):
             self._max_id = int(await conn.fetchval("SELECT value FROM tidings_meta WHERE key = 'max_message_id'"))
             try:
                 pool = await asyncpg.create_pool(
-                    self.url, min_size=1, max_size=READ_POOL_SIZE, timeout=self.connect_timeout,
-                    command_timeout=self.command_timeout, server_settings={"application_name": "tidings-read"})
+                    self.url, min_size=1, max_size=CLUSTER_POOL_SIZE if self.cluster else READ_POOL_SIZE,
+                    timeout=self.connect_timeout, command_timeout=self.command_timeout,
+                    # in cluster mode claims and acks commit here too: at the store's durability
+                    server_settings={"application_name": "tidings-read",
+                                     "synchronous_commit": _SYNCHRONOUS_COMMIT[self.durability]})
             except Exception as exc:
                 raise StorageUnavailable(
                     f"cannot connect to {self.path}: {self._scrub(str(exc) or type(exc).__name__)}") from exc
@@ -442,6 +457,42 @@ class PostgresStore(PgReads, PgCluster):
         if self._pool is None:
             raise StorageClosed(f"store {self.path} is closed")
         return self._max_id
+
+    # --- several brokers (cluster mode, pg_claims.py) ------------------------------
+
+    async def _on_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        pool = self._pool
+        if pool is None:
+            raise StorageClosed(f"store {self.path} is closed")
+        try:
+            async with pool.acquire() as conn:
+                return await fn(conn, *args)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    async def allocate_ids(self, n: int) -> int:
+        """Reserve ``n`` message ids for this broker: returns the last of the block
+        (last - n, last]; no other broker (nor a restart) gets them. Raises StorageError."""
+        return int(await self._on_pool(lambda c: c.fetchval(pg_claims.ALLOCATE_IDS, n)))
+
+    async def catalog_version(self) -> int:
+        """The catalog version (bumped by every queue/stream declare, update, delete)."""
+        return int(await self._on_pool(lambda c: c.fetchval(pg_claims.CATALOG_VERSION)) or 0)
+
+    async def claim(self, queue: str, n: int, deadline_ms: int, broker: str) -> list[StoredMessage]:
+        """Claim up to ``n`` due messages of ``queue`` for ``broker`` until the database's
+        now + ``deadline_ms`` (pg_claims.CLAIM); their ``deliveries`` is the fence of
+        every later change. Raises StorageError."""
+        return list(await self._on_pool(pg_claims.claim, queue, n, deadline_ms, broker))
+
+    async def settle_claims(self, queue: str, broker: str, deletes: list[tuple[int, int]],
+                            releases: list[tuple[int, int, int, int, str | None]],
+                            extends: list[tuple[int, int]], extend_ms: int) -> set[int]:
+        """Fenced acks, releases and extensions in one transaction (pg_claims.settle);
+        returns the ids whose extension found the claim lost. Raises StorageError."""
+        return set(await self._on_pool(pg_claims.settle, queue, broker, deletes, releases, extends, extend_ms))
 
     async def backup(self, path: str) -> None:
         """Not done by the broker on PostgreSQL: the database is backed up by its own
@@ -657,10 +708,16 @@ class PostgresStore(PgReads, PgCluster):
             self.transaction_phase = "write"
             if self.cluster:  # stream offsets come from the partitions' counter rows (pg_cluster.py)
                 await allocate_offsets(conn, items)
+            # cluster: de-dup entries are inserted, not upserted (one broker stores a msg_id)
+            now_ms = int(time.time() * 1000) if self.cluster else None
             for stage in plan(items):
-                await pg_sql.execute_stage(conn, stage)
+                await pg_sql.execute_stage(conn, stage, now_ms=now_ms)
             max_id = max(it.max_id for it in items)
-            if max_id > self._max_id:
+            if self.cluster:
+                # ids come from blocks already counted in max_message_id (allocate_ids)
+                if any(isinstance(it.op, CATALOG_OPS) for it in items):
+                    await conn.execute(pg_claims.BUMP_CATALOG)
+            elif max_id > self._max_id:
                 await conn.execute(pg_sql.RAISE_MAX_ID, max_id)
             self.transaction_phase = "COMMIT"
             await conn.execute("COMMIT")
