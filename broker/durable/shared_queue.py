@@ -404,7 +404,7 @@ class SharedQueueActor(QueueActor):
                     await self._wake.wait()
                 self._idle = False
                 self._dirty = False
-                self._wake = anyio.Event()
+                self._wake.clear()
         finally:
             await self._final_flush()
             self.stopped.set()
