@@ -17,6 +17,10 @@ from typing import Final
 # The port a broker listens on and a client dials when none is given. Not used by NATS
 # (4222), Redis (6379), AMQP (5672), Kafka (9092), MQTT (1883) or NSQ (4150).
 DEFAULT_PORT: Final = 7421
+# The URL a client dials when none is given (tidings.client.DEFAULT_URL, the CLI's default --url):
+# here so that the command line knows it without importing the client library (`tidings serve`
+# starts faster).
+DEFAULT_URL: Final = f"tidings://127.0.0.1:{DEFAULT_PORT}"
 
 # ---------------------------------------------------------------- NOTICE kinds
 # NOTICE is [70, kind, info]; ``info`` is a map whose keys are given per kind.

@@ -6,6 +6,9 @@
     def test_y(start_broker):            # custom settings / several brokers
         b = start_broker("--durability", "normal", env={"TIDINGS_MAX_PENDING_BYTES": "65536"})
 
+    def test_z(module_broker):           # one broker shared by a module's tests (see its docstring)
+        b = module_broker(env={"TIDINGS_FRAME_TIMEOUT": "1"})
+
 A broker is started with `python -m tidings serve --port 0 --data-dir <tmp>`
 and is ready when it prints its "tidings listening on HOST:PORT" line (no
 sleeps). ``restart()`` starts it again on the same port and data dir
@@ -154,3 +157,29 @@ def start_broker(tmp_path: Path) -> Iterator[Callable[..., BrokerProcess]]:
 @pytest.fixture
 def broker(start_broker: Callable[..., BrokerProcess]) -> BrokerProcess:
     return start_broker()
+
+
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., BrokerProcess]]:
+    """``module_broker(*args, env=...)``: one broker per settings for the whole test module,
+    started by the first test that asks and stopped after the module's last test. Only for
+    tests that cannot disturb each other through it (their own subjects and names, nothing
+    that changes the broker's state for the next test: what hostile-client tests check is
+    exactly that a bad client disturbs nobody else). A broker that died is started again."""
+    started: dict[tuple[tuple[str, ...], tuple[tuple[str, str], ...]], BrokerProcess] = {}
+
+    def get(*args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+        key = (args, tuple(sorted((env or {}).items())))
+        b = started.get(key)
+        if b is None:
+            b = started[key] = BrokerProcess(tmp_path_factory.mktemp("module-broker") / "data", args, env)
+            return b.start(0)
+        return b if b.alive() else b.start(0)
+
+    yield get
+    for b in started.values():
+        if b.alive():
+            try:
+                b.terminate()
+            except subprocess.TimeoutExpired:
+                pass

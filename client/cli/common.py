@@ -5,7 +5,8 @@
     run, runner, failure      connect, run one command on uvloop, turn errors into one line and an exit status
     print_json, jsonable, text_or_base64, printable, payload_json, table    output for people and scripts
 
-The default URL is the client library's (:data:`tidings.client.DEFAULT_URL`).
+The default URL is the client library's (:data:`tidings.client.DEFAULT_URL`, defined in
+:mod:`tidings.protocol.vocabulary`).
 Exit statuses: 0 done, 1 the broker or the connection said no (one line on
 stderr, ``tidings: ...``, never a traceback: :func:`failure`; a malformed URL
 too), 2 a bad command line (argparse's usage error), 130 interrupted by Ctrl-C (0 for the
@@ -23,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from tidings.broker.serve import run_loop
-from tidings.client import DEFAULT_URL
+from tidings.protocol.vocabulary import DEFAULT_URL  # not the client library: `tidings serve` needs none
 
 if TYPE_CHECKING:
     from tidings.client import Client

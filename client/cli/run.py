@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Final
 
 import anyio
 
@@ -28,13 +28,16 @@ DESCRIPTION = ("Run the handlers of a tidings.App (MODULE:ATTRIBUTE, e.g. `myser
                "running handlers --grace seconds, nack the rest, exit 0.")
 
 
-def register(sp: Any) -> None:
-    from tidings.client.app import DEFAULT_GRACE
+#: What --help says of --grace's default: tidings.client.app.DEFAULT_GRACE, spelt out so that building
+#: the parser (every command, `tidings serve` too) does not import the client library for it
+#: (tests/integration/test_app.py checks that the two agree).
+GRACE_HELP: Final = "seconds running handlers get to finish at shutdown (default 30)"
 
+
+def register(sp: Any) -> None:
     s = sp.add_parser("run", help="run an App's handlers (MODULE:APP)", description=DESCRIPTION)
     s.add_argument("target", metavar="MODULE:APP")
-    s.add_argument("--grace", type=float, default=DEFAULT_GRACE,
-                   help=f"seconds running handlers get to finish at shutdown (default {DEFAULT_GRACE:g})")
+    s.add_argument("--grace", type=float, default=None, help=GRACE_HELP)  # None: App.run's DEFAULT_GRACE
     s.add_argument("--url", help="broker URL, instead of the one the App was given")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(fn=_run)
@@ -61,6 +64,9 @@ def load_app(target: str) -> Any:
 
 def _run(ns: argparse.Namespace) -> int:
     from tidings.client import TidingsError
+    from tidings.client.app import DEFAULT_GRACE
+
+    grace = DEFAULT_GRACE if ns.grace is None else ns.grace
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -79,14 +85,14 @@ def _run(ns: argparse.Namespace) -> int:
                     async for sig in received:
                         n += 1
                         if n == 1:
-                            print(f"tidings: {signal.Signals(sig).name}: stopping (at most {ns.grace:g} s for "
+                            print(f"tidings: {signal.Signals(sig).name}: stopping (at most {grace:g} s for "
                                   "running handlers; again to stop now)", file=sys.stderr, flush=True)
                             app.stop()
                         else:
                             tg.cancel_scope.cancel()  # the messages of handlers cut short go back to the queue
 
             tg.start_soon(signals)
-            await app.run(grace=ns.grace)
+            await app.run(grace=grace)
             tg.cancel_scope.cancel()
 
     try:

@@ -76,7 +76,7 @@ from tidings.client.units import seconds_to_ms
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL: Final = f"tidings://127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_URL: Final = V.DEFAULT_URL
 READ_CHUNK: Final = 65_536
 FLUSH_BYTES: Final = 256 * 1024  # a publisher waits for the writer once this much is pending (bounds memory)
 DEFAULT_TIMEOUT: Final = 10.0  # seconds for requests, flush and the handshake unless told otherwise

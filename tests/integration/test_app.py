@@ -254,6 +254,15 @@ async def test_sigterm_past_the_grace_period_nacks_the_rest(broker, tmp_path: Pa
             await d.ack()
 
 
+def test_run_help_names_the_apps_default_grace() -> None:
+    """`tidings run --help` spells out --grace's default without importing the client library
+    (cli/run.py GRACE_HELP); it must stay App.run's DEFAULT_GRACE."""
+    from tidings.cli.run import GRACE_HELP
+    from tidings.client.app import DEFAULT_GRACE
+
+    assert GRACE_HELP.endswith(f"(default {DEFAULT_GRACE:g})")
+
+
 def test_run_with_a_bad_target_is_one_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "tidings", "run", "no_such_module_xyz:app"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=EXIT_WAIT)

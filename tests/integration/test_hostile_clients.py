@@ -56,7 +56,8 @@ PRE_HELLO = {
 
 
 @pytest.mark.parametrize("case", list(PRE_HELLO))
-async def test_bad_first_bytes_get_err_and_close(broker, case: str) -> None:
+async def test_bad_first_bytes_get_err_and_close(module_broker, case: str) -> None:
+    broker = module_broker()  # all cases on one broker: none may disturb it for anyone else
     data, code = PRE_HELLO[case]
     async with connect(broker.url) as control:
         async with RawClient.open(broker.host, broker.port) as rc:
@@ -68,10 +69,10 @@ async def test_bad_first_bytes_get_err_and_close(broker, case: str) -> None:
 
 
 @pytest.mark.parametrize("seed", range(8))
-async def test_random_bytes_before_hello(start_broker, seed: int) -> None:
+async def test_random_bytes_before_hello(module_broker, seed: int) -> None:
     # the bytes follow the connect at once; the HELLO timeout only ends a prefix that never
     # completes, and must not fire first on a busy machine
-    broker = start_broker(env={"TIDINGS_HELLO_TIMEOUT": "5"})
+    broker = module_broker(env={"TIDINGS_HELLO_TIMEOUT": "5"})  # shared by the seeds
     rng = random.Random(seed)
     data = rng.randbytes(rng.choice([3, 100, 5000, 200_000]))
     async with connect(broker.url) as control:
@@ -119,7 +120,9 @@ POST_HELLO_NONFATAL = {
 
 
 @pytest.mark.parametrize("case", list(POST_HELLO_NONFATAL))
-async def test_malformed_frame_after_hello_gets_err_and_connection_stays_usable(broker, case: str) -> None:
+async def test_malformed_frame_after_hello_gets_err_and_connection_stays_usable(module_broker,
+                                                                                 case: str) -> None:
+    broker = module_broker()  # all cases on one broker: none may disturb it for anyone else
     data, code = POST_HELLO_NONFATAL[case]
     async with connect(broker.url) as control, RawClient.open(broker.host, broker.port) as rc:
         await rc.hello()
@@ -166,10 +169,10 @@ async def test_huge_length_prefix_after_hello_gets_err_and_close(broker) -> None
 
 
 @pytest.mark.parametrize("seed", range(6))
-async def test_random_bytes_after_hello(start_broker, seed: int) -> None:
+async def test_random_bytes_after_hello(module_broker, seed: int) -> None:
     # A random length prefix may announce a frame that never completes: the
     # frame timeout ends that, so keep it short.
-    broker = start_broker(env={"TIDINGS_FRAME_TIMEOUT": "1"})
+    broker = module_broker(env={"TIDINGS_FRAME_TIMEOUT": "1"})  # shared by the seeds
     rng = random.Random(1000 + seed)
     data = rng.randbytes(rng.choice([5, 300, 20_000]))
     async with connect(broker.url) as control:

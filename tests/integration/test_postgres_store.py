@@ -21,7 +21,7 @@ import pytest
 from tidings.client import connect
 from tidings.client.errors import StorageError as ClientStorageError
 from queuetools import WAIT, collect, declare
-from test_queue_crash import KILLS, run_chaos
+from test_queue_crash import chaos_kills, run_chaos
 
 from tests.pgserver import PgServer, free_port
 
@@ -70,11 +70,14 @@ async def test_queue_and_stream_on_postgres_survive_a_restart(start_broker, pg_u
     assert "tidings.broker.durable.store.postgres" in b.stderr() or "store postgresql://" in b.stderr()
 
 
-@pytest.mark.timeout(600)  # as test_queue_crash's: ten rounds at the host's fsync speed
-async def test_kill_9_keeps_every_confirmed_message_on_postgres(start_broker, pg_url) -> None:
+@pytest.mark.timeout(600)  # as test_queue_crash's: its rounds at the host's fsync speed
+async def test_kill_9_keeps_every_confirmed_message_on_postgres(start_broker, pg_url,
+                                                                pytestconfig: pytest.Config) -> None:
     b = start_broker("--store", pg_url)
-    counts = await run_chaos(b, KILLS, seed=13)  # check(): every confirmed message delivered, none twice
-    assert counts["kills"] == KILLS and counts["messages"] > 0
+    kills = chaos_kills(pytestconfig)  # 3, or 10 with --soak
+    # seed 33's kill targets (confirms, deliveries): (0, 0), (568, 0), (1854, 1979) (see KILLS)
+    counts = await run_chaos(b, kills, seed=33)  # check(): every confirmed message delivered, none twice
+    assert counts["kills"] == kills and counts["messages"] > 0
 
 
 async def test_database_stopped_under_load_then_back(start_broker, pg_url, pg_server: PgServer) -> None:
