@@ -116,6 +116,15 @@ def several(n: int, server: Any, ns: argparse.Namespace) -> list[dict[str, Any]]
     rows = []
     for scenario, module, messages in (("queue", "cluster_queue", ns.messages),
                                        ("pubsub", "cluster_pubsub", ns.pubsub_messages)):
+        own = getattr(importlib.import_module("benchmarks.cluster_queue"), "run_cluster", None) \
+            if module == "cluster_queue" else None
+        if own is not None:  # it starts its own brokers (publishers and consumers on every one)
+            r = own(server.new_database(), n, messages, in_flight=ns.in_flight, db_pids=server.pids)
+            rows.append(_row(n, "postgresql", scenario, msgs_per_s=r.get("end_to_end_per_s"),
+                             confirm_p50_ms=r.get("confirm_p50_ms"), confirm_p99_ms=r.get("confirm_p99_ms"),
+                             broker_cpu_us_per_msg=r.get("broker_cpu_us_per_msg"),
+                             db_cpu_us_per_msg=r.get("db_cpu_us_per_msg"), note=r.get("scenario", "")))
+            continue
         fn = _scenario(module)
         if fn is None:
             rows.append(_row(n, "postgresql", scenario, note=f"benchmarks/{module}.py: {NOT_YET}"))
