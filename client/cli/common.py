@@ -49,7 +49,7 @@ def add_url(p: argparse.ArgumentParser, *, leaf: bool = False) -> None:
     defaults are SUPPRESS, so an option given before the leaf name (`tidings
     queues --url U declare X`) is kept instead of being reset by the leaf's default."""
     p.add_argument("--url", default=argparse.SUPPRESS if leaf else os.environ.get("TIDINGS_URL", DEFAULT_URL),
-                   help=f"broker URL, or the brokers of one service comma-separated (tidings://a:7421,b:7421) "
+                   help=f"broker URL; the brokers of one service as several HOST:PORT, comma-separated "
                    f"(default: $TIDINGS_URL or {DEFAULT_URL})")
 
 
