@@ -18,8 +18,8 @@ import anyio
 import pytest
 
 from tidings.client import connect
-from tidings.client.errors import StorageError as ClientStorageError
-from queuetools import WAIT, declare
+from tidings.client.errors import QueueFullError, StorageError as ClientStorageError
+from queuetools import WAIT, broker_time_passes, declare
 
 #: The catalog reaches the other brokers within CATALOG_POLL (1 s); this bounds the wait.
 CATALOG_WAIT = 30.0
@@ -272,3 +272,104 @@ async def test_priority_queues_are_refused_in_cluster_mode(start_cluster) -> Non
         with pytest.raises(Exception, match="priority queues are not available with several brokers"):
             await declare(ta, "urgent", max_priority=5)
         await declare(ta, "plain")  # the broker serves on
+
+
+#: Publishes in flight per burst, and the bound on each wait around the outage (a
+#: reconnect backs off up to RECONNECT_MAX; the catalog and claims resume after it).
+OUTAGE_IN_FLIGHT = 100
+RECOVERY_TIMEOUT = 120.0
+
+
+async def test_database_restarted_under_load_in_a_cluster(start_cluster, pg_server) -> None:
+    """Two brokers publish into one shared queue while PostgreSQL is stopped and started
+    again: during the outage publishes are refused as retriable on both, never confirmed;
+    afterwards both confirm again, and a consumer on one broker receives every message
+    either broker confirmed, before and after the outage."""
+    a, b = start_cluster(2)
+    confirmed: set[str] = set()
+    refused: list[Exception] = []
+    seq = 0
+    async with connect(a.url) as ta, connect(b.url) as tb:
+        await declare(ta, "outage")
+        await known_on(tb, "outage")
+
+        async def burst(tc: Any, n: int) -> None:
+            nonlocal seq
+            pending = []
+            for _ in range(n):
+                seq += 1
+                mid = f"m{seq}"
+                pending.append((mid, tc.publish_nowait("outage.x", mid, msg_id=mid)))
+            for mid, conf in pending:
+                try:
+                    await conf
+                    confirmed.add(mid)
+                except ClientStorageError as exc:
+                    assert exc.retriable
+                    refused.append(exc)
+
+        for tc in (ta, tb):
+            await burst(tc, OUTAGE_IN_FLIGHT * 3)
+        assert len(confirmed) == OUTAGE_IN_FLIGHT * 6
+        await anyio.to_thread.run_sync(pg_server.stop, "fast")
+        try:
+            for tc in (ta, tb):
+                had = len(refused)
+                with anyio.fail_after(RECOVERY_TIMEOUT):
+                    while len(refused) == had:  # the outage is seen on this broker too
+                        await burst(tc, OUTAGE_IN_FLIGHT)
+        finally:
+            await anyio.to_thread.run_sync(pg_server.restart)
+        for tc in (ta, tb):
+            before = len(confirmed)
+            with anyio.fail_after(RECOVERY_TIMEOUT):
+                while len(confirmed) < before + OUTAGE_IN_FLIGHT * 2:  # this broker confirms again
+                    await burst(tc, OUTAGE_IN_FLIGHT)
+        async with tb.consume("outage", prefetch=500) as deliveries:
+            seen: set[str] = set()
+            with anyio.fail_after(RECOVERY_TIMEOUT):
+                while not confirmed <= seen:
+                    d = await deliveries.next(timeout=RECOVERY_TIMEOUT)
+                    seen.add(d.payload.decode())
+                    await d.ack()
+    assert a.alive() and b.alive()
+
+
+async def test_ttl_expires_on_whichever_broker_claims(start_cluster) -> None:
+    """A message published on A past its time to live is never delivered on B: the
+    broker that claims it dead-letters it as expired."""
+    a, b = start_cluster(2)
+    async with connect(a.url) as ta, connect(b.url) as tb:
+        await declare(ta, "brief", message_ttl=0.5, dead_letter="brief.dlq", dead_letter_expired=True)
+        await known_on(tb, "brief")
+        await known_on(tb, "brief.dlq")
+        await ta.publish("brief.x", "stale", confirm=True)
+        await broker_time_passes(ta, 1.0)
+        await ta.publish("brief.x", "fresh", confirm=True)
+        async with tb.consume("brief", prefetch=10) as ds:
+            d = await ds.next(timeout=WAIT * 4)
+            assert d.payload == b"fresh"  # the stale one was claimed and expired, not delivered
+            await d.ack(wait=True)
+        with anyio.fail_after(CATALOG_WAIT):
+            while not (dead := await tb.dlq_list("brief.dlq")):
+                await anyio.sleep(0.05)
+        assert [m["payload"] for m in dead] == [b"stale"]
+        assert dead[0]["headers"].get("tidings-dlq-reason") == "expired"
+
+
+async def test_max_length_counts_what_other_brokers_stored(start_cluster) -> None:
+    """max_length with overflow "reject" is judged on the queue's depth across the
+    brokers: once B has re-counted (every COUNT_REFRESH), a publish on B past what A
+    stored is refused with QUEUE_FULL. (Between re-counts the depth is approximate:
+    docs/SCALING.md.)"""
+    a, b = start_cluster(2)
+    async with connect(a.url) as ta, connect(b.url) as tb:
+        await declare(ta, "small", max_length=5, overflow="reject")
+        await known_on(tb, "small")
+        for i in range(5):
+            await ta.publish("small.x", f"m{i}", confirm=True)
+        with anyio.fail_after(CATALOG_WAIT):
+            while (await tb.queue_info("small"))["depth"] < 5:
+                await anyio.sleep(0.05)
+        with pytest.raises(QueueFullError):
+            await tb.publish("small.x", "one too many", confirm=True)
