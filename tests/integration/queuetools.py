@@ -73,3 +73,31 @@ async def holds(tc: Client, queue: str, n: int, timeout: float = WAIT) -> list[A
     """
     async with tc.consume(queue, prefetch=n) as deliveries:
         return await collect(deliveries, n, timeout)
+
+
+class Bursts:
+    """Bursts of publishes with confirms in flight, across a store outage: every message
+    has its own msg_id; ``confirmed`` holds those confirmed, ``refused`` the retriable
+    STORAGE_ERRORs (a refusal that is not retriable fails the test)."""
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self.confirmed: set[str] = set()
+        self.refused: list[Exception] = []
+        self._seq = 0
+
+    async def __call__(self, tc: Client, n: int) -> None:
+        from tidings.client.errors import StorageError
+
+        pending = []
+        for _ in range(n):
+            self._seq += 1
+            mid = f"m{self._seq}"
+            pending.append((mid, tc.publish_nowait(self.subject, mid, msg_id=mid)))
+        for mid, conf in pending:
+            try:
+                await conf
+                self.confirmed.add(mid)
+            except StorageError as exc:
+                assert exc.retriable
+                self.refused.append(exc)

@@ -19,7 +19,7 @@ import pytest
 
 from tidings.client import connect
 from tidings.client.errors import QueueFullError, StorageError as ClientStorageError
-from queuetools import WAIT, broker_time_passes, declare
+from queuetools import WAIT, Bursts, broker_time_passes, declare
 
 #: The catalog reaches the other brokers within CATALOG_POLL (1 s); this bounds the wait.
 CATALOG_WAIT = 30.0
@@ -286,28 +286,11 @@ async def test_database_restarted_under_load_in_a_cluster(start_cluster, pg_serv
     afterwards both confirm again, and a consumer on one broker receives every message
     either broker confirmed, before and after the outage."""
     a, b = start_cluster(2)
-    confirmed: set[str] = set()
-    refused: list[Exception] = []
-    seq = 0
+    burst = Bursts("outage.x")
+    confirmed, refused = burst.confirmed, burst.refused
     async with connect(a.url) as ta, connect(b.url) as tb:
         await declare(ta, "outage")
         await known_on(tb, "outage")
-
-        async def burst(tc: Any, n: int) -> None:
-            nonlocal seq
-            pending = []
-            for _ in range(n):
-                seq += 1
-                mid = f"m{seq}"
-                pending.append((mid, tc.publish_nowait("outage.x", mid, msg_id=mid)))
-            for mid, conf in pending:
-                try:
-                    await conf
-                    confirmed.add(mid)
-                except ClientStorageError as exc:
-                    assert exc.retriable
-                    refused.append(exc)
-
         for tc in (ta, tb):
             await burst(tc, OUTAGE_IN_FLIGHT * 3)
         assert len(confirmed) == OUTAGE_IN_FLIGHT * 6

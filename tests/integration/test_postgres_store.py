@@ -19,8 +19,7 @@ import anyio
 import pytest
 
 from tidings.client import connect
-from tidings.client.errors import StorageError as ClientStorageError
-from queuetools import WAIT, collect, declare
+from queuetools import WAIT, Bursts, collect, declare
 from test_queue_crash import chaos_kills, run_chaos
 
 from tests.pgserver import PgServer, free_port
@@ -85,34 +84,17 @@ async def test_database_stopped_under_load_then_back(start_broker, pg_url, pg_se
     with a retriable STORAGE_ERROR (never confirmed), the broker keeps serving, and once
     the database is back it reconnects; every confirmed message is then delivered."""
     b = start_broker("--store", pg_url)
-    confirmed: set[str] = set()
-    refused: list[Exception] = []
-    seq = 0
+    burst = Bursts("load.x")
+    confirmed, refused = burst.confirmed, burst.refused
     async with connect(b.url) as tc:
         await declare(tc, "load")
-
-        async def burst(n: int) -> None:
-            nonlocal seq
-            pending = []
-            for _ in range(n):
-                seq += 1
-                mid = f"m{seq}"
-                pending.append((mid, tc.publish_nowait("load.x", mid, msg_id=mid)))
-            for mid, conf in pending:
-                try:
-                    await conf
-                    confirmed.add(mid)
-                except ClientStorageError as exc:
-                    assert exc.retriable
-                    refused.append(exc)
-
-        await burst(IN_FLIGHT * 5)
+        await burst(tc, IN_FLIGHT * 5)
         assert len(confirmed) == IN_FLIGHT * 5
         await anyio.to_thread.run_sync(pg_server.stop, "fast")
         try:
             with anyio.fail_after(RECOVERY_TIMEOUT):
                 while not refused:  # the outage is seen: publishes refused, retriable
-                    await burst(IN_FLIGHT)
+                    await burst(tc, IN_FLIGHT)
             assert "unavailable" in str(refused[0]) or "connect" in str(refused[0])
             await tc.flush()  # the broker still answers (pub/sub, pings) meanwhile
         finally:
@@ -120,7 +102,7 @@ async def test_database_stopped_under_load_then_back(start_broker, pg_url, pg_se
         before = len(confirmed)
         with anyio.fail_after(RECOVERY_TIMEOUT):
             while len(confirmed) < before + IN_FLIGHT * 3:  # recovered: publishes confirmed again
-                await burst(IN_FLIGHT)
+                await burst(tc, IN_FLIGHT)
         async with tc.consume("load", prefetch=500) as deliveries:
             seen: set[str] = set()
             with anyio.fail_after(RECOVERY_TIMEOUT):
